@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -227,6 +229,33 @@ def _download(spec: WeightSpec, s: Source) -> Path:
 # Reading and loading
 
 
+class _Inert:
+    """Stands in for any non-torch class found in a checkpoint; never runs the original code."""
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _StubUnpickler(pickle.Unpickler):
+    """Resolves only the globals torch's own weights_only unpickler allows; everything else -> inert stub."""
+
+    def find_class(self, module: str, name: str):
+        from torch import _weights_only_unpickler as wou
+
+        allowed = wou._get_allowed_globals()
+        key = f"{module}.{name}"
+        if key in allowed:
+            return allowed[key]
+        return type(name, (_Inert,), {"__module__": f"stub.{module}"})
+
+
+_StubPickle = types.SimpleNamespace(Unpickler=_StubUnpickler, load=lambda f, **kw: _StubUnpickler(f, **kw).load(),
+                                    __name__="diffbir_stub_pickle")
+
+
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat ``{key: tensor}`` dict (CPU).
 
@@ -243,7 +272,15 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             sd: object = load_file(str(p))
         else:
-            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+            try:
+                sd = torch.load(str(p), map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                # Training checkpoints (PyTorch Lightning .ckpt) may pickle extra objects (callbacks,
+                # hyper-parameters) that weights_only refuses. Re-read with an unpickler that only
+                # rebuilds tensors/containers and turns every other class into an inert stub.
+                log.warning("%s: weights_only load refused (%s); reading tensors with inert stubs", p,
+                            str(e).splitlines()[0][:200])
+                sd = torch.load(str(p), map_location="cpu", weights_only=False, pickle_module=_StubPickle)
     except Exception as e:
         raise WeightsError(f"could not read weight file {p}: {type(e).__name__}: {e}") from e
     for wrapper in ("state_dict", "params_ema", "params", "model"):

@@ -104,3 +104,18 @@ def test_unreadable_file(tmp_path):
     p.write_text("not a checkpoint")
     with pytest.raises(W.WeightsError, match="could not read"):
         W.load_state_dict(p)
+
+
+class _TrainerState:  # stands in for an arbitrary class a Lightning checkpoint pickles
+    def __init__(self):
+        self.best = 0.5
+
+
+def test_lightning_style_checkpoint_with_foreign_objects(tmp_path):
+    sd = _Net().state_dict()
+    p = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": sd, "callbacks": {"cb": _TrainerState()}, "epoch": 7}, p)
+    with pytest.raises(Exception):
+        torch.load(p, weights_only=True)  # what plain weights_only loading does
+    got = W.load_state_dict(p)
+    assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
