@@ -9,7 +9,7 @@ style: a frozen dataclass plus a dict of named entries; no YAML, no class-path s
 | v1-general  | swinir_general                               | SD2.1 + v1_general       | spaced, 50     | 1 (none; v1 had no CFG)      |
 | v1-face     | swinir_face                                  | SD2.1 + v1_face          | spaced, 50     | 1                            |
 | v2          | bsrnet / swinir_face / scunet_psnr           | SD2.1 + v2               | spaced, 50     | 4, official negative prompt  |
-| v2.1        | swinir_realesrgan / swinir_face / same       | SD2.1-zsnr (v) + v2.1    | dpmpp_3m_sde, 10 | 6, official negative prompt|
+| v2.1        | swinir_realesrgan / swinir_face / same       | SD2.1-zsnr (v) + v2.1    | edm_dpm++_3m_sde, 10 | 6, official negative prompt|
 
 `RestoreParams.validate()` turns bad values into clear `ValueError`s (or warnings that say what was
 changed) before any model is touched.
@@ -23,7 +23,7 @@ from typing import Literal
 
 OFFICIAL_NEGATIVE_PROMPT = "low quality, blurry, low-resolution, noisy, unsharp, weird textures"
 
-SAMPLERS = ("spaced", "ddim", "dpmpp_2m", "dpmpp_3m_sde")
+SAMPLERS = ("spaced", "ddim", "edm_dpm++_2m", "edm_dpm++_3m_sde")  # official --sampler names
 COLOR_FIXES = ("wavelet", "adain", "none")
 TASKS = ("sr", "face", "denoise")
 
@@ -162,7 +162,7 @@ class RestoreParams:
             clipped = min(max(self.strength, 0.0), 2.0)
             warnings.warn(f"control strength {self.strength} is outside [0, 2]; using {clipped}", stacklevel=2)
             out = replace(out, strength=clipped)
-        if self.steps == 1 and self.sampler == "spaced":
+        if self.steps == 1 and self.sampler == "spaced" and self.stage2 is not None:
             warnings.warn("the official spaced sampler cannot run 1 step; using 2 steps", stacklevel=2)
             out = replace(out, steps=2)
         if self.stage2 is None and (g.enabled or self.cfg_scale not in (0.0, 1.0)):
@@ -176,7 +176,7 @@ def _p(**kw) -> RestoreParams:
 
 
 PRESETS: dict[str, RestoreParams] = {
-    "offline": _p(preset="offline", stage2=None, steps=1),
+    "offline": _p(preset="offline", stage2=None),
     "v1-general": _p(preset="v1-general", stage2=Stage2Weights("sd_v2.1", "v1_general"), steps=50,
                      sampler="spaced", cfg_scale=1.0,
                      guidance=GuidanceParams(space="latent", repeat=5, rule="v1")),
@@ -186,7 +186,7 @@ PRESETS: dict[str, RestoreParams] = {
     "v2": _p(preset="v2", stage2=Stage2Weights("sd_v2.1", "v2"), steps=50, sampler="spaced", cfg_scale=4.0,
              neg_prompt=OFFICIAL_NEGATIVE_PROMPT, guidance=GuidanceParams(space="rgb", loss="wmse", rule="v2")),
     "v2.1": _p(preset="v2.1", stage2=Stage2Weights("sd_v2.1_zsnr", "v2.1", parameterization="v", zero_snr=True),
-               steps=10, sampler="dpmpp_3m_sde", cfg_scale=6.0, neg_prompt=OFFICIAL_NEGATIVE_PROMPT,
+               steps=10, sampler="edm_dpm++_3m_sde", cfg_scale=6.0, neg_prompt=OFFICIAL_NEGATIVE_PROMPT,
                guidance=GuidanceParams(space="rgb", loss="wmse", rule="v2")),
 }
 

@@ -1,0 +1,149 @@
+"""DiffBIRPipeline: cleaner -> condition -> sampler (+ guidance) -> decode -> colour fix.
+
+Mirrors the official v2.0.0 `Pipeline.run` / `run_stage2` (and the fixture `pipeline_swinir` run):
+
+    1. lq in [0, 1]; target size = round(lq size x upscale).
+    2. Stage 1 (paper eq. 1, ``I_reg = RM(I_LQ)``): the task's cleaner produces the clean image at the
+       working size (target size, or short edge 512 when diffusion runs on a smaller image).
+    3. Stage 2: pad to x64, condition ``c = E(I_reg)`` (VAE posterior mode x 0.18215) + text, x_T ~ N(0, I)
+       (or the "better start" of v2.0.0), sampler with CFG / control strength / latent image guidance
+       (eq. 5-6), VAE decode, crop, ``(x + 1) / 2``.
+    4. Colour fix (wavelet: low frequencies from I_reg, high from the diffusion output; or AdaIN).
+    5. Resize to the target size.
+
+Models are loaded lazily on first use and cached per pipeline instance (cleaners by name, the
+ControlLDM by (sd, control) pair); tests, the demo and notebooks may inject models instead.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .config import RestoreParams
+from .imageio import LoadedImage, pad_to_multiple, resize, to_numpy, to_tensor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DiffBIRPipeline", "RestoreResult"]
+
+
+@dataclass
+class RestoreResult:
+    """What a restore call returns (images are HxWx3 float32 in [0, 1])."""
+
+    image: np.ndarray
+    stage1: np.ndarray
+    alpha: np.ndarray | None = None
+    seed: int | None = None
+    params: RestoreParams | None = None
+    notices: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _working_size(out_hw: tuple[int, int], min_side: int) -> tuple[int, int]:
+    """Scale (H, W) up so the short edge is at least ``min_side`` (official `auto_resize`)."""
+    h, w = out_hw
+    short = min(h, w)
+    if short >= min_side:
+        return h, w
+    r = min_side / short
+    return int(round(h * r)), int(round(w * r))
+
+
+class DiffBIRPipeline:
+    """Restores images according to a `RestoreParams`. One instance caches the models it loaded."""
+
+    def __init__(self, *, weights_dir: str | Path | None = None, device: str | torch.device = "cpu",
+                 cleaners: dict[str, Callable] | None = None, ldm: Any = None):
+        self.weights_dir = weights_dir
+        self.device = torch.device(device)
+        self._cleaners: dict[str, Callable] = dict(cleaners or {})
+        self._ldms: dict[tuple[str, str], Any] = {}
+        self._injected_ldm = ldm
+
+    # ---------------------------------------------------------------- model access
+    def cleaner(self, name: str) -> Callable:
+        if name not in self._cleaners:
+            from .cleaners import load_cleaner
+
+            self._cleaners[name] = load_cleaner(name, weights_dir=self.weights_dir, device=self.device)
+        return self._cleaners[name]
+
+    def ldm(self, params: RestoreParams):
+        if self._injected_ldm is not None:
+            return self._injected_ldm
+        s2 = params.stage2
+        key = (s2.sd, s2.control)
+        if key not in self._ldms:
+            from .sampling import load_pretrained_control_ldm
+
+            self._ldms[key] = load_pretrained_control_ldm(s2.sd, s2.control, weights_dir=self.weights_dir,
+                                                          device=self.device)
+        return self._ldms[key]
+
+    # ---------------------------------------------------------------- restore
+    def restore(self, image: LoadedImage | np.ndarray, params: RestoreParams,
+                callback: Callable | None = None, noise=None, keep: dict | None = None) -> RestoreResult:
+        """Restore one image. ``image``: a `LoadedImage` or an HxWx3 float array in [0, 1].
+
+        ``callback`` receives each sampler step (`samplers.StepInfo`); ``noise`` replaces the seeded noise
+        source (e.g. `samplers.ReplayNoise`); ``keep``, if a dict, receives intermediates (``z_final``,
+        ``clean`` = stage-1 output at the working size, ``decoded``) for notebooks and tests.
+        """
+        params = params.validate()
+        loaded = image if isinstance(image, LoadedImage) else LoadedImage(rgb=np.asarray(image, np.float32))
+        if params.task == "face":
+            from .face.restore import restore_face_task
+
+            return restore_face_task(self, loaded, params, callback=callback)
+        seed = params.seed if params.seed is not None else random.randrange(2**31)
+        timings: dict[str, float] = {}
+        lq = to_tensor(loaded.rgb, self.device)  # [1,3,h,w]
+        h, w = lq.shape[-2:]
+        out_hw = (max(1, int(round(h * params.upscale))), max(1, int(round(w * params.upscale))))
+
+        t0 = time.perf_counter()
+        if not params.uses_diffusion:
+            with torch.inference_mode():
+                clean = self.cleaner(params.cleaner_for_task())(lq, out_size=out_hw)
+            timings["stage1"] = time.perf_counter() - t0
+            img = to_numpy(clean)
+            return RestoreResult(image=img, stage1=img, alpha=loaded.alpha, seed=seed, params=params,
+                                 timings=timings)
+
+        work_hw = _working_size(out_hw, 512)
+        with torch.inference_mode():
+            # not clamped: the official pipeline conditions on the raw stage-1 output
+            clean = self.cleaner(params.cleaner_for_task())(lq, out_size=work_hw, clamp=False)  # [1,3,H,W]
+        timings["stage1"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        sample = self.run_stage2(clean, params, seed=seed, callback=callback, noise=noise, keep=keep)  # [1,3,H,W]
+        timings["stage2"] = time.perf_counter() - t1
+        out = resize(sample, out_hw).clamp(0, 1)
+        return RestoreResult(image=to_numpy(out), stage1=to_numpy(resize(clean, out_hw).clamp(0, 1)), alpha=loaded.alpha,
+                             seed=seed, params=params, timings=timings)
+
+    def run_stage2(self, clean: torch.Tensor, params: RestoreParams, *, seed: int, callback=None,
+                   noise=None, keep: dict | None = None) -> torch.Tensor:
+        """Stage 2 on the clean image ``clean`` ([1,3,H,W] in [0,1]); returns the colour-fixed sample."""
+        from .colorfix import color_fix
+        from .sampling import sample_latent
+
+        ldm = self.ldm(params)
+        padded, hw = pad_to_multiple(clean, 64)  # [1,3,H64,W64]
+        z = sample_latent(ldm, padded, params, seed=seed, callback=callback, noise=noise)  # [1,4,H64/8,W64/8]
+        with torch.no_grad():
+            sample = ldm.vae_decode(z)  # [1,3,H64,W64] in [-1,1]
+        if keep is not None:
+            keep.update(z_final=z, clean=clean, decoded=sample)
+        sample = sample[..., : hw[0], : hw[1]]
+        sample = (sample + 1) / 2
+        return color_fix(sample, clean, params.color_fix)

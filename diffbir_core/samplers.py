@@ -1,0 +1,501 @@
+"""Samplers for the stage-2 latent diffusion: spaced DDPM, DDIM, DPM-Solver++(2M), DPM-Solver++(3M) SDE.
+
+What it is
+    Pure functions ``sample_*(denoiser, x_T, schedule, ...) -> z_0`` over a denoiser callable
+    ``denoiser(x, t_int64[B]) -> model output`` (eps or v, conditioning already bound), plus the
+    classifier-free-guidance wrapper ``CFGDenoiser``, injectable noise sources (``TorchNoise``,
+    ``ReplayNoise``) and the v2.0.0 "better start" initial latent. Restoration guidance
+    (``diffbir_core.guidance``) plugs in as a callable on the clean prediction z0_hat.
+
+Paper equations
+    eq. 5: z0_hat = sqrt(1/abar) z_t - sqrt(1/abar - 1) eps      (eps-prediction)
+           z0_hat = sqrt(abar) z_t - sqrt(1 - abar) v             (v-prediction, v2.1)
+    posterior q(z_{t-1} | z_t, z0_hat) = N(coef1 z0_hat + coef2 z_t, posterior_variance)  (spaced DDPM)
+    CFG: out = out_u + s (out_c - out_u)
+
+Mirrors
+    * ``sample_spaced``: v2.0.0 ``utils/sampler.py`` ``SpacedSampler.p_sample``/``sample`` (with ``cond_fn``) and
+      HEAD ``diffbir/sampler/spaced_sampler.py`` (v-prediction, ``rescale_cfg``). Step k uses the original
+      timestep t = s_{N-1-k} for the model and the respaced index i = N-1-k for the coefficients; a noise
+      draw happens at EVERY step (also the last, where it is multiplied by 0), so seeded runs reproduce the
+      official random stream draw for draw.
+    * ``sample_ddim``: HEAD ``ddim_sampler.py`` (timesteps t+1, draws noise every step even for eta = 0).
+    * ``sample_dpmpp_2m`` / ``sample_dpmpp_3m_sde``: HEAD ``edm_sampler.py`` + its copy of k-diffusion
+      (``sample_dpmpp_2m``, ``sample_dpmpp_3m_sde``): state x = z / alpha in "sigma space", start
+      x = x_T sqrt(1 + sigma_0^2), denoised = c_skip x + c_out model(c_in x, t(sigma)) with the EDM
+      preconditioning for eps / v, t(sigma) = the discrete timestep whose schedule sigma is nearest.
+      Differences: sigma_max follows ``make_edm_schedule`` (abar_{T-1} clamped, not overwritten, with 1e-8;
+      identical for v2.1's zero-SNR schedule); the SDE noise comes from the injectable noise source (one
+      N(0,1) draw per stochastic step) instead of k-diffusion's torchsde Brownian tree (same distribution,
+      different stream); the k-diffusion NameError for a 1-step 3M-SDE run is avoided.
+    * ``CFGDenoiser``: cfg == 1 (or no uncond) evaluates only the conditional branch, like the official code;
+      ``rescale=True`` is HEAD ``Sampler.get_cfg_scale``: s(t) = 1 + s (1 - cos(pi ((1000 - t) / 1000)^5)) / 2
+      (exactly 1 at t = 999, so only the conditional branch runs there).
+    * ``better_start_x_T``: v2.0.0 ``Pipeline.run_stage2(better_start=True)``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from .colorfix import wavelet_decomposition
+from .guidance import GuidanceOutput
+from .schedule import DDIMSchedule, EDMSchedule, Parameterization, SpacedSchedule, TrainingSchedule
+
+Tensor = torch.Tensor
+Denoiser = Callable[[Tensor, Tensor], Tensor]            # (x [B,C,h,w], t int64 [B]) -> eps or v
+NoiseFn = Callable[[tuple, Tensor], Tensor]              # (shape, like) -> N(0, 1) tensor
+Callback = Callable[["StepInfo"], None]
+Guidance = Callable[..., GuidanceOutput]                 # (pred_x0, *, t, x0_coef, noise) -> GuidanceOutput
+
+
+# ----------------------------------------------------------------------------------------------
+# noise sources
+# ----------------------------------------------------------------------------------------------
+class TorchNoise:
+    """N(0,1) draws from a private CPU ``torch.Generator`` (``seed`` None -> nondeterministic seed).
+
+    On CPU a generator seeded with s produces the same stream as ``torch.manual_seed(s)`` followed by
+    ``torch.randn_like``, so ``TorchNoise(seed)`` reproduces an official run seeded with s. Draws are made
+    on the CPU and moved to ``like``'s device/dtype, so results do not depend on the device.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.generator = torch.Generator(device="cpu")
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(int(seed))
+        self.count = 0
+
+    def __call__(self, shape: tuple, like: Tensor) -> Tensor:
+        self.count += 1
+        n = torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32)
+        return n.to(device=like.device, dtype=like.dtype)
+
+
+class NoiseReplayError(RuntimeError):
+    pass
+
+
+class ReplayNoise:
+    """Replays recorded draws in order; errors on a shape mismatch, when exhausted, or (``assert_exhausted``)
+    when recorded draws are left over."""
+
+    def __init__(self, draws: Sequence[Tensor]) -> None:
+        self._draws = list(draws)
+        self.used = 0
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor], prefix: str = "noise.") -> ReplayNoise:
+        """All ``prefix``NNN entries of a fixture file, sorted by their number."""
+        keys = sorted((k for k in tensors if k.startswith(prefix)), key=lambda k: int(k[len(prefix):]))
+        return cls([tensors[k] for k in keys])
+
+    @property
+    def remaining(self) -> int:
+        return len(self._draws) - self.used
+
+    def __call__(self, shape: tuple, like: Tensor) -> Tensor:
+        if self.used >= len(self._draws):
+            raise NoiseReplayError(f"noise replay exhausted: draw #{self.used} requested but only "
+                                   f"{len(self._draws)} were recorded (the sampler draws more than the reference)")
+        n = self._draws[self.used]
+        if tuple(n.shape) != tuple(shape):
+            raise NoiseReplayError(f"noise replay draw #{self.used}: recorded shape {tuple(n.shape)} "
+                                   f"!= requested {tuple(shape)}")
+        self.used += 1
+        return n.to(device=like.device, dtype=like.dtype)
+
+    def assert_exhausted(self) -> None:
+        if self.remaining:
+            raise NoiseReplayError(f"{self.remaining} of {len(self._draws)} recorded noise draws were not used")
+
+
+def _noise_source(noise: NoiseFn | None, seed: int | None) -> NoiseFn:
+    if noise is not None and seed is not None:
+        raise ValueError("pass either noise= or seed=, not both")
+    return noise if noise is not None else TorchNoise(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# classifier-free guidance
+# ----------------------------------------------------------------------------------------------
+def rescaled_cfg_scale(cfg_scale: float, t: int, num_timesteps: int = 1000) -> float:
+    """HEAD ``Sampler.get_cfg_scale`` with rescale_cfg: 1 + s (1 - cos(pi ((T - t) / T)^5)) / 2 for s > 1."""
+    if cfg_scale <= 1:
+        return cfg_scale
+    return 1 + cfg_scale * ((1 - math.cos(math.pi * ((num_timesteps - t) / num_timesteps) ** 5.0)) / 2)
+
+
+class CFGDenoiser:
+    """denoiser(x, t) = out_u + s (out_c - out_u) around ``model(x, t, cond) -> eps or v``.
+
+    Only the conditional branch is evaluated when the scale in use is exactly 1 or ``uncond`` is None.
+    ``batched=True`` runs both branches in ONE forward with cond/uncond concatenated along the batch
+    (values of the two dicts are concatenated key by key; same numbers up to float rounding).
+    """
+
+    def __init__(self, model: Callable[[Tensor, Tensor, Any], Tensor], cond: Any, uncond: Any = None,
+                 scale: float = 1.0, *, rescale: bool = False, batched: bool = False,
+                 num_timesteps: int = 1000) -> None:
+        self.model, self.cond, self.uncond = model, cond, uncond
+        self.scale, self.rescale, self.batched = float(scale), rescale, batched
+        self.num_timesteps = num_timesteps
+        if batched and uncond is not None and not (isinstance(cond, Mapping) and isinstance(uncond, Mapping)):
+            raise ValueError("batched CFG needs cond and uncond as dicts of tensors")
+        if batched and uncond is not None and set(cond) != set(uncond):
+            raise ValueError(f"cond keys {sorted(cond)} != uncond keys {sorted(uncond)}")
+
+    def scale_at(self, t: int) -> float:
+        return rescaled_cfg_scale(self.scale, t, self.num_timesteps) if self.rescale else self.scale
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        s = self.scale_at(int(t[0]))
+        if self.uncond is None or s == 1.0:
+            return self.model(x, t, self.cond)
+        if self.batched:
+            both = {k: torch.cat([self.cond[k], self.uncond[k]]) for k in self.cond}
+            out_c, out_u = self.model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        else:
+            out_c = self.model(x, t, self.cond)
+            out_u = self.model(x, t, self.uncond)
+        return out_u + s * (out_c - out_u)
+
+
+# ----------------------------------------------------------------------------------------------
+# step record
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class StepInfo:
+    """What one sampler step saw and produced (passed to ``callback``; used by parity tests/previews).
+
+    For the EDM samplers ``x_t``/``x_prev`` are the sigma-space states and ``pred_x0`` is "denoised".
+    """
+
+    step: int                       # 0 .. N-1 in sampling order
+    index: int                      # schedule index of the coefficients (spaced/DDIM: N-1-step)
+    t: int                          # original timestep fed to the model
+    x_t: Tensor
+    model_output: Tensor            # after CFG (eps or v)
+    pred_x0: Tensor                 # before guidance
+    x_prev: Tensor
+    eps: Tensor | None = None
+    pred_x0_guided: Tensor | None = None
+    mean: Tensor | None = None
+    variance: Tensor | None = None
+    sigma: float | None = None
+    guidance: GuidanceOutput | None = None
+
+
+def _tvec(t: int, x: Tensor) -> Tensor:
+    return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+
+
+def _pick(buf: Tensor, index: int, x: Tensor) -> Tensor:
+    """Official ``extract_into_tensor``: buffer[index] as [B,1,...] float32 on x's device."""
+    idx = torch.full((x.shape[0],), index, dtype=torch.long, device=x.device)
+    return buf.to(x.device).gather(-1, idx).reshape(x.shape[0], *((1,) * (x.ndim - 1)))
+
+
+def _check_param(p: str) -> None:
+    if p not in ("eps", "v"):
+        raise ValueError(f"parameterization must be 'eps' or 'v', got {p!r}")
+
+
+def _apply_guidance(guidance: Guidance | None, pred_x0: Tensor, t: int, coef: Tensor | float,
+                    noise: NoiseFn) -> GuidanceOutput | None:
+    if guidance is None:
+        return None
+    return guidance(pred_x0, t=t, x0_coef=coef, noise=noise)
+
+
+# ----------------------------------------------------------------------------------------------
+# spaced DDPM (official default of v1/v2)
+# ----------------------------------------------------------------------------------------------
+def pred_x0_eps(schedule: SpacedSchedule, index: int, x_t: Tensor, model_output: Tensor,
+                parameterization: Parameterization = "eps") -> tuple[Tensor, Tensor]:
+    """(z0_hat, eps) from the model output at respaced index ``index`` (eq. 5; official coefficient order)."""
+    _check_param(parameterization)
+    if parameterization == "eps":
+        x0 = _pick(schedule.sqrt_recip_alphas_cumprod, index, x_t) * x_t \
+            - _pick(schedule.sqrt_recipm1_alphas_cumprod, index, x_t) * model_output
+        return x0, model_output
+    a = _pick(schedule.sqrt_alphas_cumprod, index, x_t)
+    s = _pick(schedule.sqrt_one_minus_alphas_cumprod, index, x_t)
+    return a * x_t - s * model_output, a * model_output + s * x_t
+
+
+def spaced_step(denoiser: Denoiser, x_t: Tensor, schedule: SpacedSchedule, index: int, *,
+                parameterization: Parameterization = "eps", guidance: Guidance | None = None,
+                noise: NoiseFn, step: int | None = None) -> StepInfo:
+    """One official ``p_sample`` at respaced index ``index`` (steps 1-5 of the fixture README)."""
+    t = int(schedule.timesteps[index])
+    # 1. model output (CFG inside the denoiser), original timestep t
+    out = denoiser(x_t, _tvec(t, x_t))
+    # 2. z0_hat (eq. 5) with the respaced coefficients
+    x0, eps = pred_x0_eps(schedule, index, x_t, out, parameterization)
+    # 3. restoration guidance may replace z0_hat (x0_coef = coef1: v2 rescale 1/coef1)
+    coef1 = _pick(schedule.posterior_mean_coef1, index, x_t)
+    g = _apply_guidance(guidance, x0, t, coef1, noise)
+    x0_used = g.update_pred_x0 if g is not None else x0
+    # 4. posterior mean / fixed-small variance
+    mean = coef1 * x0_used + _pick(schedule.posterior_mean_coef2, index, x_t) * x_t
+    if g is not None and g.state_shift is not None:
+        mean = mean + g.state_shift                                    # rule v1: mean += 0.5 sum delta
+    var = _pick(schedule.posterior_variance, index, x_t)
+    # 5. noise drawn at every step, used only if index != 0
+    n = noise(tuple(x_t.shape), x_t)
+    nonzero = torch.full((x_t.shape[0],), float(index != 0), device=x_t.device).view(-1, *([1] * (x_t.ndim - 1)))
+    x_prev = mean + nonzero * torch.sqrt(var) * n
+    return StepInfo(step=schedule.num_steps - 1 - index if step is None else step, index=index, t=t, x_t=x_t,
+                    model_output=out, eps=eps, pred_x0=x0, pred_x0_guided=g.pred_x0 if g else None,
+                    mean=mean, variance=var, x_prev=x_prev, guidance=g)
+
+
+@torch.no_grad()
+def sample_spaced(denoiser: Denoiser, x_T: Tensor, schedule: SpacedSchedule, *,
+                  parameterization: Parameterization = "eps", guidance: Guidance | None = None,
+                  noise: NoiseFn | None = None, seed: int | None = None,
+                  callback: Callback | None = None) -> Tensor:
+    """Official v2.0.0 / HEAD ``SpacedSampler.sample`` from ``x_T``; returns the final latent z_0."""
+    _check_param(parameterization)
+    noise = _noise_source(noise, seed)
+    x = x_T
+    n = schedule.num_steps
+    for k in range(n):
+        info = spaced_step(denoiser, x, schedule, n - 1 - k, parameterization=parameterization,
+                           guidance=guidance, noise=noise, step=k)
+        if callback is not None:
+            callback(info)
+        x = info.x_prev
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# DDIM (HEAD ddim_sampler.py)
+# ----------------------------------------------------------------------------------------------
+def ddim_step(denoiser: Denoiser, x_t: Tensor, schedule: DDIMSchedule, index: int, *,
+              parameterization: Parameterization = "eps", guidance: Guidance | None = None,
+              noise: NoiseFn, step: int | None = None) -> StepInfo:
+    t = int(schedule.timesteps[index])
+    out = denoiser(x_t, _tvec(t, x_t))
+    if parameterization == "eps":
+        e_t = out
+    else:                                                          # predict_eps_from_z_and_v
+        e_t = _pick(schedule.sqrt_alphas, index, x_t) * out + _pick(schedule.sqrt_one_minus_alphas, index, x_t) * x_t
+    a_t = _pick(schedule.alphas, index, x_t)
+    a_prev = _pick(schedule.alphas_prev, index, x_t)
+    sigma_t = _pick(schedule.sigmas, index, x_t)
+    sqrt_one_minus_at = _pick(schedule.sqrt_one_minus_alphas, index, x_t)
+    x0 = (x_t - sqrt_one_minus_at * e_t) / a_t.sqrt()
+    dir_coef = (1.0 - a_prev - sigma_t ** 2).sqrt()
+    g = None
+    if guidance is not None:
+        coef = a_prev.sqrt() - dir_coef * a_t.sqrt() / sqrt_one_minus_at
+        g = _apply_guidance(guidance, x0, t, coef, noise)
+    x0_used = x0
+    if g is not None and g.applied:
+        x0_used = g.update_pred_x0
+        e_t = (x_t - a_t.sqrt() * x0_used) / sqrt_one_minus_at        # eps consistent with the guided z0_hat
+    dir_xt = dir_coef * e_t
+    n = sigma_t * noise(tuple(x_t.shape), x_t)                      # drawn every step (official)
+    x_prev = a_prev.sqrt() * x0_used + dir_xt + n
+    if g is not None and g.state_shift is not None:
+        x_prev = x_prev + g.state_shift
+    return StepInfo(step=schedule.num_steps - 1 - index if step is None else step, index=index, t=t, x_t=x_t,
+                    model_output=out, eps=e_t, pred_x0=x0, pred_x0_guided=g.pred_x0 if g else None,
+                    x_prev=x_prev, guidance=g)
+
+
+@torch.no_grad()
+def sample_ddim(denoiser: Denoiser, x_T: Tensor, schedule: DDIMSchedule, *,
+                parameterization: Parameterization = "eps", guidance: Guidance | None = None,
+                noise: NoiseFn | None = None, seed: int | None = None,
+                callback: Callback | None = None) -> Tensor:
+    """HEAD ``DDIMSampler.sample`` (eta is part of the schedule, see ``make_ddim_schedule``)."""
+    _check_param(parameterization)
+    noise = _noise_source(noise, seed)
+    x = x_T
+    n = schedule.num_steps
+    for k in range(n):
+        info = ddim_step(denoiser, x, schedule, n - 1 - k, parameterization=parameterization,
+                         guidance=guidance, noise=noise, step=k)
+        if callback is not None:
+            callback(info)
+        x = info.x_prev
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# EDM / k-diffusion samplers (v2.1 default: edm_dpm++_3m_sde)
+# ----------------------------------------------------------------------------------------------
+def edm_denoise(denoiser: Denoiser, x: Tensor, sigma: Tensor, t: int,
+                parameterization: Parameterization = "eps") -> tuple[Tensor, Tensor]:
+    """(denoised, model_output) with HEAD ``EDMSampler.convert_to_denoiser`` preconditioning.
+
+    eps: c_skip = 1, c_out = -sigma, c_in = 1/sqrt(sigma^2+1); v: c_skip = 1/(sigma^2+1),
+    c_out = -sigma/sqrt(sigma^2+1), c_in = 1/sqrt(sigma^2+1). ``t`` = the discrete timestep of ``sigma``.
+    """
+    s = sigma * x.new_ones([x.shape[0]])
+    view = (-1,) + (1,) * (x.ndim - 1)
+    if parameterization == "eps":
+        c_skip, c_out = torch.ones_like(s), -s
+    else:
+        c_skip, c_out = 1.0 / (s ** 2 + 1.0), -s / (s ** 2 + 1.0) ** 0.5
+    c_in = 1 / (s ** 2 + 1.0) ** 0.5
+    out = denoiser(x * c_in.view(view), _tvec(t, x))
+    return out * c_out.view(view) + x * c_skip.view(view), out
+
+
+def _edm_start(x_T: Tensor, schedule: EDMSchedule) -> Tensor:
+    return x_T * torch.sqrt(1.0 + schedule.sigmas[0].to(x_T.device) ** 2.0)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, *,
+                    parameterization: Parameterization = "eps", guidance: Guidance | None = None,
+                    noise: NoiseFn | None = None, seed: int | None = None,
+                    callback: Callback | None = None) -> Tensor:
+    """DPM-Solver++(2M) (k-diffusion ``sample_dpmpp_2m``, HEAD "edm_dpm++_2m"). Deterministic; ``noise`` is only
+    used by latent-space guidance with sampled targets."""
+    _check_param(parameterization)
+    noise = _noise_source(noise, seed)
+    sig = schedule.sigmas.to(x_T.device)
+    x = _edm_start(x_T, schedule)
+    old = None
+    for i in range(schedule.num_steps):
+        t = int(schedule.timesteps[i])
+        d, out = edm_denoise(denoiser, x, sig[i], t, parameterization)
+        t_cur, t_next = -sig[i].log(), -sig[i + 1].log()
+        h = t_next - t_cur
+        g = _apply_guidance(guidance, d, t, -(-h).expm1(), noise)      # first-order coefficient of denoised
+        d_used = g.update_pred_x0 if g is not None else d
+        ratio = (-t_next).exp() / (-t_cur).exp()                        # sigma_fn(t_next) / sigma_fn(t)
+        if old is None or sig[i + 1] == 0:
+            x_new = ratio * x - (-h).expm1() * d_used
+        else:
+            r = (t_cur - (-sig[i - 1].log())) / h
+            d_d = (1 + 1 / (2 * r)) * d_used - (1 / (2 * r)) * old
+            x_new = ratio * x - (-h).expm1() * d_d
+        if g is not None and g.state_shift is not None:
+            x_new = x_new + g.state_shift
+        if callback is not None:
+            callback(StepInfo(step=i, index=i, t=t, x_t=x, model_output=out, pred_x0=d, x_prev=x_new,
+                              pred_x0_guided=g.pred_x0 if g else None, sigma=float(sig[i]), guidance=g))
+        old = d_used
+        x = x_new
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, *,
+                        parameterization: Parameterization = "eps", eta: float = 1.0, s_noise: float = 1.0,
+                        guidance: Guidance | None = None, noise: NoiseFn | None = None,
+                        seed: int | None = None, callback: Callback | None = None) -> Tensor:
+    """DPM-Solver++(3M) SDE (k-diffusion ``sample_dpmpp_3m_sde``, HEAD default "edm_dpm++_3m_sde", eta=1,
+    s_noise=1). eta = 0 gives the deterministic DPM-Solver++(3M). One noise draw per step with sigma_next > 0
+    when eta != 0."""
+    _check_param(parameterization)
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    noise = _noise_source(noise, seed)
+    sig = schedule.sigmas.to(x_T.device)
+    x = _edm_start(x_T, schedule)
+    d_1 = d_2 = h_1 = h_2 = None
+    for i in range(schedule.num_steps):
+        t = int(schedule.timesteps[i])
+        d, out = edm_denoise(denoiser, x, sig[i], t, parameterization)
+        h = None
+        if sig[i + 1] == 0:
+            g = _apply_guidance(guidance, d, t, 1.0, noise)
+            d_used = g.update_pred_x0 if g is not None else d
+            x_new = d_used                                              # denoising step
+        else:
+            h = (-sig[i + 1].log()) - (-sig[i].log())
+            h_eta = h * (eta + 1)
+            g = _apply_guidance(guidance, d, t, (-h_eta).expm1().neg(), noise)
+            d_used = g.update_pred_x0 if g is not None else d
+            x_new = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * d_used
+            if h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0 = (d_used - d_1) / r0
+                d1_1 = (d_1 - d_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                phi_3 = phi_2 / h_eta - 0.5
+                x_new = x_new + phi_2 * d1 - phi_3 * d2
+            elif h_1 is not None:
+                r = h_1 / h
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                x_new = x_new + phi_2 * ((d_used - d_1) / r)
+            if eta:
+                x_new = x_new + noise(tuple(x.shape), x) * sig[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+        if g is not None and g.state_shift is not None:
+            x_new = x_new + g.state_shift
+        if callback is not None:
+            callback(StepInfo(step=i, index=i, t=t, x_t=x, model_output=out, pred_x0=d, x_prev=x_new,
+                              pred_x0_guided=g.pred_x0 if g else None, sigma=float(sig[i]), guidance=g))
+        d_1, d_2 = d_used, d_1
+        h_1, h_2 = h, h_1
+        x = x_new
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# better start (v2.0.0)
+# ----------------------------------------------------------------------------------------------
+def better_start_x_T(clean01: Tensor, encode: Callable[[Tensor, Tensor | None], Tensor],
+                     training: TrainingSchedule, noise: NoiseFn, *, latent_channels: int = 4,
+                     downscale: int = 8, official_range: bool = True) -> Tensor:
+    """x_T from the low-frequency part of the stage-1 image (v2.0.0 ``run_stage2(better_start=True)``).
+
+    (high, low) = wavelet_decomposition(clean01); z_0 = encode(low, eps_1) with a posterior sample
+    (draw 1; the official code encodes the [0,1] image directly, ``official_range=False`` encodes low*2-1);
+    x_T = sqrt(abar_{T-1}) z_0 + sqrt(1 - abar_{T-1}) eps_2 (draw 2) with the float32 training buffers.
+    ``encode(x, eps) -> scaled latent`` as in ``diffbir_core.guidance``.
+    """
+    if clean01.ndim != 4:
+        raise ValueError(f"clean image must be NCHW, got {tuple(clean01.shape)}")
+    b, _, h, w = clean01.shape
+    if h % downscale or w % downscale:
+        raise ValueError(f"image size {h}x{w} must be a multiple of {downscale}; pad it first")
+    _, low = wavelet_decomposition(clean01)
+    x_in = low if official_range else low * 2 - 1
+    eps1 = noise((b, latent_channels, h // downscale, w // downscale), clean01)
+    z0 = encode(x_in, eps1)
+    eps2 = noise(tuple(z0.shape), z0)
+    return training.q_sample(z0, training.num_timesteps - 1, eps2)
+
+
+# ----------------------------------------------------------------------------------------------
+# name -> sampler (the official --sampler names that are implemented here)
+# ----------------------------------------------------------------------------------------------
+SAMPLER_NAMES = ("spaced", "ddim", "edm_dpm++_2m", "edm_dpm++_3m_sde")
+
+
+def run_sampler(name: Literal["spaced", "ddim", "edm_dpm++_2m", "edm_dpm++_3m_sde"], denoiser: Denoiser,
+                x_T: Tensor, training: TrainingSchedule, steps: int, *, guidance: Guidance | None = None,
+                noise: NoiseFn | None = None, seed: int | None = None, callback: Callback | None = None,
+                eta: float | None = None, s_noise: float = 1.0) -> Tensor:
+    """Build the schedule for ``name`` from the training schedule and run the sampler (parameterization from
+    ``training``). ``eta`` defaults to the official ones: 0 for DDIM, 1 for 3M-SDE."""
+    from .schedule import make_ddim_schedule, make_edm_schedule, make_spaced_schedule
+
+    p = training.parameterization
+    kw = {"parameterization": p, "guidance": guidance, "noise": noise, "seed": seed, "callback": callback}
+    if name == "spaced":
+        return sample_spaced(denoiser, x_T, make_spaced_schedule(training, steps), **kw)
+    if name == "ddim":
+        return sample_ddim(denoiser, x_T, make_ddim_schedule(training, steps, eta=0.0 if eta is None else eta), **kw)
+    if name == "edm_dpm++_2m":
+        return sample_dpmpp_2m(denoiser, x_T, make_edm_schedule(training, steps), **kw)
+    if name == "edm_dpm++_3m_sde":
+        return sample_dpmpp_3m_sde(denoiser, x_T, make_edm_schedule(training, steps),
+                                   eta=1.0 if eta is None else eta, s_noise=s_noise, **kw)
+    raise ValueError(f"unknown sampler {name!r}; choose from {SAMPLER_NAMES}")
