@@ -49,11 +49,12 @@ class GuidanceParams:
 class FaceOptions:
     """Face-mode options (see diffbir_core.face)."""
 
-    aligned: bool | None = None  # None: decide from the input (512x512 -> aligned)
+    aligned: bool | None = None  # None: decide from the input (square with a face on the template -> aligned)
     only_center_face: bool = False
     max_faces: int = 20
     backend: Literal["auto", "dlib", "facexlib"] = "auto"
     background: Literal["general", "offline", "bicubic"] = "general"
+    mask: Literal["parsing", "feather"] = "parsing"  # parsing needs facexlib's ParseNet weights
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--only-center-face", action="store_true", default=None)
     f.add_argument("--max-faces", type=int, default=None)
     f.add_argument("--face-backend", choices=["auto", "dlib", "facexlib"], default=None)
-    f.add_argument("--background", choices=["general", "offline", "bicubic"], default=None)
+    f.add_argument("--background", choices=["general", "offline", "bicubic"], default=None,
+                   help="how whole-photo mode restores the background (default: the preset's general path)")
+    f.add_argument("--face-mask", choices=["parsing", "feather"], default=None,
+                   help="paste-back mask (parsing needs facexlib's ParseNet weights; falls back to feather)")
     t = ap.add_argument_group("tiling / memory")
     t.add_argument("--tiled", action="store_true", default=None, help="force tiling on")
     t.add_argument("--no-tiled", action="store_true", help="force tiling off")
@@ -117,7 +120,7 @@ def params_from_args(args: argparse.Namespace):
               "guidance_start": "guidance__t_start", "guidance_stop": "guidance__t_stop",
               "guidance_rule": "guidance__rule",
               "only_center_face": "face__only_center_face", "max_faces": "face__max_faces",
-              "face_backend": "face__backend", "background": "face__background",
+              "face_backend": "face__backend", "background": "face__background", "face_mask": "face__mask",
               "tile_size": "tiles__cleaner_tile", "latent_tile": "tiles__latent_tile",
               "latent_stride": "tiles__latent_stride", "max_memory": "tiles__max_memory_gb"}
     for attr, key in simple.items():
