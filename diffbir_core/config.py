@@ -158,6 +158,13 @@ class RestoreParams:
             raise ValueError(f"guidance repeat must be >= 1, got {g.repeat}")
         if g.space not in ("latent", "rgb") or g.loss not in ("mse", "wmse") or g.rule not in ("v1", "v2"):
             raise ValueError(f"invalid guidance settings {g}: space latent|rgb, loss mse|wmse, rule v1|v2")
+        if self.stage2 is not None:
+            from .models.text import count_tokens
+
+            for what, prompt in (("positive", self.pos_prompt), ("negative", self.neg_prompt)):
+                if prompt and count_tokens(prompt) > 77:
+                    raise ValueError(f"the {what} prompt has {count_tokens(prompt)} tokens; the text encoder takes "
+                                     "at most 77 (including start/end tokens): shorten it")
         out = self
         if not (0.0 <= self.strength <= 2.0):
             clipped = min(max(self.strength, 0.0), 2.0)
