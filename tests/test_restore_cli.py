@@ -82,3 +82,21 @@ def test_missing_diffusion_weights_message(tmp_path, capsys, monkeypatch):
     rc = main([str(src), "-o", str(tmp_path / "o"), "--preset", "v2", "-q"])
     err = capsys.readouterr().err
     assert rc == 2 and "Missing weights" in err and "DIFFBIR_WEIGHTS_DIR" in err
+
+
+@pytest.mark.slow
+def test_face_task_whole_photo_offline(tmp_path, data_dir, capsys):
+    """--task face on a real whole photo, fully offline: dlib finds the face, the offline cleaner restores
+    it, the background is bicubic, and the output keeps the input size (upscale 1)."""
+    src = data_dir / "faces" / "whole" / "diffbir_Audrey_Hepburn.jpg"
+    out = tmp_path / "out"
+    rc = main([str(src), "-o", str(out), "--task", "face", "--whole-photo", "--upscale", "1",
+               "--background", "bicubic", "--face-backend", "dlib", "-q"])
+    assert rc == 0, capsys.readouterr().err
+    res = np.asarray(Image.open(out / "diffbir_Audrey_Hepburn.png"), dtype=np.float32)
+    inp = np.asarray(Image.open(src).convert("RGB"), dtype=np.float32)
+    assert res.shape == inp.shape
+    # the face region changed (restored), the corners (background, bicubic x1 = identity) did not
+    h, w = inp.shape[:2]
+    assert np.abs(res[:20, :20] - inp[:20, :20]).mean() < 2.0
+    assert np.abs(res[h // 4: 3 * h // 4, w // 4: 3 * w // 4] - inp[h // 4: 3 * h // 4, w // 4: 3 * w // 4]).mean() > 1.0
