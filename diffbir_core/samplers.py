@@ -257,23 +257,30 @@ def spaced_step(denoiser: Denoiser, x_t: Tensor, schedule: SpacedSchedule, index
                     mean=mean, variance=var, x_prev=x_prev, guidance=g)
 
 
+def _run_steps(step_fn, denoiser: Denoiser, x_T: Tensor, schedule, parameterization: Parameterization,
+               guidance: Guidance | None, noise: NoiseFn | None, seed: int | None,
+               callback: Callback | None) -> Tensor:
+    """Shared loop of the index-stepping samplers (spaced DDPM, DDIM): step k uses index N-1-k."""
+    _check_param(parameterization)
+    noise = _noise_source(noise, seed)
+    x = x_T
+    n = schedule.num_steps
+    for k in range(n):
+        info = step_fn(denoiser, x, schedule, n - 1 - k, parameterization=parameterization,
+                       guidance=guidance, noise=noise, step=k)
+        if callback is not None:
+            callback(info)
+        x = info.x_prev
+    return x
+
+
 @torch.no_grad()
 def sample_spaced(denoiser: Denoiser, x_T: Tensor, schedule: SpacedSchedule, *,
                   parameterization: Parameterization = "eps", guidance: Guidance | None = None,
                   noise: NoiseFn | None = None, seed: int | None = None,
                   callback: Callback | None = None) -> Tensor:
     """Official v2.0.0 / HEAD ``SpacedSampler.sample`` from ``x_T``; returns the final latent z_0."""
-    _check_param(parameterization)
-    noise = _noise_source(noise, seed)
-    x = x_T
-    n = schedule.num_steps
-    for k in range(n):
-        info = spaced_step(denoiser, x, schedule, n - 1 - k, parameterization=parameterization,
-                           guidance=guidance, noise=noise, step=k)
-        if callback is not None:
-            callback(info)
-        x = info.x_prev
-    return x
+    return _run_steps(spaced_step, denoiser, x_T, schedule, parameterization, guidance, noise, seed, callback)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,17 +325,7 @@ def sample_ddim(denoiser: Denoiser, x_T: Tensor, schedule: DDIMSchedule, *,
                 noise: NoiseFn | None = None, seed: int | None = None,
                 callback: Callback | None = None) -> Tensor:
     """HEAD ``DDIMSampler.sample`` (eta is part of the schedule, see ``make_ddim_schedule``)."""
-    _check_param(parameterization)
-    noise = _noise_source(noise, seed)
-    x = x_T
-    n = schedule.num_steps
-    for k in range(n):
-        info = ddim_step(denoiser, x, schedule, n - 1 - k, parameterization=parameterization,
-                         guidance=guidance, noise=noise, step=k)
-        if callback is not None:
-            callback(info)
-        x = info.x_prev
-    return x
+    return _run_steps(ddim_step, denoiser, x_T, schedule, parameterization, guidance, noise, seed, callback)
 
 
 # ----------------------------------------------------------------------------------------------

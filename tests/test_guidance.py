@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from diffbir_core.guidance import GUIDANCE_SCALE_FACTOR, LatentImageGuidance, wmse_weight_map
 from diffbir_core.samplers import ReplayNoise, run_sampler
 from diffbir_core.schedule import make_training_schedule
+from toys import GaussianDenoiser
 
 M = torch.tensor([[0.5, 0.2, -0.1], [0.1, 0.6, 0.2], [-0.3, 0.1, 0.4], [0.2, -0.2, 0.3]])  # toy "VAE" 3 <-> 4
 
@@ -36,24 +37,6 @@ def two_tone_target():
     t = torch.full((1, 3, 64, 64), -0.8)
     t[..., :32, :] = 0.9
     return t
-
-
-class GaussianDenoiser:
-    """Exact eps / v prediction for latents ~ N(0.5, 0.3^2)."""
-
-    def __init__(self, tr, mu=0.5, s=0.3):
-        self.ac = torch.tensor(tr.alphas_cumprod, dtype=torch.float64)
-        self.p, self.mu, self.s = tr.parameterization, mu, s
-
-    def __call__(self, x, t):
-        a = self.ac[t].view(-1, 1, 1, 1)
-        xd = x.double()
-        den = a * self.s ** 2 + 1 - a
-        eps = (1 - a).sqrt() * (xd - a.sqrt() * self.mu) / den
-        if self.p == "eps":
-            return eps.float()
-        x0 = self.mu + a.sqrt() * self.s ** 2 * (xd - a.sqrt() * self.mu) / den
-        return (a.sqrt() * eps - (1 - a).sqrt() * x0).float()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from diffbir_core.schedule import (
     make_training_schedule,
     space_timesteps,
 )
+from toys import GaussianDenoiser
 
 SPACED_KEYS = ("posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
                "posterior_variance", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod")
@@ -417,24 +418,6 @@ def test_dpmpp_matches_diffusers(which):
         if which == "3m_sde":
             noise.assert_exhausted()
     assert_close(z, x, f"dpm++ {which} vs diffusers", atol=2e-4 * max(1.0, float(x.abs().max())))
-
-
-class GaussianDenoiser:
-    """Exact eps / v prediction for data z0 ~ N(mu, s^2) i.i.d. (known answer for every sampler)."""
-
-    def __init__(self, tr, mu=0.5, s=0.3):
-        self.ac = torch.tensor(tr.alphas_cumprod, dtype=torch.float64)
-        self.p, self.mu, self.s = tr.parameterization, mu, s
-
-    def __call__(self, x, t):
-        a = self.ac[t].view(-1, 1, 1, 1)
-        xd = x.double()
-        denom = a * self.s ** 2 + 1 - a
-        eps = (1 - a).sqrt() * (xd - a.sqrt() * self.mu) / denom
-        if self.p == "eps":
-            return eps.float()
-        x0 = self.mu + a.sqrt() * self.s ** 2 * (xd - a.sqrt() * self.mu) / denom
-        return (a.sqrt() * eps - (1 - a).sqrt() * x0).float()
 
 
 @pytest.mark.parametrize("preset", ["v2", "v2.1"])
