@@ -48,7 +48,7 @@ class RestoreResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _working_size(out_hw: tuple[int, int], min_side: int) -> tuple[int, int]:
+def working_size(out_hw: tuple[int, int], min_side: int) -> tuple[int, int]:
     """Scale (H, W) up so the short edge is at least ``min_side`` (official `auto_resize`)."""
     h, w = out_hw
     short = min(h, w)
@@ -119,7 +119,7 @@ class DiffBIRPipeline:
             return RestoreResult(image=img, stage1=img, alpha=loaded.alpha, seed=seed, params=params,
                                  timings=timings)
 
-        work_hw = _working_size(out_hw, 512)
+        work_hw = working_size(out_hw, 512)
         with torch.inference_mode():
             # not clamped: the official pipeline conditions on the raw stage-1 output
             clean = self.cleaner(params.cleaner_for_task())(lq, out_size=work_hw, clamp=False)  # [1,3,H,W]
