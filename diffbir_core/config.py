@@ -65,7 +65,7 @@ class TileOptions:
     cleaner_tile: int = 512
     cleaner_overlap: int = 32
     latent_tile: int = 64  # in latent pixels (x8 image pixels)
-    latent_stride: int = 32
+    latent_stride: int = 48  # 3/4 overlap costs up to 4x; 48 measured best on CPU (results/bench)
     max_memory_gb: float | None = None
 
 

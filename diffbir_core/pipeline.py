@@ -13,6 +13,15 @@ Mirrors the official v2.0.0 `Pipeline.run` / `run_stage2` (and the fixture `pipe
 
 Models are loaded lazily on first use and cached per pipeline instance (cleaners by name, the
 ControlLDM by (sd, control) pair); tests, the demo and notebooks may inject models instead.
+
+Large images and speed (``diffbir_core.tiling``): before stage 1, `tiling.auto_tiling` decides per stage from
+``params.tiles`` and the memory budget (weights of the loaded models + bytes-per-pixel estimates) whether to
+tile the cleaner (`TiledCleaner`), the VAE encoder/decoder (seam-free "sync" mode: exact whole-image
+GroupNorm statistics) and the diffusion (`TiledDenoiser`: CFG inside each latent tile, Gaussian fusion every
+step; guidance acts on the fused latent). The plan is reported in ``RestoreResult.extra["tiling"]``.
+`SpeedOptions` (SDPA attention, channels_last, GPU half precision, torch.compile, offload, batched CFG) are
+applied to the models this pipeline loads (to injected ones only when ``speed=`` is given); text embeddings
+are computed once per prompt (`TextEmbeddingCache`).
 """
 from __future__ import annotations
 
@@ -62,12 +71,19 @@ class DiffBIRPipeline:
     """Restores images according to a `RestoreParams`. One instance caches the models it loaded."""
 
     def __init__(self, *, weights_dir: str | Path | None = None, device: str | torch.device = "cpu",
-                 cleaners: dict[str, Callable] | None = None, ldm: Any = None):
+                 cleaners: dict[str, Callable] | None = None, ldm: Any = None, speed: Any = None):
+        from .tiling import SpeedOptions
+
         self.weights_dir = weights_dir
         self.device = torch.device(device)
         self._cleaners: dict[str, Callable] = dict(cleaners or {})
         self._ldms: dict[tuple[str, str], Any] = {}
         self._injected_ldm = ldm
+        self._speed_explicit = speed is not None
+        self.speed = (speed or SpeedOptions()).validate(self.device)
+        self.speed_notes: list[str] = []
+        self._prepared: set[int] = set()
+        self._text_caches: dict[int, Any] = {}
 
     # ---------------------------------------------------------------- model access
     def cleaner(self, name: str) -> Callable:
@@ -79,7 +95,7 @@ class DiffBIRPipeline:
 
     def ldm(self, params: RestoreParams):
         if self._injected_ldm is not None:
-            return self._injected_ldm
+            return self._prepare(self._injected_ldm, injected=True)
         s2 = params.stage2
         key = (s2.sd, s2.control)
         if key not in self._ldms:
@@ -87,16 +103,44 @@ class DiffBIRPipeline:
 
             self._ldms[key] = load_pretrained_control_ldm(s2.sd, s2.control, weights_dir=self.weights_dir,
                                                           device=self.device)
-        return self._ldms[key]
+        return self._prepare(self._ldms[key], injected=False)
+
+    def _prepare(self, ldm, *, injected: bool):
+        """Apply the speed options once per model (injected models only when ``speed=`` was given)."""
+        if id(ldm) not in self._prepared and (self._speed_explicit or not injected):
+            from .tiling import apply_speed_options
+
+            self.speed_notes = apply_speed_options(ldm, self.speed, self.device)
+        self._prepared.add(id(ldm))
+        return ldm
+
+    def plan_tiling(self, params: RestoreParams, work_hw: tuple[int, int], cleaner: Any = None):
+        """`tiling.auto_tiling` with the weights actually resident (stage-2 models of ``params`` and ``cleaner``)."""
+        from .tiling import auto_tiling, model_bytes
+
+        weights = model_bytes(getattr(cleaner, "net", None))
+        if params.uses_diffusion:
+            weights += model_bytes(self.ldm(params))
+        dtype_bytes = 4 if self.speed.dtype == "float32" else 2
+        return auto_tiling(params, work_hw, self.device, weights_bytes=weights, dtype_bytes=dtype_bytes)
+
+    def _tiled_cleaner(self, cleaner: Callable, plan) -> Callable:
+        from .cleaners import Cleaner
+        from .tiling import TiledCleaner
+
+        if plan is None or not plan.cleaner or not isinstance(cleaner, Cleaner) or cleaner.net is None:
+            return cleaner
+        return TiledCleaner(cleaner, plan.cleaner_tile, plan.cleaner_overlap)
 
     # ---------------------------------------------------------------- restore
     def restore(self, image: LoadedImage | np.ndarray, params: RestoreParams,
-                callback: Callable | None = None, noise=None, keep: dict | None = None) -> RestoreResult:
+                callback: Callable | None = None, noise=None, keep: dict | None = None, plan=None) -> RestoreResult:
         """Restore one image. ``image``: a `LoadedImage` or an HxWx3 float array in [0, 1].
 
         ``callback`` receives each sampler step (`samplers.StepInfo`); ``noise`` replaces the seeded noise
         source (e.g. `samplers.ReplayNoise`); ``keep``, if a dict, receives intermediates (``z_final``,
-        ``clean`` = stage-1 output at the working size, ``decoded``) for notebooks and tests.
+        ``clean`` = stage-1 output at the working size, ``decoded``) for notebooks and tests. ``plan`` (a
+        `tiling.TilingPlan`) overrides the automatic tiling decision.
         """
         params = params.validate()
         loaded = image if isinstance(image, LoadedImage) else LoadedImage(rgb=np.asarray(image, np.float32))
@@ -111,37 +155,53 @@ class DiffBIRPipeline:
         out_hw = (max(1, int(round(h * params.upscale))), max(1, int(round(w * params.upscale))))
 
         t0 = time.perf_counter()
+        cleaner = self.cleaner(params.cleaner_for_task())
+        work_hw = working_size(out_hw, 512) if params.uses_diffusion else out_hw
+        plan = plan if plan is not None else self.plan_tiling(params, work_hw, cleaner)
+        cleaner = self._tiled_cleaner(cleaner, plan)
+        extra = {"tiling": plan.summary()}
         if not params.uses_diffusion:
             with torch.inference_mode():
-                clean = self.cleaner(params.cleaner_for_task())(lq, out_size=out_hw)
+                clean = cleaner(lq, out_size=out_hw)
             timings["stage1"] = time.perf_counter() - t0
             img = to_numpy(clean)
             return RestoreResult(image=img, stage1=img, alpha=loaded.alpha, seed=seed, params=params,
-                                 timings=timings)
+                                 timings=timings, notices=list(plan.notes), extra=extra)
 
-        work_hw = working_size(out_hw, 512)
         with torch.inference_mode():
             # not clamped: the official pipeline conditions on the raw stage-1 output
-            clean = self.cleaner(params.cleaner_for_task())(lq, out_size=work_hw, clamp=False)  # [1,3,H,W]
+            clean = cleaner(lq, out_size=work_hw, clamp=False)  # [1,3,H,W]
         timings["stage1"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        sample = self.run_stage2(clean, params, seed=seed, callback=callback, noise=noise, keep=keep)  # [1,3,H,W]
+        sample = self.run_stage2(clean, params, seed=seed, callback=callback, noise=noise, keep=keep,
+                                 plan=plan)  # [1,3,H,W]
         timings["stage2"] = time.perf_counter() - t1
         out = resize(sample, out_hw).clamp(0, 1)
         return RestoreResult(image=to_numpy(out), stage1=to_numpy(resize(clean, out_hw).clamp(0, 1)), alpha=loaded.alpha,
-                             seed=seed, params=params, timings=timings)
+                             seed=seed, params=params, timings=timings, notices=list(plan.notes), extra=extra)
 
     def run_stage2(self, clean: torch.Tensor, params: RestoreParams, *, seed: int, callback=None,
-                   noise=None, keep: dict | None = None) -> torch.Tensor:
-        """Stage 2 on the clean image ``clean`` ([1,3,H,W] in [0,1]); returns the colour-fixed sample."""
+                   noise=None, keep: dict | None = None, plan=None, progress: Callable | None = None) -> torch.Tensor:
+        """Stage 2 on the clean image ``clean`` ([1,3,H,W] in [0,1]); returns the colour-fixed sample.
+        ``plan``: a `tiling.TilingPlan` (default: `plan_tiling` for this size); ``progress``: per-tile events."""
         from .colorfix import color_fix
         from .sampling import sample_latent
+        from .tiling import TextEmbeddingCache, VAERunner, autocast_for
 
         ldm = self.ldm(params)
+        plan = plan if plan is not None else self.plan_tiling(params, tuple(clean.shape[-2:]))
+        amp = autocast_for(self.device, self.speed.torch_dtype)
+        runner = VAERunner(ldm, plan.vae_encoder, plan.vae_decoder, amp=amp, progress=progress)
+        if id(ldm) not in self._text_caches:
+            self._text_caches[id(ldm)] = TextEmbeddingCache(ldm.encode_text)
         padded, hw = pad_to_multiple(clean, 64)  # [1,3,H64,W64]
-        z = sample_latent(ldm, padded, params, seed=seed, callback=callback, noise=noise)  # [1,4,H64/8,W64/8]
+        z = sample_latent(ldm, padded, params, seed=seed, callback=callback, noise=noise,
+                          batched_cfg=self.speed.batched_cfg, plan=plan, vae=runner,
+                          encode_text=self._text_caches[id(ldm)],
+                          amp=amp if self.speed.dtype != "float32" else None,
+                          tile_batch=self.speed.tile_batch, progress=progress)  # [1,4,H64/8,W64/8]
         with torch.no_grad():
-            sample = ldm.vae_decode(z)  # [1,3,H64,W64] in [-1,1]
+            sample = runner.decode(z)  # [1,3,H64,W64] in [-1,1]
         if keep is not None:
             keep.update(z_final=z, clean=clean, decoded=sample)
         sample = sample[..., : hw[0], : hw[1]]
