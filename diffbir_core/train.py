@@ -16,10 +16,12 @@ The control branch starts as a copy of the UNet encoder + middle block with its 
 channels zeroed (`diffbir_core.models.controlnet.ControlNet.from_unet`), or from ``control_init`` (an
 official control-branch checkpoint).
 
-Runs on `accelerate` (multi-GPU data parallel with ``accelerate launch``, gradient accumulation, mixed
-precision on GPU only - on CPU it is switched off, fp16/bf16 there are ~200x slower). Each process reads
-its own slice of one deterministic data stream (`diffbir_core.data.EpochSampler`), and every micro-step
-reseeds torch from (seed, micro-step, rank): a resumed run repeats exactly what an uninterrupted run does.
+Optimiser: AdamW at ``lr``, constant or (``lr_schedule = "cosine"``) linear warm-up + cosine decay to
+``lr_min`` (`lr_at`). Runs on `accelerate` (multi-GPU data parallel with ``accelerate launch``, gradient
+accumulation, mixed precision on GPU only - on CPU it is switched off, fp16/bf16 there are ~200x slower).
+Each process reads its own slice of one deterministic data stream (`diffbir_core.data.EpochSampler`), and
+every micro-step reseeds torch from (seed, micro-step, rank): a resumed run repeats exactly what an
+uninterrupted run does.
 
 Checkpoints (``<out_dir>/checkpoints/<step:07d>/``): the weights in the OFFICIAL layout as plain state dicts
 (``swinir.pth`` loadable by the official SwinIR and `load_swinir`; ``control.pth`` loadable by the official
@@ -52,9 +54,10 @@ import torch.nn.functional as F
 log = logging.getLogger("diffbir_core.train")
 
 __all__ = ["TrainConfig", "TRAIN_PRESETS", "load_config", "train", "main", "find_checkpoint",
-           "swinir_config_for", "psnr"]
+           "swinir_config_for", "psnr", "lr_at"]
 
 STAGES = ("stage1", "stage2")
+LR_SCHEDULES = ("constant", "cosine")
 CKPT_FORMAT = 1
 
 
@@ -79,6 +82,9 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 150_000
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # "constant" | "cosine" (half-cosine from lr to lr_min over max_steps)
+    warmup_steps: int = 0  # linear warm-up to lr over the first warmup_steps optimiser steps
+    lr_min: float = 0.0  # cosine end value
     weight_decay: float = 0.0
     grad_clip: float | None = None
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"; GPU only
@@ -118,6 +124,10 @@ class TrainConfig:
             bad.append("num_workers and val_images must be >= 0")
         if not self.lr > 0:
             bad.append(f"lr must be positive, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            bad.append(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.warmup_steps < 0 or not 0.0 <= self.lr_min <= self.lr:
+            bad.append(f"need warmup_steps >= 0 and 0 <= lr_min <= lr, got {self.warmup_steps}, {self.lr_min}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             bad.append(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         if self.prediction not in ("eps", "v"):
@@ -275,6 +285,18 @@ def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-image RGB PSNR in dB of [0, 1] images (B, C, H, W); predictions are clamped to [0, 1]."""
     mse = ((pred.clamp(0, 1) - target) ** 2).flatten(1).mean(1)
     return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-12))
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): linear warm-up ``lr * (step + 1) / warmup_steps``,
+    then ``lr`` (constant) or ``lr_min + (lr - lr_min) * (1 + cos(pi * p)) / 2`` with p = (step - warmup) /
+    (max_steps - warmup) (cosine). A pure function of the step, so a resumed run follows the same curve."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    p = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.lr_min + (cfg.lr - cfg.lr_min) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
 def _step_seed(seed: int, micro_step: int, rank: int) -> int:
@@ -657,6 +679,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     try:
         while step < cfg.max_steps:
             step_loss = 0.0
+            for g in opt.param_groups:  # schedule: a function of the optimiser step only
+                g["lr"] = lr_at(cfg, step)
             for _ in range(cfg.grad_accum):
                 batch = next(it)
                 seed = _step_seed(cfg.seed, micro, rank)

@@ -130,6 +130,31 @@ def test_config_from_toml_json_and_flags(tmp_path, hq_dir):
     assert main(["stage1", "--crop", "abc"]) == 2
 
 
+def test_lr_schedule_warmup_cosine(hq_dir, tmp_path):
+    from diffbir_core.train import lr_at
+
+    cfg = TrainConfig(lr=1e-3, lr_schedule="cosine", warmup_steps=4, lr_min=1e-5, max_steps=104)
+    assert [lr_at(cfg, s) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lr_at(cfg, 4) == pytest.approx(1e-3)  # cosine starts at lr ...
+    assert lr_at(cfg, 54) == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2)  # ... is halfway at the midpoint ...
+    assert lr_at(cfg, 104) == pytest.approx(1e-5)  # ... and ends at lr_min
+    const = replace(cfg, lr_schedule="constant")
+    assert lr_at(const, 1) == pytest.approx(5e-4) and lr_at(const, 90) == 1e-3
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match="lr_min"):
+        TrainConfig(lr=1e-4, lr_min=1e-3)
+    # the optimiser follows it step by step, also across a resume (logged lr = the step's lr)
+    run = _tiny(hq_dir, tmp_path / "cos", max_steps=4, ckpt_every=2, lr_schedule="cosine", warmup_steps=2,
+                lr_min=1e-4)
+    train(replace(run, max_steps=2))
+    train(replace(run, resume="latest"))
+    rows = (tmp_path / "cos" / "log.csv").read_text().splitlines()[1:]
+    logged = [float(r.split(",")[2]) for r in rows]
+    assert logged == pytest.approx([lr_at(run, s) for s in range(4)], rel=1e-5)
+    assert logged[0] < logged[1] == logged[2] == pytest.approx(run.lr) and logged[3] < logged[2]
+
+
 def test_bad_crop_and_resume_errors(hq_dir, tmp_path):
     with pytest.raises(ValueError, match="multiple of"):
         train(_tiny(hq_dir, tmp_path / "x", crop=40))

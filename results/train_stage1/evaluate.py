@@ -6,7 +6,8 @@ PSNR (RGB, [0, 1], no border crop; and of the BT.601 luma Y) of LQ and of the re
 Done for every saved checkpoint (PSNR-vs-step curve) and in detail for the newest one. Writes
 ``metrics.csv`` (per image and draw, newest checkpoint), ``checkpoints.csv`` (mean per checkpoint),
 ``summary.json``, ``loss_curve.png`` (training loss + held-out PSNR), ``log.csv`` / ``val.csv`` (copies of
-the run's logs) and ``example.png`` (LQ | restored | HQ).
+the run's logs) and ``example.png`` (LQ | restored | HQ). ``--checkpoints last`` scores only the newest
+checkpoint (e.g. the fit on training images); the loss plot shows the learning rate when it varies.
 Usage: python results/train_stage1/evaluate.py --run /tmp/stage1_run --heldout /tmp/stage1_data/heldout.txt
 """
 from __future__ import annotations
@@ -51,6 +52,7 @@ def main() -> None:
     ap.add_argument("--heldout", required=True)
     ap.add_argument("--out", default="results/train_stage1")
     ap.add_argument("--draws", type=int, default=4)
+    ap.add_argument("--checkpoints", choices=("all", "last"), default="all")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -66,6 +68,8 @@ def main() -> None:
     ckpts = sorted(p for p in (run / "checkpoints").glob("*") if (p / "train_state.pt").is_file())
     if not ckpts:
         raise SystemExit(f"{run}: no complete checkpoint")
+    if args.checkpoints == "last":
+        ckpts = ckpts[-1:]
     files = list_images(args.heldout)
     pairs = []  # fixed degraded inputs, shared by every checkpoint
     for f in files:
@@ -132,6 +136,11 @@ def main() -> None:
         k = 10
         ax[0].plot(steps[k - 1:], np.convolve(loss, np.ones(k) / k, mode="valid"), lw=1.5, label="moving avg (10 rows)")
     ax[0].set_yscale("log")
+    lrs = [float(r["lr"]) for r in log_rows if r.get("lr")]
+    if len(set(lrs)) > 1:
+        ax_lr = ax[0].twinx()
+        ax_lr.plot(steps, lrs, color="grey", lw=0.8, ls=":")
+        ax_lr.set_ylabel("learning rate (dotted)")
     ax[0].set_xlabel("step")
     ax[0].set_ylabel("MSE")
     ax[0].legend()
