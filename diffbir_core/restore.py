@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--latent-tile", type=int, default=None, help="diffusion tile size in latent pixels")
     t.add_argument("--latent-stride", type=int, default=None)
     t.add_argument("--max-memory", type=float, default=None, help="memory budget in GB (chooses tiling)")
+    t.add_argument("--precision", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="GPU only: half precision for stage 2 (fp32 is the CPU default and only choice)")
+    t.add_argument("--attention", choices=["sdpa", "math"], default="sdpa", help="attention kernel (default sdpa)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the UNet and control branch")
+    t.add_argument("--offload", choices=["none", "model", "sequential"], default="none",
+                   help="CUDA only: keep weights on the CPU until used (model) or stream layer by layer (sequential)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return ap
 
@@ -170,9 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         print("error: no input images found", file=sys.stderr)
         return 2
+    from .tiling import SpeedOptions
+
+    try:
+        speed = SpeedOptions(attention=args.attention, dtype=args.precision, compile=args.compile,
+                             offload=args.offload).validate(params.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pipe = DiffBIRPipeline(weights_dir=args.weights_dir, device=params.device)
+    pipe = DiffBIRPipeline(weights_dir=args.weights_dir, device=params.device, speed=speed)
 
     from tqdm import tqdm
 

@@ -100,3 +100,11 @@ def test_face_task_whole_photo_offline(tmp_path, data_dir, capsys):
     h, w = inp.shape[:2]
     assert np.abs(res[:20, :20] - inp[:20, :20]).mean() < 2.0
     assert np.abs(res[h // 4: 3 * h // 4, w // 4: 3 * w // 4] - inp[h // 4: 3 * h // 4, w // 4: 3 * w // 4]).mean() > 1.0
+
+
+def test_gpu_only_speed_options_refused_on_cpu(tmp_path, capsys):
+    src = _img(tmp_path / "a.png")
+    assert main([str(src), "-o", str(tmp_path / "o"), "--precision", "bfloat16", "-q"]) == 2
+    assert "GPU-only" in capsys.readouterr().err
+    assert main([str(src), "-o", str(tmp_path / "o"), "--offload", "model", "-q"]) == 2
+    assert "CUDA" in capsys.readouterr().err
