@@ -102,8 +102,6 @@ def _mpx(n: int) -> str:
     return f"{n / 1e6:.2f} Mpx"
 
 
-def _offline_env() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
 class _Cancelled(Exception):
@@ -190,7 +188,7 @@ class DemoBackend:
 
     def _weight_state(self, weight_name: str) -> tuple[str, bool]:
         """(text, usable) for one entry of `weights.WEIGHTS`, looking only at local files."""
-        from diffbir_core.weights import WEIGHTS, WeightsError, resolve
+        from diffbir_core.weights import WEIGHTS, WeightsError, offline, resolve
 
         spec = WEIGHTS[weight_name]
         if spec.offline:
@@ -199,7 +197,7 @@ class DemoBackend:
             path = resolve(weight_name, weights_dir=self.weights_dir, download=False)
             return f"found (`{path}`)", True
         except WeightsError:
-            if not _offline_env() and spec.sources:
+            if not offline() and spec.sources:
                 size = f" (~{spec.approx_bytes / 2**30:.1f} GiB)" if spec.approx_bytes else ""
                 return f"downloads on first use{size}", True
             return "**missing**", False

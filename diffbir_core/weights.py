@@ -33,7 +33,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "WeightsError", "WeightSpec", "Source", "WEIGHTS", "resolve", "load_state_dict", "load_into",
+    "WeightsError", "WeightSpec", "Source", "WEIGHTS", "resolve", "resolve_spec", "offline", "load_state_dict", "load_into",
     "LoadReport", "default_cache_dir", "save_safetensors",
 ]
 
@@ -129,7 +129,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DIFFBIR_CACHE", Path.home() / ".cache" / "diffbir"))
 
 
-def _offline() -> bool:
+def offline() -> bool:
+    """True when downloads are disabled (``HF_HUB_OFFLINE`` set to 1/true/yes/on)."""
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
@@ -144,12 +145,12 @@ def _how_to_get(spec: WeightSpec) -> str:
     return "\n".join(lines)
 
 
-def _check_file(path: Path, spec: WeightSpec | None) -> None:
+def _check_file(path: Path, spec: WeightSpec | None, error: type[WeightsError] = WeightsError) -> None:
     if spec is None:
         return
     size = path.stat().st_size
     if spec.approx_bytes and size < 0.5 * spec.approx_bytes:
-        raise WeightsError(
+        raise error(
             f"{path} is {size} bytes but {spec.filename} should be about {spec.approx_bytes // _MB} MiB: "
             "the download looks truncated (or is an HTML error page). Delete it and download again.")
     if spec.sha256:
@@ -158,7 +159,7 @@ def _check_file(path: Path, spec: WeightSpec | None) -> None:
             for chunk in iter(lambda: f.read(1 << 24), b""):
                 h.update(chunk)
         if h.hexdigest() != spec.sha256:
-            raise WeightsError(f"{path}: sha256 {h.hexdigest()} != expected {spec.sha256} for {spec.filename}")
+            raise error(f"{path}: sha256 {h.hexdigest()} != expected {spec.sha256} for {spec.filename}")
 
 
 def resolve(name: str, *, path: str | os.PathLike | None = None, weights_dir: str | os.PathLike | None = None,
@@ -167,21 +168,35 @@ def resolve(name: str, *, path: str | os.PathLike | None = None, weights_dir: st
     if name not in WEIGHTS:
         raise WeightsError(f"unknown weight name {name!r}; known: {', '.join(sorted(WEIGHTS))}")
     spec = WEIGHTS[name]
+    dirs = [weights_dir, os.environ.get("DIFFBIR_WEIGHTS_DIR")] + ([default_cache_dir()] if spec.offline else [])
+    return resolve_spec(spec, path=path, dirs=dirs, download=download)
+
+
+def resolve_spec(spec: WeightSpec, *, path: str | os.PathLike | None = None,
+                 dirs: list[str | os.PathLike | None] = (), download: bool = True,
+                 download_dir: str | os.PathLike | None = None, how_to: str | None = None,
+                 error: type[WeightsError] = WeightsError, kind: str = "weights", check_explicit: bool = True) -> Path:
+    """The one search for a `WeightSpec` (model weights here, metric weights in ``eval.metrics``):
+    explicit ``path`` -> ``<dir>/<filename>`` for each of ``dirs`` -> the Hugging Face cache -> download
+    (never when offline; URL sources go to ``download_dir``). Raises ``error`` naming the file, every place
+    looked at, and ``how_to`` (default: the sources + $DIFFBIR_WEIGHTS_DIR). ``check_explicit=False`` leaves an
+    explicit path's size/checksum to the loader (metric files are validated by their loaders)."""
+    how_to = how_to or _how_to_get(spec)
     looked: list[str] = []
     if path is not None:
         p = Path(path).expanduser()
         if p.is_file():
-            _check_file(p, spec)
+            if check_explicit:
+                _check_file(p, spec, error)
             return p
-        raise WeightsError(f"{spec.description}: the given path {p} does not exist.\n{_how_to_get(spec)}")
-    dirs = [Path(d).expanduser() for d in (weights_dir, os.environ.get("DIFFBIR_WEIGHTS_DIR")) if d]
-    if spec.offline:
-        dirs.append(default_cache_dir())
+        raise error(f"{spec.description}: the given path {p} does not exist.\n{how_to}")
     for d in dirs:
-        p = d / spec.filename
+        if not d:
+            continue
+        p = Path(d).expanduser() / spec.filename
         looked.append(str(p))
         if p.is_file():
-            _check_file(p, spec)
+            _check_file(p, spec, error)
             return p
     hub_sources = [s for s in spec.sources if s.repo_id]
     if hub_sources:
@@ -191,34 +206,34 @@ def resolve(name: str, *, path: str | os.PathLike | None = None, weights_dir: st
             hit = try_to_load_from_cache(s.repo_id, s.filename or spec.filename)
             looked.append(f"HF cache: {s.repo_id}/{s.filename or spec.filename}")
             if isinstance(hit, str) and Path(hit).is_file():
-                _check_file(Path(hit), spec)
+                _check_file(Path(hit), spec, error)
                 return Path(hit)
     if spec.offline:
-        raise WeightsError(
+        raise error(
             f"{spec.description} ({spec.filename}) is not built yet; looked in: {', '.join(looked)}.\n"
             f"It is made locally: {spec.notes}.")
     errors: list[str] = []
-    if download and not _offline():
+    if download and not offline():
         for s in spec.sources:
             try:
-                got = _download(spec, s)
-                _check_file(got, spec)
+                got = _download(spec, s, download_dir)
+                _check_file(got, spec, error)
                 return got
             except Exception as e:  # try the next mirror, remember why this one failed
                 errors.append(f"{s.describe(spec.filename)}: {type(e).__name__}: {e}")
-    why = ("downloads are disabled (HF_HUB_OFFLINE=1)" if _offline() else
+    why = ("downloads are disabled (HF_HUB_OFFLINE=1)" if offline() else
            "download not attempted" if not download else "every download failed:\n    " + "\n    ".join(errors))
-    raise WeightsError(
-        f"Missing weights: {spec.description} - file {spec.filename!r}.\n"
-        f"  Looked in: {'; '.join(looked) or '(no weights dir set)'}\n  {why}\n{_how_to_get(spec)}")
+    raise error(
+        f"Missing {kind}: {spec.description} - file {spec.filename!r}.\n"
+        f"  Looked in: {'; '.join(looked) or '(no weights dir set)'}\n  {why}\n{how_to}")
 
 
-def _download(spec: WeightSpec, s: Source) -> Path:
+def _download(spec: WeightSpec, s: Source, download_dir: str | os.PathLike | None = None) -> Path:
     if s.repo_id:
         from huggingface_hub import hf_hub_download
 
         return Path(hf_hub_download(s.repo_id, s.filename or spec.filename))
-    target_dir = Path(os.environ.get("DIFFBIR_WEIGHTS_DIR") or default_cache_dir())
+    target_dir = Path(download_dir or os.environ.get("DIFFBIR_WEIGHTS_DIR") or default_cache_dir())
     target_dir.mkdir(parents=True, exist_ok=True)
     dest = target_dir / spec.filename
     torch.hub.download_url_to_file(s.url, str(dest), progress=True)

@@ -36,7 +36,7 @@ from typing import Callable, Literal, Mapping
 import numpy as np
 import torch
 
-from diffbir_core.weights import Source, WeightsError, WeightSpec, default_cache_dir
+from diffbir_core.weights import Source, WeightsError, WeightSpec, default_cache_dir, resolve_spec
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +153,6 @@ METRIC_FILES: dict[str, WeightSpec] = {s.name: s for s in [
 ]}
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-
-
 def _cache_dirs() -> list[Path]:
     """Where metric files usually sit: ours, torch hub's checkpoints, pyiqa's cache (no pyiqa import)."""
     hub = Path(torch.hub.get_dir())
@@ -165,7 +161,7 @@ def _cache_dirs() -> list[Path]:
 
 def resolve_metric_file(name: str, *, path: str | os.PathLike | None = None,
                         weights_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
-    """Find a metric file by its `METRIC_FILES` name.
+    """Find a metric file by its `METRIC_FILES` name (through `weights.resolve_spec`).
 
     Order: ``path`` -> ``weights_dir`` -> ``$DIFFBIR_METRIC_WEIGHTS`` -> ~/.cache/diffbir/metrics, torch hub
     checkpoints, pyiqa's cache -> the Hugging Face cache -> download (never with HF_HUB_OFFLINE=1).
@@ -178,49 +174,9 @@ def resolve_metric_file(name: str, *, path: str | os.PathLike | None = None,
                     + [f"    - {s.describe(spec.filename)}" for s in spec.sources]
                     + ["  and pass --metric-weights DIR (a folder holding it), --weight "
                        f"{name}=PATH, or set $DIFFBIR_METRIC_WEIGHTS."])
-    if path is not None:
-        p = Path(path).expanduser()
-        if p.is_file():
-            return p
-        raise MetricWeightsError(f"{spec.description}: the given path {p} does not exist.\n{how}")
-    looked: list[str] = []
-    dirs = [Path(d).expanduser() for d in (weights_dir, os.environ.get("DIFFBIR_METRIC_WEIGHTS")) if d]
-    for d in dirs + _cache_dirs():
-        p = d / spec.filename
-        looked.append(str(p))
-        if p.is_file():
-            return p
-    for s in spec.sources:
-        if s.repo_id:
-            from huggingface_hub import try_to_load_from_cache
-
-            hit = try_to_load_from_cache(s.repo_id, s.filename or spec.filename)
-            looked.append(f"HF cache {s.repo_id}/{s.filename or spec.filename}")
-            if isinstance(hit, str) and Path(hit).is_file():
-                return Path(hit)
-    errors: list[str] = []
-    if download and not _offline():
-        for s in spec.sources:
-            try:
-                return _download(spec, s)
-            except Exception as e:  # next source
-                errors.append(f"{s.describe(spec.filename)}: {type(e).__name__}: {e}")
-    why = ("offline (HF_HUB_OFFLINE=1): no download attempted" if _offline() else
-           "download not attempted" if not download else "every download failed:\n    " + "\n    ".join(errors))
-    raise MetricWeightsError(f"Missing metric weights: {spec.description} - file {spec.filename!r}.\n"
-                             f"  Looked in: {'; '.join(looked)}\n  {why}\n{how}")
-
-
-def _download(spec: WeightSpec, s: Source) -> Path:
-    if s.repo_id:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(s.repo_id, s.filename or spec.filename))
-    dest_dir = default_cache_dir() / "metrics"
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / spec.filename
-    torch.hub.download_url_to_file(s.url, str(dest), progress=True)
-    return dest
+    return resolve_spec(spec, path=path, dirs=[weights_dir, os.environ.get("DIFFBIR_METRIC_WEIGHTS"), *_cache_dirs()],
+                        download=download, download_dir=default_cache_dir() / "metrics", how_to=how,
+                        error=MetricWeightsError, kind="metric weights", check_explicit=False)
 
 
 # ---------------------------------------------------------------------------------------------------

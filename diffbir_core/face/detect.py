@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..weights import offline
+
 __all__ = [
     "FaceBackendError", "DetectedFace", "DlibBackend", "FacexlibBackend", "FaceParser", "load_backend",
     "FACEXLIB_FILES", "facexlib_model_dir", "find_facexlib_file", "dlib_landmark_model_path", "BACKENDS",
@@ -73,9 +75,6 @@ class DetectedFace:
         return DetectedFace(box=tuple(float(v) for v in box), score=self.score, landmarks=pts, kind=self.kind)
 
 
-def _offline() -> bool:
-    return any(os.environ.get(k, "0").lower() in ("1", "true", "yes", "on")
-               for k in ("HF_HUB_OFFLINE", "DIFFBIR_OFFLINE"))
 
 
 def _check_image(img: np.ndarray) -> np.ndarray:
@@ -196,7 +195,7 @@ def find_facexlib_file(name: str, model_dir: str | os.PathLike | None = None, *,
 
     Looks in ``model_dir``, ``$DIFFBIR_WEIGHTS_DIR`` and facexlib's own weights folder. Downloads (into
     ``model_dir`` or facexlib's folder) only when ``download`` is not False and neither HF_HUB_OFFLINE
-    nor DIFFBIR_OFFLINE is set. Raises `FaceBackendError` naming the file, the URL and where to put it.
+    (``weights.offline()``) is set. Raises `FaceBackendError` naming the file, the URL and where to put it.
     """
     if name not in FACEXLIB_FILES:
         raise FaceBackendError(f"unknown facexlib model {name!r}; known: {', '.join(FACEXLIB_FILES)}")
@@ -215,8 +214,8 @@ def find_facexlib_file(name: str, model_dir: str | os.PathLike | None = None, *,
     how = (f"  Download {url}\n  and put it in {target} (facexlib's model folder), or in $DIFFBIR_WEIGHTS_DIR.\n"
            "  Or use the offline backend: --face-backend dlib.")
     looked = ", ".join(str(d) for d in dirs)
-    if download is False or _offline():
-        why = "downloads are disabled (HF_HUB_OFFLINE / DIFFBIR_OFFLINE is set)" if download is not False \
+    if download is False or offline():
+        why = "downloads are disabled (HF_HUB_OFFLINE=1)" if download is not False \
             else "download not allowed"
         raise FaceBackendError(f"facexlib face backend: weight file {fname} not found (looked in: {looked}); "
                                f"{why}.\n{how}")
