@@ -31,7 +31,7 @@ import torch
 
 from .config import RestoreParams
 
-__all__ = ["make_conditions", "make_guidance", "sample_latent", "run_sampler", "load_pretrained_control_ldm",
+__all__ = ["make_conditions", "make_guidance", "sample_latent", "load_pretrained_control_ldm",
            "training_schedule_for"]
 
 
@@ -132,14 +132,6 @@ def sample_latent(ldm, clean: torch.Tensor, params: RestoreParams, *, seed: int 
         guidance = make_guidance(ldm, clean, params, vae=vae)
         return _run(params.sampler, denoiser, x_T, training, params.steps, guidance=guidance, noise=noise,
                     callback=callback)
-
-
-def run_sampler(ldm, clean: torch.Tensor, params: RestoreParams, *, seed: int | None = None,
-                noise: Callable | None = None, callback: Callable | None = None) -> torch.Tensor:
-    """Sample and decode: image ``[B,3,H,W]`` in the [-1, 1] convention (not clamped)."""
-    z = sample_latent(ldm, clean, params, seed=seed, noise=noise, callback=callback)
-    with torch.no_grad():
-        return ldm.vae_decode(z)
 
 
 def load_pretrained_control_ldm(sd: str, control: str, *, weights_dir: str | os.PathLike | None = None,
