@@ -19,6 +19,8 @@ import re
 import sys
 from pathlib import Path
 
+from .datasets import DATASETS
+from .plots import plot_comparison
 from .summary import num
 
 __all__ = ["PAPER_NUMBERS", "load_runs", "build_report", "main"]
@@ -79,8 +81,6 @@ def build_report(results: str | Path, *, plots: bool = True) -> str:
     for r in runs:
         by_ds.setdefault(_dataset_key(r["summary"]), []).append(r)
     # the paper's sets first (in DATASETS order), then the rest; within a set, baselines (bicubic) last
-    from .datasets import DATASETS
-
     order = list(DATASETS)
     by_ds = dict(sorted(by_ds.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
     for rs in by_ds.values():
@@ -149,8 +149,6 @@ def build_report(results: str | Path, *, plots: bool = True) -> str:
                 if parts:
                     lines.append(f"- {_label(a)} better than {_label(b)} (images where it wins) - " + "; ".join(parts))
         if plots and len(rs) >= 1:
-            from .plots import plot_comparison
-
             png = plot_comparison(title, {_label(r): r["rows"] for r in rs}, cols,
                                   results / "plots" / f"{_slug(key)}.png")
             if png is not None:
