@@ -1,4 +1,5 @@
 """Gradio demo package: `demo.app.build_demo()` builds the app, `python demo/app.py` serves it.
 
-Nothing is imported or built here; see `demo/app.py` and `demo/README.md` (Hugging Face Space card).
+`demo.backend` (parameters, weights status, the run; no gradio), `demo.ui` (the gradio layout), `demo.app`
+(entry point). Nothing is imported or built here; `demo/README.md` is the Hugging Face Space card.
 """

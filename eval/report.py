@@ -15,10 +15,13 @@ import argparse
 import csv
 import itertools
 import json
-import math
 import re
 import sys
 from pathlib import Path
+
+from .datasets import DATASETS
+from .plots import plot_comparison
+from .summary import num
 
 __all__ = ["PAPER_NUMBERS", "load_runs", "build_report", "main"]
 
@@ -52,14 +55,6 @@ def load_runs(results: Path) -> list[dict]:
     return runs
 
 
-def _num(v, digits: int = 4) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float) and math.isinf(v):
-        return "inf"
-    return f"{v:.{digits}f}"
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower() or "dataset"
 
@@ -86,8 +81,6 @@ def build_report(results: str | Path, *, plots: bool = True) -> str:
     for r in runs:
         by_ds.setdefault(_dataset_key(r["summary"]), []).append(r)
     # the paper's sets first (in DATASETS order), then the rest; within a set, baselines (bicubic) last
-    from .datasets import DATASETS
-
     order = list(DATASETS)
     by_ds = dict(sorted(by_ds.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
     for rs in by_ds.values():
@@ -120,22 +113,22 @@ def build_report(results: str | Path, *, plots: bool = True) -> str:
         for r in rs:
             s = r["summary"]
             n = f"{s['n_complete']}/{s['n_expected']}" + ("" if s["complete"] else " (partial)")
-            vals = [_num(s["metrics"].get(c, {}).get("mean")) for c in cols]
+            vals = [num(s["metrics"].get(c, {}).get("mean")) for c in cols]
             if has_fid:
-                vals.append(_num((s["set_metrics"].get("fid") or {}).get("value"), 2))
+                vals.append(num((s["set_metrics"].get("fid") or {}).get("value"), 2))
             commit = s["git"]["commit"][:10] if s["git"].get("commit") else "none"
             if s["git"].get("dirty"):
                 commit += "+"
             t = s["timing"].get("restore_s_mean")
             rel = r["dir"].relative_to(results) if r["dir"].is_relative_to(results) else r["dir"]
-            cells = [_label(r), n] + vals + [_num(t, 2), f"`{commit}`", f"[{rel}]({rel}/README.md)"]
+            cells = [_label(r), n] + vals + [num(t, 2), f"`{commit}`", f"[{rel}]({rel}/README.md)"]
             lines.append("| " + " | ".join(cells) + " |")
         paper = PAPER_NUMBERS.get(s0["dataset"]["name"])
         if paper:
             lines += ["", f"Paper ({paper['source']}):", "", "| method | " + " | ".join(cols) + " |",
                       "|---|" + "---|" * len(cols)]
             for m, v in paper["methods"].items():
-                lines.append(f"| {m} | " + " | ".join(_num(v.get(c)) for c in cols) + " |")
+                lines.append(f"| {m} | " + " | ".join(num(v.get(c)) for c in cols) + " |")
         else:
             lines += ["", "Paper numbers: not recorded for this set (see `PAPER_NUMBERS` in eval/report.py)."]
         if len(rs) > 1:
@@ -156,8 +149,6 @@ def build_report(results: str | Path, *, plots: bool = True) -> str:
                 if parts:
                     lines.append(f"- {_label(a)} better than {_label(b)} (images where it wins) - " + "; ".join(parts))
         if plots and len(rs) >= 1:
-            from .plots import plot_comparison
-
             png = plot_comparison(title, {_label(r): r["rows"] for r in rs}, cols,
                                   results / "plots" / f"{_slug(key)}.png")
             if png is not None:

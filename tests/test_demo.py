@@ -22,7 +22,9 @@ import pytest
 import torch
 from PIL import Image
 
-from demo.app import OUTPUTS, DemoLimits, build_demo, launch_demo
+from demo.app import build_demo
+from demo.backend import OUTPUTS, DemoBackend, DemoError, DemoLimits, params_from_ui
+from demo.ui import launch_demo
 from diffbir_core.config import OFFICIAL_NEGATIVE_PROMPT, RestoreParams
 from diffbir_core.imageio import read_image
 from diffbir_core.pipeline import DiffBIRPipeline
@@ -123,38 +125,32 @@ def offline_app(offline_cleaner):
 def test_import_does_nothing():
     code = "import sys, demo.app; assert not {'gradio', 'torch'} & set(sys.modules), sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+    code = "import sys, demo.backend; assert 'gradio' not in sys.modules, 'demo.backend imported gradio'"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
 
 
 def test_params_from_ui_maps_every_control():
-    from demo.app import DemoBackend
-
-    b = DemoBackend(device="cpu", limits=LIMITS)
     common = dict(upscale=2, steps=7, sampler="ddim", cfg_scale=3.5, pos_prompt="a cat", neg_prompt="blur",
                   strength=0.8, guidance_scale=0.25, guidance_start=600, guidance_stop=100, color_fix="adain",
                   seed=5, random_seed=False, cleaner="bicubic", tiling="on", tile_size=256, previews=True)
-    p = b.params_from_ui("general", dict(common, preset="v2", task="denoise"))
+    p = params_from_ui("general", dict(common, preset="v2", task="denoise"), device="cpu")
     assert (p.preset, p.task, p.upscale, p.steps, p.sampler, p.cfg_scale) == ("v2", "denoise", 2.0, 7, "ddim", 3.5)
     assert (p.pos_prompt, p.neg_prompt, p.strength, p.color_fix, p.seed, p.cleaner) == (
         "a cat", "blur", 0.8, "adain", 5, "bicubic")
     assert (p.guidance.scale, p.guidance.t_start, p.guidance.t_stop) == (0.25, 600, 100)
     assert p.guidance.space == "rgb" and p.guidance.loss == "wmse"  # the rest of the v2 preset is kept
     assert (p.tiles.enabled, p.tiles.cleaner_tile) == (True, 256)
-    face = b.params_from_ui("face", dict(common, preset="v2.1", face_mode="whole", random_seed=True,
-                                         only_center_face=True, max_faces=3, face_backend="dlib",
-                                         background="bicubic", tiling="off"))
+    face = params_from_ui("face", dict(common, preset="v2.1", face_mode="whole", random_seed=True,
+                                       only_center_face=True, max_faces=3, face_backend="dlib",
+                                       background="bicubic", tiling="off"), device="cpu")
     assert (face.task, face.seed, face.tiles.enabled) == ("face", None, False)
     assert (face.face.aligned, face.face.only_center_face, face.face.max_faces, face.face.backend,
             face.face.background) == (False, True, 3, "dlib", "bicubic")
-    off = b.params_from_ui("general", dict(common, preset="offline", task="sr"))
+    off = params_from_ui("general", dict(common, preset="offline", task="sr"), device="cpu")
     assert off.stage2 is None and off.steps == RestoreParams.from_preset("offline").steps  # stage-2 values unused
 
 
 def test_params_from_ui_rejects_bad_values():
-    import gradio as gr
-
-    from demo.app import DemoBackend
-
-    b = DemoBackend(device="cpu", limits=LIMITS)
     good = dict(preset="v2", task="sr", upscale=2, steps=4, sampler="spaced", cfg_scale=4, pos_prompt="",
                 neg_prompt="", strength=1, guidance_scale=0, guidance_start=1001, guidance_stop=-1,
                 color_fix="wavelet", seed=1, random_seed=False, cleaner="(preset default)", tiling="auto",
@@ -162,13 +158,11 @@ def test_params_from_ui_rejects_bad_values():
     for bad, words in [(dict(sampler="euler"), "Sampler"), (dict(preset="v9"), "Preset"),
                        (dict(steps=None), "Steps must be a number"), (dict(upscale=40), "upscale must be in"),
                        (dict(cfg_scale="x"), "CFG scale")]:
-        with pytest.raises(gr.Error, match=words):
-            b.params_from_ui("general", {**good, **bad})
+        with pytest.raises(DemoError, match=words):
+            params_from_ui("general", {**good, **bad}, device="cpu")
 
 
 def test_status_explains_missing_weights(tmp_path, monkeypatch, offline_cleaner):
-    from demo.app import DemoBackend
-
     monkeypatch.delenv("DIFFBIR_WEIGHTS_DIR", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))  # no cached weights
@@ -320,7 +314,7 @@ def test_face_tab_whole_photo_example(tiny_models):
     bicubic cleaner and background) and pasted back; the result has the input's size."""
     from gradio_client import handle_file
 
-    from demo.app import SAMPLES_DIR
+    from demo.ui import SAMPLES_DIR
 
     ldm, _ = tiny_models
     src = SAMPLES_DIR / "face_whole_real47_1.jpg"

@@ -37,7 +37,8 @@ def test_page_renders_tabs_and_controls():
     if not Path(CHROMIUM).is_file():
         pytest.fail("chromium is not installed; the browser check needs it: "
                     "`apt-get install -y --no-install-recommends chromium` (Debian), then rerun.")
-    from demo.app import build_demo, launch_demo
+    from demo.app import build_demo
+    from demo.ui import launch_demo
 
     demo = build_demo(device="cpu")  # no model is loaded until a request comes
     with socket.socket() as s:

@@ -87,7 +87,8 @@ def random_inception_file(tmp_path_factory):
 def test_fid_of_a_folder_against_itself_is_zero(tmp_path, random_inception_file):
     from diffbir_core.imageio import save_image
     from eval.datasets import open_dataset, validate
-    from eval.run import RunOptions, run_eval
+    from eval.loop import run_eval
+    from eval.store import RunOptions
 
     rng = np.random.default_rng(0)
     gt = tmp_path / "gt"

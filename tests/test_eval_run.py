@@ -14,7 +14,10 @@ import pytest
 
 from diffbir_core.imageio import resize, save_image, to_numpy, to_tensor
 from eval.datasets import open_dataset, validate
-from eval.run import Method, RunConfigError, RunOptions, main, resolve_method, run_eval
+from eval.loop import run_eval
+from eval.methods import Method, resolve_method
+from eval.run import main
+from eval.store import RunConfigError, RunOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +76,9 @@ import os, signal, sys
 import numpy as np
 from diffbir_core.imageio import resize, to_numpy, to_tensor
 from eval.datasets import open_dataset, validate
-from eval.run import Method, RunOptions, run_eval
+from eval.loop import run_eval
+from eval.methods import Method
+from eval.store import RunOptions
 calls = []
 def restore(img):
     calls.append(1)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffbir_core.train import TRAIN_PRESETS, TrainConfig, find_checkpoint, load_config, main, train
+from diffbir_core.train import TRAIN_PRESETS, TrainConfig, find_checkpoint, load_config, train
+from diffbir_core.train.__main__ import main
 
 
 def _image(h, w, seed):
@@ -42,10 +43,10 @@ def _tiny(hq_dir: Path, out: Path, **kw) -> TrainConfig:
 
 def test_fixed_batch_overfits(hq_dir):
     from diffbir_core.data import PairedDegradationDataset, collate_pairs
-    from diffbir_core.train import _Stage1
+    from diffbir_core.train.tasks import Stage1Task
 
     cfg = _tiny(hq_dir, Path("unused"))
-    task = _Stage1(cfg)
+    task = Stage1Task(cfg)
     ds = PairedDegradationDataset(hq_dir, crop=cfg.crop, seed=0)
     batch = collate_pairs([ds[(i, 0)] for i in range(3)])
     opt = torch.optim.AdamW(task.trainable(), lr=cfg.lr, weight_decay=0)
@@ -188,12 +189,12 @@ def hq64_dir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_stage2_step_changes_only_the_control_branch(parity_dir, hq64_dir, tmp_path, prediction):
     from diffbir_core.models.ldm import ControlNet, build_control_ldm, load_control
-    from diffbir_core.train import _stage2_config
+    from diffbir_core.train.config import stage2_config
 
     cfg = _stage2_cfg(parity_dir, hq64_dir, tmp_path / "s2", prediction=prediction,
                       diffusion="v2.1" if prediction == "v" else "v2", max_steps=2, ckpt_every=1,
                       noise_aug_timestep=100 if prediction == "v" else 0)
-    s2 = _stage2_config(cfg.stage2)
+    s2 = stage2_config(cfg.stage2)
     ref = build_control_ldm(s2, sd=cfg.sd_checkpoint)  # frozen parts as loaded + the paper's control init
     summary = train(cfg)
     model = summary["model"]

@@ -1,21 +1,15 @@
 """Training tiles of stage-1 CPU run 2 (results/train_stage1/README.md, "Run 2"): colour photos only.
 
-HQ sources: the colour photographs bundled with scikit-image (`TRAIN`), at full size and at half size
-(antialiased bicubic, `diffbir_core.imageio.resize`; closer to the scale of Set5's small images and a little
-cleaner). Each is cut into non-overlapping ``TILE x TILE`` tiles; tiles that are nearly flat or black (luma
-std < `MIN_STD` or luma mean < `MIN_MEAN`: retina/hubble background) are dropped and at most `MAX_TILES`
-per (image, scale) are kept (evenly, fixed seed) so that no single picture dominates. The trainer takes one
-random ``crop`` patch (+ flip, + degradation) per tile and epoch, i.e. several different crops per image.
-
-Not used, with the reason: ``chelsea``/``cat`` (the same photo; held out), the greyscale images (run 1
-desaturated), ``colorwheel``/``logo`` (synthetic graphics), ../shared/data/real47 (the paper's real
-low-quality test photos: small, JPEG-blocky and blurry - not HQ) and diffbir_demo/bid (inputs of the
-denoising demo: visibly noisy). Held out (never trained on): Set5 HR + ``chelsea``, written by run 1's
-``results/train_stage1/prepare_data.py`` (same list, same files).
-Writes ``<out>/tiles/*.png``, ``<out>/train.txt``, ``<out>/tiles.csv`` (source, scale, box, luma mean/std)
-and, for the in-distribution check, the full-size photos `FIT_CHECK` (``<out>/train_fit/*.png``,
-``<out>/train_fit.txt``).
-Usage: python results/train_stage1/run2/prepare_data.py /tmp/stage1_data_run2
+HQ sources: scikit-image's colour photographs (`TRAIN`) at full and half size (antialiased bicubic), cut into
+non-overlapping ``TILE x TILE`` tiles; nearly flat or black tiles (luma std < `MIN_STD` or mean < `MIN_MEAN`)
+are dropped and at most `MAX_TILES` per (image, scale) kept (evenly, fixed seed) so no picture dominates. The
+trainer takes one random ``crop`` patch (+ flip, + degradation) per tile and epoch.
+Not used, with the reason: ``chelsea``/``cat`` (held out), greyscale images (run 1 desaturated),
+``colorwheel``/``logo`` (synthetic), ../shared/data/real47 (real low-quality test photos, not HQ),
+diffbir_demo/bid (visibly noisy). Held out: Set5 HR + ``chelsea`` from `experiments.train_stage1.prepare_data`.
+Writes ``<out>/tiles/*.png``, ``<out>/train.txt``, ``<out>/tiles.csv`` (source, scale, box, luma mean/std) and
+the full-size photos `FIT_CHECK` for the in-distribution check (``<out>/train_fit/*.png``, ``train_fit.txt``).
+Usage: python -m experiments.train_stage1.prepare_data_run2 /tmp/stage1_data_run2
 """
 from __future__ import annotations
 
@@ -24,6 +18,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from diffbir_core.imageio import resize, save_image, to_numpy, to_tensor
+from experiments.train_stage1.common import skimage_rgb
 
 TRAIN = ["astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
          "stereo_motorcycle"]
@@ -40,20 +37,12 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
 
 
 def main(out: str) -> None:
-    import skimage.data as skd
-
-    from diffbir_core.imageio import resize, save_image, to_numpy, to_tensor
-
     root = Path(out)
     (root / "tiles").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(SEED)
     rows, files, fit = [], [], []
     for name in TRAIN:
-        im = getattr(skd, name)()
-        if isinstance(im, tuple):  # stereo_motorcycle -> (left, right, disparity): keep the left view
-            im = im[0]
-        if im.ndim != 3 or im.shape[2] != 3:
-            raise ValueError(f"skimage.data.{name} is not an RGB photo (shape {im.shape})")
+        im = skimage_rgb(name, color_only=True)  # stereo_motorcycle: the left view
         full = im.astype(np.float32) / 255.0
         if name in FIT_CHECK:
             fit.append(root / "train_fit" / f"{name}.png")

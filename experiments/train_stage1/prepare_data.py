@@ -1,45 +1,38 @@
-"""Write the offline HQ images of the small stage-1 CPU run (results/train_stage1/README.md) to a folder.
+"""Write the offline HQ images of stage-1 CPU run 1 (results/train_stage1/README.md) to a folder.
 
-Training: scikit-image's bundled photos and textures (grey ones as RGB). Held out (never trained on):
-Set5 HR (../shared/data/set5/HR) and scikit-image's ``chelsea``. Writes ``<out>/train/*.png``,
-``<out>/heldout/*.png`` and the two file lists ``<out>/train.txt`` / ``<out>/heldout.txt``.
-Usage: python results/train_stage1/prepare_data.py /tmp/stage1_data
+Training: scikit-image's bundled photos and textures (grey ones as RGB). Held out (never trained on): Set5 HR
+(``$DIFFBIR_SHARED_DIR/data/set5/HR``, default ../shared) and scikit-image's ``chelsea``. Writes
+``<out>/train/*.png``, ``<out>/heldout/*.png`` and the two file lists ``<out>/train.txt`` / ``<out>/heldout.txt``.
+Usage: python -m experiments.train_stage1.prepare_data /tmp/stage1_data
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from diffbir_core.imageio import save_image
+from experiments.train_stage1.common import skimage_rgb
+
 TRAIN = ["astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
          "stereo_motorcycle", "camera", "brick", "grass", "gravel", "moon", "coins", "clock", "cell", "page", "text"]
 HELDOUT_SKIMAGE = ["chelsea"]
 
 
-def _rgb(im: np.ndarray) -> np.ndarray:
-    im = np.asarray(im)
-    if im.ndim == 2:
-        im = np.repeat(im[..., None], 3, axis=2)
-    return im[..., :3]
+SHARED = Path(os.environ.get("DIFFBIR_SHARED_DIR", Path(__file__).resolve().parents[3] / "shared"))
 
 
 def main(out: str) -> None:
-    import skimage.data as skd
-
-    from diffbir_core.imageio import save_image
-
     root = Path(out)
-    set5 = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "set5" / "HR"
+    set5 = SHARED / "data" / "set5" / "HR"
     lists: dict[str, list[str]] = {"train": [], "heldout": []}
     for split, names in (("train", TRAIN), ("heldout", HELDOUT_SKIMAGE)):
         for name in names:
-            im = getattr(skd, name)()
-            if isinstance(im, tuple):  # stereo_motorcycle -> (left, right, disparity): keep the left view
-                im = im[0]
             p = root / split / f"{name}.png"
-            save_image(p, _rgb(im).astype(np.uint8))
+            save_image(p, skimage_rgb(name).astype(np.uint8))
             lists[split].append(str(p))
     for f in sorted(set5.glob("*.png")):
         p = root / "heldout" / f"set5_{f.name}"

