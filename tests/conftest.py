@@ -86,8 +86,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for mark, pattern in SOURCE_MARKERS.items():
             hit = pattern.search(source)
             if hit and item.get_closest_marker(mark) is None:
-                problems.append(f"{item.nodeid}: its module names the fixture folder ({hit.group(0)!r}) but the "
-                                f"test is not marked @pytest.mark.{mark} (or use the {mark}_dir fixture)")
+                problems.append(
+                    f"{item.nodeid}: its module names the fixture folder ({hit.group(0)!r}) but the "
+                    f"test is not marked @pytest.mark.{mark} (or use the {mark}_dir fixture)"
+                )
         if item.get_closest_marker("e2e") is not None and item.get_closest_marker("parity") is None:
             item.add_marker(pytest.mark.parity)  # e2e runs need ../shared/fixtures too
     if problems:
