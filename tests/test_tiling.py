@@ -426,8 +426,10 @@ def test_attention_kinds_and_offload_agree(parity_dir, ref, prompts):
         d = ldm(ref["tiled_x"], t, c)
     assert n > 0 and any("sdpa" in s for s in notes)
     assert (a - b).abs().max().item() <= _tol(a) and (a - d).abs().max().item() <= _tol(a)
-    with torch.autocast("cpu", dtype=torch.bfloat16):                    # the autocast plumbing (GPU path)
-        assert tiling.autocast_for("cpu", torch.bfloat16)().fast_dtype == torch.bfloat16
+    with tiling.autocast_for("cpu", torch.bfloat16)():                   # ops on autocast's list run in bf16
+        assert (ref["tiled_x"][0, 0] @ ref["tiled_x"][0, 0]).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16), tiling.autocast_for("cpu", torch.float32)():
+        assert (ref["tiled_x"][0, 0] @ ref["tiled_x"][0, 0]).dtype == torch.float32  # float32 turns autocast off
 
 
 @pytest.mark.parity
