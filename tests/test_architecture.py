@@ -335,3 +335,31 @@ def test_target_layout_modules_exist():
     missing = [p for p in TARGET_MODULES if not (ROOT / p).is_file()]
     left = [p for p in REPLACED_MODULES if (ROOT / p).exists()]
     assert not missing and not left, f"target modules missing: {missing}\nreplaced modules still present: {left}"
+
+
+def test_walker_on_a_known_snippet():
+    """The walker itself: relative imports resolved against the package, submodules told from names, imports
+    inside functions and importlib calls seen, and a two-module circle found as one component."""
+    modules = {m: Path() for m in ("pkg", "pkg.a", "pkg.sub", "pkg.sub.b", "pkg.sub.c")}
+    src = (
+        "import os\n"
+        "from . import c\n"  # pkg.sub.c (a submodule)
+        "from .. import a, name_in_init\n"  # pkg.a (submodule) and pkg (a name of pkg/__init__)
+        "def f():\n"
+        "    from ..a import thing\n"  # pkg.a, inside a function
+        "    importlib.import_module('pkg.sub.c')\n"
+    )
+    got = list(_imports(ast.parse(src), "pkg.sub.b", False, modules))
+    assert got == [
+        ("os", 1, False),
+        ("pkg.sub.c", 2, False),
+        ("pkg.a", 3, False),
+        ("pkg", 3, False),
+        ("pkg.a", 5, True),
+        ("pkg.sub.c", 6, True),
+    ]
+    # in a package __init__, "." is the package itself
+    assert list(_imports(ast.parse("from .b import x\n"), "pkg.sub", True, modules)) == [("pkg.sub.b", 1, False)]
+    succ = {"a": {"b"}, "b": {"a", "c"}, "c": set()}
+    comps = strongly_connected(["a", "b", "c"], succ)
+    assert comps == [["a", "b"]] and one_cycle(comps[0], succ) == ["a", "b", "a"]
