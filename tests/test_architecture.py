@@ -2,6 +2,7 @@
 
 Every .py file is parsed with `ast`; every import counts, including those inside functions and
 `importlib.import_module("...")` calls with a literal name; relative imports are resolved. Checked:
+0. every import of a project module names a module that exists (a stale path after a move fails here);
 1. no import cycle (the cycle is printed with file:line of each edge);
 2. layers point one way: entry points (cli, __main__, train, eval, demo) -> api -> face -> pipeline -> stage2 ->
    diffusion, tiling, models, speed and the other library modules -> weights/imageio/config/types/prompts;
@@ -161,25 +162,24 @@ def _imports(tree: ast.AST, name: str, is_pkg: bool, modules: dict[str, Path]):
                     yield node.args[0].value, node.lineno, local
 
 
-def build_graph() -> tuple[dict[str, Path], list[Edge], dict[str, list[tuple[str, int]]]]:
-    """Project modules, project-internal import edges (first import per pair), and every external top-level
-    package each module imports (with its line)."""
+def build_graph():
+    """Project modules, project-internal import edges (first import per pair), every external top-level package
+    each module imports (with its line), and the project imports that name no existing module (file:line name)."""
     modules = project_modules()
     edges: dict[tuple[str, str], Edge] = {}
     external: dict[str, list[tuple[str, int]]] = {}
+    unresolved: list[str] = []
     for name, path in modules.items():
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         for target, line, local in _imports(tree, name, path.name == "__init__.py", modules):
-            resolved = target
-            while resolved and resolved not in modules:
-                resolved = resolved.rpartition(".")[0]
             rel = f"{path.relative_to(ROOT)}:{line}"
-            if resolved and resolved.split(".")[0] == target.split(".")[0]:
-                if resolved != name:
-                    edges.setdefault((name, resolved), Edge(name, resolved, rel, local))
-            else:
+            if target.split(".")[0] not in PACKAGES:
                 external.setdefault(name, []).append((target.split(".")[0], line))
-    return modules, sorted(edges.values(), key=lambda e: (e.src, e.dst)), external
+            elif target not in modules:
+                unresolved.append(f"{rel}: {target}")
+            elif target != name:
+                edges.setdefault((name, target), Edge(name, target, rel, local))
+    return modules, sorted(edges.values(), key=lambda e: (e.src, e.dst)), external, sorted(set(unresolved))
 
 
 class Graph(tuple):
@@ -269,13 +269,20 @@ def _fmt(e: Edge) -> str:
 
 # ------------------------------------------------------------------------------------------------ the tests
 def test_graph_sees_the_project(graph):
-    modules, edges, _ = graph
+    modules, edges, _, _ = graph
     assert len(modules) > 20 and {m.split(".")[0] for m in modules} == set(PACKAGES)
     assert len(edges) > 20, "the import walker found almost no project imports: it is broken"
 
 
+def test_every_project_import_names_a_module(graph):
+    """A stale import left behind by a move (e.g. ``from .samplers import X`` after samplers.py went to
+    diffusion/) fails only when that code path runs; here it fails at once."""
+    unresolved = graph[3]
+    assert not unresolved, "imports of project modules that do not exist:\n  " + "\n  ".join(unresolved)
+
+
 def test_no_import_cycles(graph):
-    modules, edges, _ = graph
+    modules, edges, _, _ = graph
     succ: dict[str, set[str]] = {}
     by_pair = {}
     for e in edges:
@@ -290,7 +297,7 @@ def test_no_import_cycles(graph):
 
 
 def test_layers_point_one_way(graph):
-    _, edges, _ = graph
+    _, edges, _, _ = graph
     bad = []
     for e in edges:
         src_core, dst_core = e.src.split(".")[0] == "diffbir_core", e.dst.split(".")[0] == "diffbir_core"
@@ -314,7 +321,7 @@ def test_layers_point_one_way(graph):
 
 
 def test_cli_and_ui_only_in_entry_modules(graph):
-    modules, edges, external = graph
+    modules, edges, external, _ = graph
     bad = []
     for mod, imports in sorted(external.items()):
         if is_entry(modules[mod], mod):
