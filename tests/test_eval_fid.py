@@ -1,6 +1,9 @@
-"""eval.fid: the Frechet distance against the closed form on Gaussian features, the statistics path, and
-FID of a folder against itself through the runner (a real Inception-V3 graph with random weights)."""
+"""eval.fid: the Frechet distance against the closed form on Gaussian features, the statistics path, and FID
+through the runner with a real Inception-V3 graph (random weights) whose features must equal those of pyiqa's
+own FID Inception (`pyiqa.archs.inception.InceptionV3`, use_fid_inception=True) given the same weights."""
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import pytest
@@ -84,9 +87,30 @@ def random_inception_file(tmp_path_factory):
     return f
 
 
-def test_fid_of_a_folder_against_itself_is_zero(tmp_path, random_inception_file):
-    from diffbir_core.imageio import save_image
+@pytest.fixture(scope="module")
+def pyiqa_fid_net(random_inception_file):
+    """pyiqa's FID Inception with the same random weights: its weight download is replaced by a strict load of
+    our file, which has the file name pyiqa asks for."""
+    from pyiqa.archs import inception as pi
+
+    asked = []
+
+    def load(net, url, *args, **kwargs):
+        asked.append(url)
+        net.load_state_dict(torch.load(random_inception_file, weights_only=True), strict=True)
+
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torchvision: "pretrained is deprecated" (it is False)
+        mp.setattr(pi, "load_pretrained_network", load)
+        net = pi.InceptionV3(output_blocks=[3], resize_input=False, normalize_input=False).eval()
+    assert [u.rsplit("/", 1)[-1] for u in asked] == [random_inception_file.name]
+    return net
+
+
+def test_fid_features_are_pyiqas_and_a_folder_against_itself_is_zero(tmp_path, random_inception_file, pyiqa_fid_net):
+    from diffbir_core.imageio import read_image, save_image
     from eval.datasets import open_dataset, validate
+    from eval.fid import clean_resize
     from eval.loop import run_eval
     from eval.store import RunOptions
 
@@ -102,5 +126,12 @@ def test_fid_of_a_folder_against_itself_is_zero(tmp_path, random_inception_file)
     assert fid["reference"]["kind"] == "folder" and fid["n"] == 3 and fid["reference_n"] == 3
     feats = np.stack([np.load(p) for p in sorted((tmp_path / "run" / "features" / "fid").glob("*.npy"))])
     assert feats.shape == (3, 2048) and np.ptp(feats, axis=0).max() > 0  # real, varying features
+    # the features are pyiqa's FID Inception's on the same 8-bit images (Inception input (x - 128) / 128, as
+    # TF-FID; pyiqa's own normalize_input is 2x - 1 on [0, 1], hence given the scaled input)
+    for i, f in enumerate(feats):
+        x = torch.from_numpy((clean_resize(read_image(gt / f"im{i}.png").rgb) - 128.0) / 128.0)[None]
+        with torch.no_grad():
+            want = pyiqa_fid_net(x)[0].flatten().double().numpy()
+        np.testing.assert_allclose(f, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     scale = np.trace(np.cov(feats, rowvar=False))
     assert scale > 0 and abs(fid["value"]) <= 1e-9 * max(1.0, scale)

@@ -180,8 +180,11 @@ def test_rotated_photo(dlib_backend, whole_photos):
     rot = np.ascontiguousarray(np.rot90(img))  # counter-clockwise: (x, y) -> (y, W-1-x)
     res = restore_faces(rot, identity, bicubic_background, FaceParams(aligned=False), backend=dlib_backend)
     assert res.image.shape == rot.shape
-    if not res.faces:  # HOG only sees upright faces
-        assert any("no face" in n for n in res.notices)
+    # dlib's HOG detector is trained on upright faces: on the photo turned by 90 degrees it finds none, and the
+    # whole image takes the background path (with its notice)
+    assert res.faces == [] and dlib_backend.detect(rot) == []
+    assert any("no face found" in n for n in res.notices)
+    np.testing.assert_array_equal(res.image, bicubic_background(rot, rot.shape[:2]))
     # the same faces given rotated: alignment undoes the rotation, crops match the upright ones
     w = img.shape[1]
     upright = dlib_backend.detect(img)
@@ -339,8 +342,38 @@ def test_facexlib_models_load_through_our_loader(tmp_path, whole_photos):
     torch.save({f"module.{k}": v for k, v in net.state_dict().items()}, tmp_path / "detection_mobilenet0.25_Final.pth")
     fx = FacexlibBackend(tmp_path, det_model="retinaface_mobile0.25", conf_threshold=0.5, min_side=1)
     assert fx.report.loaded == len(net.state_dict()) and not fx.report.missing
-    faces = fx.detect(whole_photos["diffbir_real47_1.jpg"][:128, :128])
+    img = whole_photos["diffbir_real47_1.jpg"][:128, :128]
+    faces = fx.detect(img)
     assert all(f.kind == "retinaface5" and f.landmarks.shape == (5, 2) for f in faces)
+    # with every box let through, detect() returns facexlib's own rows (box, score, 5 points), none lost
+    fx.conf_threshold = 0.0
+    faces = fx.detect(img)
+    bgr = np.ascontiguousarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8)[..., ::-1]).astype(np.float32)
+    with torch.no_grad():
+        rows = np.asarray(net.eval().detect_faces(bgr, conf_threshold=0.0), np.float64)  # facexlib's own call
+    assert len(rows) > 0 and len(faces) == len(rows)
+    for f, r in zip(faces, rows):
+        assert f.kind == "retinaface5" and f.score == pytest.approx(r[4])
+        np.testing.assert_allclose(f.box, r[:4], rtol=1e-6, atol=1e-4)
+        np.testing.assert_allclose(f.landmarks, r[5:15].reshape(5, 2), rtol=1e-6, atol=1e-4)
+    # a small image is upscaled for the detector and the detector's rows are mapped back (pixel centres)
+    seen = []
+
+    class FakeNet:
+        def detect_faces(self, bgr, conf_threshold):
+            seen.append((bgr.shape, bgr.dtype, conf_threshold, bgr[0, 0].tolist()))
+            return np.array([[10.0, 20.0, 50.0, 70.0, 0.9, 15, 25, 35, 25, 25, 40, 18, 55, 32, 55]])
+
+    fx.net, fx.min_side, fx.conf_threshold = FakeNet(), 256, 0.5
+    red = np.zeros((128, 96, 3), np.float32)
+    red[..., 0] = 1.0
+    (face,) = fx.detect(red)
+    assert seen == [((341, 256, 3), np.float32, 0.5, [0.0, 0.0, 255.0])]  # x 8/3 to a 256 short side, BGR 0..255
+    f = 256 / 96
+    np.testing.assert_allclose(face.box, [(v + 0.5) / f - 0.5 for v in (10, 20, 50, 70)], atol=1e-9)
+    pts = np.array([15, 25, 35, 25, 25, 40, 18, 55, 32, 55], np.float64).reshape(5, 2)
+    np.testing.assert_allclose(face.landmarks, (pts + 0.5) / f - 0.5, atol=1e-9)
+    assert face.score == 0.9 and face.kind == "retinaface5"
     # a file for another model is refused with the key report
     sd = net.state_dict()
     sd["ClassHead.0.conv1x1.weight"] = torch.zeros(3, 3, 1, 1)

@@ -41,10 +41,23 @@ def test_skip_existing_and_overwrite(tmp_path, capsys):
     src = _img(tmp_path / "a.png")
     out = tmp_path / "out"
     assert main([str(src), "-o", str(out), "--upscale", "1", "-q"]) == 0
+    assert "restored 1" in capsys.readouterr().out
+    restored = np.asarray(Image.open(out / "a.png"))
+    # an existing output that differs from what the CLI writes: left untouched without --overwrite ...
+    _img(out / "a.png", size=(3, 2), color=(1, 2, 3))
+    stale = (out / "a.png").read_bytes()
     first = (out / "a.png").stat().st_mtime_ns
     assert main([str(src), "-o", str(out), "--upscale", "1", "-q"]) == 0
-    assert "skipped 1" in capsys.readouterr().out and (out / "a.png").stat().st_mtime_ns == first
+    printed = capsys.readouterr().out
+    assert "restored 0" in printed and "skipped 1" in printed
+    assert (out / "a.png").read_bytes() == stale and (out / "a.png").stat().st_mtime_ns == first
+    # ... and replaced by the restoration with --overwrite
     assert main([str(src), "-o", str(out), "--upscale", "1", "-q", "--overwrite"]) == 0
+    printed = capsys.readouterr().out
+    assert "restored 1" in printed and "skipped 0" in printed
+    again = Image.open(out / "a.png")
+    assert again.size == (12, 10)
+    np.testing.assert_array_equal(np.asarray(again), restored)
 
 
 def test_rgba_and_one_pixel_inputs(tmp_path):

@@ -114,6 +114,7 @@ def test_zero_snr_schedule_parity(parity_dir):
         assert torch.isinf(s.sqrt_recip_alphas_cumprod[-1])
 
 
+@pytest.mark.parity
 def test_space_timesteps_helper_and_one_step(parity_dir, meta):
     # IDDPM docstring example: 300 steps in sections [10, 15, 20]
     steps = sorted(space_timesteps(300, [10, 15, 20]))
@@ -182,6 +183,7 @@ class CountingModel:
         return torch.tanh(a * x) + t.view(-1, 1, 1, 1) / 1000.0 * cond["c_img"]
 
 
+@pytest.mark.parity
 def test_cfg_denoiser_branches_batching_and_rescale(meta):
     x = torch.randn(2, 4, 8, 8)
     t = torch.full((2,), 500, dtype=torch.long)

@@ -126,6 +126,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+@pytest.mark.parity
 def test_synced_vae_matches_untiled_everywhere(tiny):
     """GroupNorm statistics shared across tiles: the tiled VAE IS the untiled VAE (measured ~2e-6 relative); the
     official per-tile statistics are ~0.5 off on the same geometry (random tiny weights)."""
@@ -146,6 +147,7 @@ def test_synced_vae_matches_untiled_everywhere(tiny):
     assert min(blend) > 1000 * max(max(e) for e in errs.values()), (blend, errs)
 
 
+@pytest.mark.parity
 def test_synced_vae_sampled_statistics_and_cost_model(tiny):
     img = _image(128, 128, seed=3)
     with torch.no_grad():
@@ -162,6 +164,7 @@ def test_synced_vae_sampled_statistics_and_cost_model(tiny):
         tiling.vae_posterior_synced(tiny, img, core=8, stats_fraction=0)
 
 
+@pytest.mark.parity
 def test_decode_differentiable_is_the_blend_decoder_vjp(tiny):
     g = torch.Generator().manual_seed(5)
     z = torch.randn((1, 4, 16, 16), generator=g) * 0.5
@@ -283,6 +286,7 @@ def test_tiled_cleaner_matches_untiled_away_from_borders():
     assert torch.equal(big(x), full)
 
 
+@pytest.mark.parity
 def test_tiled_cleaner_with_swinir(parity_dir):
     from diffbir_core.models.swinir import SwinIRConfig, load_swinir
 
@@ -303,6 +307,7 @@ def _params(**kw) -> RestoreParams:
     return RestoreParams.from_preset("v2", **base).validate()
 
 
+@pytest.mark.parity
 def test_sample_latent_tiled_with_cfg_and_guidance(tiny):
     from diffbir_core.sampling import sample_latent
 
@@ -329,6 +334,7 @@ def test_sample_latent_tiled_with_cfg_and_guidance(tiny):
     assert (z_one - z_plain).abs().max().item() <= _tol(z_plain)
 
 
+@pytest.mark.parity
 def test_pipeline_stage2_with_synced_vae_matches_untiled(tiny):
     from diffbir_core.pipeline import DiffBIRPipeline
 
@@ -379,6 +385,7 @@ def test_auto_tiling_decisions():
         tiling.estimate_stage_bytes("unet", 10)
 
 
+@pytest.mark.parity
 def test_pipeline_plans_from_its_models(tiny):
     from diffbir_core.pipeline import DiffBIRPipeline
 
@@ -405,6 +412,7 @@ def test_speed_options_validation():
     assert tiling.SpeedOptions(dtype="float16").validate("cuda").torch_dtype == torch.float16
 
 
+@pytest.mark.parity
 def test_attention_kinds_and_offload_agree(parity_dir, ref, prompts):
     ldm = _build_tiny(parity_dir)
     c = {"c_txt": ldm.encode_text([prompts["cat"]]), "c_img": ref["tiled_c_img"]}
@@ -418,10 +426,13 @@ def test_attention_kinds_and_offload_agree(parity_dir, ref, prompts):
         d = ldm(ref["tiled_x"], t, c)
     assert n > 0 and any("sdpa" in s for s in notes)
     assert (a - b).abs().max().item() <= _tol(a) and (a - d).abs().max().item() <= _tol(a)
-    with torch.autocast("cpu", dtype=torch.bfloat16):                    # the autocast plumbing (GPU path)
-        assert tiling.autocast_for("cpu", torch.bfloat16)().fast_dtype == torch.bfloat16
+    with tiling.autocast_for("cpu", torch.bfloat16)():                   # ops on autocast's list run in bf16
+        assert (ref["tiled_x"][0, 0] @ ref["tiled_x"][0, 0]).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16), tiling.autocast_for("cpu", torch.float32)():
+        assert (ref["tiled_x"][0, 0] @ ref["tiled_x"][0, 0]).dtype == torch.float32  # float32 turns autocast off
 
 
+@pytest.mark.parity
 def test_text_and_posterior_caches(tiny):
     calls = []
 

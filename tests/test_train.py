@@ -186,6 +186,7 @@ def hq64_dir(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_stage2_step_changes_only_the_control_branch(parity_dir, hq64_dir, tmp_path, prediction):
     from diffbir_core.models.ldm import ControlNet, build_control_ldm, load_control
@@ -223,6 +224,7 @@ def test_stage2_step_changes_only_the_control_branch(parity_dir, hq64_dir, tmp_p
     assert all(torch.equal(final[k], got[k]) for k in got)
 
 
+@pytest.mark.parity
 def test_stage2_resume_is_bit_exact(parity_dir, hq64_dir, tmp_path):
     full = train(_stage2_cfg(parity_dir, hq64_dir, tmp_path / "full", max_steps=2))
     part = _stage2_cfg(parity_dir, hq64_dir, tmp_path / "part", max_steps=1)
