@@ -225,7 +225,6 @@ def _interior_mask(hw, windows, rf):
 def _seam_bound(hw, windows, rf, weights):
     """Per position: the total normalised Gaussian weight of the tiles for which it lies within ``rf`` of an
     inner tile edge (only those tiles can be wrong there)."""
-    h, w = hw
     num = torch.zeros(hw, dtype=torch.float64)
     den = torch.zeros(hw, dtype=torch.float64)
     for win in windows:

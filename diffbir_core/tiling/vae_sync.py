@@ -216,7 +216,7 @@ class _SharedNorm:
         self.k += 1
         if k == self.target:
             s = x.shape[-2] / self.tile_h                                # pixels per latent pixel here
-            y0, y1, x0, x1 = (int(round(v * s)) for v in self.core_px)
+            y0, y1, x0, x1 = (round(v * s) for v in self.core_px)
             s1, s2 = _group_stats(gn, x[..., y0:y1, x0:x1])
             n = (x.shape[1] // gn.num_groups) * (y1 - y0) * (x1 - x0)
             if self.acc:
@@ -269,7 +269,7 @@ def _walk_rounds(ops: Sequence[VAEOp], in_bytes: float, out_bytes: Sequence[floa
 
 def _stats_subset(n: int, fraction: float) -> list[int]:
     """Indices of round(n * fraction) (at least 1) cores spread evenly over the n cores."""
-    m = max(1, min(n, int(round(n * fraction))))
+    m = max(1, min(n, round(n * fraction)))
     return sorted({int(i * n / m + n / (2 * m)) for i in range(m)})
 
 
@@ -286,7 +286,7 @@ def _walk_geometry(ops: Sequence[VAEOp], grid_hw: tuple[int, int], in_res: float
 
     def tiles_for(c: int, end: int) -> list[tuple[Window, Window]]:
         rad = sum(ops[j].radius / res[j] for j in range(c, end))       # latent pixels
-        halo = int(math.ceil(rad)) + 1
+        halo = math.ceil(rad) + 1
         return [((max(0, a - halo), min(gh, b + halo), max(0, cc - halo), min(gw, d + halo)), (a, b, cc, d))
                 for a, b, cc, d in cores]
 
@@ -327,7 +327,7 @@ def synced_cost(ops: Sequence[VAEOp], grid_hw: tuple[int, int], in_res: float, i
         if r.kind == "store":
             peak = max(peak, x_bytes + out_bytes[last])
             x_bytes = out_bytes[last]
-    return dict(factor=total / untiled, store_peak_bytes=peak, rounds=len(rounds))
+    return {"factor": total / untiled, "store_peak_bytes": peak, "rounds": len(rounds)}
 
 
 def _synced_walk(ops: Sequence[VAEOp], x: Tensor, grid_hw: tuple[int, int], in_res: int, *, core: int,
