@@ -22,6 +22,7 @@ silent truncation.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Sequence
 
 import torch
@@ -113,3 +114,32 @@ class OpenCLIPTextEncoder(nn.Module):
         """Prompts -> ``c_txt`` ``[B, 77, width]`` on the module's device."""
         tokens = self.tokenize(prompts).to(self.token_embedding.weight.device)
         return self(tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prompt embedding cache (moved from tiling.py)
+# ----------------------------------------------------------------------------------------------------------
+__all__ += ["TextEmbeddingCache"]
+
+
+class TextEmbeddingCache:
+    """``encode(prompts) -> c_txt`` that runs the text encoder once per distinct prompt (LRU, ``max_entries``)."""
+
+    def __init__(self, encode: Callable[[list[str]], torch.Tensor], max_entries: int = 32) -> None:
+        self.encode, self.max_entries = encode, max_entries
+        self._cache: dict[str, torch.Tensor] = {}
+        self.misses = 0
+
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        out = []
+        for p in prompts:
+            if p in self._cache:
+                self._cache[p] = self._cache.pop(p)                      # most recently used last
+            else:
+                self.misses += 1
+                with torch.no_grad():
+                    self._cache[p] = self.encode([p]).detach()
+                while len(self._cache) > self.max_entries:
+                    self._cache.pop(next(iter(self._cache)))
+            out.append(self._cache[p])
+        return torch.cat(out)
