@@ -22,7 +22,7 @@ from diffbir_core.imageio import LoadedImage
 from diffbir_core.models.ldm import Stage2Config, build_control_ldm
 from diffbir_core.models.swinir import SwinIRConfig, load_swinir
 from diffbir_core.pipeline import DiffBIRPipeline
-from diffbir_core.samplers import ReplayNoise
+from diffbir_core.diffusion.noise import ReplayNoise
 
 
 @pytest.fixture(scope="module")

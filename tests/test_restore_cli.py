@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffbir_core.restore import collect_inputs, main
+from diffbir_core.cli import collect_inputs, main
 
 
 def _img(path, size=(12, 10), color=(120, 60, 30)):
