@@ -3,13 +3,13 @@
 Frozen dataclasses plus a dict of named presets (nanoGPT `GPTConfig` / DiT `DiT_models` style; no YAML, no
 class paths). One preset is one object, its stage-1 cleaners included (``cleaners`` per task):
 
-| preset     | cleaner sr / face / denoise          | stage 2                 | sampler, steps       | CFG, prompts      |
-|------------|--------------------------------------|-------------------------|----------------------|-------------------|
-| offline    | converted Real-ESRGAN x4plus         | none                    | -                    | -                 |
-| v1-general | swinir_general / swinir_face / same  | SD2.1 + v1_general      | spaced, 50           | 1 (v1: no CFG)    |
-| v1-face    | swinir_general / swinir_face / same  | SD2.1 + v1_face         | spaced, 50           | 1                 |
-| v2         | bsrnet / swinir_face / scunet_psnr   | SD2.1 + v2              | spaced, 50           | 4, official neg.  |
-| v2.1       | swinir_realesrgan / swinir_face / =  | SD2.1-zsnr (v) + v2.1   | edm_dpm++_3m_sde, 10 | 6, official neg.  |
+| preset     | cleaner sr / face / denoise         | stage 2               | sampler, steps       | CFG, prompts     |
+|------------|-------------------------------------|-----------------------|----------------------|------------------|
+| offline    | converted Real-ESRGAN x4plus        | none                  | -                    | -                |
+| v1-general | swinir_general / swinir_face / same | SD2.1 + v1_general    | spaced, 50           | 1 (v1: no CFG)   |
+| v1-face    | swinir_general / swinir_face / same | SD2.1 + v1_face       | spaced, 50           | 1                |
+| v2         | bsrnet / swinir_face / scunet_psnr  | SD2.1 + v2            | spaced, 50           | 4, official neg. |
+| v2.1       | swinir_realesrgan / swinir_face / = | SD2.1-zsnr (v) + v2.1 | edm_dpm++_3m_sde, 10 | 6, official neg. |
 
 Mirrors: official defaults of v1 inference.py, v2.0.0 inference.py and HEAD diffbir/inference/*_loop.py.
 `RestoreParams.from_flat` maps flat names (CLI flags, demo controls) onto the nested fields, once.
