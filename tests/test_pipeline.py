@@ -75,7 +75,7 @@ def test_stage2_run_reports_stages_steps_and_geometry(tiny):
     events, steps, keep = [], [], {}
     out = stage2.run(ldm, clean, params, seed=5, callback=steps.append, keep=keep,
                      on_stage=lambda name, s: events.append((name, s is None)))
-    assert events == [("text", True), ("text", False), ("vae_encode", True), ("vae_encode", False),
+    assert events == [("vae_encode", True), ("vae_encode", False), ("text", True), ("text", False),
                       ("text", True), ("text", False), ("sampling", True), ("sampling", False),
                       ("vae_decode", True), ("vae_decode", False), ("colorfix", True), ("colorfix", False)]
     geo = stage2.Stage2Geometry.for_size((80, 100))
