@@ -3,9 +3,9 @@
 out = out_u + s (out_c - out_u) (Ho & Salimans 2022); the samplers only see ``denoiser(x, t)``.
 
 Mirrors
-    * scale 1 (or no uncond) evaluates only the conditional branch, like the official v2.0.0
-      ``SpacedSampler.get_cfg_output`` / HEAD ``Sampler.get_cfg_output``;
-    * ``rescale=True``: HEAD ``diffbir/sampler/sampler.py`` ``Sampler.get_cfg_scale``:
+    * v2.0.0 utils/sampler.py:212-229 ``predict_noise`` (scale 1 or no uncond evaluates only the conditional
+      branch), HEAD diffbir/sampler/spaced_sampler.py:150-158 and edm_sampler.py:125-134 (the same mix);
+    * ``rescale=True``: HEAD diffbir/sampler/sampler.py:31-38 ``Sampler.get_cfg_scale``:
       s(t) = 1 + s (1 - cos(pi ((1000 - t) / 1000)^5)) / 2 (exactly 1 at t = 999, so only the
       conditional branch runs there).
 """

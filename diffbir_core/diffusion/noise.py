@@ -4,8 +4,8 @@ A noise source is a callable ``noise(shape, like) -> Tensor`` (k-diffusion's ``n
 sampler, the better start and latent guidance draw through it, so recorded official draws can be replayed
 draw for draw (`ReplayNoise.from_tensors(fixture)` + `assert_exhausted()`).
 
-Mirrors: ``torch.manual_seed(seed)`` + ``torch.randn_like`` of the official v2.0.0 / HEAD samplers on CPU
-(``utils/sampler.py`` ``SpacedSampler.p_sample``; HEAD ``diffbir/sampler/*.py``).
+Mirrors: ``torch.manual_seed(seed)`` + ``torch.randn`` / ``randn_like`` of the official samplers on CPU
+(v2.0.0 utils/sampler.py:292 in p_sample, :322 x_T in sample; HEAD diffbir/sampler/*.py).
 """
 from __future__ import annotations
 

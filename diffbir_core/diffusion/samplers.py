@@ -6,10 +6,10 @@ restoration guidance (`guidance.py`) is a callable on z0_hat (eq. 5) inside each
 one by its official ``--sampler`` name (`SAMPLER_NAMES`, the one list; `config.SAMPLERS` is this tuple).
 
 Mirrors
-    * sample_spaced: v2.0.0 utils/sampler.py SpacedSampler.p_sample/sample, HEAD diffbir/sampler/spaced_sampler.py
+    * sample_spaced: v2.0.0 utils/sampler.py:269-340 p_sample/sample, HEAD diffbir/sampler/spaced_sampler.py:162
       (t = s_{N-1-k} for the model, respaced index N-1-k for the coefficients; a draw at EVERY step).
-    * sample_ddim: HEAD diffbir/sampler/ddim_sampler.py (noise drawn every step even for eta = 0).
-    * sample_dpmpp_2m / sample_dpmpp_3m_sde: HEAD diffbir/sampler/edm_sampler.py + its k-diffusion copy (EDM
+    * sample_ddim: HEAD diffbir/sampler/ddim_sampler.py:105-175 (noise drawn every step even for eta = 0).
+    * sample_dpmpp_2m / sample_dpmpp_3m_sde: HEAD diffbir/sampler/edm_sampler.py:140 + its k-diffusion copy (EDM
       preconditioning for eps / v, state x = z / alpha). Deviations: sigma_max via `make_edm_schedule`; SDE
       noise from the noise source instead of torchsde's Brownian tree; no NameError for a 1-step 3M-SDE run.
 """
