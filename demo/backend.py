@@ -30,7 +30,9 @@ from PIL import Image
 from diffbir_core.cleaners import CLEANERS
 from diffbir_core.config import COLOR_FIXES, PRESETS, SAMPLERS, RestoreParams
 from diffbir_core.imageio import ImageReadError, read_image, resize, save_image, to_numpy, to_tensor
-from diffbir_core.pipeline import DiffBIRPipeline, working_size
+from diffbir_core import api
+from diffbir_core.face.pipeline import FacePipeline
+from diffbir_core.pipeline import DiffBIRPipeline
 from diffbir_core.weights import WEIGHTS, WeightsError, offline, resolve
 
 log = logging.getLogger("diffbir.demo")
@@ -191,8 +193,8 @@ class DemoBackend:
     def pipeline(self):
         with self._lock:
             if self._pipe is None:
-                self._pipe = DiffBIRPipeline(weights_dir=self.weights_dir, device=self.device,
-                                             cleaners=dict(self._cleaners), ldm=self._ldm)
+                self._pipe = FacePipeline(DiffBIRPipeline(weights_dir=self.weights_dir, device=self.device,
+                                                          cleaners=dict(self._cleaners), ldm=self._ldm))
             return self._pipe
 
     # ------------------------------------------------------------------ presets and weights
@@ -206,7 +208,7 @@ class DemoBackend:
             cfg_scale=p.cfg_scale, pos_prompt=p.pos_prompt, neg_prompt=p.neg_prompt, strength=p.strength,
             guidance_scale=p.guidance.scale, guidance_start=p.guidance.t_start, guidance_stop=p.guidance.t_stop,
             color_fix=p.color_fix,
-            # rule v1 applies s as is, rule v2 multiplies it by 3000 (see diffbir_core.guidance)
+            # rule v1 applies s as is, rule v2 multiplies it by 3000 (see diffbir_core.diffusion.guidance)
             guidance_max=1000.0 if v1 else 2.0, guidance_step=1.0 if v1 else 0.01)
 
     def _weight_state(self, weight_name: str) -> tuple[str, bool]:
@@ -299,7 +301,7 @@ class DemoBackend:
                 side = int(math.sqrt(lim.max_input_pixels))
                 raise DemoError(f"{name} is {w}x{h} pixels ({mpx(w * h)}); this demo accepts at most "
                                   f"{mpx(lim.max_input_pixels)} (e.g. {side}x{side}). Downscale or crop it, or use "
-                                  "the command line (`python -m diffbir_core.restore`), which has no limit.")
+                                  "the command line (`python -m diffbir_core`), which has no limit.")
             if min(w, h) < lim.min_side:
                 raise DemoError(f"{name} is only {w}x{h} pixels: too small to restore. Use an image at least "
                                   f"{lim.min_side}x{lim.min_side} pixels.")
@@ -338,8 +340,6 @@ class DemoBackend:
         pipe = self.pipeline()
         every = self.limits.preview_every if values.get("previews", True) else 0
         total = params.steps if params.uses_diffusion else 0
-        work_h, work_w = working_size(out_hw, 512)  # the general path's stage-2 size (face crops: 512x512)
-        padded = (-(-work_h // 64) * 64, -(-work_w // 64) * 64)
         events: queue.Queue = queue.Queue()
         stop = threading.Event()
 
@@ -348,16 +348,13 @@ class DemoBackend:
                 raise _Cancelled()
             preview = None
             if every and ((info.step + 1) % every == 0 or info.step + 1 == total):
-                with torch.no_grad():
-                    decoded = pipe.ldm(params).vae_decode(info.pred_x0)  # [1,3,8h,8w] in [-1,1]
-                if tuple(decoded.shape[-2:]) == padded:  # drop the x64 padding of the general path
-                    decoded = decoded[..., :work_h, :work_w]
+                decoded = info.preview(pipe.pipe.ldm(params).vae_decode)  # [1,3,H,W] in [-1,1], padding dropped
                 preview = _to_uint8_preview(decoded)
             events.put(("step", (info.step, preview)))
 
         def work() -> None:
             try:
-                events.put(("done", pipe.restore(loaded, params, callback=callback)))
+                events.put(("done", api.restore(loaded, params, pipe=pipe, callback=callback)))
             except BaseException as e:  # reported to the handler thread, which turns it into a message
                 events.put(("error", e))
 

@@ -1,31 +1,39 @@
 """Restore configuration: one frozen `RestoreParams` shared by the CLI, the demo, the notebooks and eval.
 
-Presets mirror the official DiffBIR defaults for each version (nanoGPT `GPTConfig` / DiT `DiT_models`
-style: a frozen dataclass plus a dict of named entries; no YAML, no class-path strings):
+Frozen dataclasses plus a dict of named presets (nanoGPT `GPTConfig` / DiT `DiT_models` style; no YAML, no
+class paths). One preset is one object, its stage-1 cleaners included (``cleaners`` per task):
 
-| preset      | cleaner (sr / face / denoise)                | stage 2                  | sampler, steps | CFG, prompts                 |
-|-------------|----------------------------------------------|--------------------------|----------------|------------------------------|
-| offline     | converted Real-ESRGAN x4plus (no download)   | none                     | -              | -                            |
-| v1-general  | swinir_general                               | SD2.1 + v1_general       | spaced, 50     | 1 (none; v1 had no CFG)      |
-| v1-face     | swinir_face                                  | SD2.1 + v1_face          | spaced, 50     | 1                            |
-| v2          | bsrnet / swinir_face / scunet_psnr           | SD2.1 + v2               | spaced, 50     | 4, official negative prompt  |
-| v2.1        | swinir_realesrgan / swinir_face / same       | SD2.1-zsnr (v) + v2.1    | edm_dpm++_3m_sde, 10 | 6, official negative prompt|
+| preset     | cleaner sr / face / denoise         | stage 2               | sampler, steps       | CFG, prompts     |
+|------------|-------------------------------------|-----------------------|----------------------|------------------|
+| offline    | converted Real-ESRGAN x4plus        | none                  | -                    | -                |
+| v1-general | swinir_general / swinir_face / same | SD2.1 + v1_general    | spaced, 50           | 1 (v1: no CFG)   |
+| v1-face    | swinir_general / swinir_face / same | SD2.1 + v1_face       | spaced, 50           | 1                |
+| v2         | bsrnet / swinir_face / scunet_psnr  | SD2.1 + v2            | spaced, 50           | 4, official neg. |
+| v2.1       | swinir_realesrgan / swinir_face / = | SD2.1-zsnr (v) + v2.1 | edm_dpm++_3m_sde, 10 | 6, official neg. |
 
-`RestoreParams.validate()` turns bad values into clear `ValueError`s (or warnings that say what was
-changed) before any model is touched.
+Mirrors: official defaults of v1 inference.py, v2.0.0 inference.py and HEAD diffbir/inference/*_loop.py.
+`RestoreParams.from_flat` maps flat names (CLI flags, demo controls) onto the nested fields, once.
 """
 from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from types import MappingProxyType
+from typing import Any, Literal
+
+from .diffusion.samplers import SAMPLER_NAMES
+from .models.text import count_tokens
 
 OFFICIAL_NEGATIVE_PROMPT = "low quality, blurry, low-resolution, noisy, unsharp, weird textures"
 
-SAMPLERS = ("spaced", "ddim", "edm_dpm++_2m", "edm_dpm++_3m_sde")  # official --sampler names
+SAMPLERS = SAMPLER_NAMES  # the official --sampler names implemented (one tuple: diffusion.samplers)
 COLOR_FIXES = ("wavelet", "adain", "none")
 TASKS = ("sr", "face", "denoise")
+FACE_BACKENDS = ("auto", "dlib", "facexlib")
+FACE_BACKGROUNDS = ("general", "offline", "bicubic")
+FACE_MASKS = ("parsing", "feather")
 
 
 @dataclass(frozen=True)
@@ -47,19 +55,48 @@ class GuidanceParams:
 
 @dataclass(frozen=True)
 class FaceOptions:
-    """Face-mode options (see diffbir_core.face)."""
+    """Face-mode options (`diffbir_core.face`); the output scale is ``RestoreParams.upscale``.
 
-    aligned: bool | None = None  # None: decide from the input (square with a face on the template -> aligned)
+    aligned: True = input is an aligned face crop; False = whole photo; None = decide (`face.looks_aligned`).
+    only_center_face: keep only the face nearest the image centre (official ``only_center_face``).
+    max_faces: keep at most this many faces (the largest by eye distance); None = all.
+    backend: "auto" (facexlib if its weights are there, else dlib, with a notice) | "dlib" | "facexlib".
+    background: whole photos' background path: "general" (the preset's sr path) | "offline" | "bicubic".
+    mask: paste-back mask, "parsing" (facexlib ParseNet; falls back to "feather" with a notice) | "feather".
+    min_eye_distance: faces whose eyes are closer than this (input pixels) are skipped (official 5).
+    keep_crops: keep each face's LQ crop and restored crop in the result.
+    """
+
+    aligned: bool | None = None
     only_center_face: bool = False
-    max_faces: int = 20
+    max_faces: int | None = 20
     backend: Literal["auto", "dlib", "facexlib"] = "auto"
     background: Literal["general", "offline", "bicubic"] = "general"
-    mask: Literal["parsing", "feather"] = "parsing"  # parsing needs facexlib's ParseNet weights
+    mask: Literal["parsing", "feather"] = "parsing"
+    min_eye_distance: float = 5.0
+    keep_crops: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_faces is not None and (not isinstance(self.max_faces, int) or isinstance(self.max_faces, bool)
+                                           or self.max_faces < 1):
+            raise ValueError(f"max_faces must be a positive integer or None (no limit), got {self.max_faces!r}")
+        if self.backend not in FACE_BACKENDS:
+            raise ValueError(f"face backend must be one of {', '.join(FACE_BACKENDS)}, got {self.backend!r}")
+        if self.background not in FACE_BACKGROUNDS:
+            raise ValueError(f"face background must be one of {', '.join(FACE_BACKGROUNDS)}, got {self.background!r}")
+        if self.mask not in FACE_MASKS:
+            raise ValueError(f"face mask must be one of {', '.join(FACE_MASKS)}, got {self.mask!r}")
+        if self.aligned not in (True, False, None):
+            raise ValueError(f"aligned must be True, False or None (auto), got {self.aligned!r}")
+        if not self.min_eye_distance >= 0:
+            raise ValueError(f"min_eye_distance must be >= 0, got {self.min_eye_distance!r}")
 
 
 @dataclass(frozen=True)
 class TileOptions:
-    """Tiling of the cleaner / VAE / diffusion (None = chosen from the memory budget)."""
+    """Tiling of the cleaner / VAE / diffusion (``enabled`` None = chosen from the memory budget).
+
+    The one place for the tile defaults: `tiling.auto_tiling` reads them from ``params.tiles``."""
 
     enabled: bool | None = None
     cleaner_tile: int = 512
@@ -80,13 +117,28 @@ class Stage2Weights:
 
 
 @dataclass(frozen=True)
+class TaskCleaners:
+    """A preset's stage-1 cleaner per task (names in `diffbir_core.cleaners.CLEANERS`)."""
+
+    sr: str = "offline"
+    face: str = "offline"
+    denoise: str = "offline"
+
+    def for_task(self, task: str) -> str:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+        return getattr(self, task)
+
+
+@dataclass(frozen=True)
 class RestoreParams:
     """Every knob of a restore call. Build from a preset: ``RestoreParams.from_preset("v2", steps=20)``."""
 
     preset: str = "offline"
     task: Literal["sr", "face", "denoise"] = "sr"
     upscale: float = 4.0
-    cleaner: str | None = None  # None: the preset's cleaner for the task
+    cleaner: str | None = None  # None: the preset's cleaner for the task (``cleaners``)
+    cleaners: TaskCleaners = field(default_factory=TaskCleaners)
     stage2: Stage2Weights | None = None  # None: stage 1 only
     steps: int = 50
     sampler: str = "spaced"
@@ -132,7 +184,30 @@ class RestoreParams:
     def cleaner_for_task(self) -> str:
         if self.cleaner:
             return self.cleaner
-        return _PRESET_CLEANERS[self.preset][self.task]
+        return self.cleaners.for_task(self.task)
+
+    # ------------------------------------------------------------------ flat names (CLI flags, demo controls)
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any]) -> "RestoreParams":
+        """A validated `RestoreParams` from flat names (`FLAT_NAMES`: ``cfg_scale``, ``guidance_scale``,
+        ``max_faces``, ``tile_size``, ...) on top of ``values["preset"]`` (default "offline").
+
+        None means "the preset's value"; ``seed`` < 0 means a random seed. Unknown names and values of the
+        wrong type raise ValueError naming the flat name; then `validate` checks the ranges."""
+        unknown = sorted(set(values) - set(FLAT_NAMES) - {"preset"})
+        if unknown:
+            raise ValueError(f"unknown parameter name(s) {', '.join(unknown)}; known: {', '.join(FLAT_NAMES)}")
+        kw: dict[str, Any] = {}
+        for name, (path, kind) in FLAT_NAMES.items():
+            v = values.get(name)
+            if v is None:
+                continue
+            v = _coerce(name, v, kind)
+            if name == "seed" and v < 0:
+                v = None
+            kw[path] = v
+        preset = values.get("preset") or "offline"
+        return cls.from_preset(str(preset), **kw).validate()
 
     # --------------------------------------------------------------- validation
     def validate(self) -> "RestoreParams":
@@ -159,8 +234,6 @@ class RestoreParams:
         if g.space not in ("latent", "rgb") or g.loss not in ("mse", "wmse") or g.rule not in ("v1", "v2"):
             raise ValueError(f"invalid guidance settings {g}: space latent|rgb, loss mse|wmse, rule v1|v2")
         if self.stage2 is not None:
-            from .models.text import count_tokens
-
             for what, prompt in (("positive", self.pos_prompt), ("negative", self.neg_prompt)):
                 if prompt and count_tokens(prompt) > 77:
                     raise ValueError(f"the {what} prompt has {count_tokens(prompt)} tokens; the text encoder takes "
@@ -179,29 +252,64 @@ class RestoreParams:
         return out
 
 
+# flat name -> (nested field path for `RestoreParams.replace`, type); the CLI flags are these names with dashes
+FLAT_NAMES: Mapping[str, tuple[str, type]] = MappingProxyType({
+    "task": ("task", str), "upscale": ("upscale", float), "cleaner": ("cleaner", str), "steps": ("steps", int),
+    "sampler": ("sampler", str), "cfg_scale": ("cfg_scale", float), "rescale_cfg": ("rescale_cfg", bool),
+    "pos_prompt": ("pos_prompt", str), "neg_prompt": ("neg_prompt", str), "strength": ("strength", float),
+    "better_start": ("better_start", bool), "color_fix": ("color_fix", str), "seed": ("seed", int),
+    "device": ("device", str),
+    "guidance_scale": ("guidance__scale", float), "guidance_space": ("guidance__space", str),
+    "guidance_loss": ("guidance__loss", str), "guidance_repeat": ("guidance__repeat", int),
+    "guidance_start": ("guidance__t_start", int), "guidance_stop": ("guidance__t_stop", int),
+    "guidance_rule": ("guidance__rule", str),
+    "aligned": ("face__aligned", bool), "only_center_face": ("face__only_center_face", bool),
+    "max_faces": ("face__max_faces", int), "face_backend": ("face__backend", str),
+    "background": ("face__background", str), "face_mask": ("face__mask", str),
+    "tiled": ("tiles__enabled", bool), "tile_size": ("tiles__cleaner_tile", int),
+    "tile_overlap": ("tiles__cleaner_overlap", int), "latent_tile": ("tiles__latent_tile", int),
+    "latent_stride": ("tiles__latent_stride", int), "max_memory": ("tiles__max_memory_gb", float),
+})
+
+
+def _coerce(name: str, v: Any, kind: type) -> Any:
+    """Check (and for integral floats convert) one flat value; bools are never numbers here."""
+    if kind is bool:
+        if not isinstance(v, bool):
+            raise ValueError(f"{name} must be true or false, got {v!r}")
+        return v
+    if kind is str:
+        if not isinstance(v, str):
+            raise ValueError(f"{name} must be a string, got {v!r}")
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+        raise ValueError(f"{name} must be a number, got {v!r}")
+    if kind is int:
+        if float(v) != int(v):
+            raise ValueError(f"{name} must be a whole number, got {v!r}")
+        return int(v)
+    return float(v)
+
+
 def _p(**kw) -> RestoreParams:
     return RestoreParams(**kw)
 
 
 PRESETS: dict[str, RestoreParams] = {
-    "offline": _p(preset="offline", stage2=None),
+    "offline": _p(preset="offline", stage2=None, cleaners=TaskCleaners("offline", "offline", "offline")),
     "v1-general": _p(preset="v1-general", stage2=Stage2Weights("sd_v2.1", "v1_general"), steps=50,
+                     cleaners=TaskCleaners("swinir_general", "swinir_face", "swinir_general"),
                      sampler="spaced", cfg_scale=1.0,
                      guidance=GuidanceParams(space="latent", repeat=5, rule="v1")),
     "v1-face": _p(preset="v1-face", task="face", upscale=1.0, stage2=Stage2Weights("sd_v2.1", "v1_face"),
+                  cleaners=TaskCleaners("swinir_general", "swinir_face", "swinir_general"),
                   steps=50, sampler="spaced", cfg_scale=1.0,
                   guidance=GuidanceParams(space="latent", repeat=5, rule="v1")),
     "v2": _p(preset="v2", stage2=Stage2Weights("sd_v2.1", "v2"), steps=50, sampler="spaced", cfg_scale=4.0,
+             cleaners=TaskCleaners("bsrnet", "swinir_face", "scunet_psnr"),
              neg_prompt=OFFICIAL_NEGATIVE_PROMPT, guidance=GuidanceParams(space="rgb", loss="wmse", rule="v2")),
     "v2.1": _p(preset="v2.1", stage2=Stage2Weights("sd_v2.1_zsnr", "v2.1", parameterization="v", zero_snr=True),
+               cleaners=TaskCleaners("swinir_realesrgan", "swinir_face", "swinir_realesrgan"),
                steps=10, sampler="edm_dpm++_3m_sde", cfg_scale=6.0, neg_prompt=OFFICIAL_NEGATIVE_PROMPT,
                guidance=GuidanceParams(space="rgb", loss="wmse", rule="v2")),
-}
-
-_PRESET_CLEANERS: dict[str, dict[str, str]] = {
-    "offline": {"sr": "offline", "face": "offline", "denoise": "offline"},
-    "v1-general": {"sr": "swinir_general", "face": "swinir_face", "denoise": "swinir_general"},
-    "v1-face": {"sr": "swinir_general", "face": "swinir_face", "denoise": "swinir_general"},
-    "v2": {"sr": "bsrnet", "face": "swinir_face", "denoise": "scunet_psnr"},
-    "v2.1": {"sr": "swinir_realesrgan", "face": "swinir_face", "denoise": "swinir_realesrgan"},
 }

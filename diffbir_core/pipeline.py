@@ -1,79 +1,51 @@
-"""DiffBIRPipeline: cleaner -> condition -> sampler (+ guidance) -> decode -> colour fix.
-
-Mirrors the official v2.0.0 `Pipeline.run` / `run_stage2` (and the fixture `pipeline_swinir` run):
+"""DiffBIRPipeline, the general path: stage 1 (cleaner) -> stage 2 (`stage2.run`) -> resize. Knows nothing of faces.
 
     1. lq in [0, 1]; target size = round(lq size x upscale).
-    2. Stage 1 (paper eq. 1, ``I_reg = RM(I_LQ)``): the task's cleaner produces the clean image at the
-       working size (target size, or short edge 512 when diffusion runs on a smaller image).
-    3. Stage 2: pad to x64, condition ``c = E(I_reg)`` (VAE posterior mode x 0.18215) + text, x_T ~ N(0, I)
-       (or the "better start" of v2.0.0), sampler with CFG / control strength / latent image guidance
-       (eq. 5-6), VAE decode, crop, ``(x + 1) / 2``.
-    4. Colour fix (wavelet: low frequencies from I_reg, high from the diffusion output; or AdaIN).
-    5. Resize to the target size.
+    2. Stage 1 (paper eq. 1, ``I_reg = RM(I_LQ)``): the task's cleaner at the working size (`types.working_size`:
+       the target, or short edge 512 when diffusion runs on a smaller image), tiled when the plan says so.
+    3. Stage 2 (`stage2.run`: conditions, sampler + CFG + guidance, VAE decode, crop, colour fix).
+    4. Resize to the target size.  Face mode is the layer above (`face.pipeline.FacePipeline`; `api.restore`).
+Models load lazily and are cached per instance (cleaners by name, the ControlLDM by (sd, control)); tests, the
+demo and notebooks may inject them. Before stage 1, `tiling.auto_tiling` plans per stage from ``params.tiles``
+and the resident weights (reported in ``RestoreResult.extra["tiling"]``); `SpeedOptions` are applied to the
+models it loads (to injected ones only when ``speed=`` is given); text embeddings are cached per model.
 
-Models are loaded lazily on first use and cached per pipeline instance (cleaners by name, the
-ControlLDM by (sd, control) pair); tests, the demo and notebooks may inject models instead.
-
-Large images and speed (``diffbir_core.tiling``): before stage 1, `tiling.auto_tiling` decides per stage from
-``params.tiles`` and the memory budget (weights of the loaded models + bytes-per-pixel estimates) whether to
-tile the cleaner (`TiledCleaner`), the VAE encoder/decoder (seam-free "sync" mode: exact whole-image
-GroupNorm statistics) and the diffusion (`TiledDenoiser`: CFG inside each latent tile, Gaussian fusion every
-step; guidance acts on the fused latent). The plan is reported in ``RestoreResult.extra["tiling"]``.
-`SpeedOptions` (SDPA attention, channels_last, GPU half precision, torch.compile, offload, batched CFG) are
-applied to the models this pipeline loads (to injected ones only when ``speed=`` is given); text embeddings
-are computed once per prompt (`TextEmbeddingCache`).
+Mirrors: v2.0.0 utils/helpers.py:129-161 Pipeline.run (+ :163-220 run_stage1 of BSRNet / SwinIR / SCUNet);
+HEAD diffbir/pipeline.py:236 Pipeline.run.
 """
 from __future__ import annotations
 
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from . import stage2
+from .cleaners import Cleaner, load_cleaner
 from .config import RestoreParams
-from .imageio import LoadedImage, pad_to_multiple, resize, to_numpy, to_tensor
+from .imageio import LoadedImage, resize, to_numpy, to_tensor
+from .models.ldm import load_pretrained_control_ldm
+from .models.text import TextEmbeddingCache
+from .speed import SpeedOptions, apply_speed_options
+from .tiling.cleaner import TiledCleaner
+from .tiling.plan import TilingPlan, auto_tiling, model_bytes
+from .types import RestoreResult, working_size
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DiffBIRPipeline", "RestoreResult"]
-
-
-@dataclass
-class RestoreResult:
-    """What a restore call returns (images are HxWx3 float32 in [0, 1])."""
-
-    image: np.ndarray
-    stage1: np.ndarray
-    alpha: np.ndarray | None = None
-    seed: int | None = None
-    params: RestoreParams | None = None
-    notices: list[str] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def working_size(out_hw: tuple[int, int], min_side: int) -> tuple[int, int]:
-    """Scale (H, W) up so the short edge is at least ``min_side`` (official `auto_resize`)."""
-    h, w = out_hw
-    short = min(h, w)
-    if short >= min_side:
-        return h, w
-    r = min_side / short
-    return int(round(h * r)), int(round(w * r))
+__all__ = ["DiffBIRPipeline"]
 
 
 class DiffBIRPipeline:
-    """Restores images according to a `RestoreParams`. One instance caches the models it loaded."""
+    """Restores images according to a `RestoreParams` (tasks sr / denoise). One instance caches its models."""
 
     def __init__(self, *, weights_dir: str | Path | None = None, device: str | torch.device = "cpu",
-                 cleaners: dict[str, Callable] | None = None, ldm: Any = None, speed: Any = None):
-        from .tiling import SpeedOptions
-
+                 cleaners: dict[str, Callable] | None = None, ldm: Any = None, speed: SpeedOptions | None = None):
         self.weights_dir = weights_dir
         self.device = torch.device(device)
         self._cleaners: dict[str, Callable] = dict(cleaners or {})
@@ -83,13 +55,11 @@ class DiffBIRPipeline:
         self.speed = (speed or SpeedOptions()).validate(self.device)
         self.speed_notes: list[str] = []
         self._prepared: set[int] = set()
-        self._text_caches: dict[int, Any] = {}
+        self._text_caches: dict[int, TextEmbeddingCache] = {}
 
     # ---------------------------------------------------------------- model access
     def cleaner(self, name: str) -> Callable:
         if name not in self._cleaners:
-            from .cleaners import load_cleaner
-
             self._cleaners[name] = load_cleaner(name, weights_dir=self.weights_dir, device=self.device)
         return self._cleaners[name]
 
@@ -99,8 +69,6 @@ class DiffBIRPipeline:
         s2 = params.stage2
         key = (s2.sd, s2.control)
         if key not in self._ldms:
-            from .sampling import load_pretrained_control_ldm
-
             self._ldms[key] = load_pretrained_control_ldm(s2.sd, s2.control, weights_dir=self.weights_dir,
                                                           device=self.device)
         return self._prepare(self._ldms[key], injected=False)
@@ -108,46 +76,40 @@ class DiffBIRPipeline:
     def _prepare(self, ldm, *, injected: bool):
         """Apply the speed options once per model (injected models only when ``speed=`` was given)."""
         if id(ldm) not in self._prepared and (self._speed_explicit or not injected):
-            from .tiling import apply_speed_options
-
             self.speed_notes = apply_speed_options(ldm, self.speed, self.device)
         self._prepared.add(id(ldm))
         return ldm
 
-    def plan_tiling(self, params: RestoreParams, work_hw: tuple[int, int], cleaner: Any = None):
+    def plan_tiling(self, params: RestoreParams, work_hw: tuple[int, int], cleaner: Any = None) -> TilingPlan:
         """`tiling.auto_tiling` with the weights actually resident (stage-2 models of ``params`` and ``cleaner``)."""
-        from .tiling import auto_tiling, model_bytes
-
         weights = model_bytes(getattr(cleaner, "net", None))
         if params.uses_diffusion:
             weights += model_bytes(self.ldm(params))
         dtype_bytes = 4 if self.speed.dtype == "float32" else 2
         return auto_tiling(params, work_hw, self.device, weights_bytes=weights, dtype_bytes=dtype_bytes)
 
-    def _tiled_cleaner(self, cleaner: Callable, plan) -> Callable:
-        from .cleaners import Cleaner
-        from .tiling import TiledCleaner
-
+    def _tiled_cleaner(self, cleaner: Callable, plan: TilingPlan | None) -> Callable:
         if plan is None or not plan.cleaner or not isinstance(cleaner, Cleaner) or cleaner.net is None:
             return cleaner
         return TiledCleaner(cleaner, plan.cleaner_tile, plan.cleaner_overlap)
 
     # ---------------------------------------------------------------- restore
     def restore(self, image: LoadedImage | np.ndarray, params: RestoreParams,
-                callback: Callable | None = None, noise=None, keep: dict | None = None, plan=None) -> RestoreResult:
+                callback: Callable | None = None, noise=None, keep: dict | None = None,
+                plan: TilingPlan | None = None) -> RestoreResult:
         """Restore one image. ``image``: a `LoadedImage` or an HxWx3 float array in [0, 1].
 
-        ``callback`` receives each sampler step (`samplers.StepInfo`); ``noise`` replaces the seeded noise
-        source (e.g. `samplers.ReplayNoise`); ``keep``, if a dict, receives intermediates (``z_final``,
-        ``clean`` = stage-1 output at the working size, ``decoded``) for notebooks and tests. ``plan`` (a
-        `tiling.TilingPlan`) overrides the automatic tiling decision.
+        ``callback`` receives each sampler step (`stage2.Stage2Step`, a `StepInfo` with the geometry); ``noise``
+        replaces the seeded noise source (e.g. `diffusion.noise.ReplayNoise`); ``keep``, if a dict, receives
+        intermediates (``z_final``, ``clean`` = stage-1 output at the working size, ``decoded``) for notebooks and
+        tests. ``plan`` (a `tiling.TilingPlan`) overrides the automatic tiling decision.
         """
         params = params.validate()
-        loaded = image if isinstance(image, LoadedImage) else LoadedImage(rgb=np.asarray(image, np.float32))
         if params.task == "face":
-            from .face.restore import restore_face_task
-
-            return restore_face_task(self, loaded, params, callback=callback)
+            raise ValueError("task 'face' is restored by diffbir_core.face.pipeline.FacePipeline (or "
+                             "diffbir_core.api.restore, which picks it); DiffBIRPipeline.restore handles the general "
+                             "tasks sr and denoise")
+        loaded = image if isinstance(image, LoadedImage) else LoadedImage(rgb=np.asarray(image, np.float32))
         seed = params.seed if params.seed is not None else random.randrange(2**31)
         timings: dict[str, float] = {}
         lq = to_tensor(loaded.rgb, self.device)  # [1,3,h,w]
@@ -177,33 +139,20 @@ class DiffBIRPipeline:
                                  plan=plan)  # [1,3,H,W]
         timings["stage2"] = time.perf_counter() - t1
         out = resize(sample, out_hw).clamp(0, 1)
-        return RestoreResult(image=to_numpy(out), stage1=to_numpy(resize(clean, out_hw).clamp(0, 1)), alpha=loaded.alpha,
-                             seed=seed, params=params, timings=timings, notices=list(plan.notes), extra=extra)
+        return RestoreResult(image=to_numpy(out), stage1=to_numpy(resize(clean, out_hw).clamp(0, 1)),
+                             alpha=loaded.alpha, seed=seed, params=params, timings=timings,
+                             notices=list(plan.notes), extra=extra)
 
     def run_stage2(self, clean: torch.Tensor, params: RestoreParams, *, seed: int, callback=None,
-                   noise=None, keep: dict | None = None, plan=None, progress: Callable | None = None) -> torch.Tensor:
-        """Stage 2 on the clean image ``clean`` ([1,3,H,W] in [0,1]); returns the colour-fixed sample.
-        ``plan``: a `tiling.TilingPlan` (default: `plan_tiling` for this size); ``progress``: per-tile events."""
-        from .colorfix import color_fix
-        from .sampling import sample_latent
-        from .tiling import TextEmbeddingCache, VAERunner, autocast_for
-
+                   noise=None, keep: dict | None = None, plan: TilingPlan | None = None,
+                   progress: Callable | None = None, on_stage: stage2.StageCallback | None = None) -> torch.Tensor:
+        """`stage2.run` with this pipeline's ControlLDM, speed options and text cache on the clean image
+        ``clean`` ([1,3,H,W] in [0,1]); returns the colour-fixed sample. ``plan``: a `tiling.TilingPlan`
+        (default: `plan_tiling` for this size); ``progress``: per-tile events; ``on_stage``: stage timings."""
         ldm = self.ldm(params)
         plan = plan if plan is not None else self.plan_tiling(params, tuple(clean.shape[-2:]))
-        amp = autocast_for(self.device, self.speed.torch_dtype)
-        runner = VAERunner(ldm, plan.vae_encoder, plan.vae_decoder, amp=amp, progress=progress)
         if id(ldm) not in self._text_caches:
             self._text_caches[id(ldm)] = TextEmbeddingCache(ldm.encode_text)
-        padded, hw = pad_to_multiple(clean, 64)  # [1,3,H64,W64]
-        z = sample_latent(ldm, padded, params, seed=seed, callback=callback, noise=noise,
-                          batched_cfg=self.speed.batched_cfg, plan=plan, vae=runner,
-                          encode_text=self._text_caches[id(ldm)],
-                          amp=amp if self.speed.dtype != "float32" else None,
-                          tile_batch=self.speed.tile_batch, progress=progress)  # [1,4,H64/8,W64/8]
-        with torch.no_grad():
-            sample = runner.decode(z)  # [1,3,H64,W64] in [-1,1]
-        if keep is not None:
-            keep.update(z_final=z, clean=clean, decoded=sample)
-        sample = sample[..., : hw[0], : hw[1]]
-        sample = (sample + 1) / 2
-        return color_fix(sample, clean, params.color_fix)
+        return stage2.run(ldm, clean, params, seed=seed, noise=noise, callback=callback, on_stage=on_stage,
+                          plan=plan, speed=self.speed, encode_text=self._text_caches[id(ldm)], progress=progress,
+                          keep=keep)

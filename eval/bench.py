@@ -128,7 +128,7 @@ class Probe:
         self.rounds: list[dict] = []
 
     def __call__(self, ev) -> None:
-        from diffbir_core.tiling import StopTiles
+        from diffbir_core.tiling.windows import StopTiles
 
         now = time.perf_counter()
         if ev.index == -1:
@@ -174,18 +174,12 @@ def _reset_models(ldm) -> None:
 def _run_config(name: str, size: int, ldm, cleaner_base, args, weights_bytes: int) -> dict:
     import torch
 
-    from diffbir_core.colorfix import color_fix
+    from diffbir_core import stage2
     from diffbir_core.config import OFFICIAL_NEGATIVE_PROMPT, RestoreParams, TileOptions
-    from diffbir_core.sampling import sample_latent
-    from diffbir_core.tiling import (
-        SpeedOptions,
-        TextEmbeddingCache,
-        TiledCleaner,
-        TilingPlan,
-        VAERunner,
-        apply_speed_options,
-        auto_tiling,
-    )
+    from diffbir_core.models.text import TextEmbeddingCache
+    from diffbir_core.speed import SpeedOptions, apply_speed_options
+    from diffbir_core.tiling.cleaner import TiledCleaner
+    from diffbir_core.tiling.plan import TilingPlan, auto_tiling
 
     device = args.device
     params = RestoreParams.from_preset(
@@ -211,8 +205,7 @@ def _run_config(name: str, size: int, ldm, cleaner_base, args, weights_bytes: in
     mon = MemoryMonitor(device).start()
     lq = _lq_image(size // 4).to(device)
 
-    def stage_done(stage: str, t0: float, prefix: str | None = None) -> None:
-        wall = time.perf_counter() - t0
+    def record(stage: str, wall: float, prefix: str | None = None) -> None:
         times[stage] = times.get(stage, 0.0) + wall
         e = wall
         if prefix is not None:
@@ -222,22 +215,6 @@ def _run_config(name: str, size: int, ldm, cleaner_base, args, weights_bytes: in
                 probed.append(stage)
         est[stage] = est.get(stage, 0.0) + e
 
-    class TimedRunner(VAERunner):
-        def posterior(self, x):
-            mon.stage("vae_encode")
-            t0 = time.perf_counter()
-            out = super().posterior(x)
-            stage_done("vae_encode", t0, "vae_encoder")
-            mon.stage("text")
-            return out
-
-        def decode(self, z):
-            mon.stage("vae_decode")
-            t0 = time.perf_counter()
-            out = super().decode(z)
-            stage_done("vae_decode", t0, "vae_decoder")
-            return out
-
     t_all = time.perf_counter()
     # 1. stage 1 (x4: the cleaner resizes the LQ to the output size, then restores)
     mon.stage("cleaner")
@@ -245,43 +222,31 @@ def _run_config(name: str, size: int, ldm, cleaner_base, args, weights_bytes: in
     with torch.inference_mode():
         clean = cleaner(lq, out_size=(size, size), clamp=False)
     clean = clean.clone()
-    stage_done("cleaner", t0, "cleaner")
-    # 2.-4. conditions, sampler, decode (what DiffBIRPipeline.run_stage2 does, stage by stage)
-    runner = TimedRunner(ldm, plan.vae_encoder, plan.vae_decoder, progress=probe)
-    text_cache = TextEmbeddingCache(ldm.encode_text) if name != "baseline" else None
-
-    def encode_text(prompts):
-        mon.stage("text")
-        t0 = time.perf_counter()
-        out = text_cache(prompts) if text_cache is not None else ldm.encode_text(prompts)
-        stage_done("text", t0)
-        mon.stage("sampling")
-        return out
-
+    record("cleaner", time.perf_counter() - t0, "cleaner")
+    # 2. stage 2 as the pipeline runs it (`stage2.run`), timed through its stage and step callbacks
     step_marks: list[float] = []
-    t_sampling = [0.0]
+    sampling_start = [0.0]
+    tiled_prefix = {"vae_encode": "vae_encoder", "vae_decode": "vae_decoder"}
 
-    def on_step(info) -> None:
+    def on_stage(stage: str, seconds: float | None) -> None:
+        if seconds is None:                                              # a stage starts
+            mon.stage(stage)
+            if stage == "sampling":
+                sampling_start[0] = time.perf_counter()
+        elif stage != "sampling":                                        # steps are timed by on_step
+            record(stage, seconds, tiled_prefix.get(stage))
+
+    def on_step(step) -> None:
         step_marks.append(time.perf_counter())
 
-    t0 = time.perf_counter()
-    z = sample_latent(ldm, clean, params, seed=0, callback=on_step, batched_cfg=speed.batched_cfg, plan=plan,
-                      vae=runner, encode_text=encode_text, tile_batch=speed.tile_batch, progress=probe)
-    sampling_wall = time.perf_counter() - t0
-    t_cond = times.get("vae_encode", 0.0) + times.get("text", 0.0)
-    start = t0 + t_cond
-    step_times = [b - a for a, b in zip([start] + step_marks[:-1], step_marks)]
+    encode_text = TextEmbeddingCache(ldm.encode_text) if name != "baseline" else ldm.encode_text
+    out = stage2.run(ldm, clean, params, seed=0, callback=on_step, on_stage=on_stage, plan=plan, speed=speed,
+                     encode_text=encode_text, progress=probe)
+    step_times = [b - a for a, b in zip(sampling_start + step_marks[:-1], step_marks)]
     meas, extr, nrounds, stopped = probe.take("diffusion")
     step_est = [s - meas / max(1, nrounds) + extr / max(1, nrounds) for s in step_times] if nrounds else step_times
     if stopped:
         probed.append("steps")
-    t_sampling[0] = sampling_wall - t_cond
-    with torch.no_grad():
-        sample = runner.decode(z)
-    mon.stage("colorfix")
-    t0 = time.perf_counter()
-    out = color_fix((sample + 1) / 2, clean, params.color_fix)
-    stage_done("colorfix", t0)
     total_wall = time.perf_counter() - t_all
     peaks = mon.stop()
     assert out.shape[-2:] == (size, size)
@@ -309,7 +274,7 @@ def _child(args) -> dict:
     from diffbir_core.cleaners import CLEANERS, Cleaner
     from diffbir_core.models.ldm import STAGE2_CONFIGS, build_control_ldm
     from diffbir_core.models.swinir import SWINIR_CONFIGS, SwinIR
-    from diffbir_core.tiling import model_bytes
+    from diffbir_core.tiling.plan import model_bytes
 
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -348,7 +313,7 @@ def _child(args) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 def _baseline_estimate_gb(size: int, weights_gb: float) -> dict:
     """Memory-model peak of the untiled baseline (explicit attention stores heads x N x N scores)."""
-    from diffbir_core.tiling import RUNTIME_BYTES_CPU, estimate_stage_bytes
+    from diffbir_core.tiling.plan import RUNTIME_BYTES_CPU, estimate_stage_bytes
 
     gib = 2**30
     px, lat = size * size, (size // 8) ** 2

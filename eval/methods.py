@@ -18,7 +18,7 @@ import torch
 from diffbir_core.cleaners import CLEANERS, load_cleaner
 from diffbir_core.config import PRESETS, RestoreParams
 from diffbir_core.imageio import IMAGE_EXTENSIONS, resize, to_numpy, to_tensor
-from diffbir_core.pipeline import DiffBIRPipeline
+from diffbir_core import api
 
 from .store import RunConfigError, jsonable
 
@@ -82,10 +82,10 @@ def resolve_method(arg: str, *, scale: float, task: str, device: str = "cpu", we
                                            seed=seed, device=str(device))
         if task == "bfr":
             params = params.replace(face__aligned=True)
-        pipe = DiffBIRPipeline(weights_dir=weights_dir, device=device)
+        pipe = api.make_pipeline(weights_dir=weights_dir, device=device)
 
         def run_preset(img: np.ndarray) -> np.ndarray:
-            return pipe.restore(img, params).image
+            return api.restore(img, params, pipe=pipe).image
 
         return Method(arg, "preset", run_preset, info={"preset": name, "params": jsonable(dataclasses.asdict(params))})
     valid = ["bicubic", "outputs:DIR"] + [f"{c} (cleaner)" for c in CLEANERS] + [f"{p} (preset)" for p in PRESETS]

@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
-.venv/bin/python -m diffbir_core.restore assets/samples/49.jpg --output outputs/sample --preset offline --upscale 4 --overwrite "$@"
+.venv/bin/python -m diffbir_core assets/samples/49.jpg --output outputs/sample --preset offline --upscale 4 --overwrite "$@"
 echo "Restored image(s) written to $(pwd)/outputs/sample/"

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from diffbir_core.config import PRESETS, RestoreParams
+from diffbir_core.config import FLAT_NAMES, OFFICIAL_NEGATIVE_PROMPT, PRESETS, SAMPLERS, RestoreParams, TaskCleaners
 
 
 def test_presets_mirror_official_defaults():
@@ -73,3 +73,54 @@ def test_soft_fixes_warn():
     assert p.strength == 2.0
     with pytest.warns(UserWarning, match="1 step"):
         assert RestoreParams.from_preset("v2", steps=1).validate().steps == 2
+
+
+def test_negative_prompt_is_the_official_one(parity_dir):
+    """Independent source: the prompt the official code ran with (fixture meta.json), not our constant."""
+    import json
+
+    neg = json.loads((parity_dir / "meta.json").read_text())["prompts"]["neg"]
+    assert PRESETS["v2"].neg_prompt == neg and PRESETS["v2.1"].neg_prompt == neg and OFFICIAL_NEGATIVE_PROMPT == neg
+
+
+def test_one_sampler_list_and_cleaners_inside_the_presets():
+    from diffbir_core.diffusion.samplers import SAMPLER_NAMES
+
+    assert SAMPLERS is SAMPLER_NAMES
+    assert PRESETS["v2"].cleaners == TaskCleaners("bsrnet", "swinir_face", "scunet_psnr")
+    assert PRESETS["v2.1"].replace(task="face").cleaner_for_task() == "swinir_face"
+    assert PRESETS["v2"].replace(cleaner="offline").cleaner_for_task() == "offline"  # explicit cleaner wins
+    assert PRESETS["v1-general"].replace(cleaners__sr="bsrnet").cleaner_for_task() == "bsrnet"
+
+
+def test_from_flat_maps_every_name_once():
+    p = RestoreParams.from_flat({"preset": "v2", "cfg_scale": 3, "guidance_scale": 0.5, "guidance_start": 800,
+                                 "max_faces": 2, "face_backend": "dlib", "aligned": False, "tile_size": 256,
+                                 "latent_stride": 40, "max_memory": 6, "tiled": False, "seed": -1, "steps": 20.0,
+                                 "task": "face", "upscale": None})
+    assert p == RestoreParams.from_preset(
+        "v2", cfg_scale=3.0, guidance__scale=0.5, guidance__t_start=800, face__max_faces=2, face__backend="dlib",
+        face__aligned=False, tiles__cleaner_tile=256, tiles__latent_stride=40, tiles__max_memory_gb=6.0,
+        tiles__enabled=False, seed=None, steps=20, task="face")
+    assert isinstance(p.steps, int) and isinstance(p.cfg_scale, float)
+    assert RestoreParams.from_flat({}) == PRESETS["offline"]  # nothing given: the offline preset
+    # every flat name reaches a real (nested) field
+    for name, (path, _) in FLAT_NAMES.items():
+        outer, _, inner = path.partition("__")
+        assert hasattr(RestoreParams(), outer) and (not inner or hasattr(getattr(RestoreParams(), outer), inner)), name
+
+
+@pytest.mark.parametrize("values, msg", [
+    ({"cfg_scal": 2.0}, "unknown parameter name"),
+    ({"steps": "ten"}, "steps must be a number"),
+    ({"steps": 2.5}, "steps must be a whole number"),
+    ({"cfg_scale": True}, "cfg_scale must be a number"),
+    ({"rescale_cfg": 1}, "rescale_cfg must be true or false"),
+    ({"sampler": 3}, "sampler must be a string"),
+    ({"preset": "v2", "steps": 0}, "steps must be >= 1"),
+    ({"max_faces": 0}, "max_faces"),
+    ({"preset": "v9"}, "unknown preset"),
+])
+def test_from_flat_errors(values, msg):
+    with pytest.raises(ValueError, match=msg):
+        RestoreParams.from_flat(values)

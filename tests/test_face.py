@@ -14,8 +14,10 @@ import pytest
 from diffbir_core.face import align
 from diffbir_core.face.detect import (DetectedFace, DlibBackend, FaceBackendError, FacexlibBackend, FaceParser,
                                       find_facexlib_file, load_backend)
-from diffbir_core.face.restore import (FaceParams, FaceRestorer, bicubic_background, cleaner_background_fn,
-                                       cleaner_face_fn, looks_aligned, restore_faces)
+from diffbir_core.config import FaceOptions, RestoreParams
+from diffbir_core.face.pipeline import FacePipeline
+from diffbir_core.face.restorer import (FaceRestorer, bicubic_background, cleaner_background_fn, cleaner_face_fn,
+                                        looks_aligned, restore_faces)
 from diffbir_core.imageio import read_image
 
 # Faces per sample photo (counted by eye: every face a person would point at, none missed).
@@ -126,7 +128,7 @@ def test_dlib_template_matches_ffhq_aligned_faces(dlib_backend, data_dir):
 def test_offline_backend_finds_faces_and_crops_land_on_template(dlib_backend, whole_photos):
     """Every sample photo: all faces found; re-detected landmarks of each aligned crop land where the
     similarity puts them (warp is right) and the eye centres within 10% of the eye distance of the template."""
-    restorer = FaceRestorer(FaceParams(aligned=False, mask="feather"), backend=dlib_backend)
+    restorer = FaceRestorer(FaceOptions(aligned=False, mask="feather"), backend=dlib_backend)
     tmpl = align.FFHQ_512_DLIB5_TEMPLATE
     eye_errs = []
     for name, img in whole_photos.items():
@@ -146,7 +148,7 @@ def test_offline_backend_finds_faces_and_crops_land_on_template(dlib_backend, wh
 
 @pytest.mark.parametrize("upscale", [1.0, 2.0])
 def test_identity_restorer_gives_input_back(dlib_backend, whole_photos, upscale):
-    restorer = FaceRestorer(FaceParams(upscale=upscale, aligned=False, mask="feather"), backend=dlib_backend)
+    restorer = FaceRestorer(FaceOptions(aligned=False, mask="feather"), upscale=upscale, backend=dlib_backend)
     for name in ("diffbir_Harry_Potter.jpg", "diffbir_Blake_Lively.jpg", "diffbir_Queen.jpeg"):
         img = whole_photos[name]
         res = restorer(img, identity, bicubic_background)
@@ -164,7 +166,7 @@ def test_face_cut_by_image_edge(dlib_backend, whole_photos):
     big = max(dlib_backend.detect(img), key=lambda f: f.eye_distance)
     cut = int(big.box[0] + 0.3 * (big.box[2] - big.box[0]))
     sub = np.ascontiguousarray(img[:, cut:])
-    res = restore_faces(sub, identity, bicubic_background, FaceParams(aligned=False, mask="feather"),
+    res = restore_faces(sub, identity, bicubic_background, FaceOptions(aligned=False, mask="feather"),
                         backend=dlib_backend)
     assert len(res.faces) >= 1
     f = min(res.faces, key=lambda f: f.box[0])
@@ -178,7 +180,7 @@ def test_face_cut_by_image_edge(dlib_backend, whole_photos):
 def test_rotated_photo(dlib_backend, whole_photos):
     img = whole_photos["diffbir_Harry_Potter.jpg"]
     rot = np.ascontiguousarray(np.rot90(img))  # counter-clockwise: (x, y) -> (y, W-1-x)
-    res = restore_faces(rot, identity, bicubic_background, FaceParams(aligned=False), backend=dlib_backend)
+    res = restore_faces(rot, identity, bicubic_background, FaceOptions(aligned=False), backend=dlib_backend)
     assert res.image.shape == rot.shape
     # dlib's HOG detector is trained on upright faces: on the photo turned by 90 degrees it finds none, and the
     # whole image takes the background path (with its notice)
@@ -190,7 +192,7 @@ def test_rotated_photo(dlib_backend, whole_photos):
     upright = dlib_backend.detect(img)
     turned = [DetectedFace(box=f.box, score=f.score, kind=f.kind,
                            landmarks=np.stack([f.landmarks[:, 1], w - 1 - f.landmarks[:, 0]], 1)) for f in upright]
-    params = FaceParams(aligned=False, mask="feather")
+    params = FaceOptions(aligned=False, mask="feather")
     a = restore_faces(img, identity, None, params, backend=FixedBackend(upright))
     b = restore_faces(rot, identity, None, params, backend=FixedBackend(turned))
     assert len(b.faces) == len(upright) == 3
@@ -210,7 +212,7 @@ def test_no_face_goes_through_background_with_notice():
         calls.append(size)
         return bicubic_background(1.0 - x, size)
 
-    res = restore_faces(img, identity, background, FaceParams(upscale=2, aligned=False, backend="dlib"))
+    res = restore_faces(img, identity, background, FaceOptions(aligned=False, backend="dlib"), upscale=2)
     assert res.faces == [] and calls == [(192, 256)]
     assert any("no face found" in n for n in res.notices)
     np.testing.assert_array_equal(res.image, bicubic_background(1.0 - img, (192, 256)))
@@ -218,12 +220,12 @@ def test_no_face_goes_through_background_with_notice():
 
 def test_selection_center_and_max_faces(dlib_backend, whole_photos):
     img = whole_photos["diffbir_Queen.jpeg"]
-    all4 = restore_faces(img, identity, None, FaceParams(aligned=False), backend=dlib_backend).faces
-    two = restore_faces(img, identity, None, FaceParams(aligned=False, max_faces=2), backend=dlib_backend)
+    all4 = restore_faces(img, identity, None, FaceOptions(aligned=False), backend=dlib_backend).faces
+    two = restore_faces(img, identity, None, FaceOptions(aligned=False, max_faces=2), backend=dlib_backend)
     assert len(two.faces) == 2 and any("max_faces=2" in n for n in two.notices)
     biggest = sorted(all4, key=lambda f: -np.linalg.norm(f.landmarks[0] - f.landmarks[2]))[:2]
     assert {f.box for f in two.faces} == {f.box for f in biggest}
-    one = restore_faces(img, identity, None, FaceParams(aligned=False, only_center_face=True), backend=dlib_backend)
+    one = restore_faces(img, identity, None, FaceOptions(aligned=False, only_center_face=True), backend=dlib_backend)
     assert len(one.faces) == 1
     c = np.array([(img.shape[1] - 1) / 2, (img.shape[0] - 1) / 2])
     dist = [np.linalg.norm(np.array([(f.box[0] + f.box[2]) / 2, (f.box[1] + f.box[3]) / 2]) - c) for f in all4]
@@ -239,13 +241,13 @@ def test_aligned_mode_and_auto_decision(dlib_backend, data_dir, whole_photos):
     assert not looks_aligned(whole_photos["diffbir_Audrey_Hepburn.jpg"], dlib_backend)[0]  # 512x512 portrait
     assert not looks_aligned(whole_photos["diffbir_Queen.jpeg"], dlib_backend)[0]  # 520x520 group
     seen = []
-    res = restore_faces(crop, lambda f: seen.append(f.shape) or 1.0 - f, None, FaceParams(), backend=dlib_backend)
+    res = restore_faces(crop, lambda f: seen.append(f.shape) or 1.0 - f, None, FaceOptions(), backend=dlib_backend)
     assert res.mode == "aligned" and seen == [(512, 512, 3)]
     np.testing.assert_allclose(res.image, 1.0 - crop, atol=1e-6)
     assert any("aligned crop" in n for n in res.notices)
     # a smaller crop is resized to 512 for the restorer and back to its size x upscale
     small = bicubic_background(crop, (256, 256))
-    res2 = restore_faces(small, identity, None, FaceParams(aligned=True, upscale=2))
+    res2 = restore_faces(small, identity, None, FaceOptions(aligned=True), upscale=2)
     assert res2.image.shape == (512, 512, 3)
     assert any("resized to 512x512" in n for n in res2.notices)
 
@@ -253,7 +255,7 @@ def test_aligned_mode_and_auto_decision(dlib_backend, data_dir, whole_photos):
 def test_face_fn_output_is_checked(dlib_backend, whole_photos):
     with pytest.raises(ValueError, match=r"face_fn returned an array of shape \(256, 256, 3\)"):
         restore_faces(whole_photos["diffbir_Harry_Potter.jpg"], lambda f: f[::2, ::2], None,
-                      FaceParams(aligned=False), backend=dlib_backend)
+                      FaceOptions(aligned=False), backend=dlib_backend)
     with pytest.raises(ValueError, match="HxWx3"):
         restore_faces(np.zeros((8, 8, 4), np.float32), identity)
 
@@ -279,16 +281,64 @@ def test_cleaner_adapters():
     assert bg.shape == (40, 60, 3) and c.seen[-1] == ((1, 3, 20, 30), (40, 60))
 
 
+def test_face_pipeline_wraps_the_general_pipeline_without_touching_it(dlib_backend, whole_photos):
+    """FacePipeline = FaceRestorer with the pipeline's cleaner as face_fn and background_fn (offline preset, no
+    diffusion): same image as calling the restorer directly; nothing is written onto the general pipeline; the
+    detector is loaded once per backend and shared by later calls with other options."""
+    import torch
+
+    from diffbir_core.pipeline import DiffBIRPipeline
+
+    class Halve:  # a "cleaner": resize to out_size and halve the values (a known answer, not identity)
+        scale = 1
+
+        def __call__(self, x, out_size, clamp=True):
+            return 0.5 * torch.nn.functional.interpolate(x, size=tuple(out_size), mode="bilinear",
+                                                         align_corners=False)
+
+    cleaner = Halve()
+    pipe = DiffBIRPipeline(cleaners={"offline": cleaner})
+    before = dict(vars(pipe))
+    fp = FacePipeline(pipe)
+    fp.models("dlib")._backend = dlib_backend  # the test's detector instance (avoids loading it twice)
+    img = whole_photos["diffbir_Harry_Potter.jpg"]
+    params = RestoreParams.from_preset("offline", task="face", upscale=1.0, face__aligned=False,
+                                       face__backend="dlib", face__mask="feather", face__background="offline")
+    res = fp.restore(img, params)
+    ref = restore_faces(img, cleaner_face_fn(cleaner), cleaner_background_fn(cleaner),
+                        FaceOptions(aligned=False, backend="dlib", mask="feather", background="offline"),
+                        backend=dlib_backend)
+    assert res.extra["face_mode"] == "whole" and len(res.extra["faces"]) == WHOLE_FACES["diffbir_Harry_Potter.jpg"]
+    np.testing.assert_array_equal(res.image, ref.image)
+    np.testing.assert_array_equal(res.stage1, ref.background)
+    assert vars(pipe).keys() == before.keys() and pipe._cleaners == {"offline": cleaner}
+    models = fp.models("dlib")
+    two = fp.restore(img, params.replace(face__max_faces=2))
+    assert len(two.extra["faces"]) == 2 and fp.models("dlib") is models and models.backend is dlib_backend
+    with pytest.raises(ValueError, match="FacePipeline"):
+        pipe.restore(img, params)  # the general pipeline refuses face mode instead of importing it
+    with pytest.raises(ValueError, match="task 'face'"):
+        fp.restore(img, params.replace(task="sr"))
+
+
 # ----------------------------------------------------------------------------------------- backends
 
 
 def test_params_and_backend_errors_are_clear(tmp_path, monkeypatch):
     from diffbir_core.face import detect
 
-    for bad, msg in [(dict(upscale=0), "upscale"), (dict(max_faces=0), "max_faces"), (dict(backend="mtcnn"), "backend"),
-                     (dict(mask="box"), "mask"), (dict(aligned="yes"), "aligned")]:
+    for bad, msg in [(dict(max_faces=0), "max_faces"), (dict(max_faces=True), "max_faces"),
+                     (dict(backend="mtcnn"), "backend"), (dict(mask="box"), "mask"), (dict(aligned="yes"), "aligned"),
+                     (dict(background="sky"), "background"), (dict(min_eye_distance=-1.0), "min_eye_distance")]:
         with pytest.raises(ValueError, match=msg):
-            FaceParams(**bad)
+            FaceOptions(**bad)
+    for bad in (0, -1.0, 17, float("nan"), True):
+        with pytest.raises(ValueError, match="upscale"):
+            FaceRestorer(FaceOptions(), upscale=bad)
+    with pytest.raises(ValueError, match="max_faces"):  # RestoreParams builds the same options class
+        RestoreParams.from_preset("offline", task="face", face__max_faces=0)
+    with pytest.raises(TypeError, match="FaceOptions"):
+        FaceRestorer({"aligned": True})
     with pytest.raises(FaceBackendError, match="unknown face backend"):
         load_backend("mtcnn")
     # facexlib without its weights, offline: names the file, the URL and where to put it
@@ -325,7 +375,7 @@ def test_parsing_falls_back_to_feather_with_notice(tmp_path, monkeypatch, dlib_b
     monkeypatch.delenv("DIFFBIR_WEIGHTS_DIR", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     res = restore_faces(whole_photos["diffbir_real47_1.jpg"], identity, None,
-                        FaceParams(aligned=False, mask="parsing"), backend=dlib_backend)
+                        FaceOptions(aligned=False, mask="parsing"), backend=dlib_backend)
     assert len(res.faces) == 3
     assert any("face parsing unavailable" in n and "parsing_parsenet.pth" in n for n in res.notices)
 

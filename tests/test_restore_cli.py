@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffbir_core.restore import collect_inputs, main
+from diffbir_core.cli import collect_inputs, main
 
 
 def _img(path, size=(12, 10), color=(120, 60, 30)):
@@ -58,6 +58,28 @@ def test_skip_existing_and_overwrite(tmp_path, capsys):
     again = Image.open(out / "a.png")
     assert again.size == (12, 10)
     np.testing.assert_array_equal(np.asarray(again), restored)
+
+
+def test_python_m_diffbir_core_runs_the_cli(tmp_path):
+    """``python -m diffbir_core`` is the restore CLI (diffbir_core/__main__.py)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = _img(tmp_path / "a.png")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "diffbir_core", str(src), "-o", str(tmp_path / "o"), "--upscale", "1",
+                        "-q"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "restored 1" in r.stdout and Image.open(tmp_path / "o" / "a.png").size == (12, 10)
+
+
+def test_flag_pairs_exclude_each_other(tmp_path, capsys):
+    src = _img(tmp_path / "a.png")
+    for pair in (["--aligned", "--whole-photo"], ["--tiled", "--no-tiled"]):
+        with pytest.raises(SystemExit) as e:
+            main([str(src), "-o", str(tmp_path / "o"), *pair])
+        assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err
 
 
 def test_rgba_and_one_pixel_inputs(tmp_path):
@@ -121,3 +143,19 @@ def test_gpu_only_speed_options_refused_on_cpu(tmp_path, capsys):
     assert "GPU-only" in capsys.readouterr().err
     assert main([str(src), "-o", str(tmp_path / "o"), "--offload", "model", "-q"]) == 2
     assert "CUDA" in capsys.readouterr().err
+
+
+def test_flags_map_onto_restore_params():
+    from diffbir_core.cli import build_parser, params_from_args
+    from diffbir_core.config import RestoreParams
+
+    args = build_parser().parse_args(["x.png", "-o", "o", "--preset", "v2", "--cfg-scale", "3", "--steps", "20",
+                                      "--guidance-scale", "0.5", "--guidance-start", "800", "--whole-photo",
+                                      "--max-faces", "2", "--background", "bicubic", "--no-tiled", "--tile-size",
+                                      "256", "--seed", "-1", "--task", "face"])
+    assert params_from_args(args) == RestoreParams.from_preset(
+        "v2", cfg_scale=3.0, steps=20, guidance__scale=0.5, guidance__t_start=800, face__aligned=False,
+        face__max_faces=2, face__background="bicubic", tiles__enabled=False, tiles__cleaner_tile=256, seed=None,
+        task="face", device="cpu")
+    plain = params_from_args(build_parser().parse_args(["x.png", "-o", "o", "--preset", "v2.1"]))
+    assert plain == RestoreParams.from_preset("v2.1")  # no flags: exactly the preset

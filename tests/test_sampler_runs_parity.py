@@ -17,9 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffbir_core.guidance import LatentImageGuidance
-from diffbir_core.samplers import CFGDenoiser, ReplayNoise, TorchNoise, better_start_x_T, sample_spaced, spaced_step
-from diffbir_core.schedule import make_spaced_schedule, make_training_schedule
+from diffbir_core.diffusion.cfg import CFGDenoiser
+from diffbir_core.diffusion.guidance import LatentImageGuidance
+from diffbir_core.diffusion.noise import ReplayNoise, TorchNoise
+from diffbir_core.diffusion.samplers import sample_spaced, spaced_step
+from diffbir_core.diffusion.schedule import make_spaced_schedule, make_training_schedule
+from diffbir_core.stage2 import better_start_x_T
 
 pytestmark = pytest.mark.parity
 

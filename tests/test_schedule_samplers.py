@@ -16,15 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffbir_core.guidance import GuidanceOutput, LatentImageGuidance
-from diffbir_core.samplers import (
-    CFGDenoiser,
-    EDMSchedule,
-    NoiseReplayError,
-    ReplayNoise,
-    TorchNoise,
-    better_start_x_T,
-    rescaled_cfg_scale,
+from diffbir_core.diffusion.cfg import CFGDenoiser, rescaled_cfg_scale
+from diffbir_core.diffusion.guidance import GuidanceOutput, LatentImageGuidance
+from diffbir_core.diffusion.noise import NoiseReplayError, ReplayNoise, TorchNoise
+from diffbir_core.diffusion.samplers import (
     run_sampler,
     sample_ddim,
     sample_dpmpp_2m,
@@ -32,15 +27,17 @@ from diffbir_core.samplers import (
     sample_spaced,
     spaced_step,
 )
-from diffbir_core.schedule import (
+from diffbir_core.diffusion.schedule import (
     DIFFUSION_PRESETS,
     DiffusionConfig,
+    EDMSchedule,
     make_ddim_schedule,
     make_edm_schedule,
     make_spaced_schedule,
     make_training_schedule,
     space_timesteps,
 )
+from diffbir_core.stage2 import better_start_x_T
 from toys import GaussianDenoiser
 
 SPACED_KEYS = ("posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",

@@ -29,7 +29,7 @@ from diffbir_core.cleaners import CLEANERS, Cleaner
 from diffbir_core.config import RestoreParams, TileOptions
 from diffbir_core.models import text, vae_runner
 from diffbir_core.models.ldm import Stage2Config, build_control_ldm
-from diffbir_core.samplers import CFGDenoiser
+from diffbir_core.diffusion.cfg import CFGDenoiser
 from diffbir_core.tiling import cleaner as tcleaner
 from diffbir_core.tiling import denoiser as tdenoiser
 from diffbir_core.tiling import plan as tplan
@@ -318,7 +318,7 @@ def _params(**kw) -> RestoreParams:
 
 @pytest.mark.parity
 def test_sample_latent_tiled_with_cfg_and_guidance(tiny):
-    from diffbir_core.sampling import sample_latent
+    from diffbir_core.stage2 import sample_latent
 
     clean = (_image(128, 128, seed=9) + 1) / 2
     plan = tplan.TilingPlan(diffusion=True, latent_tile=8, latent_stride=8,

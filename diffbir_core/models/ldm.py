@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..weights import LoadReport, WeightsError, load_into, load_state_dict, save_safetensors
+from ..weights import WEIGHTS, LoadReport, WeightsError, load_into, load_state_dict, resolve, save_safetensors
 from .controlnet import ControlNet
 from .convert import (CONTROL_PREFIX_V1_FULL, SD_PREFIXES, export_control_official, keymap_for, pull_official,
                       text_from_transformers, vae_from_legacy_diffusers)
@@ -44,6 +44,7 @@ __all__ = [
     "build_unet", "build_vae", "build_text", "build_controlnet", "build_empty", "build_control_ldm",
     "load_sd_ldm", "load_sd_diffusers", "load_control", "load_full_v1",
     "save_control_ldm_safetensors", "load_control_ldm_safetensors", "export_control_official",
+    "load_pretrained_control_ldm",
     "SD_UNUSED_PREFIXES", "SD_UNUSED_KEYS",
 ]
 
@@ -661,3 +662,22 @@ def load_control_ldm_safetensors(path: str | os.PathLike, cfg: Stage2Config | No
         raise WeightsError(f"{p}: unexpected keys {extra[:12]}")
     _freeze(model.unet, model.vae, model.text)
     return model.eval()
+
+
+def load_pretrained_control_ldm(sd: str, control: str, *, weights_dir: str | os.PathLike | None = None,
+                                device: str | torch.device = "cpu") -> ControlLDM:
+    """The full-size ControlLDM from official files: ``sd`` / ``control`` are names in ``weights.WEIGHTS``
+    (or paths; ``sd`` may be a diffusers folder). Both files are resolved before anything loads, so a
+    missing one fails fast with the message from `weights.resolve`."""
+
+    def find(name: str) -> Path:
+        if name in WEIGHTS:
+            return resolve(name, weights_dir=weights_dir)
+        p = Path(name).expanduser()
+        if p.exists():
+            return p
+        return resolve(name, weights_dir=weights_dir)  # raises the "unknown weight name" error
+
+    sd_path, control_path = find(sd), find(control)
+    model = build_control_ldm(STAGE2_CONFIGS["sd21_base"], sd=sd_path, control=control_path)
+    return model.to(device).eval()

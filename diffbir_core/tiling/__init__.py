@@ -2,7 +2,7 @@
 
 windows: tile windows, Gaussian weights, the blend loop, progress events; cleaner: stage 1 tile by tile;
 vae_blend: the official Gaussian-blend tiled VAE; vae_sync: the seam-free VAE (shared GroupNorm statistics);
-denoiser: the tiled model placed under `samplers.CFGDenoiser`; plan: the memory model and `auto_tiling`.
+denoiser: the tiled model placed under `diffusion.cfg.CFGDenoiser`; plan: the memory model and `auto_tiling`.
 The VAE runner that picks a VAE tiling is `models.vae_runner`; speed options are `diffbir_core.speed`.
 
 The public names of these submodules are exported lazily (module ``__getattr__``): importing the package imports
@@ -26,18 +26,6 @@ _EXPORTS = {
     ".plan": ("STAGE_BYTES_PER_PIXEL", "STAGE_OVERHEAD", "RUNTIME_BYTES_CPU", "estimate_stage_bytes", "model_bytes",
               "memory_budget_bytes", "TilingPlan", "auto_tiling"),
 }
-
-# ----------------------------------------------------------------------------------------------------------
-# TEMPORARY (removed at merge): re-exports for files owned by other branches
-# (pipeline.py, sampling.py, restore.py, eval/bench.py still import these from `.tiling`; new homes below)
-# ----------------------------------------------------------------------------------------------------------
-_EXPORTS.update({
-    "..speed": ("SpeedOptions", "set_attention", "autocast_for", "apply_speed_options", "offload"),
-    "..models.vae_runner": ("VAETiling", "VAERunner", "decode_differentiable", "PosteriorCache"),
-    "..models.text": ("TextEmbeddingCache",),
-    "._temporary": ("TiledDenoiser",),
-})
-# ----------------------------------------------------------------------------------------- end TEMPORARY
 
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = list(_HOME)

@@ -1,6 +1,6 @@
 """Tiled diffusion: the raw model call ``(x_t, t, cond) -> eps or v`` run tile by tile, fused with Gaussian weights.
 
-``TiledModel`` is a drop-in for the model under `samplers.CFGDenoiser`:
+``TiledModel`` is a drop-in for the model under `diffusion.cfg.CFGDenoiser`:
 ``CFGDenoiser(TiledModel(model, tile=64, stride=48), cond, uncond, s, batched=True)``. It crops x_t and every
 spatial condition (c_img) to each latent tile, shares the rest (c_txt), and fuses the tile outputs with
 `windows.gaussian_weights`. CFG stays in `CFGDenoiser` (one implementation); CFG and the fusion are both linear,

@@ -71,7 +71,7 @@ class TrainConfig:
     cleaner_overrides: Mapping[str, Any] = field(default_factory=dict)
     control_init: str | None = None  # start from an official control-branch checkpoint instead of the UNet
     prediction: str = "eps"  # "eps" | "v"
-    diffusion: str = "v2"  # a key of diffbir_core.schedule.DIFFUSION_PRESETS (betas, zero-SNR)
+    diffusion: str = "v2"  # a key of diffbir_core.diffusion.schedule.DIFFUSION_PRESETS (betas, zero-SNR)
     prompt: str = ""  # training caption for every image (v1: empty)
     prompt_dropout: float = 0.0  # probability of replacing the prompt by ""
     noise_aug_timestep: int = 0  # > 0: noise the condition latent with t' ~ U[0, this)

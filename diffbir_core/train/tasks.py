@@ -26,7 +26,7 @@ from diffbir_core.imageio import crop_to, pad_to_multiple
 from diffbir_core.models import ldm
 from diffbir_core.models.ldm import export_control_official, load_control
 from diffbir_core.models.swinir import SwinIR, load_swinir
-from diffbir_core.schedule import DIFFUSION_PRESETS, make_training_schedule
+from diffbir_core.diffusion.schedule import DIFFUSION_PRESETS, make_training_schedule
 from diffbir_core.weights import WEIGHTS, resolve
 
 from .config import TrainConfig, stage2_config, swinir_config_for

@@ -1,30 +1,17 @@
-"""Diffusion noise schedules: training betas, zero-terminal-SNR rescale, IDDPM respacing.
+"""Diffusion noise schedules: SD 2.1 training betas, zero-terminal-SNR rescale, IDDPM respacing, DDIM, EDM sigmas.
 
-What it is
-    The discrete variance-preserving schedule that Stable Diffusion 2.1 / DiffBIR were trained with
-    (T = 1000, betas linear in sqrt space from 0.00085 to 0.012) and the "respaced" schedule the
-    official ``SpacedSampler`` builds from it for an N-step sampler (IDDPM, Nichol & Dhariwal 2021).
-    All buffers are computed in float64 and stored as float32 exactly like the official code
-    (``Sampler.register`` casts with ``torch.tensor(value, dtype=torch.float32)``).
-
-Paper equations
-    q(z_t | z_0) = N(sqrt(abar_t) z_0, (1 - abar_t) I)            (forward process used by eq. 5)
-    z0_hat = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)           (eq. 5; coefficients sqrt_recip*)
-    posterior q(z_{t-1} | z_t, z0_hat): mean = coef1 z0_hat + coef2 z_t, variance = posterior_variance
+T = 1000, betas linear in sqrt space 0.00085 -> 0.012; q(z_t | z_0) = N(sqrt(abar_t) z_0, (1 - abar_t) I);
+posterior mean = coef1 z0_hat + coef2 z_t (eq. 5 coefficients). Buffers in float64, stored float32 as the
+official ``Sampler.register``.
 
 Mirrors
-    * ``make_beta_schedule("linear", ...)`` of ``model/gaussian_diffusion.py`` (v2.0.0 and HEAD),
-    * ``enforce_zero_terminal_snr`` of HEAD ``diffbir/model/gaussian_diffusion.py`` (v2.1, Lin et al. 2023),
-    * ``space_timesteps`` (IDDPM ``respace.py``) and ``SpacedSampler.make_schedule`` of v2.0.0
-      ``utils/sampler.py`` / HEAD ``diffbir/sampler/spaced_sampler.py``,
-    * ``Diffusion.q_sample`` with the float32 ``sqrt_alphas_cumprod`` buffers (used by "better start").
-
-Deliberate deviation
-    ``make_spaced_schedule(betas, 1)`` raises ``ValueError``: the official code crashes there with an
-    ``IndexError`` (``posterior_variance[1]`` of a length-1 array), and a single respaced step would keep
-    only t = 0, i.e. treat pure noise as an (almost) clean latent. Use at least 2 steps.
-    ``make_edm_schedule`` clamps abar_{T-1} to >= 1e-8 instead of overwriting it with 1e-8 (identical for
-    the zero-SNR v2.1 schedule; see its docstring; ``official_sigma_max=True`` restores the overwrite).
+    * make_beta_schedule("linear") of model/gaussian_diffusion.py (v2.0.0, HEAD); enforce_zero_terminal_snr of
+      HEAD diffbir/model/gaussian_diffusion.py (v2.1; Lin et al. 2023, = diffusers rescale_zero_terminal_snr);
+    * space_timesteps (IDDPM respace.py, as copied by DiT) and SpacedSampler.make_schedule of v2.0.0
+      utils/sampler.py / HEAD diffbir/sampler/spaced_sampler.py; Diffusion.q_sample (float32 buffers).
+    Deviations: ``make_spaced_schedule(betas, 1)`` raises ValueError (officially an IndexError; one respaced
+    step would keep only t = 0); ``make_edm_schedule`` clamps abar_{T-1} >= 1e-8 instead of overwriting it
+    (identical for zero-SNR v2.1; ``official_sigma_max=True`` restores the overwrite).
 """
 from __future__ import annotations
 

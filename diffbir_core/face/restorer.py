@@ -1,29 +1,17 @@
-"""Face restoration driver: aligned 512 crops, or whole photos (detect -> align -> restore -> paste back).
+"""Face restoration with plain callables: aligned 512 crops, or whole photos (detect -> align -> restore -> paste).
 
-Mirrors the official DiffBIR face loops (``diffbir/inference/bfr_loop.py`` for aligned faces,
-``unaligned_bfr_loop.py`` + ``utils/face.py`` for whole photos) with any restorer plugged in as plain
-callables:
+    face_fn(face_512_hwc01) -> face_512_hwc01          (diffusion, a cleaner, identity...)
+    background_fn(img_hwc01, (H, W)) -> img_HxWx3_01   (the general path, a cleaner, bicubic)
+Whole photo (`FaceRestorer.restore_whole`): 1. output size = round(input x upscale), crops from the bicubic
+upscale; 2. detect faces + 5 landmarks (`detect.py`), drop eye distance < ``min_eye_distance``, keep the centre
+face or the ``max_faces`` largest; 3. per face: similarity onto the FFHQ-512 template (`align.py`), warp,
+``face_fn``; 4. ``background_fn`` (no face: the background is the result, with a notice); 5. paste through
+M^-1 with feather (or min(parsing, feather)) x validity mask. Aligned: resize to 512, ``face_fn``, resize to
+input x upscale. Options: `config.FaceOptions`; detector / parser: `FaceModels` (cached by `FacePipeline`).
 
-    face_fn(face_512_hwc01) -> face_512_hwc01          (the face preset: diffusion, a cleaner, identity...)
-    background_fn(img_hwc01, (H, W)) -> img_HxWx3_01   (the general path: diffusion, cleaner, bicubic)
-
-Whole-photo procedure (`FaceRestorer.restore_whole`):
-    1. output size (H, W) = round(input size x upscale); crops come from the bicubic-upscaled input
-       (as the official loop), so every geometric step happens in output pixels.
-    2. detect faces + 5 landmarks on the input (`detect.py` backends), drop faces with eye distance
-       below ``min_eye_distance`` (official ``eye_dist_threshold=5``), keep the centre face or the
-       ``max_faces`` largest, map landmarks to output pixels.
-    3. per face: similarity M onto the FFHQ-512 template of the landmark kind (`align.py`), crop
-       ``warp(up, M)``, restore with ``face_fn``.
-    4. background = ``background_fn(input, (H, W))``; no face found -> the background is the result
-       (with a notice).
-    5. paste each restored face through ``M^-1`` with a soft mask = feather square (or
-       min(parsing mask, feather square) with facexlib parsing, as the official helper) x validity
-       (zero where the crop saw outside the image).
-
-With identity callables and upscale 1 the result equals the input up to the bicubic warp round trip
-(tests/test_face.py bounds it). Aligned mode resizes a non-512 crop to 512, restores it and resizes
-the result to input size x upscale.
+Mirrors: official HEAD diffbir/inference/bfr_loop.py (aligned), unaligned_bfr_loop.py + diffbir/utils/face.py
+(whole photos; facexlib FaceRestoreHelper; v2.0.0 utils/face_restoration_helper.py, v1 inference_face.py).
+With identity callables and upscale 1 the result is the input up to the warp round trip (tests/test_face.py).
 """
 from __future__ import annotations
 
@@ -33,57 +21,30 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
+from ..cleaners import load_cleaner
+from ..config import FACE_MASKS, FaceOptions
+from ..imageio import resize, to_numpy, to_tensor
 from . import align
-from .detect import BACKENDS, DetectedFace, FaceBackendError
+from .detect import DetectedFace, FaceBackendError, FaceParser, load_backend
 
 __all__ = [
-    "FaceParams", "FaceInfo", "FaceResult", "FaceRestorer", "restore_faces", "MASKS",
+    "FaceModels", "FaceInfo", "FaceResult", "FaceRestorer", "restore_faces", "MASKS",
     "bicubic_background", "cleaner_background_fn", "cleaner_face_fn", "background_fn_for", "face_fn_for",
-    "looks_aligned", "restore_face_task",
+    "looks_aligned",
 ]
 
-MASKS = ("parsing", "feather")
+MASKS = FACE_MASKS
 FaceFn = Callable[[np.ndarray], np.ndarray]
 BackgroundFn = Callable[[np.ndarray, tuple[int, int]], np.ndarray]
 
 
-@dataclass(frozen=True)
-class FaceParams:
-    """Face-mode options (nested by the global RestoreParams).
-
-    upscale: output size = input size x upscale (both modes).
-    only_center_face: keep only the face nearest the image centre (official ``only_center_face``).
-    max_faces: keep at most this many faces (the largest by eye distance); None = all.
-    backend: "auto" (facexlib if its weights are there, else dlib, with a notice) | "dlib" | "facexlib".
-    mask: "parsing" (facexlib ParseNet; falls back to "feather" with a notice) | "feather".
-    aligned: True = input is an aligned face crop; False = whole photo; None = decide (`looks_aligned`).
-    min_eye_distance: faces whose eyes are closer than this (input pixels) are skipped.
-    keep_crops: keep each face's LQ crop and restored crop in the result.
-    """
-
-    upscale: float = 1.0
-    only_center_face: bool = False
-    max_faces: int | None = 20
-    backend: str = "auto"
-    mask: str = "parsing"
-    aligned: bool | None = None
-    min_eye_distance: float = 5.0
-    keep_crops: bool = True
-
-    def __post_init__(self):
-        if not (isinstance(self.upscale, (int, float)) and math.isfinite(self.upscale) and 0 < self.upscale <= 16):
-            raise ValueError(f"face upscale must be a number in (0, 16], got {self.upscale!r}")
-        if self.max_faces is not None and (not isinstance(self.max_faces, int) or self.max_faces < 1):
-            raise ValueError(f"max_faces must be a positive integer or None (no limit), got {self.max_faces!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"face backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.mask not in MASKS:
-            raise ValueError(f"face mask must be one of {', '.join(MASKS)}, got {self.mask!r}")
-        if self.aligned not in (True, False, None):
-            raise ValueError(f"aligned must be True, False or None (auto), got {self.aligned!r}")
-        if not self.min_eye_distance >= 0:
-            raise ValueError(f"min_eye_distance must be >= 0, got {self.min_eye_distance!r}")
+def _check_upscale(upscale: Any) -> float:
+    if isinstance(upscale, bool) or not (isinstance(upscale, (int, float)) and math.isfinite(upscale)
+                                         and 0 < upscale <= 16):
+        raise ValueError(f"face upscale must be a number in (0, 16], got {upscale!r}")
+    return float(upscale)
 
 
 @dataclass
@@ -121,8 +82,6 @@ class FaceResult:
 
 def _resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """HxWx3 float image -> ``size`` (H, W), antialiased bicubic (`imageio.resize`)."""
-    from ..imageio import resize, to_numpy, to_tensor
-
     if img.shape[:2] == tuple(size):
         return np.asarray(img, dtype=np.float32)
     return to_numpy(resize(to_tensor(img), tuple(size)))
@@ -135,10 +94,6 @@ def bicubic_background(img: np.ndarray, out_size: tuple[int, int]) -> np.ndarray
 
 def cleaner_background_fn(cleaner: Callable) -> BackgroundFn:
     """Wrap a cleaner (``cleaner(x_1x3xHxW, out_size=(H, W)) -> 1x3xHxW``) as a background_fn."""
-    import torch
-
-    from ..imageio import to_numpy, to_tensor
-
     def background_fn(img: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
         with torch.inference_mode():
             return to_numpy(cleaner(to_tensor(img), out_size=tuple(out_size)))
@@ -153,10 +108,6 @@ def cleaner_face_fn(cleaner: Callable, in_size: int | None = None) -> FaceFn:
     for super-resolution cleaners such as the x4 RRDBNet, whose cost grows with the input size; the
     crop comes from a bicubic upscale, so little is lost).
     """
-    import torch
-
-    from ..imageio import to_numpy, to_tensor
-
     size = in_size or max(1, align.FACE_SIZE // max(1, int(getattr(cleaner, "scale", 1) or 1)))
 
     def face_fn(face: np.ndarray) -> np.ndarray:
@@ -171,8 +122,6 @@ def background_fn_for(kind: str, **cleaner_kw) -> BackgroundFn:
     """"bicubic", or any cleaner name of `diffbir_core.cleaners.load_cleaner` (e.g. "offline")."""
     if kind == "bicubic":
         return bicubic_background
-    from ..cleaners import load_cleaner
-
     return cleaner_background_fn(load_cleaner(kind, **cleaner_kw))
 
 
@@ -180,8 +129,6 @@ def face_fn_for(kind: str, **cleaner_kw) -> FaceFn:
     """A face_fn from a cleaner name (e.g. "offline"); "identity" returns the crop unchanged."""
     if kind == "identity":
         return lambda face: face
-    from ..cleaners import load_cleaner
-
     return cleaner_face_fn(load_cleaner(kind, **cleaner_kw))
 
 
@@ -246,28 +193,22 @@ def looks_aligned(img: np.ndarray, backend=None) -> tuple[bool, str]:
     return False, f"{w}x{h}: {len(faces)} face(s) found, none on the FFHQ template"
 
 
-class FaceRestorer:
-    """Face restoration with cached detector / parser. ``restorer(img, face_fn, background_fn)``."""
+class FaceModels:
+    """The face detector and parser for one backend choice, built on first use (shared by many restores)."""
 
-    def __init__(self, params: FaceParams | None = None, *, backend=None, parser=None, device="cpu",
-                 model_dir=None):
-        self.params = params or FaceParams()
-        self.device = device
-        self.model_dir = model_dir
+    def __init__(self, backend_name: str = "auto", *, backend=None, parser=None, device="cpu", model_dir=None):
+        self.backend_name, self.device, self.model_dir = backend_name, device, model_dir
         self._backend = backend
         self._parser = parser
         self._parser_tried = parser is not None
-        self._load_notices: list[str] = []
+        self.load_notices: list[str] = []
 
-    # ------------------------------------------------------------------ lazily built models
     @property
     def backend(self):
         """The face detector (built on first use; raises `FaceBackendError` when none works)."""
         if self._backend is None:
-            from .detect import load_backend
-
-            self._backend, notes = load_backend(self.params.backend, model_dir=self.model_dir, device=self.device)
-            self._load_notices += notes
+            self._backend, notes = load_backend(self.backend_name, model_dir=self.model_dir, device=self.device)
+            self.load_notices += notes
         return self._backend
 
     @property
@@ -275,22 +216,47 @@ class FaceRestorer:
         """facexlib face parser, or None (with a notice) when its weights are not available."""
         if not self._parser_tried:
             self._parser_tried = True
-            from .detect import FaceParser
-
             try:
                 self._parser = FaceParser(self.model_dir, device=self.device)
             except FaceBackendError as e:
                 why = str(e).splitlines()[0].removeprefix("facexlib face backend: ")
-                self._load_notices.append(f"face parsing unavailable ({why}); "
-                                          "pasting faces with a feathered square mask")
+                self.load_notices.append(f"face parsing unavailable ({why}); "
+                                         "pasting faces with a feathered square mask")
         return self._parser
+
+
+class FaceRestorer:
+    """One face restore configuration: ``FaceRestorer(options, upscale=...)(img, face_fn, background_fn)``.
+
+    ``models``: a shared `FaceModels` (default: a new one for ``options.backend``; ``backend`` / ``parser``
+    inject ready models). The options are fixed for the restorer's life (build another for other options).
+    """
+
+    def __init__(self, options: FaceOptions | None = None, *, upscale: float = 1.0, models: FaceModels | None = None,
+                 backend=None, parser=None, device="cpu", model_dir=None):
+        self.options = options if options is not None else FaceOptions()
+        if not isinstance(self.options, FaceOptions):
+            raise TypeError(f"options must be a config.FaceOptions, got {type(self.options).__name__}")
+        self.upscale = _check_upscale(upscale)
+        if models is not None and (backend is not None or parser is not None):
+            raise ValueError("pass either models= or backend= / parser=, not both")
+        self.models = models or FaceModels(self.options.backend, backend=backend, parser=parser, device=device,
+                                           model_dir=model_dir)
+
+    @property
+    def backend(self):
+        return self.models.backend
+
+    @property
+    def parser(self):
+        return self.models.parser
 
     # ------------------------------------------------------------------ entry points
     def __call__(self, img: np.ndarray, face_fn: FaceFn, background_fn: BackgroundFn | None = None) -> FaceResult:
         img = _as_rgb01(img)
         t0 = time.perf_counter()
         notices: list[str] = []
-        aligned = self.params.aligned
+        aligned = self.options.aligned
         if aligned is None:
             try:
                 backend = self.backend
@@ -304,7 +270,7 @@ class FaceRestorer:
             res = self.restore_aligned(img, face_fn)
         else:
             res = self.restore_whole(img, face_fn, background_fn)
-        res.notices[:0] = [n for n in self._load_notices + notices if n not in res.notices]
+        res.notices[:0] = [n for n in self.models.load_notices + notices if n not in res.notices]
         res.timings["decide"] = t_decide
         res.timings["total"] = time.perf_counter() - t0
         return res
@@ -314,7 +280,7 @@ class FaceRestorer:
         img = _as_rgb01(img)
         h, w = img.shape[:2]
         s = align.FACE_SIZE
-        out_hw = (max(1, round(h * self.params.upscale)), max(1, round(w * self.params.upscale)))
+        out_hw = (max(1, round(h * self.upscale)), max(1, round(w * self.upscale)))
         notices = []
         face = img
         if (h, w) != (s, s):
@@ -330,12 +296,12 @@ class FaceRestorer:
                         landmarks=align.template_for("retinaface5") * np.array([out_hw[1] / s, out_hw[0] / s]),
                         kind="retinaface5", affine=np.array([[s / out_hw[1], 0, 0], [0, s / out_hw[0], 0]]),
                         align_error_px=0.0, seconds=dt,
-                        cropped=face if self.params.keep_crops else None,
-                        restored=out if self.params.keep_crops else None)
+                        cropped=face if self.options.keep_crops else None,
+                        restored=out if self.options.keep_crops else None)
         return FaceResult(image=out, mode="aligned", faces=[info], notices=notices, timings={"faces": dt})
 
     def _select(self, faces: list[DetectedFace], hw: tuple[int, int], notices: list[str]) -> list[DetectedFace]:
-        p = self.params
+        p = self.options
         kept = [f for f in faces if f.eye_distance >= p.min_eye_distance]
         if len(kept) < len(faces):
             notices.append(f"skipped {len(faces) - len(kept)} face(s) with eye distance < {p.min_eye_distance:g} px")
@@ -354,10 +320,10 @@ class FaceRestorer:
     def restore_whole(self, img: np.ndarray, face_fn: FaceFn, background_fn: BackgroundFn | None = None) -> FaceResult:
         """Whole photo: steps 1-5 of the module docstring."""
         img = _as_rgb01(img)
-        p = self.params
+        p = self.options
         background_fn = background_fn or bicubic_background
         h, w = img.shape[:2]
-        out_hw = (max(1, round(h * p.upscale)), max(1, round(w * p.upscale)))  # 1. output size
+        out_hw = (max(1, round(h * self.upscale)), max(1, round(w * self.upscale)))  # 1. output size
         timings: dict[str, float] = {}
         notices: list[str] = []
 
@@ -403,74 +369,11 @@ class FaceRestorer:
             canvas = align.paste_face(canvas, out, m, mask)
         timings["paste"] = time.perf_counter() - t
         return FaceResult(image=np.clip(canvas, 0.0, 1.0), mode="whole", faces=infos,
-                          notices=list(self._load_notices) + notices, background=bg, backend=backend.name,
+                          notices=list(self.models.load_notices) + notices, background=bg, backend=backend.name,
                           timings=timings)
 
 
 def restore_faces(img: np.ndarray, face_fn: FaceFn, background_fn: BackgroundFn | None = None,
-                  params: FaceParams | None = None, **restorer_kw) -> FaceResult:
-    """One-shot face restore (builds a `FaceRestorer`; keep one yourself to reuse its models)."""
-    return FaceRestorer(params, **restorer_kw)(img, face_fn, background_fn)
-
-
-# ---------------------------------------------------------------------------------------------------
-# bridge for DiffBIRPipeline.restore(task="face")
-
-
-def restore_face_task(pipeline, loaded, params, callback=None):
-    """Run face mode for `DiffBIRPipeline` with a global ``RestoreParams`` (``params.face`` options).
-
-    face_fn: the task's face cleaner at 512 (+ stage 2 when the preset uses diffusion).
-    background_fn per ``params.face.background``: "general" (the pipeline's sr path), "offline"
-    (the offline cleaner) or "bicubic". The FaceRestorer is cached on the pipeline.
-    """
-    import random
-
-    import torch
-
-    from ..imageio import to_numpy, to_tensor
-    from ..pipeline import RestoreResult
-
-    fo = params.face
-    fp = FaceParams(upscale=float(params.upscale), only_center_face=bool(getattr(fo, "only_center_face", False)),
-                    max_faces=getattr(fo, "max_faces", 20), backend=getattr(fo, "backend", "auto"),
-                    mask=getattr(fo, "mask", "parsing"), aligned=getattr(fo, "aligned", None))
-    cache = getattr(pipeline, "_face_restorers", None)
-    if cache is None:
-        cache = {}
-        pipeline._face_restorers = cache  # one FaceRestorer (detector, parser) per backend/mask/device
-    key = (fp.backend, fp.mask, str(pipeline.device))
-    if key not in cache:
-        cache[key] = FaceRestorer(fp, device=pipeline.device)
-    restorer = cache[key]
-    restorer.params = fp
-    seed = params.seed if params.seed is not None else random.randrange(2**31)
-    cleaner = pipeline.cleaner(params.cleaner_for_task())
-    s = align.FACE_SIZE
-
-    if params.uses_diffusion:
-        def face_fn(face: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                clean = cleaner(to_tensor(face, pipeline.device), out_size=(s, s), clamp=False)  # 1x3x512x512
-            return to_numpy(pipeline.run_stage2(clean, params, seed=seed, callback=callback))
-    else:
-        face_fn = cleaner_face_fn(cleaner)
-
-    bg_kind = getattr(fo, "background", "general")
-    if bg_kind == "bicubic":
-        background_fn = bicubic_background
-    elif bg_kind == "offline":
-        background_fn = cleaner_background_fn(pipeline.cleaner("offline"))
-    else:
-        sr = params.replace(task="sr")
-
-        def background_fn(img: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
-            return _resize(pipeline.restore(img, sr, callback=callback).image, out_size)
-
-    res = restorer(loaded.rgb, face_fn, background_fn)
-    alpha = loaded.alpha
-    if alpha is not None and alpha.shape[:2] != res.image.shape[:2]:
-        alpha = _resize(np.repeat(alpha[..., None], 3, axis=2), res.image.shape[:2])[..., 0]
-    return RestoreResult(image=res.image, stage1=res.background if res.background is not None else res.image,
-                         alpha=alpha, seed=seed, params=params, notices=res.notices, timings=res.timings,
-                         extra={"face_mode": res.mode, "faces": res.faces, "face_backend": res.backend})
+                  options: FaceOptions | None = None, *, upscale: float = 1.0, **restorer_kw) -> FaceResult:
+    """One-shot face restore (builds a `FaceRestorer`; keep one, or a `FaceModels`, to reuse the models)."""
+    return FaceRestorer(options, upscale=upscale, **restorer_kw)(img, face_fn, background_fn)

@@ -1,45 +1,17 @@
-"""Latent image guidance (restoration guidance), paper section 3.3, eqs. 5-6.
+"""Latent image guidance (restoration guidance), paper section 3.3, eqs. 5-6, as a callable on z0_hat.
 
-What it is
-    A callable that corrects the sampler's clean-latent prediction z0_hat (eq. 5) toward the stage-1
-    result I_reg: with D = sum_b mean_{C,H,W}( w * (pred - target)^2 ) (eq. 6; w = 1 for plain MSE) and
-    g = -scale_int * dD/dpred, the correction delta is g itself (space "latent": pred = z0_hat,
-    target = E(I_reg)) or the vector-Jacobian product of the VAE decoder at z0_hat with g (space "rgb":
-    pred = decode(z0_hat), target = I_reg in [-1, 1]).
+D = sum_b mean_{C,H,W}( w (pred - target)^2 ) (eq. 6; w = 1 for MSE), g = -scale_int dD/dpred; the correction
+is g (space "latent": pred = z0_hat, target = E(I_reg)) or the decoder VJP at z0_hat with g (space "rgb").
+Samplers call ``guidance(pred_x0, t=t, x0_coef=c, noise=noise_fn) -> GuidanceOutput`` and build their update
+from ``update_pred_x0`` plus ``state_shift`` (see `LatentImageGuidance` for every sampler's x0_coef).
 
 Mirrors
-    * rule "v2": DiffBIR v2.0.0 ``utils/cond_fn.py`` (``MSEGuidance``, ``WeightedMSEGuidance``) as applied by
-      ``SpacedSampler.apply_cond_fn``: scale_int = 3000 * scale; for r = 1..repeat: z0_hat += delta_r / coef,
-      where coef is the coefficient of z0_hat in the sampler update (coef1 of the posterior mean for the
-      spaced DDPM sampler), so the update moves by exactly sum_r delta_r. In latent space every repeat
-      re-encodes the target with a NEW posterior sample (one noise draw per repeat, before the step's draw).
-    * rule "v1": DiffBIR v1 ``model/spaced_sampler.py``: scale_int = scale (no x3000), no 1/coef rescale;
-      every repeat adds delta to z0_hat and 0.5 * delta to the ALREADY COMPUTED update (the mean is not
-      recomputed from the guided z0_hat).
-    * guidance window: with t the original timestep, guidance runs iff t_stop < t + 1 < t_start.
-
-Interface with the samplers (``diffbir_core.samplers``)
-    ``guidance(pred_x0, t=t, x0_coef=c, noise=noise_fn) -> GuidanceOutput``. The sampler then builds its
-    update from ``out.update_pred_x0`` (v2: the guided z0_hat; v1: the unguided one) and adds
-    ``out.state_shift`` (v1: 0.5 * sum delta; v2: None) to the result.
-
-How it is applied to samplers other than spaced DDPM
-    Every sampler here is written in terms of the model's clean prediction z0_hat (k-diffusion's
-    "denoised"); guidance replaces that prediction inside the step, which is the same as replacing the
-    noise prediction by eps' = (z_t - sqrt(abar) z0_hat') / sqrt(1 - abar) (classifier-guidance style).
-    ``x0_coef`` is the coefficient with which z0_hat enters that step's update:
-      * spaced DDPM: posterior coef1[i] (exactly the official v2.0.0 rescale),
-      * DDIM: sqrt(abar_prev) - sqrt(1 - abar_prev - sigma^2) * sqrt(abar) / sqrt(1 - abar) (eps is re-derived
-        from the guided z0_hat, so this is the exact coefficient; it equals coef1 for the DDPM variance),
-      * EDM / DPM-Solver++ samplers (state x = z / alpha, sigma = sqrt((1-abar)/abar)): the first-order
-        coefficient 1 - (sigma_next / sigma)^(1 + eta) (1 at the last step); the multistep corrections use the
-        guided denoised values as their history. So the rule-v2 update still moves the state by ~sum delta.
-
-Deliberate deviation: weighted MSE in latent space
-    The official ``WeightedMSEGuidance`` crashes in latent space (its 3-channel gray kernel meets the
-    4-channel latent: "The size of tensor a (4) must match the size of tensor b (3)"). Here the weight map is
-    computed on the RGB target, as in rgb space, and average-pooled to the latent resolution (each latent
-    pixel summarises an 8x8 pixel patch), then shared by all latent channels. rgb-space WMSE is unchanged.
+    * rule "v2": v2.0.0 utils/cond_fn.py (MSEGuidance, WeightedMSEGuidance) via SpacedSampler.apply_cond_fn:
+      scale x3000, z0_hat += delta / coef per repeat; latent space re-encodes the target with a new posterior
+      sample per repeat (one draw each, before the step's draw).
+    * rule "v1": v1 model/spaced_sampler.py: no x3000, no 1/coef; each repeat adds delta to z0_hat and
+      0.5 delta to the already computed update. Window: runs iff t_stop < t + 1 < t_start.
+    Deviation: latent-space WMSE (crashes officially, 3- vs 4-channel) pools the RGB weight map to the latent.
 """
 from __future__ import annotations
 
@@ -115,6 +87,18 @@ def wmse_weight_map(img01: Tensor, block_size: int = 2) -> Tensor:
 
 class LatentImageGuidance:
     """Restoration guidance as a callable on z0_hat (see the module docstring).
+
+    Other samplers than spaced DDPM: every sampler here is written in terms of z0_hat (k-diffusion's
+    "denoised"); guidance replaces it inside the step (= eps' = (z_t - sqrt(abar) z0_hat') / sqrt(1 - abar),
+    classifier-guidance style). ``x0_coef`` is the coefficient of z0_hat in that step's update: spaced DDPM
+    posterior coef1[i] (the official v2.0.0 rescale); DDIM sqrt(abar_prev) - sqrt(1 - abar_prev - sigma^2)
+    sqrt(abar) / sqrt(1 - abar) (eps re-derived from the guided z0_hat); EDM / DPM-Solver++ (x = z / alpha)
+    the first-order coefficient 1 - (sigma_next / sigma)^(1 + eta) (1 at the last step), multistep history
+    from the guided values. So a rule-v2 update still moves the state by ~sum delta.
+
+    Weighted MSE in latent space (deliberate deviation): the official ``WeightedMSEGuidance`` crashes there
+    ("The size of tensor a (4) must match the size of tensor b (3)"); here the RGB weight map is
+    average-pooled to the latent resolution (one latent pixel per 8x8 patch) and shared by the 4 channels.
 
     Args:
         target_rgb_m11: stage-1 output I_reg in [-1, 1], RGB, [B,3,H,W] (official: clean * 2 - 1).

@@ -1,175 +1,48 @@
-"""Samplers for the stage-2 latent diffusion: spaced DDPM, DDIM, DPM-Solver++(2M), DPM-Solver++(3M) SDE.
+"""Samplers as pure functions ``sample_*(denoiser, x_T, schedule, ...) -> z_0`` (k-diffusion style).
 
-What it is
-    Pure functions ``sample_*(denoiser, x_T, schedule, ...) -> z_0`` over a denoiser callable
-    ``denoiser(x, t_int64[B]) -> model output`` (eps or v, conditioning already bound), plus the
-    classifier-free-guidance wrapper ``CFGDenoiser``, injectable noise sources (``TorchNoise``,
-    ``ReplayNoise``) and the v2.0.0 "better start" initial latent. Restoration guidance
-    (``diffbir_core.guidance``) plugs in as a callable on the clean prediction z0_hat.
-
-Paper equations
-    eq. 5: z0_hat = sqrt(1/abar) z_t - sqrt(1/abar - 1) eps      (eps-prediction)
-           z0_hat = sqrt(abar) z_t - sqrt(1 - abar) v             (v-prediction, v2.1)
-    posterior q(z_{t-1} | z_t, z0_hat) = N(coef1 z0_hat + coef2 z_t, posterior_variance)  (spaced DDPM)
-    CFG: out = out_u + s (out_c - out_u)
+spaced DDPM, DDIM, DPM-Solver++(2M), DPM-Solver++(3M) SDE over ``denoiser(x, t_int64[B]) -> eps or v``
+(CFG and conditioning already bound, `cfg.CFGDenoiser`); noise from an injectable source (`noise.py`);
+restoration guidance (`guidance.py`) is a callable on z0_hat (eq. 5) inside each step. `run_sampler` picks
+one by its official ``--sampler`` name (`SAMPLER_NAMES`, the one list; `config.SAMPLERS` is this tuple).
 
 Mirrors
-    * ``sample_spaced``: v2.0.0 ``utils/sampler.py`` ``SpacedSampler.p_sample``/``sample`` (with ``cond_fn``) and
-      HEAD ``diffbir/sampler/spaced_sampler.py`` (v-prediction, ``rescale_cfg``). Step k uses the original
-      timestep t = s_{N-1-k} for the model and the respaced index i = N-1-k for the coefficients; a noise
-      draw happens at EVERY step (also the last, where it is multiplied by 0), so seeded runs reproduce the
-      official random stream draw for draw.
-    * ``sample_ddim``: HEAD ``ddim_sampler.py`` (timesteps t+1, draws noise every step even for eta = 0).
-    * ``sample_dpmpp_2m`` / ``sample_dpmpp_3m_sde``: HEAD ``edm_sampler.py`` + its copy of k-diffusion
-      (``sample_dpmpp_2m``, ``sample_dpmpp_3m_sde``): state x = z / alpha in "sigma space", start
-      x = x_T sqrt(1 + sigma_0^2), denoised = c_skip x + c_out model(c_in x, t(sigma)) with the EDM
-      preconditioning for eps / v, t(sigma) = the discrete timestep whose schedule sigma is nearest.
-      Differences: sigma_max follows ``make_edm_schedule`` (abar_{T-1} clamped, not overwritten, with 1e-8;
-      identical for v2.1's zero-SNR schedule); the SDE noise comes from the injectable noise source (one
-      N(0,1) draw per stochastic step) instead of k-diffusion's torchsde Brownian tree (same distribution,
-      different stream); the k-diffusion NameError for a 1-step 3M-SDE run is avoided.
-    * ``CFGDenoiser``: cfg == 1 (or no uncond) evaluates only the conditional branch, like the official code;
-      ``rescale=True`` is HEAD ``Sampler.get_cfg_scale``: s(t) = 1 + s (1 - cos(pi ((1000 - t) / 1000)^5)) / 2
-      (exactly 1 at t = 999, so only the conditional branch runs there).
-    * ``better_start_x_T``: v2.0.0 ``Pipeline.run_stage2(better_start=True)``.
+    * sample_spaced: v2.0.0 utils/sampler.py:269-340 p_sample/sample, HEAD diffbir/sampler/spaced_sampler.py:162
+      (t = s_{N-1-k} for the model, respaced index N-1-k for the coefficients; a draw at EVERY step).
+    * sample_ddim: HEAD diffbir/sampler/ddim_sampler.py:105-175 (noise drawn every step even for eta = 0).
+    * sample_dpmpp_2m / sample_dpmpp_3m_sde: HEAD diffbir/sampler/edm_sampler.py:140 + its k-diffusion copy (EDM
+      preconditioning for eps / v, state x = z / alpha). Deviations: sigma_max via `make_edm_schedule`; SDE
+      noise from the noise source instead of torchsde's Brownian tree; no NameError for a 1-step 3M-SDE run.
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
-from .colorfix import wavelet_decomposition
 from .guidance import GuidanceOutput
-from .schedule import DDIMSchedule, EDMSchedule, Parameterization, SpacedSchedule, TrainingSchedule
+from .noise import NoiseFn, noise_source
+from .schedule import (
+    DDIMSchedule,
+    EDMSchedule,
+    Parameterization,
+    SpacedSchedule,
+    TrainingSchedule,
+    make_ddim_schedule,
+    make_edm_schedule,
+    make_spaced_schedule,
+)
 
 Tensor = torch.Tensor
 Denoiser = Callable[[Tensor, Tensor], Tensor]            # (x [B,C,h,w], t int64 [B]) -> eps or v
-NoiseFn = Callable[[tuple, Tensor], Tensor]              # (shape, like) -> N(0, 1) tensor
 Callback = Callable[["StepInfo"], None]
 Guidance = Callable[..., GuidanceOutput]                 # (pred_x0, *, t, x0_coef, noise) -> GuidanceOutput
 
-
-# ----------------------------------------------------------------------------------------------
-# noise sources
-# ----------------------------------------------------------------------------------------------
-class TorchNoise:
-    """N(0,1) draws from a private CPU ``torch.Generator`` (``seed`` None -> nondeterministic seed).
-
-    On CPU a generator seeded with s produces the same stream as ``torch.manual_seed(s)`` followed by
-    ``torch.randn_like``, so ``TorchNoise(seed)`` reproduces an official run seeded with s. Draws are made
-    on the CPU and moved to ``like``'s device/dtype, so results do not depend on the device.
-    """
-
-    def __init__(self, seed: int | None = None) -> None:
-        self.generator = torch.Generator(device="cpu")
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(int(seed))
-        self.count = 0
-
-    def __call__(self, shape: tuple, like: Tensor) -> Tensor:
-        self.count += 1
-        n = torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32)
-        return n.to(device=like.device, dtype=like.dtype)
+__all__ = ["SAMPLER_NAMES", "StepInfo", "run_sampler", "sample_spaced", "sample_ddim", "sample_dpmpp_2m",
+           "sample_dpmpp_3m_sde", "spaced_step", "ddim_step", "edm_denoise", "pred_x0_eps"]
 
 
-class NoiseReplayError(RuntimeError):
-    pass
-
-
-class ReplayNoise:
-    """Replays recorded draws in order; errors on a shape mismatch, when exhausted, or (``assert_exhausted``)
-    when recorded draws are left over."""
-
-    def __init__(self, draws: Sequence[Tensor]) -> None:
-        self._draws = list(draws)
-        self.used = 0
-
-    @classmethod
-    def from_tensors(cls, tensors: Mapping[str, Tensor], prefix: str = "noise.") -> ReplayNoise:
-        """All ``prefix``NNN entries of a fixture file, sorted by their number."""
-        keys = sorted((k for k in tensors if k.startswith(prefix)), key=lambda k: int(k[len(prefix):]))
-        return cls([tensors[k] for k in keys])
-
-    @property
-    def remaining(self) -> int:
-        return len(self._draws) - self.used
-
-    def __call__(self, shape: tuple, like: Tensor) -> Tensor:
-        if self.used >= len(self._draws):
-            raise NoiseReplayError(f"noise replay exhausted: draw #{self.used} requested but only "
-                                   f"{len(self._draws)} were recorded (the sampler draws more than the reference)")
-        n = self._draws[self.used]
-        if tuple(n.shape) != tuple(shape):
-            raise NoiseReplayError(f"noise replay draw #{self.used}: recorded shape {tuple(n.shape)} "
-                                   f"!= requested {tuple(shape)}")
-        self.used += 1
-        return n.to(device=like.device, dtype=like.dtype)
-
-    def assert_exhausted(self) -> None:
-        if self.remaining:
-            raise NoiseReplayError(f"{self.remaining} of {len(self._draws)} recorded noise draws were not used")
-
-
-def _noise_source(noise: NoiseFn | None, seed: int | None) -> NoiseFn:
-    if noise is not None and seed is not None:
-        raise ValueError("pass either noise= or seed=, not both")
-    return noise if noise is not None else TorchNoise(seed)
-
-
-# ----------------------------------------------------------------------------------------------
-# classifier-free guidance
-# ----------------------------------------------------------------------------------------------
-def rescaled_cfg_scale(cfg_scale: float, t: int, num_timesteps: int = 1000) -> float:
-    """HEAD ``Sampler.get_cfg_scale`` with rescale_cfg: 1 + s (1 - cos(pi ((T - t) / T)^5)) / 2 for s > 1."""
-    if cfg_scale <= 1:
-        return cfg_scale
-    return 1 + cfg_scale * ((1 - math.cos(math.pi * ((num_timesteps - t) / num_timesteps) ** 5.0)) / 2)
-
-
-class CFGDenoiser:
-    """denoiser(x, t) = out_u + s (out_c - out_u) around ``model(x, t, cond) -> eps or v``.
-
-    Only the conditional branch is evaluated when the scale in use is exactly 1 or ``uncond`` is None.
-    ``batched=True`` runs both branches in ONE forward with cond/uncond concatenated along the batch
-    (values of the two dicts are concatenated key by key; same numbers up to float rounding).
-    """
-
-    def __init__(self, model: Callable[[Tensor, Tensor, Any], Tensor], cond: Any, uncond: Any = None,
-                 scale: float = 1.0, *, rescale: bool = False, batched: bool = False,
-                 num_timesteps: int = 1000) -> None:
-        self.model, self.cond, self.uncond = model, cond, uncond
-        self.scale, self.rescale, self.batched = float(scale), rescale, batched
-        self.num_timesteps = num_timesteps
-        if batched and uncond is not None and not (isinstance(cond, Mapping) and isinstance(uncond, Mapping)):
-            raise ValueError("batched CFG needs cond and uncond as dicts of tensors")
-        if batched and uncond is not None and set(cond) != set(uncond):
-            raise ValueError(f"cond keys {sorted(cond)} != uncond keys {sorted(uncond)}")
-
-    def scale_at(self, t: int) -> float:
-        return rescaled_cfg_scale(self.scale, t, self.num_timesteps) if self.rescale else self.scale
-
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        s = self.scale_at(int(t[0]))
-        if self.uncond is None or s == 1.0:
-            return self.model(x, t, self.cond)
-        if self.batched:
-            both = {k: torch.cat([self.cond[k], self.uncond[k]]) for k in self.cond}
-            out_c, out_u = self.model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        else:
-            out_c = self.model(x, t, self.cond)
-            out_u = self.model(x, t, self.uncond)
-        return out_u + s * (out_c - out_u)
-
-
-# ----------------------------------------------------------------------------------------------
-# step record
-# ----------------------------------------------------------------------------------------------
 @dataclass
 class StepInfo:
     """What one sampler step saw and produced (passed to ``callback``; used by parity tests/previews).
@@ -262,7 +135,7 @@ def _run_steps(step_fn, denoiser: Denoiser, x_T: Tensor, schedule, parameterizat
                callback: Callback | None) -> Tensor:
     """Shared loop of the index-stepping samplers (spaced DDPM, DDIM): step k uses index N-1-k."""
     _check_param(parameterization)
-    noise = _noise_source(noise, seed)
+    noise = noise_source(noise, seed)
     x = x_T
     n = schedule.num_steps
     for k in range(n):
@@ -361,7 +234,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, *,
     """DPM-Solver++(2M) (k-diffusion ``sample_dpmpp_2m``, HEAD "edm_dpm++_2m"). Deterministic; ``noise`` is only
     used by latent-space guidance with sampled targets."""
     _check_param(parameterization)
-    noise = _noise_source(noise, seed)
+    noise = noise_source(noise, seed)
     sig = schedule.sigmas.to(x_T.device)
     x = _edm_start(x_T, schedule)
     old = None
@@ -400,7 +273,7 @@ def sample_dpmpp_3m_sde(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, 
     _check_param(parameterization)
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    noise = _noise_source(noise, seed)
+    noise = noise_source(noise, seed)
     sig = schedule.sigmas.to(x_T.device)
     x = _edm_start(x_T, schedule)
     d_1 = d_2 = h_1 = h_2 = None
@@ -445,32 +318,6 @@ def sample_dpmpp_3m_sde(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, 
 
 
 # ----------------------------------------------------------------------------------------------
-# better start (v2.0.0)
-# ----------------------------------------------------------------------------------------------
-def better_start_x_T(clean01: Tensor, encode: Callable[[Tensor, Tensor | None], Tensor],
-                     training: TrainingSchedule, noise: NoiseFn, *, latent_channels: int = 4,
-                     downscale: int = 8, official_range: bool = True) -> Tensor:
-    """x_T from the low-frequency part of the stage-1 image (v2.0.0 ``run_stage2(better_start=True)``).
-
-    (high, low) = wavelet_decomposition(clean01); z_0 = encode(low, eps_1) with a posterior sample
-    (draw 1; the official code encodes the [0,1] image directly, ``official_range=False`` encodes low*2-1);
-    x_T = sqrt(abar_{T-1}) z_0 + sqrt(1 - abar_{T-1}) eps_2 (draw 2) with the float32 training buffers.
-    ``encode(x, eps) -> scaled latent`` as in ``diffbir_core.guidance``.
-    """
-    if clean01.ndim != 4:
-        raise ValueError(f"clean image must be NCHW, got {tuple(clean01.shape)}")
-    b, _, h, w = clean01.shape
-    if h % downscale or w % downscale:
-        raise ValueError(f"image size {h}x{w} must be a multiple of {downscale}; pad it first")
-    _, low = wavelet_decomposition(clean01)
-    x_in = low if official_range else low * 2 - 1
-    eps1 = noise((b, latent_channels, h // downscale, w // downscale), clean01)
-    z0 = encode(x_in, eps1)
-    eps2 = noise(tuple(z0.shape), z0)
-    return training.q_sample(z0, training.num_timesteps - 1, eps2)
-
-
-# ----------------------------------------------------------------------------------------------
 # name -> sampler (the official --sampler names that are implemented here)
 # ----------------------------------------------------------------------------------------------
 SAMPLER_NAMES = ("spaced", "ddim", "edm_dpm++_2m", "edm_dpm++_3m_sde")
@@ -482,8 +329,6 @@ def run_sampler(name: Literal["spaced", "ddim", "edm_dpm++_2m", "edm_dpm++_3m_sd
                 eta: float | None = None, s_noise: float = 1.0) -> Tensor:
     """Build the schedule for ``name`` from the training schedule and run the sampler (parameterization from
     ``training``). ``eta`` defaults to the official ones: 0 for DDIM, 1 for 3M-SDE."""
-    from .schedule import make_ddim_schedule, make_edm_schedule, make_spaced_schedule
-
     p = training.parameterization
     kw = {"parameterization": p, "guidance": guidance, "noise": noise, "seed": seed, "callback": callback}
     if name == "spaced":

@@ -1,9 +1,13 @@
-"""Restore CLI: ``python -m diffbir_core.restore INPUT... --output DIR [--preset NAME] ...``.
+"""Restore CLI: ``python -m diffbir_core INPUT... --output DIR [--preset NAME] ...`` (`main`).
 
 INPUT may be files, folders (their images, sorted) or globs. Writes one PNG per input, named after
 it (``photo.jpg`` -> ``DIR/photo.png``), skips existing outputs unless ``--overwrite``, shows a
 progress bar and prints a one-line summary. Unreadable files are reported and skipped; the exit
 status is 1 when anything failed, 2 for usage errors (including missing weights).
+Flags are the flat names of `config.FLAT_NAMES` (``--cfg-scale`` -> ``cfg_scale``), mapped once by
+`RestoreParams.from_flat`; every image goes through `api.restore`.
+
+Mirrors: the official HEAD inference.py command line (--task, --upscale, --sampler, --cfg_scale, ...).
 """
 from __future__ import annotations
 
@@ -15,6 +19,24 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
+from . import api
+from .config import (
+    COLOR_FIXES,
+    FACE_BACKENDS,
+    FACE_BACKGROUNDS,
+    FACE_MASKS,
+    FLAT_NAMES,
+    PRESETS,
+    SAMPLERS,
+    TASKS,
+    RestoreParams,
+)
+from .imageio import IMAGE_EXTENSIONS, ImageReadError, read_image, save_image
+from .speed import SpeedOptions
+from .weights import WeightsError
+
 __all__ = ["main", "collect_inputs", "build_parser", "params_from_args"]
 
 
@@ -23,8 +45,6 @@ def collect_inputs(specs: list[str]) -> tuple[list[Path], list[str]]:
 
     Returns (files, problems): problems are inputs that matched nothing.
     """
-    from .imageio import IMAGE_EXTENSIONS
-
     files: list[Path] = []
     problems: list[str] = []
     for spec in specs:
@@ -53,9 +73,7 @@ def collect_inputs(specs: list[str]) -> tuple[list[Path], list[str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import COLOR_FIXES, PRESETS, SAMPLERS, TASKS
-
-    ap = argparse.ArgumentParser(prog="python -m diffbir_core.restore",
+    ap = argparse.ArgumentParser(prog="python -m diffbir_core",
                                  description="Restore images with DiffBIR (stage 1 cleaner + optional diffusion).")
     ap.add_argument("inputs", nargs="+", help="image files, folders or globs")
     ap.add_argument("-o", "--output", required=True, help="output folder (created if needed)")
@@ -86,18 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-stop", type=int, default=None, help="t_stop (default -1)")
     g.add_argument("--guidance-rule", choices=["v1", "v2"], default=None)
     f = ap.add_argument_group("faces")
-    f.add_argument("--aligned", action="store_true", default=None, help="inputs are aligned 512x512 face crops")
-    f.add_argument("--whole-photo", action="store_true", help="inputs are whole photos (detect faces)")
+    which = f.add_mutually_exclusive_group()
+    which.add_argument("--aligned", action="store_true", default=None, help="inputs are aligned 512x512 face crops")
+    which.add_argument("--whole-photo", action="store_true", help="inputs are whole photos (detect faces)")
     f.add_argument("--only-center-face", action="store_true", default=None)
     f.add_argument("--max-faces", type=int, default=None)
-    f.add_argument("--face-backend", choices=["auto", "dlib", "facexlib"], default=None)
-    f.add_argument("--background", choices=["general", "offline", "bicubic"], default=None,
+    f.add_argument("--face-backend", choices=FACE_BACKENDS, default=None)
+    f.add_argument("--background", choices=FACE_BACKGROUNDS, default=None,
                    help="how whole-photo mode restores the background (default: the preset's general path)")
-    f.add_argument("--face-mask", choices=["parsing", "feather"], default=None,
+    f.add_argument("--face-mask", choices=FACE_MASKS, default=None,
                    help="paste-back mask (parsing needs facexlib's ParseNet weights; falls back to feather)")
     t = ap.add_argument_group("tiling / memory")
-    t.add_argument("--tiled", action="store_true", default=None, help="force tiling on")
-    t.add_argument("--no-tiled", action="store_true", help="force tiling off")
+    on_off = t.add_mutually_exclusive_group()
+    on_off.add_argument("--tiled", action="store_true", default=None, help="force tiling on")
+    on_off.add_argument("--no-tiled", action="store_true", help="force tiling off")
     t.add_argument("--tile-size", type=int, default=None, help="cleaner tile size in pixels")
     t.add_argument("--latent-tile", type=int, default=None, help="diffusion tile size in latent pixels")
     t.add_argument("--latent-stride", type=int, default=None)
@@ -112,39 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def params_from_args(args: argparse.Namespace):
-    """Turn parsed CLI arguments into a validated `RestoreParams` (preset defaults + explicit flags)."""
-    from .config import RestoreParams
-
-    kw: dict = {}
-    simple = {"task": "task", "upscale": "upscale", "cleaner": "cleaner", "steps": "steps", "sampler": "sampler",
-              "cfg_scale": "cfg_scale", "rescale_cfg": "rescale_cfg", "pos_prompt": "pos_prompt",
-              "neg_prompt": "neg_prompt", "strength": "strength", "better_start": "better_start",
-              "color_fix": "color_fix",
-              "guidance_scale": "guidance__scale", "guidance_space": "guidance__space",
-              "guidance_loss": "guidance__loss", "guidance_repeat": "guidance__repeat",
-              "guidance_start": "guidance__t_start", "guidance_stop": "guidance__t_stop",
-              "guidance_rule": "guidance__rule",
-              "only_center_face": "face__only_center_face", "max_faces": "face__max_faces",
-              "face_backend": "face__backend", "background": "face__background", "face_mask": "face__mask",
-              "tile_size": "tiles__cleaner_tile", "latent_tile": "tiles__latent_tile",
-              "latent_stride": "tiles__latent_stride", "max_memory": "tiles__max_memory_gb"}
-    for attr, key in simple.items():
-        v = getattr(args, attr, None)
-        if v is not None:
-            kw[key] = v
-    if args.seed is not None:
-        kw["seed"] = None if args.seed < 0 else args.seed
-    if args.aligned:
-        kw["face__aligned"] = True
+def params_from_args(args: argparse.Namespace) -> RestoreParams:
+    """Parsed CLI arguments -> validated `RestoreParams` (preset defaults + the flags given), via `from_flat`."""
+    values = {name: getattr(args, name) for name in FLAT_NAMES if hasattr(args, name)}
     if args.whole_photo:
-        kw["face__aligned"] = False
-    if args.tiled:
-        kw["tiles__enabled"] = True
+        values["aligned"] = False
     if args.no_tiled:
-        kw["tiles__enabled"] = False
-    kw["device"] = args.device
-    return RestoreParams.from_preset(args.preset, **kw).validate()
+        values["tiled"] = False
+    return RestoreParams.from_flat({"preset": args.preset, **values})
 
 
 def _output_path(inp: Path, out_dir: Path, used: set[str]) -> Path:
@@ -161,10 +156,6 @@ def _output_path(inp: Path, out_dir: Path, used: set[str]) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .imageio import ImageReadError, read_image, save_image
-    from .pipeline import DiffBIRPipeline
-    from .weights import WeightsError
-
     try:
         params = params_from_args(args)
     except ValueError as e:
@@ -176,8 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         print("error: no input images found", file=sys.stderr)
         return 2
-    from .tiling import SpeedOptions
-
     try:
         speed = SpeedOptions(attention=args.attention, dtype=args.precision, compile=args.compile,
                              offload=args.offload).validate(params.device)
@@ -186,10 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pipe = DiffBIRPipeline(weights_dir=args.weights_dir, device=params.device, speed=speed)
-
-    from tqdm import tqdm
-
+    pipe = api.make_pipeline(weights_dir=args.weights_dir, device=params.device, speed=speed)
     done = skipped = 0
     failed: list[str] = []
     used: set[str] = set()
@@ -203,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix_str(f.name)
         try:
             img = read_image(f)
-            res = pipe.restore(img, params)
+            res = api.restore(img, params, pipe=pipe)
             save_image(out, res.image, res.alpha)
             for n in res.notices:
                 tqdm.write(f"note: {f.name}: {n}", file=sys.stderr)
