@@ -75,6 +75,7 @@ def test_soft_fixes_warn():
         assert RestoreParams.from_preset("v2", steps=1).validate().steps == 2
 
 
+@pytest.mark.parity
 def test_negative_prompt_is_the_official_one(parity_dir):
     """Independent source: the prompt the official code ran with (fixture meta.json), not our constant."""
     import json

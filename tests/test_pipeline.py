@@ -61,6 +61,7 @@ def test_official_swinir_pipeline_run(parity_dir, tiny):
 
 
 # ------------------------------------------------------------------------------------- stage 2, api, layering
+@pytest.mark.parity
 def test_stage2_run_reports_stages_steps_and_geometry(tiny):
     """stage2.run on a size that needs x64 padding: stage events in order, steps carry the geometry, previews and
     the output are the decoded latents cropped to the working size (checked against the direct model calls)."""
