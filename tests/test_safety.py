@@ -477,9 +477,13 @@ def test_payload_checkpoint_refused_and_marker_never_appears(tmp_path, monkeypat
     assert set(W.load_state_dict(p)) == {"w"} and not marker.exists()
 
 
+_BUILD_TARGETS = [("torch._utils", "_rebuild_tensor_v2"), ("collections", "Counter")]  # allowed, no __setstate__
+
+
 def _splice_build_payload(tmp_path) -> Path:
-    """A real torch zip checkpoint whose data.pkl is {"state_dict": <tensors>, "evil": <BUILD on the class
-    torch.nn.Parameter with slot state {"diffbir_pwned": True}>, "foreign": <a non-allowlisted global>}."""
+    """A real torch zip checkpoint whose data.pkl is {"state_dict": <tensors>, "evil0"/"evil1": <BUILD with slot
+    state {"diffbir_pwned": True} on an allowed global: a torch function, a class>, "foreign": <a
+    non-allowlisted global>}. A BUILD that runs would setattr on those objects process-wide."""
     src = tmp_path / "plain.pth"
     torch.save({"w": torch.arange(3.0)}, src)
     with zipfile.ZipFile(src) as z:
@@ -493,8 +497,10 @@ def _splice_build_payload(tmp_path) -> Path:
         b = s.encode()
         return b"X" + struct.pack("<I", len(b)) + b
 
-    evil = (u("evil") + b"ctorch.nn.parameter\nParameter\n" + b"N" + b"}" + u("diffbir_pwned") + b"\x88" + b"s"
-            + b"\x86" + b"b")  # GLOBAL, None, {k: True}, TUPLE2 (state, slotstate), BUILD
+    evil = b""
+    for k, (mod, name) in enumerate(_BUILD_TARGETS):  # GLOBAL, None, {k: True}, TUPLE2 (state, slotstate), BUILD
+        evil += (u(f"evil{k}") + f"c{mod}\n{name}\n".encode() + b"N" + b"}" + u("diffbir_pwned") + b"\x88" + b"s"
+                 + b"\x86" + b"b")
     foreign = u("foreign") + b"c__main__\nForeignThing\n" + b")" + b"R"
     entries[pkl_name] = b"\x80\x02}(" + u("state_dict") + body + evil + foreign + b"u."
     dst = tmp_path / "build.pth"
@@ -504,7 +510,14 @@ def _splice_build_payload(tmp_path) -> Path:
     return dst
 
 
-def test_build_on_an_allowed_torch_class_never_runs(tmp_path, monkeypatch):
+def _build_targets():
+    import collections
+    import importlib
+
+    return [getattr(importlib.import_module(m), n) for m, n in _BUILD_TARGETS] + [collections.Counter]
+
+
+def test_build_on_allowed_globals_never_runs(tmp_path, monkeypatch):
     monkeypatch.delenv(W.TRUSTED_ENV, raising=False)
     p = _splice_build_payload(tmp_path)
     try:
@@ -512,10 +525,12 @@ def test_build_on_an_allowed_torch_class_never_runs(tmp_path, monkeypatch):
             W.load_state_dict(p)
         got = W.load_state_dict(p, trusted=True)
         assert torch.equal(got["w"], torch.arange(3.0))
-        assert not hasattr(torch.nn.Parameter, "diffbir_pwned")  # the BUILD did not patch torch
+        for obj in _build_targets():  # the BUILDs did not patch torch or the standard library
+            assert not hasattr(obj, "diffbir_pwned"), obj
     finally:
-        if hasattr(torch.nn.Parameter, "diffbir_pwned"):
-            delattr(torch.nn.Parameter, "diffbir_pwned")
+        for obj in _build_targets():
+            if hasattr(obj, "diffbir_pwned"):
+                delattr(obj, "diffbir_pwned")
 
 
 def test_wrong_checksum_refused_and_verification_cached(tmp_path, monkeypatch):
