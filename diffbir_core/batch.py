@@ -180,7 +180,7 @@ def plan_outputs(inputs: list[Path], out_dir: str | os.PathLike) -> OutputPlan:
     for inp in inputs:
         out = out_dir / output_name(inp)
         groups.setdefault(os.path.normcase(_real(out)), []).append((inp, out))
-    for key, pairs in groups.items():
+    for pairs in groups.values():
         if len(pairs) > 1:
             names = " and ".join(str(i) for i, _ in pairs)
             for inp, out in pairs:

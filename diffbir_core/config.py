@@ -210,7 +210,8 @@ def _check_numbers(p: "RestoreParams") -> None:
     if not (_is_int(t.latent_tile) and t.latent_tile >= 8):
         raise ValueError(f"latent tile size must be an integer >= 8 latent pixels, got {t.latent_tile!r}")
     if not (_is_int(t.latent_stride) and 1 <= t.latent_stride <= t.latent_tile):
-        raise ValueError(f"latent stride must be an integer in [1, latent tile={t.latent_tile}], got {t.latent_stride!r}")
+        raise ValueError(f"latent stride must be an integer in [1, latent tile={t.latent_tile}], "
+                         f"got {t.latent_stride!r}")
     if t.max_memory_gb is not None and not t.max_memory_gb > 0:
         raise ValueError(f"max memory must be > 0 GB, got {t.max_memory_gb}")
     if p.face.max_faces is not None and not (_is_int(p.face.max_faces) and p.face.max_faces >= 1):

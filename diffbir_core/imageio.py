@@ -69,7 +69,8 @@ def orient_array(arr: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def _unit_range(arr: np.ndarray, p: Path, notices: list[str], known_peak: float | None = None) -> tuple[np.ndarray, int]:
+def _unit_range(arr: np.ndarray, p: Path, notices: list[str],
+                known_peak: float | None = None) -> tuple[np.ndarray, int]:
     """Scale integer or float samples to [0, 1]; returns (array, bit depth). Floats and integers of unknown
     depth are range-detected: max <= 1 -> 0-1, <= 255 -> 0-255, <= 65535 -> 0-65535, else refused."""
     a = np.asarray(arr, dtype=np.float64)

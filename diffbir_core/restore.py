@@ -1,14 +1,18 @@
 """Restore CLI: ``python -m diffbir_core.restore INPUT... --output DIR [--preset NAME] ...``.
 
-INPUT may be files, folders (their images, sorted) or globs. Writes one PNG per input, named after
-it (``photo.jpg`` -> ``DIR/photo.png``), skips existing outputs unless ``--overwrite``, shows a
-progress bar and prints a one-line summary. Unreadable files are reported and skipped; the exit
-status is 1 when anything failed, 2 for usage errors (including missing weights).
+INPUT may be files, folders (their images, sorted) or globs (``**`` does not follow symlinked folders).
+Writes one PNG per input named ``<input stem>.png`` (``photo.jpg`` -> ``DIR/photo.png``; two inputs that
+would share a name are refused, and so is an output that is an input), atomically. Existing outputs are
+skipped unless ``--overwrite`` (one that does not decode is made again); progress bar and one-line summary.
+Unreadable files are reported and skipped; exit status 1 when anything failed, 2 for usage errors
+(including missing weights, a bad device or an unwritable output folder), 130 on Ctrl-C.
+Batch logic lives in `diffbir_core.batch`.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     ap.add_argument("--seed", type=int, default=None, help="random seed (preset default 231; -1 = random)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    ap.add_argument("--trust-checkpoints", action="store_true",
+                    help="read checkpoints whose pickle holds non-tensor objects (inert stubs, no code runs); "
+                         "same as DIFFBIR_TRUSTED_CHECKPOINTS=1")
     g = ap.add_argument_group("diffusion (stage 2)")
     g.add_argument("--steps", type=int, default=None)
     g.add_argument("--sampler", choices=SAMPLERS, default=None)
@@ -125,6 +132,10 @@ def _main(argv: list[str] | None) -> int:
     from . import batch
 
     args = build_parser().parse_args(argv)
+    if args.trust_checkpoints:
+        from .weights import TRUSTED_ENV
+
+        os.environ[TRUSTED_ENV] = "1"
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.device = batch.check_device(args.device)

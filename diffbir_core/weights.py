@@ -14,11 +14,10 @@ how to get it. Nothing here ever falls back to random weights.
 Loading mirrors nanoGPT's ``from_pretrained``: read the file (safetensors, or ``torch.load`` with
 ``weights_only=True``), unwrap ``state_dict`` / ``params_ema`` / ``params`` containers, strip a
 leading ``module.``, then `load_into` checks every shape, loads strictly and reports missing and
-unexpected keys. A pickle that references anything outside torch's tensor/dtype allowlist is refused,
-naming the offending globals; ``trusted=True`` (or ``$DIFFBIR_TRUSTED_CHECKPOINTS=1``) reads such a
-training checkpoint with every other object replaced by an inert stub and no BUILD/``__setstate__`` run
-on any real class. A pinned ``WeightSpec.sha256`` is verified once per file version (path + size + mtime,
-remembered in ``<cache>/verified_sha256.json``); the converted-weight cache is written atomically.
+unexpected keys. Pickles needing globals outside torch's tensor/dtype allowlist are refused (the message
+names them) unless ``trusted=True`` / ``$DIFFBIR_TRUSTED_CHECKPOINTS=1``: then non-tensor objects become inert
+stubs and no BUILD runs on a real class. Pinned ``sha256`` values are verified once per file version (cached by
+path + size + mtime). Files written here (conversions, downloads) go through `diffbir_core.atomic`.
 """
 from __future__ import annotations
 
@@ -151,7 +150,7 @@ def _how_to_get(spec: WeightSpec) -> str:
     lines = [f"How to get it: download {spec.filename!r} from one of"]
     for s in spec.sources:
         lines.append(f"    - {s.describe(spec.filename)}")
-    lines.append(f"  and put it in $DIFFBIR_WEIGHTS_DIR (or pass --weights-dir DIR / an explicit path).")
+    lines.append("  and put it in $DIFFBIR_WEIGHTS_DIR (or pass --weights-dir DIR / an explicit path).")
     lines.append("  With internet, unset HF_HUB_OFFLINE and it downloads on first use; set HF_ENDPOINT to use a mirror.")
     if spec.notes:
         lines.append(f"  Note: {spec.notes}")
@@ -291,9 +290,9 @@ def _download(spec: WeightSpec, s: Source, download_dir: str | os.PathLike | Non
 
         return Path(hf_hub_download(s.repo_id, s.filename or spec.filename))
     target_dir = Path(download_dir or os.environ.get("DIFFBIR_WEIGHTS_DIR") or default_cache_dir())
-    target_dir.mkdir(parents=True, exist_ok=True)
     dest = target_dir / spec.filename
-    torch.hub.download_url_to_file(s.url, str(dest), progress=True)
+    with atomic_path(dest) as tmp:  # an interrupted download never leaves a truncated file under the real name
+        torch.hub.download_url_to_file(s.url, str(tmp), progress=True)
     return dest
 
 

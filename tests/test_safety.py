@@ -603,7 +603,7 @@ def test_exif_orientation_on_16bit_png(tmp_path, orientation):
     import cv2
 
     rgb16 = np.random.default_rng(orientation).integers(0, 65535, (5, 8, 3), dtype=np.uint16)
-    ok, enc = cv2.imencode(".png", rgb16[..., ::-1])
+    _, enc = cv2.imencode(".png", rgb16[..., ::-1])
     p = tmp_path / "deep.png"
     p.write_bytes(_png_with_exif(enc.tobytes(), orientation))
     assert Image.open(p).getexif().get(0x0112) == orientation
@@ -632,7 +632,7 @@ def test_pixel_limit_checked_before_decoding(tmp_path, monkeypatch):
 
     def ihdr_png(w, h):
         ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-        chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))  # noqa: E731
+        chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
         return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"\x78\x9c" + b"\x00" * 64)
 
     def no_decode(self, *a, **k):
@@ -661,3 +661,11 @@ def test_animated_gif_gets_a_frame_notice(tmp_path):
     assert any("3 frames" in n and "frame 1" in n for n in img.notices)
     with Image.open(p) as first:  # Pillow's own frame 0 is the known answer
         np.testing.assert_allclose(img.rgb, np.asarray(first.convert("RGB"), np.float32) / 255.0, atol=1e-6)
+
+
+def test_trust_checkpoints_flag_is_the_explicit_opt_in(tmp_path, monkeypatch, no_models, capsys):
+    monkeypatch.setenv(W.TRUSTED_ENV, "0")
+    assert not W.trusted_checkpoints()
+    src = _img(tmp_path / "a.png")
+    assert _cli_main()([str(src), "-o", str(tmp_path / "o"), "--trust-checkpoints", "--device", "foo", "-q"]) == 2
+    assert W.trusted_checkpoints()
