@@ -1,9 +1,10 @@
 """Restore CLI: ``python -m diffbir_core INPUT... --output DIR [--preset NAME] ...`` (`main`).
 
-INPUT may be files, folders (their images, sorted) or globs. Writes one PNG per input, named after
-it (``photo.jpg`` -> ``DIR/photo.png``), skips existing outputs unless ``--overwrite``, shows a
-progress bar and prints a one-line summary. Unreadable files are reported and skipped; the exit
-status is 1 when anything failed, 2 for usage errors (including missing weights).
+INPUT may be files, folders (their images, sorted) or globs (``**`` does not follow symlinked folders).
+Writes one PNG per input named ``<input stem>.png`` (two inputs that would share a name are refused, and so is an
+output that is an input), atomically. Existing outputs are skipped unless ``--overwrite`` (one that does not
+decode is made again). Exit status 1 when anything failed, 2 for usage errors (missing weights, a bad device,
+an unwritable output folder), 130 on Ctrl-C. Batch logic (collection, naming, checks, the loop) is `batch`.
 Flags are the flat names of `config.FLAT_NAMES` (``--cfg-scale`` -> ``cfg_scale``), mapped once by
 `RestoreParams.from_flat`; every image goes through `api.restore`.
 
@@ -16,12 +17,10 @@ import glob
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
-from tqdm import tqdm
-
-from . import api
+from . import api, batch
+from .batch import collect_inputs
 from .config import (
     COLOR_FIXES,
     FACE_BACKENDS,
@@ -33,43 +32,10 @@ from .config import (
     TASKS,
     RestoreParams,
 )
-from .imageio import IMAGE_EXTENSIONS, ImageReadError, read_image, save_image
 from .speed import SpeedOptions
-from .weights import WeightsError
+from .weights import TRUSTED_ENV, WeightsError
 
 __all__ = ["main", "collect_inputs", "build_parser", "params_from_args"]
-
-
-def collect_inputs(specs: list[str]) -> tuple[list[Path], list[str]]:
-    """Expand files / folders / globs into a sorted, de-duplicated list of image files.
-
-    Returns (files, problems): problems are inputs that matched nothing.
-    """
-    files: list[Path] = []
-    problems: list[str] = []
-    for spec in specs:
-        p = Path(spec).expanduser()
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                problems.append(f"{spec}: folder has no images ({', '.join(IMAGE_EXTENSIONS)})")
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        else:
-            matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(spec), recursive=True))
-            matches = [m for m in matches if m.is_file()]
-            if not matches:
-                problems.append(f"{spec}: no such file, folder or glob match")
-            files.extend(matches)
-    seen: set[Path] = set()
-    unique = []
-    for f in files:
-        r = f.resolve()
-        if r not in seen:
-            seen.add(r)
-            unique.append(f)
-    return unique, problems
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,9 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--upscale", type=float, default=None, help="output size / input size (preset default)")
     ap.add_argument("--cleaner", default=None, help="override the stage-1 cleaner (see diffbir_core.cleaners)")
     ap.add_argument("--weights-dir", default=None, help="folder holding downloaded checkpoints")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     ap.add_argument("--seed", type=int, default=None, help="random seed (preset default 231; -1 = random)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    ap.add_argument("--trust-checkpoints", action="store_true",
+                    help="read checkpoints whose pickle holds non-tensor objects (inert stubs, no code runs); "
+                         "same as DIFFBIR_TRUSTED_CHECKPOINTS=1")
     g = ap.add_argument_group("diffusion (stage 2)")
     g.add_argument("--steps", type=int, default=None)
     g.add_argument("--sampler", choices=SAMPLERS, default=None)
@@ -142,73 +111,57 @@ def params_from_args(args: argparse.Namespace) -> RestoreParams:
     return RestoreParams.from_flat({"preset": args.preset, **values})
 
 
-def _output_path(inp: Path, out_dir: Path, used: set[str]) -> Path:
-    stem = inp.stem
-    name = f"{stem}.png"
-    i = 1
-    while name in used:  # two inputs with the same stem (a.jpg, a.png) must not overwrite each other
-        name = f"{stem}_{inp.suffix.lstrip('.').lower()}{'' if i == 1 else i}.png"
-        i += 1
-    used.add(name)
-    return out_dir / name
-
-
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 ok, 1 something failed, 2 usage error, 130 interrupted (Ctrl-C; no partial file is left)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): stopped; finished outputs are kept, no partial file is left", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    if args.trust_checkpoints:
+        os.environ[TRUSTED_ENV] = "1"
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        args.device = batch.check_device(args.device)
         params = params_from_args(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    files, problems = collect_inputs(args.inputs)
+    out_dir = Path(args.output).expanduser()
+    notices: list[str] = []
+    files, problems = collect_inputs(args.inputs, exclude=out_dir, notices=notices)
     for p in problems:
         print(f"warning: {p}", file=sys.stderr)
+    for n in notices:
+        print(f"note: {n}", file=sys.stderr)
     if not files:
         print("error: no input images found", file=sys.stderr)
         return 2
     try:
         speed = SpeedOptions(attention=args.attention, dtype=args.precision, compile=args.compile,
                              offload=args.offload).validate(params.device)
+        batch.check_output_dir(out_dir)  # before any model loads: a file, unwritable, read-only ...
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = batch.plan_outputs(files, out_dir)
     pipe = api.make_pipeline(weights_dir=args.weights_dir, device=params.device, speed=speed)
-    done = skipped = 0
-    failed: list[str] = []
-    used: set[str] = set()
-    t0 = time.perf_counter()
-    bar = tqdm(files, desc=f"restore [{params.preset}]", unit="img", disable=args.quiet, file=sys.stderr)
-    for f in bar:
-        out = _output_path(f, out_dir, used)
-        if out.exists() and not args.overwrite:
-            skipped += 1
-            continue
-        bar.set_postfix_str(f.name)
-        try:
-            img = read_image(f)
-            res = api.restore(img, params, pipe=pipe)
-            save_image(out, res.image, res.alpha)
-            for n in res.notices:
-                tqdm.write(f"note: {f.name}: {n}", file=sys.stderr)
-            done += 1
-        except ImageReadError as e:
-            tqdm.write(f"skipped: {e}", file=sys.stderr)
-            failed.append(str(f))
-        except WeightsError as e:
-            bar.close()
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except (ValueError, RuntimeError) as e:
-            tqdm.write(f"failed: {f}: {type(e).__name__}: {e}", file=sys.stderr)
-            failed.append(str(f))
-    bar.close()
-    dt = time.perf_counter() - t0
-    print(f"restored {done}, skipped {skipped} existing, failed {len(failed)} "
-          f"of {len(files)} image(s) in {dt:.1f}s -> {out_dir.resolve()}")
-    return 1 if failed or problems else 0
+    try:
+        summary = batch.run_batch(plan, lambda img: api.restore(img, params, pipe=pipe), overwrite=args.overwrite,
+                                  quiet=args.quiet, desc=f"restore [{params.preset}]", fatal=(WeightsError,))
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if summary.interrupted:
+        print(f"interrupted (Ctrl-C) after restoring {summary.done} of {summary.total} image(s); finished outputs "
+              "are kept, no partial file is left", file=sys.stderr)
+        return 130
+    print(summary.line())
+    return summary.exit_code or (1 if problems else 0)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ Mirrors: official defaults of v1 inference.py, v2.0.0 inference.py and HEAD diff
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -34,6 +36,8 @@ TASKS = ("sr", "face", "denoise")
 FACE_BACKENDS = ("auto", "dlib", "facexlib")
 FACE_BACKGROUNDS = ("general", "offline", "bicubic")
 FACE_MASKS = ("parsing", "feather")
+# names of diffbir_core.cleaners.CLEANERS (kept here so validation needs no model import; a test checks they agree)
+CLEANER_NAMES = ("offline", "swinir_general", "swinir_face", "swinir_realesrgan", "bsrnet", "scunet_psnr", "bicubic")
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,7 @@ class RestoreParams:
     # --------------------------------------------------------------- validation
     def validate(self) -> "RestoreParams":
         """Return a checked copy: raise ValueError on impossible values, warn (and fix) soft ones."""
+        _check_numbers(self)
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
         if self.task not in TASKS:
@@ -289,6 +294,42 @@ def _coerce(name: str, v: Any, kind: type) -> Any:
             raise ValueError(f"{name} must be a whole number, got {v!r}")
         return int(v)
     return float(v)
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_finite(obj, prefix: str = "") -> None:
+    """Every float field, recursively through nested dataclasses, must be finite (no NaN / inf)."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            _check_finite(v, f"{prefix}{f.name}.")
+        elif isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isfinite(float(v)):
+            raise ValueError(f"{prefix}{f.name} must be a finite number, got {v}")
+
+
+def _check_numbers(p: "RestoreParams") -> None:
+    """The numeric checks of `RestoreParams.validate` that need no model: finiteness, tiles, memory, faces,
+    seed and the cleaner name (all before any model loads)."""
+    _check_finite(p)
+    t = p.tiles
+    if not (_is_int(t.cleaner_tile) and t.cleaner_tile >= 16):
+        raise ValueError(f"cleaner tile size must be an integer >= 16 pixels, got {t.cleaner_tile!r}")
+    if not (_is_int(t.cleaner_overlap) and 0 <= t.cleaner_overlap < t.cleaner_tile):
+        raise ValueError(f"cleaner overlap must be an integer in [0, tile={t.cleaner_tile}), got {t.cleaner_overlap!r}")
+    if not (_is_int(t.latent_tile) and t.latent_tile >= 8):
+        raise ValueError(f"latent tile size must be an integer >= 8 latent pixels, got {t.latent_tile!r}")
+    if not (_is_int(t.latent_stride) and 1 <= t.latent_stride <= t.latent_tile):
+        raise ValueError(f"latent stride must be an integer in [1, latent tile={t.latent_tile}], "
+                         f"got {t.latent_stride!r}")
+    if t.max_memory_gb is not None and not t.max_memory_gb > 0:
+        raise ValueError(f"max memory must be > 0 GB, got {t.max_memory_gb}")
+    if p.face.max_faces is not None and not (_is_int(p.face.max_faces) and p.face.max_faces >= 1):
+        raise ValueError(f"max_faces must be an integer >= 1, got {p.face.max_faces!r}")
+    if p.seed is not None and not (_is_int(p.seed) and 0 <= p.seed < 2**63):
+        raise ValueError(f"seed must be an integer in [0, 2**63) (or None for a random seed), got {p.seed!r}")
+    if p.cleaner is not None and p.cleaner not in CLEANER_NAMES:
+        raise ValueError(f"unknown cleaner {p.cleaner!r}; choose one of: {', '.join(CLEANER_NAMES)}")
 
 
 def _p(**kw) -> RestoreParams:

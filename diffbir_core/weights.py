@@ -14,14 +14,19 @@ how to get it. Nothing here ever falls back to random weights.
 Loading mirrors nanoGPT's ``from_pretrained``: read the file (safetensors, or ``torch.load`` with
 ``weights_only=True``), unwrap ``state_dict`` / ``params_ema`` / ``params`` containers, strip a
 leading ``module.``, then `load_into` checks every shape, loads strictly and reports missing and
-unexpected keys.
+unexpected keys. Pickles needing globals outside torch's tensor/dtype allowlist are refused (the message
+names them) unless ``trusted=True`` / ``$DIFFBIR_TRUSTED_CHECKPOINTS=1``: then non-tensor objects become inert
+stubs and no BUILD runs on a real class. Pinned ``sha256`` values are verified once per file version (cached by
+path + size + mtime). Files written here (conversions, downloads) go through `diffbir_core.atomic`.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import pickle
+import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,16 +35,23 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from .atomic import atomic_path, write_text
+
 log = logging.getLogger(__name__)
 
 __all__ = [
     "WeightsError", "WeightSpec", "Source", "WEIGHTS", "resolve", "resolve_spec", "offline", "load_state_dict", "load_into",
-    "LoadReport", "default_cache_dir", "save_safetensors",
+    "LoadReport", "default_cache_dir", "save_safetensors", "verify_sha256", "sha256_file", "UnsafeCheckpointError",
+    "trusted_checkpoints",
 ]
 
 
 class WeightsError(RuntimeError):
     """A weight file is missing, unreadable, or does not fit the model it is loaded into."""
+
+
+class UnsafeCheckpointError(WeightsError):
+    """A checkpoint's pickle references globals outside the tensor/dtype allowlist (it could run code)."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +150,7 @@ def _how_to_get(spec: WeightSpec) -> str:
     lines = [f"How to get it: download {spec.filename!r} from one of"]
     for s in spec.sources:
         lines.append(f"    - {s.describe(spec.filename)}")
-    lines.append(f"  and put it in $DIFFBIR_WEIGHTS_DIR (or pass --weights-dir DIR / an explicit path).")
+    lines.append("  and put it in $DIFFBIR_WEIGHTS_DIR (or pass --weights-dir DIR / an explicit path).")
     lines.append("  With internet, unset HF_HUB_OFFLINE and it downloads on first use; set HF_ENDPOINT to use a mirror.")
     if spec.notes:
         lines.append(f"  Note: {spec.notes}")
@@ -154,12 +166,56 @@ def _check_file(path: Path, spec: WeightSpec | None, error: type[WeightsError] =
             f"{path} is {size} bytes but {spec.filename} should be about {spec.approx_bytes // _MB} MiB: "
             "the download looks truncated (or is an HTML error page). Delete it and download again.")
     if spec.sha256:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                h.update(chunk)
-        if h.hexdigest() != spec.sha256:
-            raise error(f"{path}: sha256 {h.hexdigest()} != expected {spec.sha256} for {spec.filename}")
+        verify_sha256(path, spec.sha256, what=spec.filename, error=error)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_VERIFIED_FILE = "verified_sha256.json"
+
+
+def _file_key(path: Path) -> tuple[str, dict]:
+    st = path.stat()
+    return str(path.resolve()), {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def verify_sha256(path: str | os.PathLike, expected: str, *, what: str | None = None,
+                  cache_dir: str | os.PathLike | None = None, error: type[WeightsError] = WeightsError) -> None:
+    """Check that ``path`` hashes to ``expected`` (hex sha256); raise ``error`` naming expected vs got.
+
+    The digest is computed on first use and remembered in ``<cache_dir or default_cache_dir()>/verified_sha256.json``
+    keyed by the resolved path, size and mtime; a file that changed in any of these is hashed again."""
+    p = Path(path)
+    expected = expected.strip().lower()
+    key, stamp = _file_key(p)
+    store = Path(cache_dir or default_cache_dir()) / _VERIFIED_FILE
+    try:
+        known = json.loads(store.read_text())
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    rec = known.get(key)
+    if isinstance(rec, dict) and {k: rec.get(k) for k in stamp} == stamp and isinstance(rec.get("sha256"), str):
+        got = rec["sha256"]
+    else:
+        log.info("verifying sha256 of %s (first use of this file version)", p)
+        got = sha256_file(p)
+        known[key] = {**stamp, "sha256": got}
+        try:
+            write_text(store, json.dumps(known, indent=1, sort_keys=True) + "\n")
+        except OSError as e:  # an unwritable cache only costs a re-hash next time
+            log.warning("could not remember the sha256 of %s in %s: %s", p, store, e)
+    if got != expected:
+        raise error(f"{p}: sha256 mismatch for {what or p.name}: expected {expected}, got {got}. "
+                    "The file is corrupt or not the official one: delete it and download it again.")
 
 
 def resolve(name: str, *, path: str | os.PathLike | None = None, weights_dir: str | os.PathLike | None = None,
@@ -234,9 +290,9 @@ def _download(spec: WeightSpec, s: Source, download_dir: str | os.PathLike | Non
 
         return Path(hf_hub_download(s.repo_id, s.filename or spec.filename))
     target_dir = Path(download_dir or os.environ.get("DIFFBIR_WEIGHTS_DIR") or default_cache_dir())
-    target_dir.mkdir(parents=True, exist_ok=True)
     dest = target_dir / spec.filename
-    torch.hub.download_url_to_file(s.url, str(dest), progress=True)
+    with atomic_path(dest) as tmp:  # an interrupted download never leaves a truncated file under the real name
+        torch.hub.download_url_to_file(s.url, str(tmp), progress=True)
     return dest
 
 
@@ -245,7 +301,7 @@ def _download(spec: WeightSpec, s: Source, download_dir: str | os.PathLike | Non
 
 
 class _Inert:
-    """Stands in for any non-torch class found in a checkpoint; never runs the original code."""
+    """Stands in for any non-allowlisted class found in a trusted checkpoint; never runs the original code."""
 
     def __init__(self, *args, **kwargs):
         self.args = args
@@ -254,33 +310,81 @@ class _Inert:
         self.state = state
 
 
-class _StubUnpickler(pickle.Unpickler):
-    """Resolves only the globals torch's own weights_only unpickler allows; everything else -> inert stub."""
+def _allowed_globals() -> dict:
+    from torch import _weights_only_unpickler as wou
+
+    return wou._get_allowed_globals()
+
+
+class _StubUnpickler(pickle._Unpickler):
+    """Trusted-checkpoint reader (pure-Python unpickler, so its opcodes can be overridden):
+
+    * globals in torch's weights_only allowlist resolve to the real objects, every other global becomes an
+      inert `_Inert` subclass (no import, no code of the original class runs);
+    * BUILD (``__setstate__`` / ``__dict__`` update / setattr) runs only on those inert stubs: on any real
+      object (an allowed class, a function, a container) the state is dropped, so a pickle cannot patch torch
+      classes or call an allowed class's ``__setstate__``."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str):
-        from torch import _weights_only_unpickler as wou
-
-        allowed = wou._get_allowed_globals()
+        allowed = _allowed_globals()
         key = f"{module}.{name}"
         if key in allowed:
             return allowed[key]
         return type(name, (_Inert,), {"__module__": f"stub.{module}"})
 
+    def load_build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, _Inert):
+            inst.__setstate__(state)
+        # anything else: state dropped on purpose (no BUILD on real classes)
+
+    dispatch[pickle.BUILD[0]] = load_build
+
 
 _StubPickle = types.SimpleNamespace(Unpickler=_StubUnpickler, load=lambda f, **kw: _StubUnpickler(f, **kw).load(),
                                     __name__="diffbir_stub_pickle")
 
+TRUSTED_ENV = "DIFFBIR_TRUSTED_CHECKPOINTS"
+# how torch's weights_only unpickler words a refusal of a global / a BUILD (vs a damaged file)
+_UNSAFE_RE = re.compile(r"unsupported global|is blocked|not an allowed global|can only build|"
+                        r"add_safe_globals", re.I)
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+
+def trusted_checkpoints() -> bool:
+    """True when ``$DIFFBIR_TRUSTED_CHECKPOINTS`` is 1/true/yes/on (the opt-in for `load_state_dict`)."""
+    return os.environ.get(TRUSTED_ENV, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _unsafe_globals(p: Path, err: Exception) -> list[str]:
+    """The globals that made weights_only refuse ``p``: torch's own scan of the pickle, else the error text."""
+    names: list[str] = []
+    try:
+        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(p)))
+    except Exception:  # legacy (non-zip) files cannot be scanned; fall back to the message
+        pass
+    if not names:
+        names = re.findall(r"GLOBAL ([\w.]+)", str(err))
+    return list(dict.fromkeys(names))
+
+
+def load_state_dict(path: str | os.PathLike, *, trusted: bool | None = None) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat ``{key: tensor}`` dict (CPU).
 
     safetensors files are read with `safetensors.torch.load_file`; anything else with
-    ``torch.load(weights_only=True)``. Containers ``state_dict`` / ``params_ema`` / ``params`` /
-    ``model`` are unwrapped and a leading ``module.`` is stripped from every key.
+    ``torch.load(weights_only=True)``. A pickle that needs any global outside torch's tensor/dtype allowlist
+    raises `UnsafeCheckpointError` naming those globals, unless ``trusted`` (default: `trusted_checkpoints()`),
+    in which case it is re-read with `_StubUnpickler` (tensors real, everything else inert, no BUILD on real
+    classes). Containers ``state_dict`` / ``params_ema`` / ``params`` / ``model`` are unwrapped and a leading
+    ``module.`` is stripped from every key.
     """
     p = Path(path)
     if not p.is_file():
         raise WeightsError(f"weight file {p} does not exist")
+    if trusted is None:
+        trusted = trusted_checkpoints()
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -290,12 +394,22 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             try:
                 sd = torch.load(str(p), map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as e:
-                # Training checkpoints (PyTorch Lightning .ckpt) may pickle extra objects (callbacks,
-                # hyper-parameters) that weights_only refuses. Re-read with an unpickler that only
-                # rebuilds tensors/containers and turns every other class into an inert stub.
-                log.warning("%s: weights_only load refused (%s); reading tensors with inert stubs", p,
-                            str(e).splitlines()[0][:200])
+                why = [ln.strip() for ln in str(e).splitlines() if _UNSAFE_RE.search(ln)]
+                bad = _unsafe_globals(p, e) if why else []
+                if not (why or bad):
+                    raise  # not a refusal of a global: a damaged or non-checkpoint file ("could not read")
+                if not trusted:
+                    what = ", ".join(bad) if bad else why[0][:300]
+                    raise UnsafeCheckpointError(
+                        f"{p}: refused - its pickle references {what}, outside the tensor/dtype allowlist "
+                        "(a pickle can run code). If you trust this file (e.g. your own training checkpoint), "
+                        f"load it with trusted=True or set {TRUSTED_ENV}=1: its tensors are read and every other "
+                        "object is replaced by an inert stub.") from None
+                log.warning("%s: trusted checkpoint with non-tensor objects (%s); reading tensors with inert stubs",
+                            p, ", ".join(bad)[:200] or "unknown")
                 sd = torch.load(str(p), map_location="cpu", weights_only=False, pickle_module=_StubPickle)
+    except UnsafeCheckpointError:
+        raise
     except Exception as e:
         raise WeightsError(f"could not read weight file {p}: {type(e).__name__}: {e}") from e
     for wrapper in ("state_dict", "params_ema", "params", "model"):
@@ -365,13 +479,11 @@ def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, what
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> Path:
-    """Write a state dict as safetensors (contiguous CPU copies; shared storage is broken up)."""
+    """Write a state dict as safetensors (contiguous CPU copies; shared storage is broken up), atomically."""
     from safetensors.torch import save_file
 
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}, str(tmp),
-              metadata=metadata or {})
-    tmp.replace(p)
+    with atomic_path(p) as tmp:
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}, str(tmp),
+                  metadata=metadata or {})
     return p
