@@ -81,3 +81,27 @@ def test_committed_runs_build(results_dir=Path(__file__).resolve().parents[1] / 
     """The tables of results/README.md come from the committed run folders."""
     text = T.build_table("bsr-paper", results_dir)
     assert "[5.6372](realsrset_offline/README.md)" in text and "[7.9696](realsrset_bicubic/README.md)" in text
+
+
+def test_run_all_plans_every_method_for_each_present_set(tmp_path, data_dir, capsys):
+    from eval import run_all
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "set5").symlink_to(data_dir / "set5")
+    (data / "realsrset").mkdir()  # present but incomplete: verified and skipped
+    jobs, skipped = run_all.plan(data, tmp_path / "results", ["offline", "v1-face", "v1-general", "v2.1"])
+    assert [(j.dataset, j.method) for j in jobs] == [("set5", "bicubic"), ("set5", "offline"),
+                                                      ("set5", "v1-general"), ("set5", "v2.1")]
+    assert jobs[-1].out == tmp_path / "results" / "set5_v21"
+    assert "check failed" in skipped["realsrset"] and "eval.data fetch real47" in skipped["real47"]
+    assert "GFPGAN" in skipped["lfw_test"]
+    cmd = jobs[1].argv(gpus=4, device="cuda", weights_dir="W", metric_weights="M")
+    assert cmd[:6] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "4", "-m"]
+    assert cmd[6:] == ["eval.run", "--dataset", "set5", "--root", str(data / "set5"), "--method", "offline", "--out",
+                       str(tmp_path / "results" / "set5_offline"), "--device", "cuda", "--weights-dir", "W",
+                       "--metric-weights", "M"]
+    faces, _ = run_all.plan(data, tmp_path / "results", ["v1-face", "v1-general"], ["celeba_test"], present_only=False)
+    assert [j.method for j in faces] == ["bicubic", "v1-face"]
+    text = run_all.estimate(faces, data, Path(__file__).resolve().parents[1] / "results", 2)
+    assert "ESTIMATE" in text and "| celeba_test | v1-face | 3000 |" in text and "results/bench" in text
