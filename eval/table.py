@@ -216,7 +216,8 @@ def write_block(path: str | os.PathLike, name: str, text: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.table", description=__doc__.split("\n\n")[0])
-    p.add_argument("name", nargs="+", help=f"table(s): {', '.join(TABLES)}, or 'all'")
+    p.add_argument("name", nargs="+", help=f"table(s): {', '.join(TABLES)}, 'all', or 'metrics' (the metric "
+                                           "conventions of eval.metrics)")
     p.add_argument("--results", default="results", help="folder of run folders (default: results)")
     p.add_argument("--write", metavar="FILE", help="write into FILE between the table's markers instead of printing")
     args = p.parse_args(argv)
@@ -226,6 +227,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {results} is not a folder", file=sys.stderr)
         return 2
     for n in names:
+        if n == "metrics":
+            from .metrics import convention_table
+
+            text = ("### Metric conventions (`python -m eval.table metrics`)\n\nEvery metric by its pyiqa name; a new run "
+                    "records this string in summary.json (parameters.metrics); the tables cite the string each run "
+                    "recorded itself.\n\n"
+                    + convention_table())
+            print(f"wrote {write_block(args.write, n, text)} ({n})" if args.write else text)
+            continue
         if n not in TABLES:
             print(f"error: unknown table {n!r}; choose from: {', '.join(TABLES)}, all", file=sys.stderr)
             return 2
