@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default="results", help="folder of run folders (default: results)")
     p.add_argument("--write", metavar="FILE", help="write into FILE between the table's markers instead of printing")
     args = p.parse_args(argv)
-    names = list(TABLES) if args.name == ["all"] else args.name
+    names = [t for n in args.name for t in (list(TABLES) if n == "all" else [n])]
     results = Path(args.results)
     if not results.is_dir():
         print(f"error: {results} is not a folder", file=sys.stderr)
