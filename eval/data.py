@@ -7,12 +7,13 @@
 
 Exit status: 0 fine, 1 check failed, 2 bad arguments / nothing to download / network failure.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .registry import REGISTRY, DataError, checksum_list, check, fetch, write_checksums
+from .registry import REGISTRY, DataError, check, checksum_list, fetch, write_checksums
 
 __all__ = ["main"]
 
@@ -23,8 +24,10 @@ def _list() -> str:
         size = f"{r.total_bytes / 1e6:.1f} MB" if r.total_bytes is not None else "unknown"
         sums = f"eval/assets/checksums/{r.name}.tsv" if r.checksums is not None else "unknown"
         dl = " (fetch: yes)" if r.download and r.checksums is not None else ""
-        rows.append(f"| `{r.name}` | {r.title} | {r.count if r.count is not None else 'unknown'} ({r.count_source}) | "
-                    f"{size} | {sums}{dl} | {r.url}; {r.paper} | {r.licence} |")
+        rows.append(
+            f"| `{r.name}` | {r.title} | {r.count if r.count is not None else 'unknown'} ({r.count_source}) | "
+            f"{size} | {sums}{dl} | {r.url}; {r.paper} | {r.licence} |"
+        )
     return "\n".join(rows)
 
 

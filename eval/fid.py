@@ -22,11 +22,17 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
-__all__ = ["frechet_distance", "fid_from_features", "feature_stats", "load_stats", "save_stats", "clean_resize",
-           "FIDInception"]
+__all__ = [
+    "FIDInception",
+    "clean_resize",
+    "feature_stats",
+    "fid_from_features",
+    "frechet_distance",
+    "load_stats",
+    "save_stats",
+]
 
 FEATURE_DIM = 2048
 

@@ -25,11 +25,12 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal, Mapping
+from typing import Literal
 
 import numpy as np
 import torch
@@ -39,9 +40,27 @@ from diffbir_core.weights import Source, WeightsError, WeightSpec, default_cache
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "MetricSpec", "METRICS", "ALIASES", "COLUMN_DIRECTIONS", "Metric", "build_metric", "build_metrics", "parse_metrics",
-    "MetricWeightsError", "METRIC_FILES", "LIBRARY_PLACE", "resolve_metric_file", "resolve_metric_files",
-    "required_files", "library_cache", "convention_table", "psnr", "ssim", "rgb_to_y", "rgb_to_gray", "NIQE_PARAMS",
+    "ALIASES",
+    "COLUMN_DIRECTIONS",
+    "LIBRARY_PLACE",
+    "METRICS",
+    "METRIC_FILES",
+    "NIQE_PARAMS",
+    "Metric",
+    "MetricSpec",
+    "MetricWeightsError",
+    "build_metric",
+    "build_metrics",
+    "convention_table",
+    "library_cache",
+    "parse_metrics",
+    "psnr",
+    "required_files",
+    "resolve_metric_file",
+    "resolve_metric_files",
+    "rgb_to_gray",
+    "rgb_to_y",
+    "ssim",
 ]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -124,7 +143,8 @@ METRICS: dict[str, MetricSpec] = {s.name: s for s in [
                "pyiqa.create_metric('niqe_matlab')", "pyiqa", "pyiqa niqe_matlab_params.mat",
                "Y of YIQ, rounded to 8 bits", _CROP, files=("niqe_matlab",)),
     MetricSpec("musiq", (("musiq", True),), "nr", "MUSIQ (KonIQ-10k)", "pyiqa.create_metric('musiq')", "pyiqa",
-               "pyiqa musiq_koniq_ckpt-e95806b9.pth", _RGB01, files=("musiq_koniq",), details="multi-scale 224/384 + full resolution"),
+               "pyiqa musiq_koniq_ckpt-e95806b9.pth", _RGB01, files=("musiq_koniq",),
+               details="multi-scale 224/384 + full resolution"),
     MetricSpec("clipiqa", (("clipiqa", True),), "nr", "CLIP-IQA (RN50, pyiqa's prompt ensemble)",
                "pyiqa.create_metric('clipiqa', backbone=<RN50.pt>)", "pyiqa",
                "OpenAI CLIP RN50.pt (sha256 afeb0e10...6762)", _RGB01, files=("clip_rn50",)),
@@ -289,8 +309,8 @@ def resolve_metric_files(names: Iterable[str], *, weights_dir: str | os.PathLike
         dirs = [str(d) for d in (weights_dir, os.environ.get("DIFFBIR_METRIC_WEIGHTS"), *_cache_dirs()) if d]
         why = ("downloads are disabled (HF_HUB_OFFLINE=1)" if offline() else
                "download not attempted" if not download else "download failed")
-        lines = [f"Missing metric weights: metric set {', '.join(names)} needs {len(found) + len(missing)} file(s), "
-                 f"{len(missing)} not found ({why}):"]
+        lines = [(f"Missing metric weights: metric set {', '.join(names)} needs {len(found) + len(missing)} file(s), "
+                  f"{len(missing)} not found ({why}):")]
         for key, users, first in missing:
             spec = METRIC_FILES[key]
             lines.append(f"  - {spec.filename} ({spec.description}; for {', '.join(users)})")

@@ -21,10 +21,12 @@ of ``results/bench`` scaled linearly with the output pixels by that benchmark's 
 set, divided by the number of processes. Those measurements are CPU ones (2 cores, see results/bench): on GPUs
 the real time is far lower, and the printout says so - it is an ESTIMATE, not a measurement.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -32,7 +34,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Job", "plan", "estimate", "main"]
+__all__ = ["Job", "estimate", "main", "plan"]
 
 _OUT_PX_512 = 512 * 512  # output size assumed for sets not here (faces and the 128 -> 512 sets are 512x512)
 
@@ -45,10 +47,23 @@ class Job:
     out: Path
 
     def argv(self, *, gpus: int, device: str, weights_dir: str | None, metric_weights: str | None) -> list[str]:
-        head = (["accelerate", "launch", "--multi_gpu", "--num_processes", str(gpus), "-m", "eval.run"] if gpus > 1
-                else [sys.executable, "-m", "eval.run"])
-        cmd = head + ["--dataset", self.dataset, "--root", str(self.root), "--method", self.method,
-                      "--out", str(self.out), "--device", device]
+        head = (
+            ["accelerate", "launch", "--multi_gpu", "--num_processes", str(gpus), "-m", "eval.run"]
+            if gpus > 1
+            else [sys.executable, "-m", "eval.run"]
+        )
+        cmd = head + [
+            "--dataset",
+            self.dataset,
+            "--root",
+            str(self.root),
+            "--method",
+            self.method,
+            "--out",
+            str(self.out),
+            "--device",
+            device,
+        ]
         if weights_dir:
             cmd += ["--weights-dir", weights_dir]
         if metric_weights:
@@ -67,8 +82,14 @@ def _methods_for(task: str, presets: list[str]) -> list[str]:
     return out
 
 
-def plan(data: Path, results: Path, presets: list[str], sets: list[str] | None = None,
-         verify: bool = True, present_only: bool = True) -> tuple[list[Job], dict[str, str]]:
+def plan(
+    data: Path,
+    results: Path,
+    presets: list[str],
+    sets: list[str] | None = None,
+    verify: bool = True,
+    present_only: bool = True,
+) -> tuple[list[Job], dict[str, str]]:
     """Jobs for every (set present in ``data``, applicable method); ``skipped`` maps set -> why not.
     ``present_only=False`` plans every registered set (for `estimate`)."""
     from .datasets import DATASETS
@@ -79,7 +100,7 @@ def plan(data: Path, results: Path, presets: list[str], sets: list[str] | None =
     for name in sets or list(REGISTRY):
         root = data / name
         if not root.is_dir() and present_only:
-            how = (f"python -m eval.data fetch {name} {root}" if REGISTRY[name].download else REGISTRY[name].how_to_get)
+            how = f"python -m eval.data fetch {name} {root}" if REGISTRY[name].download else REGISTRY[name].how_to_get
             skipped[name] = f"no folder {root} ({how})"
             continue
         if verify and root.is_dir():
@@ -117,21 +138,24 @@ def _bench_fit(results: Path) -> tuple[float, float, str] | None:
     f = results / "bench" / "README.md"
     if not f.is_file():
         return None
-    m = re.search(r"Linear fit of the optimised 50-step time against pixel count: ([\d.]+) s per megapixel \+ "
-                  r"([\d.]+) s", f.read_text())
+    m = re.search(
+        r"Linear fit of the optimised 50-step time against pixel count: ([\d.]+) s per megapixel \+ "
+        r"([\d.]+) s",
+        f.read_text(),
+    )
     return (float(m.group(1)), float(m.group(2)), "results/bench (CPU, 2 cores, random weights, v2)") if m else None
 
 
 def _out_pixels(name: str, data: Path) -> tuple[float, str]:
     """Mean output pixels per image: from the LQ headers when the set is here, else its nominal size."""
-    from .datasets import DATASETS, image_size, open_dataset
+    from .datasets import DATASETS, DatasetError, image_size, open_dataset
 
     spec = DATASETS[name]
     try:
         ds = open_dataset(name, root=data / name, allow_count_mismatch=True)
         sizes = [image_size(it.lq) for it in ds.items]
-        return sum(h * w for h, w in sizes) / len(sizes) * spec.scale ** 2, f"{len(sizes)} images measured"
-    except Exception:
+        return sum(h * w for h, w in sizes) / len(sizes) * spec.scale**2, f"{len(sizes)} images measured"
+    except (DatasetError, OSError, ValueError, ZeroDivisionError):  # not here (or empty): nominal size
         return float(_OUT_PX_512), "512x512 nominal"
 
 
@@ -171,12 +195,18 @@ def estimate(jobs: list[Job], data: Path, results: Path, processes: int) -> str:
         else:
             s, basis = float("nan"), "no measurement"
         h = (n or 0) * s / processes / 3600
-        total += 0 if h != h else h
-        lines.append(f"| {j.dataset} | {j.method} | {n if n is not None else 'unknown'} | {s:.1f} ({basis}) | "
-                     f"{h:.1f} |")
-    lines += ["", f"ESTIMATE, total {total:.0f} h over {processes} process(es), from per-image times measured on a "
-                  "2-core CPU (no GPU was available to this project): on GPUs expect a small fraction of this. "
-                  "Sets of unknown size count 0. Measure first with `python -m eval.bench --device cuda`."]
+        total += 0 if math.isnan(h) else h
+        lines.append(
+            f"| {j.dataset} | {j.method} | {n if n is not None else 'unknown'} | {s:.1f} ({basis}) | {h:.1f} |"
+        )
+    lines += [
+        "",
+        (
+            f"ESTIMATE, total {total:.0f} h over {processes} process(es), from per-image times measured on a "
+            "2-core CPU (no GPU was available to this project): on GPUs expect a small fraction of this. "
+            "Sets of unknown size count 0. Measure first with `python -m eval.bench --device cuda`."
+        ),
+    ]
     return "\n".join(lines)
 
 
@@ -204,13 +234,15 @@ def main(argv: list[str] | None = None) -> int:
         presets = list(PRESETS)
     data, results = Path(args.data), Path(args.results)
     sets = [s for s in args.sets.split(",") if s] if args.sets else None
-    jobs, skipped = plan(data, results, presets, sets, verify=not args.no_verify and not args.estimate,
-                         present_only=not args.estimate)
+    jobs, skipped = plan(
+        data, results, presets, sets, verify=not args.no_verify and not args.estimate, present_only=not args.estimate
+    )
     if args.estimate:
         print(estimate(jobs, data, results, max(1, args.gpus)))
     for j in jobs:
-        cmd = j.argv(gpus=args.gpus, device=args.device, weights_dir=args.weights_dir,
-                      metric_weights=args.metric_weights)
+        cmd = j.argv(
+            gpus=args.gpus, device=args.device, weights_dir=args.weights_dir, metric_weights=args.metric_weights
+        )
         if args.dry_run or args.estimate:
             if args.dry_run:
                 print(shlex.join(cmd))
@@ -222,8 +254,18 @@ def main(argv: list[str] | None = None) -> int:
             skipped[f"{j.dataset} x {j.method}"] = f"eval.run exit {rc}"
     if not (args.dry_run or args.estimate):
         subprocess.call([sys.executable, "-m", "eval.report", "--results", str(results)])
-        subprocess.call([sys.executable, "-m", "eval.table", "all", "--results", str(results),
-                         "--write", str(results / "README.md")])
+        subprocess.call(
+            [
+                sys.executable,
+                "-m",
+                "eval.table",
+                "all",
+                "--results",
+                str(results),
+                "--write",
+                str(results / "README.md"),
+            ]
+        )
     for what, why in skipped.items():
         print(f"[run_all] skipped {what}: {why}", file=sys.stderr)
     return 0

@@ -12,6 +12,7 @@ protocol, `eval.published`). Runs are the folders ``results/*/`` with ``summary.
 by `eval.run`; nothing is recomputed. ``--write FILE`` replaces the block between
 ``<!-- eval.table:NAME:begin -->`` and ``<!-- eval.table:NAME:end -->`` in FILE (appends it when absent).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TableSpec", "TABLES", "load_runs", "build_table", "write_block", "main"]
+__all__ = ["TABLES", "TableSpec", "build_table", "load_runs", "main", "write_block"]
 
 
 @dataclass(frozen=True)
@@ -36,28 +37,66 @@ class TableSpec:
 _MODERN = ("psnr", "ssim", "lpips", "dists", "fid", "niqe", "musiq", "maniqa-pipal", "clipiqa")
 SYNTH_FACES = "synthetic:codeformer_face"  # any synthetic run made with the codeformer_face degradation
 
-TABLES: dict[str, TableSpec] = {t.name: t for t in [
-    TableSpec("bsr-paper", "Blind super-resolution, real images (DiffBIR paper layout)",
-              (("realsrset", ("maniqa", "niqe")), ("real47", ("maniqa", "niqe")), ("set5", ("psnr", "ssim", "niqe"))),
-              ("RealSRSet and Real47 have no ground truth (no-reference metrics only). Set5 (bicubic x4) is not in the "
-               "paper's BSR table: a sanity set with ground truth.",)),
-    TableSpec("bfr-paper", "Blind face restoration (DiffBIR paper layout)",
-              (("celeba_test", ("psnr", "ssim", "lpips", "ids_deg", "fid")), ("lfw_test", ("fid",)),
-               ("celebchild_test", ("fid",)), ("wider_test", ("fid",)),
-               (SYNTH_FACES, ("psnr", "ssim", "niqe", "id_dist_dlib"))),
-              ("CelebA-Test, LFW-Test, CelebChild-Test and WIDER-Test are not obtainable here; the last group is "
-               "synthetic pairs from shared/data/faces/aligned (codeformer_face degradation), a stand-in that is "
-               "NOT comparable to CelebA-Test numbers.",)),
-    TableSpec("realsr-modern", "Real-world SR, 128 -> 512 (OSEDiff Table 1 protocol)",
-              (("div2k_val", _MODERN), ("realsr", _MODERN), ("drealsr", _MODERN)),
-              ("Protocol: OSEDiff test_metrics.py - pyiqa metrics, PSNR/SSIM on Y of YCbCr, no border crop, "
-               "LQ 128x128 -> 512x512, FID of the output folder against the GT folder.",)),
-]}
+TABLES: dict[str, TableSpec] = {
+    t.name: t
+    for t in [
+        TableSpec(
+            "bsr-paper",
+            "Blind super-resolution, real images (DiffBIR paper layout)",
+            (("realsrset", ("maniqa", "niqe")), ("real47", ("maniqa", "niqe")), ("set5", ("psnr", "ssim", "niqe"))),
+            (
+                (
+                    "RealSRSet and Real47 have no ground truth (no-reference metrics only). "
+                    "Set5 (bicubic x4) is not in the paper's BSR table: a sanity set with ground truth."
+                ),
+            ),
+        ),
+        TableSpec(
+            "bfr-paper",
+            "Blind face restoration (DiffBIR paper layout)",
+            (
+                ("celeba_test", ("psnr", "ssim", "lpips", "ids_deg", "fid")),
+                ("lfw_test", ("fid",)),
+                ("celebchild_test", ("fid",)),
+                ("wider_test", ("fid",)),
+                (SYNTH_FACES, ("psnr", "ssim", "niqe", "id_dist_dlib")),
+            ),
+            (
+                (
+                    "CelebA-Test, LFW-Test, CelebChild-Test and WIDER-Test are not obtainable here; the last group is "
+                    "synthetic pairs from shared/data/faces/aligned (codeformer_face degradation), a stand-in that is "
+                    "NOT comparable to CelebA-Test numbers."
+                ),
+            ),
+        ),
+        TableSpec(
+            "realsr-modern",
+            "Real-world SR, 128 -> 512 (OSEDiff Table 1 protocol)",
+            (("div2k_val", _MODERN), ("realsr", _MODERN), ("drealsr", _MODERN)),
+            (
+                (
+                    "Protocol: OSEDiff test_metrics.py - pyiqa metrics, PSNR/SSIM on Y of YCbCr, no border crop, "
+                    "LQ 128x128 -> 512x512, FID of the output folder against the GT folder."
+                ),
+            ),
+        ),
+    ]
+}
 
 _ARROW = {True: "↑", False: "↓", None: ""}
-_SHORT = {"realsrset": "RealSRSet", "real47": "Real47", "set5": "Set5", "celeba_test": "CelebA-Test",
-          "lfw_test": "LFW-Test", "celebchild_test": "CelebChild-Test", "wider_test": "WIDER-Test",
-          SYNTH_FACES: "synthetic faces", "div2k_val": "DIV2K-val", "realsr": "RealSR", "drealsr": "DRealSR"}
+_SHORT = {
+    "realsrset": "RealSRSet",
+    "real47": "Real47",
+    "set5": "Set5",
+    "celeba_test": "CelebA-Test",
+    "lfw_test": "LFW-Test",
+    "celebchild_test": "CelebChild-Test",
+    "wider_test": "WIDER-Test",
+    SYNTH_FACES: "synthetic faces",
+    "div2k_val": "DIV2K-val",
+    "realsr": "RealSR",
+    "drealsr": "DRealSR",
+}
 
 
 def _dataset_key(summary: dict) -> str:
@@ -109,7 +148,9 @@ def _fmt(v: float, col: str) -> str:
     return f"{v:.2f}" if col in ("fid", "musiq") else f"{v:.4f}"
 
 
-def build_table(name: str, results: str | os.PathLike = "results", *, link_base: str | os.PathLike | None = None) -> str:
+def build_table(
+    name: str, results: str | os.PathLike = "results", *, link_base: str | os.PathLike | None = None
+) -> str:
     """The Markdown of table ``name``; links are relative to ``link_base`` (default: ``results``)."""
     from .metrics import COLUMN_DIRECTIONS
     from .published import MISSING, PUBLISHED
@@ -147,9 +188,11 @@ def build_table(name: str, results: str | os.PathLike = "results", *, link_base:
             run_fn[run["dir"]] = f"r{len(run_fn) + 1}"
             commit = (s["git"].get("commit") or "none")[:10] + ("+dirty" if s["git"].get("dirty") else "")
             rel = os.path.relpath(run["dir"], base)
-            foot_runs.append(f"- **{run_fn[run['dir']]}** [{rel}]({rel}/README.md): method `{s['method']['arg']}`, "
-                             f"{s.get('n_complete', '?')}/{s.get('n_expected', '?')} images, commit `{commit}`, "
-                             f"created {s.get('created', '?')}")
+            foot_runs.append(
+                f"- **{run_fn[run['dir']]}** [{rel}]({rel}/README.md): method `{s['method']['arg']}`, "
+                f"{s.get('n_complete', '?')}/{s.get('n_expected', '?')} images, commit `{commit}`, "
+                f"created {s.get('created', '?')}"
+            )
         metric = _metric_of(col)
         params = s.get("parameters") or {}
         conv = ((params.get("metrics") or {}).get(metric) or {}).get("convention") or "convention not recorded"
@@ -166,8 +209,9 @@ def build_table(name: str, results: str | os.PathLike = "results", *, link_base:
             foot_src.append(f"- **{src_fn[p.source]}** {p.source}. Protocol: {p.protocol}")
         return f"{p.values[col]!r} {src_fn[p.source]}"  # as published, every digit
 
-    head = ["method"] + [f"{_SHORT.get(k, k)} {c} {_ARROW[COLUMN_DIRECTIONS.get(c)]}".rstrip()
-                         for k, cols in spec.columns for c in cols]
+    head = ["method"] + [
+        f"{_SHORT.get(k, k)} {c} {_ARROW[COLUMN_DIRECTIONS.get(c)]}".rstrip() for k, cols in spec.columns for c in cols
+    ]
     lines = [f"### {spec.title} (`python -m eval.table {name}`)", ""]
     lines += [f"_{n}_" for n in spec.notes] + [""] if spec.notes else []
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -207,7 +251,7 @@ def write_block(path: str | os.PathLike, name: str, text: str) -> Path:
     block = f"{begin}\n{text.rstrip()}\n{end}"
     old = p.read_text() if p.is_file() else ""
     if begin in old and end in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
     else:
         new = old.rstrip() + ("\n\n" if old else "") + block + "\n"
     p.write_text(new)
@@ -216,8 +260,11 @@ def write_block(path: str | os.PathLike, name: str, text: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.table", description=__doc__.split("\n\n")[0])
-    p.add_argument("name", nargs="+", help=f"table(s): {', '.join(TABLES)}, 'all', or 'metrics' (the metric "
-                                           "conventions of eval.metrics)")
+    p.add_argument(
+        "name",
+        nargs="+",
+        help=f"table(s): {', '.join(TABLES)}, 'all', or 'metrics' (the metric conventions of eval.metrics)",
+    )
     p.add_argument("--results", default="results", help="folder of run folders (default: results)")
     p.add_argument("--write", metavar="FILE", help="write into FILE between the table's markers instead of printing")
     args = p.parse_args(argv)
@@ -230,10 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         if n == "metrics":
             from .metrics import convention_table
 
-            text = ("### Metric conventions (`python -m eval.table metrics`)\n\nEvery metric by its pyiqa name; a new run "
-                    "records this string in summary.json (parameters.metrics); the tables cite the string each run "
-                    "recorded itself.\n\n"
-                    + convention_table())
+            text = (
+                "### Metric conventions (`python -m eval.table metrics`)\n\nEvery metric by its pyiqa name; a new run "
+                "records this string in summary.json (parameters.metrics); the tables cite the string each run "
+                "recorded itself.\n\n" + convention_table()
+            )
             print(f"wrote {write_block(args.write, n, text)} ({n})" if args.write else text)
             continue
         if n not in TABLES:

@@ -1,6 +1,7 @@
 """eval.registry / eval.data: every set of the issue is registered with its provenance; the shipped sha256 lists
 match the copies in shared/data; `check` finds missing, extra and corrupted files; `fetch` verifies what it
 downloads and fails offline with a message saying what to do (the network is simulated, never used)."""
+
 from __future__ import annotations
 
 import io
@@ -15,8 +16,18 @@ from eval import data as cli
 from eval import registry as R
 from eval.datasets import DATASETS, open_dataset, validate
 
-ISSUE_SETS = ["realsrset", "real47", "celeba_test", "lfw_test", "celebchild_test", "wider_test", "set5", "realsr",
-              "drealsr", "div2k_val"]
+ISSUE_SETS = [
+    "realsrset",
+    "real47",
+    "celeba_test",
+    "lfw_test",
+    "celebchild_test",
+    "wider_test",
+    "set5",
+    "realsr",
+    "drealsr",
+    "div2k_val",
+]
 
 
 def test_every_set_is_registered_with_provenance():
@@ -54,7 +65,9 @@ def test_check_finds_missing_extra_and_corrupted(tmp_path, data_dir):
     f.write_bytes(f.read_bytes()[:-1] + b"\0")
     rep = R.check("set5", d)
     assert not rep.ok
-    assert rep.missing == ["LR_bicubic/X4/headx4.png"] and rep.extra == ["HR/extra.png"] and rep.bad_sha == ["HR/bird.png"]
+    assert (
+        rep.missing == ["LR_bicubic/X4/headx4.png"] and rep.extra == ["HR/extra.png"] and rep.bad_sha == ["HR/bird.png"]
+    )
     assert cli.main(["check", "set5", str(d)]) == 1
     assert cli.main(["check", "set5", str(data_dir / "set5")]) == 0
     with pytest.raises(R.DataError, match="is not a folder"):

@@ -3,6 +3,7 @@ call on the same images and the same (random) weights - LPIPS vs ``lpips.LPIPS(n
 weights in its own torch-hub cache, FID features and value vs pyiqa's ``get_folder_features`` / ``fid``, pyiqa
 metrics vs ``pyiqa.create_metric(name, pretrained_model_path=...)``; PSNR/SSIM vs pyiqa's psnr/psnry/ssim/ssimc;
 IDS in degrees = degrees(arccos(cosine)); one error listing every missing file of a metric set. Offline."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,23 @@ import torch
 from eval import metrics as M
 from eval.metrics import METRICS, MetricWeightsError, build_metric
 
-ISSUE_NAMES = ["psnr", "ssim", "psnr_rgb", "ssim_rgb", "lpips", "lpips-vgg", "dists", "niqe", "niqe_matlab", "musiq",
-               "clipiqa", "maniqa", "maniqa-pipal", "fid", "ids"]
+ISSUE_NAMES = [
+    "psnr",
+    "ssim",
+    "psnr_rgb",
+    "ssim_rgb",
+    "lpips",
+    "lpips-vgg",
+    "dists",
+    "niqe",
+    "niqe_matlab",
+    "musiq",
+    "clipiqa",
+    "maniqa",
+    "maniqa-pipal",
+    "fid",
+    "ids",
+]
 
 
 def random_state_dict(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> dict[str, torch.Tensor]:
@@ -36,8 +52,9 @@ def random_state_dict(module: torch.nn.Module, seed: int = 0, scale: float = 0.0
 def _images(n: int = 3, hw: tuple[int, int] = (64, 72), seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     base = [rng.random((hw[0] // 8, hw[1] // 8, 3)) for _ in range(n)]
-    return [np.clip(np.kron(b, np.ones((8, 8, 1))) + rng.normal(0, 0.05, (*hw, 3)), 0, 1).astype(np.float32)
-            for b in base]
+    return [
+        np.clip(np.kron(b, np.ones((8, 8, 1))) + rng.normal(0, 0.05, (*hw, 3)), 0, 1).astype(np.float32) for b in base
+    ]
 
 
 def _t(img: np.ndarray) -> torch.Tensor:
@@ -83,12 +100,17 @@ def test_pixel_metrics_equal_pyiqa(data_dir):
     from diffbir_core.imageio import read_image
 
     cal = data_dir / "iqa_calibration"
-    pairs = [(read_image(cal / "dist_dir" / n).rgb, read_image(cal / "ref_dir" / n).rgb) for n in ("I03.bmp", "I04.bmp")]
+    pairs = [
+        (read_image(cal / "dist_dir" / n).rgb, read_image(cal / "ref_dir" / n).rgb) for n in ("I03.bmp", "I04.bmp")
+    ]
     y = {"test_y_channel": True, "color_space": "ycbcr"}  # OSEDiff's calls; pyiqa's default Y channel is YIQ
     # eps=0: BasicSR's PSNR has none; pyiqa adds 1e-8 to the MSE by default (< 0.001 dB below 40 dB)
-    lib = {"psnr": pyiqa.create_metric("psnr", device="cpu", eps=0, **y),
-           "ssim": pyiqa.create_metric("ssim", device="cpu", **y),
-           "psnr_rgb": pyiqa.create_metric("psnr", device="cpu", eps=0), "ssim_rgb": pyiqa.create_metric("ssimc", device="cpu")}
+    lib = {
+        "psnr": pyiqa.create_metric("psnr", device="cpu", eps=0, **y),
+        "ssim": pyiqa.create_metric("ssim", device="cpu", **y),
+        "psnr_rgb": pyiqa.create_metric("psnr", device="cpu", eps=0),
+        "ssim_rgb": pyiqa.create_metric("ssimc", device="cpu"),
+    }
     ours = {k: k for k in lib}
     for d, r in pairs:
         for our, theirs in ours.items():
@@ -142,8 +164,15 @@ def test_fid_features_and_value_equal_pyiqa(tmp_path, monkeypatch, random_fid_fi
     ours = {k: np.stack([m.features(read_image(p).rgb) for p in sorted(d.glob("*.png"))]) for k, d in folders.items()}
     monkeypatch.setattr(du, "DEFAULT_CACHE_DIR", str(random_fid_file.parent))  # pyiqa's own cache lookup
     lib = pyiqa.create_metric("fid", device="cpu")
-    theirs = get_folder_features(str(folders["a"]), lib.net.model, num_workers=0, batch_size=2,
-                                 device=torch.device("cpu"), mode="clean", verbose=False)
+    theirs = get_folder_features(
+        str(folders["a"]),
+        lib.net.model,
+        num_workers=0,
+        batch_size=2,
+        device=torch.device("cpu"),
+        mode="clean",
+        verbose=False,
+    )
     assert ours["a"].shape == (3, 2048) and np.ptp(ours["a"], axis=0).max() > 0
     np.testing.assert_allclose(ours["a"], theirs, rtol=1e-5, atol=1e-6 * np.abs(theirs).max())
     want = float(lib(str(folders["a"]), str(folders["b"]), mode="clean", num_workers=0, verbose=False))
@@ -197,10 +226,18 @@ def test_one_error_lists_every_missing_file_of_a_metric_set(offline_caches):
         M.build_metrics(["psnr", "lpips", "dists", "fid", "maniqa-pipal", "clipiqa"])
     msg = str(e.value)
     assert msg.count("\n  - ") == 6  # alexnet, vgg16, DISTS, inception, MANIQA-PIPAL, RN50 - once each
-    for f in ("alexnet-owt-7be5be79.pth", "vgg16-397923af.pth", "DISTS_weights-f5e65c96.pth",
-              "pt_inception-2015-12-05-6726825d.pth", "MANIQA_PIPAL-ae6d356b.pth", "RN50.pt",
-              "download.pytorch.org/models/vgg16-397923af.pth", "huggingface.co/chaofengc/IQA-PyTorch-Weights",
-              "HF_HUB_OFFLINE", "--metric-weights"):
+    for f in (
+        "alexnet-owt-7be5be79.pth",
+        "vgg16-397923af.pth",
+        "DISTS_weights-f5e65c96.pth",
+        "pt_inception-2015-12-05-6726825d.pth",
+        "MANIQA_PIPAL-ae6d356b.pth",
+        "RN50.pt",
+        "download.pytorch.org/models/vgg16-397923af.pth",
+        "huggingface.co/chaofengc/IQA-PyTorch-Weights",
+        "HF_HUB_OFFLINE",
+        "--metric-weights",
+    ):
         assert f in msg, f
     assert "for lpips-vgg" not in msg and "for dists" in msg
     assert M.build_metrics(["psnr", "niqe"]).keys() == {"psnr", "niqe"}  # nothing to download: builds offline
@@ -266,5 +303,7 @@ def test_lpips_vgg_and_dists_equal_their_libraries(tmp_path, monkeypatch):
     ref = lpips.LPIPS(net="vgg", version="0.1", verbose=False).eval()
     assert m(a, b)["lpips-vgg"] == pytest.approx(float(ref(_t(a), _t(b), normalize=True).item()), rel=1e-5)
     m = build_metric("dists", weights_dir=tmp_path / "w")
-    ref = pyiqa.create_metric("dists", device="cpu", pretrained_model_path=str(tmp_path / "w" / "DISTS_weights-f5e65c96.pth"))
+    ref = pyiqa.create_metric(
+        "dists", device="cpu", pretrained_model_path=str(tmp_path / "w" / "DISTS_weights-f5e65c96.pth")
+    )
     assert m(a, b)["dists"] == pytest.approx(float(ref(_t(a), _t(b)).item()), rel=1e-5)

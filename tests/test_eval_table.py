@@ -1,5 +1,6 @@
 """eval.table: run folders in tmp_path -> one table in the paper's layout, our cells linking to their run folder
 and naming run + protocol, published cells naming their source; the README block is replaced, not duplicated."""
+
 from __future__ import annotations
 
 import json
@@ -11,19 +12,42 @@ from eval import table as T
 from eval.published import PUBLISHED
 
 
-def _run(results: Path, folder: str, dataset: str, method: str, means: dict[str, float], *, fid: float | None = None,
-         down: float = 1.0, synthetic: dict | None = None, crop: int = 0) -> Path:
+def _run(
+    results: Path,
+    folder: str,
+    dataset: str,
+    method: str,
+    means: dict[str, float],
+    *,
+    fid: float | None = None,
+    down: float = 1.0,
+    synthetic: dict | None = None,
+    crop: int = 0,
+) -> Path:
     d = results / folder
     d.mkdir(parents=True)
     summary = {
-        "dataset": {"name": dataset, "arg": dataset, "title": dataset, "task": "sr", "scale": 4.0,
-                    **({"synthetic": synthetic} if synthetic else {})},
-        "method": {"arg": method}, "n_complete": 3, "n_expected": 3, "complete": True,
+        "dataset": {
+            "name": dataset,
+            "arg": dataset,
+            "title": dataset,
+            "task": "sr",
+            "scale": 4.0,
+            **({"synthetic": synthetic} if synthetic else {}),
+        },
+        "method": {"arg": method},
+        "n_complete": 3,
+        "n_expected": 3,
+        "complete": True,
         "metrics": {k: {"mean": v} for k, v in means.items()},
         "set_metrics": {"fid": {"value": fid}} if fid is not None else {},
-        "parameters": {"crop_border": crop, "lq_downscale": down,
-                       "metrics": {k: {"convention": f"CONV-{k}"} for k in [*means, "fid"]}},
-        "git": {"commit": "0123456789abcdef", "dirty": False}, "created": "2026-12-01T00:00:00+00:00",
+        "parameters": {
+            "crop_border": crop,
+            "lq_downscale": down,
+            "metrics": {k: {"convention": f"CONV-{k}"} for k in [*means, "fid"]},
+        },
+        "git": {"commit": "0123456789abcdef", "dirty": False},
+        "created": "2026-12-01T00:00:00+00:00",
     }
     (d / "summary.json").write_text(json.dumps(summary))
     (d / "metrics.csv").write_text("name," + ",".join(means) + "\n")
@@ -59,10 +83,19 @@ def test_modern_table_from_run_folders(tmp_path):
 def test_bsr_and_bfr_tables_and_readme_block(tmp_path):
     res = tmp_path / "results"
     _run(res, "realsrset_offline", "realsrset", "offline", {"niqe": 5.5, "maniqa": 0.4})
-    _run(res, "faces_lq4", "synthetic", "offline", {"psnr": 27.0, "id_dist_dlib": 0.41}, down=4.0,
-         synthetic={"preset": "codeformer_face", "seed": 0, "hq_dir": "/x"})
+    _run(
+        res,
+        "faces_lq4",
+        "synthetic",
+        "offline",
+        {"psnr": 27.0, "id_dist_dlib": 0.41},
+        down=4.0,
+        synthetic={"preset": "codeformer_face", "seed": 0, "hq_dir": "/x"},
+    )
     bsr = T.build_table("bsr-paper", res)
-    assert "| offline | [0.4000](realsrset_offline/README.md) r1·P1 | [5.5000](realsrset_offline/README.md) r1·P2 |" in bsr
+    assert (
+        "| offline | [0.4000](realsrset_offline/README.md) r1·P1 | [5.5000](realsrset_offline/README.md) r1·P2 |" in bsr
+    )
     bfr = T.build_table("bfr-paper", res)
     assert "| offline (LQ/4) |" in bfr and "[0.4100](faces_lq4/README.md)" in bfr and "NOT comparable" in bfr
     readme = tmp_path / "README.md"
@@ -77,8 +110,9 @@ def test_bsr_and_bfr_tables_and_readme_block(tmp_path):
     assert T.main(["nope", "--results", str(res)]) == 2
 
 
-def test_committed_runs_build(results_dir=Path(__file__).resolve().parents[1] / "results"):
+def test_committed_runs_build():
     """The tables of results/README.md come from the committed run folders."""
+    results_dir = Path(__file__).resolve().parents[1] / "results"
     text = T.build_table("bsr-paper", results_dir)
     assert "[5.6372](realsrset_offline/README.md)" in text and "[7.9696](realsrset_bicubic/README.md)" in text
 
@@ -91,16 +125,34 @@ def test_run_all_plans_every_method_for_each_present_set(tmp_path, data_dir, cap
     (data / "set5").symlink_to(data_dir / "set5")
     (data / "realsrset").mkdir()  # present but incomplete: verified and skipped
     jobs, skipped = run_all.plan(data, tmp_path / "results", ["offline", "v1-face", "v1-general", "v2.1"])
-    assert [(j.dataset, j.method) for j in jobs] == [("set5", "bicubic"), ("set5", "offline"),
-                                                      ("set5", "v1-general"), ("set5", "v2.1")]
+    assert [(j.dataset, j.method) for j in jobs] == [
+        ("set5", "bicubic"),
+        ("set5", "offline"),
+        ("set5", "v1-general"),
+        ("set5", "v2.1"),
+    ]
     assert jobs[-1].out == tmp_path / "results" / "set5_v21"
     assert "check failed" in skipped["realsrset"] and "eval.data fetch real47" in skipped["real47"]
     assert "GFPGAN" in skipped["lfw_test"]
     cmd = jobs[1].argv(gpus=4, device="cuda", weights_dir="W", metric_weights="M")
     assert cmd[:6] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "4", "-m"]
-    assert cmd[6:] == ["eval.run", "--dataset", "set5", "--root", str(data / "set5"), "--method", "offline", "--out",
-                       str(tmp_path / "results" / "set5_offline"), "--device", "cuda", "--weights-dir", "W",
-                       "--metric-weights", "M"]
+    assert cmd[6:] == [
+        "eval.run",
+        "--dataset",
+        "set5",
+        "--root",
+        str(data / "set5"),
+        "--method",
+        "offline",
+        "--out",
+        str(tmp_path / "results" / "set5_offline"),
+        "--device",
+        "cuda",
+        "--weights-dir",
+        "W",
+        "--metric-weights",
+        "M",
+    ]
     faces, _ = run_all.plan(data, tmp_path / "results", ["v1-face", "v1-general"], ["celeba_test"], present_only=False)
     assert [j.method for j in faces] == ["bicubic", "v1-face"]
     text = run_all.estimate(faces, data, Path(__file__).resolve().parents[1] / "results", 2)
