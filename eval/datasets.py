@@ -72,7 +72,7 @@ _BFR_REAL = dict(task="bfr", scale=1.0, default_metrics=("niqe", "maniqa", "fid"
 _STABLESR = "StableSR test sets https://huggingface.co/datasets/Iceclear/StableSR-TestSets"
 _OSEDIFF_SETS = "https://github.com/cswry/OSEDiff/tree/main/preset/datasets"  # README: "directly copied from StableSR"
 # OSEDiff test_metrics.py's metrics (pyiqa; MANIQA there is the PIPAL checkpoint), FID folder-vs-folder against GT
-_MODERN = ("psnr", "ssim", "lpips", "dists", "clipiqa", "niqe", "musiq", "maniqa-pipal", "fid")
+_MODERN = ("psnr", "ssim_pyiqa", "lpips", "dists", "clipiqa", "niqe", "musiq", "maniqa-pipal", "fid")
 _GFPGAN = "GFPGAN project page https://xinntao.github.io/projects/gfpgan (BFR test data)"
 
 DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [

@@ -119,12 +119,18 @@ METRICS: dict[str, MetricSpec] = {s.name: s for s in [
                        "without pyiqa's eps 1e-8 on the MSE (as BasicSR; < 0.001 dB below 40 dB); NOT pyiqa 'psnry' "
                        "(Y of YIQ)"),
     MetricSpec("ssim", (("ssim", True),), "fr", "SSIM on Y of YCbCr", _OURS, "", "none", _Y, _CROP,
-               details=f"{_SSIM}; = pyiqa create_metric('ssim', test_y_channel=True, color_space='ycbcr') (OSEDiff's "
-                       "call); pyiqa's default 'ssim' takes Y of YIQ"),
+               details=f"{_SSIM}; BasicSR/MATLAB: Y not rounded and the contrast-structure map not clipped - pyiqa's "
+                       "SSIM rounds Y to integer levels and clips that map at 0 (ReLU): for OSEDiff's protocol use "
+                       "ssim_pyiqa"),
     MetricSpec("psnr_rgb", (("psnr_rgb", True),), "fr", "PSNR (dB) on RGB", _OURS, "", "none",
                "R, G, B on the 0..255 scale", _CROP, details="= pyiqa 'psnr' (test_y_channel=False)"),
     MetricSpec("ssim_rgb", (("ssim_rgb", True),), "fr", "SSIM on RGB (mean of the channel SSIMs)", _OURS, "", "none",
-               "R, G, B on the 0..255 scale", _CROP, details=f"{_SSIM}; = pyiqa 'ssimc'"),
+               "R, G, B on the 0..255 scale", _CROP,
+               details=f"{_SSIM}; contrast-structure map not clipped (pyiqa 'ssimc' clips it at 0 and rounds)"),
+    MetricSpec("ssim_pyiqa", (("ssim_pyiqa", True),), "fr", "SSIM on Y of YCbCr exactly as pyiqa / OSEDiff",
+               "pyiqa.create_metric('ssim', test_y_channel=True, color_space='ycbcr')", "pyiqa", "none",
+               "Y of YCbCr (pyiqa to_y_channel), ROUNDED to integer levels 0..255, float64", _CROP,
+               details=f"{_SSIM}; contrast-structure map clipped at 0 (ReLU); OSEDiff test_metrics.py's SSIM"),
     MetricSpec("lpips", (("lpips", False),), "fr", "LPIPS v0.1, AlexNet", "lpips.LPIPS(net='alex', version='0.1')",
                "lpips", "torchvision alexnet-owt-7be5be79.pth trunk + the lpips wheel's weights/v0.1/alex.pth heads",
                "RGB in [0, 1] (clipped) -> [-1, 1] (normalize=True)", files=("lpips_alexnet",)),
@@ -530,14 +536,16 @@ def _lpips(name: str, files: Mapping[str, Path], device) -> LibraryMetric:
     return LibraryMetric(name, net.to(device), device, call=lambda n, x, y: n(x, y, normalize=True))
 
 
-def _pyiqa(name: str, files: Mapping[str, Path], device, min_hw: int = 0, **opts) -> LibraryMetric:
-    """``pyiqa.create_metric(name, **opts)`` with its files in its own cache (`library_cache`)."""
+def _pyiqa(name: str, files: Mapping[str, Path], device, min_hw: int = 0, spec_name: str | None = None,
+           **opts) -> LibraryMetric:
+    """``pyiqa.create_metric(name, **opts)`` with its files in its own cache (`library_cache`); the metric is
+    registered as ``spec_name`` (default ``name``)."""
     import pyiqa
 
     timm_guard = _timm_without_download() if name.startswith("maniqa") else _nothing()
     with _loud(name, files), library_cache(files), timm_guard:
         net = pyiqa.create_metric(name, device=torch.device(device), **opts)
-    return LibraryMetric(name, net, device, min_hw=min_hw)
+    return LibraryMetric(spec_name or name, net, device, min_hw=min_hw)
 
 
 @contextmanager
@@ -691,6 +699,9 @@ def build_metric(name: str, *, crop_border: int = 0, device: str | torch.device 
         return _pyiqa(name, files, device, min_hw=96 + 2 * crop_border, crop_border=crop_border)
     if name == "clipiqa":  # pyiqa's clip loader takes a file path as the backbone (our resolver checks its sha256)
         return _pyiqa(name, files, device, backbone=str(files["clip_rn50"]))
+    if name == "ssim_pyiqa":
+        return _pyiqa("ssim", files, device, crop_border=crop_border, test_y_channel=True, color_space="ycbcr",
+                      spec_name=name)
     if name in ("dists", "musiq", "maniqa", "maniqa-pipal"):
         return _pyiqa(name, files, device)
     if name == "ids":

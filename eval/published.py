@@ -14,7 +14,8 @@ __all__ = ["MISSING", "OSEDIFF_PROTOCOL", "PUBLISHED", "Published"]
 
 @dataclass(frozen=True)
 class Published:
-    """One method's published numbers on one dataset ({our column name: value})."""
+    """One method's published numbers on one dataset ({our column name: value}; a published SSIM computed with
+    pyiqa is our ``ssim_pyiqa`` column)."""
 
     method: str
     dataset: str  # eval.datasets name

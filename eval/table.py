@@ -34,7 +34,7 @@ class TableSpec:
     notes: tuple[str, ...] = ()
 
 
-_MODERN = ("psnr", "ssim", "lpips", "dists", "fid", "niqe", "musiq", "maniqa-pipal", "clipiqa")
+_MODERN = ("psnr", "ssim_pyiqa", "lpips", "dists", "fid", "niqe", "musiq", "maniqa-pipal", "clipiqa")
 SYNTH_FACES = "synthetic:codeformer_face"  # any synthetic run made with the codeformer_face degradation
 
 TABLES: dict[str, TableSpec] = {

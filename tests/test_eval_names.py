@@ -19,6 +19,7 @@ from eval.metrics import METRICS, MetricWeightsError, build_metric
 ISSUE_NAMES = [
     "psnr",
     "ssim",
+    "ssim_pyiqa",
     "psnr_rgb",
     "ssim_rgb",
     "lpips",
@@ -94,30 +95,62 @@ def test_every_issue_name_resolves_with_a_full_convention():
     assert "FFHQ" in METRICS["fid"].convention
 
 
+def _ssim_map_parts(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Luminance and contrast-structure maps of SSIM on one 0..255 plane (Gaussian 11, sigma 1.5, 'valid')."""
+    import cv2
+
+    g = cv2.getGaussianKernel(11, 1.5)
+    w = g @ g.T
+
+    def f(x):
+        return cv2.filter2D(x, -1, w)[5:-5, 5:-5]
+
+    ma, mb = f(a), f(b)
+    saa, sbb, sab = f(a * a) - ma**2, f(b * b) - mb**2, f(a * b) - ma * mb
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    return (2 * ma * mb + c1) / (ma**2 + mb**2 + c1), (2 * sab + c2) / (saa + sbb + c2)
+
+
 def test_pixel_metrics_equal_pyiqa(data_dir):
     import pyiqa
 
     from diffbir_core.imageio import read_image
 
     cal = data_dir / "iqa_calibration"
-    pairs = [
-        (read_image(cal / "dist_dir" / n).rgb, read_image(cal / "ref_dir" / n).rgb) for n in ("I03.bmp", "I04.bmp")
+    heavy = [
+        (read_image(cal / "dist_dir" / n).rgb[:160, :192], read_image(cal / "ref_dir" / n).rgb[:160, :192])
+        for n in ("I03.bmp", "I04.bmp")
     ]
+    gt = heavy[0][1]
+    mild = (np.clip(gt + np.random.default_rng(0).normal(0, 0.02, gt.shape), 0, 1).astype(np.float32), gt)
     y = {"test_y_channel": True, "color_space": "ycbcr"}  # OSEDiff's calls; pyiqa's default Y channel is YIQ
     # eps=0: BasicSR's PSNR has none; pyiqa adds 1e-8 to the MSE by default (< 0.001 dB below 40 dB)
     lib = {
         "psnr": pyiqa.create_metric("psnr", device="cpu", eps=0, **y),
-        "ssim": pyiqa.create_metric("ssim", device="cpu", **y),
         "psnr_rgb": pyiqa.create_metric("psnr", device="cpu", eps=0),
+        "ssim": pyiqa.create_metric("ssim", device="cpu", **y),
         "ssim_rgb": pyiqa.create_metric("ssimc", device="cpu"),
     }
-    ours = {k: k for k in lib}
-    for d, r in pairs:
-        for our, theirs in ours.items():
-            got = build_metric(our)(d, r)[our]
-            want = float(lib[theirs](_t(d), _t(r)).item())
-            tol = 1e-3 if our.startswith("psnr") else 2e-3  # pyiqa works in float32
-            assert got == pytest.approx(want, abs=tol), (our, got, want)
+    ours = {k: build_metric(k) for k in [*lib, "ssim_pyiqa"]}
+    assert ours["ssim_rgb"](*mild)["ssim_rgb"] == pytest.approx(
+        float(lib["ssim_rgb"](_t(mild[0]), _t(mild[1]))), abs=2e-3
+    )
+    for d, r in [*heavy, mild]:
+        for k in ("psnr", "psnr_rgb"):
+            assert ours[k](d, r)[k] == pytest.approx(float(lib[k](_t(d), _t(r)).item()), abs=1e-3), k
+        # ssim_pyiqa is pyiqa's own call
+        assert ours["ssim_pyiqa"](d, r)["ssim_pyiqa"] == pytest.approx(float(lib["ssim"](_t(d), _t(r))), abs=1e-7)
+    # pyiqa's SSIM = the same formula on Y rounded to integer levels, contrast-structure map clipped at 0 (ReLU);
+    # ours (BasicSR/MATLAB) = unrounded Y, no clipping. Both checked against the closed form on each pair.
+    for d, r in [*heavy, mild]:
+        ya, yb = M.rgb_to_y(d), M.rgb_to_y(r)
+        lum, cs = _ssim_map_parts(ya, yb)
+        assert ours["ssim"](d, r)["ssim"] == pytest.approx(float((lum * cs).mean()), abs=1e-9)
+        lum_r, cs_r = _ssim_map_parts(np.rint(ya), np.rint(yb))
+        want = float((lum_r * np.maximum(cs_r, 0)).mean())
+        assert float(lib["ssim"](_t(d), _t(r))) == pytest.approx(want, abs=1e-4)
+        assert ours["ssim_pyiqa"](d, r)["ssim_pyiqa"] == pytest.approx(want, abs=1e-4)
+    assert _ssim_map_parts(M.rgb_to_y(heavy[0][0]), M.rgb_to_y(heavy[0][1]))[1].min() < 0  # the clip matters here
 
 
 def test_lpips_equals_lpips_package_with_its_own_weights(tmp_path, monkeypatch):
@@ -158,7 +191,7 @@ def test_fid_features_and_value_equal_pyiqa(tmp_path, monkeypatch, random_fid_fi
     folders = {}
     for k, seed in (("a", 0), ("b", 1)):
         folders[k] = tmp_path / k
-        for i, img in enumerate(_images(3, (48, 40), seed)):
+        for i, img in enumerate(_images(2, (48, 40), seed)):
             save_image(folders[k] / f"im{i}.png", img)
     m = build_metric("fid", weight_paths={"fid_inception": str(random_fid_file)})
     ours = {k: np.stack([m.features(read_image(p).rgb) for p in sorted(d.glob("*.png"))]) for k, d in folders.items()}
@@ -173,7 +206,7 @@ def test_fid_features_and_value_equal_pyiqa(tmp_path, monkeypatch, random_fid_fi
         mode="clean",
         verbose=False,
     )
-    assert ours["a"].shape == (3, 2048) and np.ptp(ours["a"], axis=0).max() > 0
+    assert ours["a"].shape == (2, 2048) and np.ptp(ours["a"], axis=0).max() > 0
     np.testing.assert_allclose(ours["a"], theirs, rtol=1e-5, atol=1e-6 * np.abs(theirs).max())
     want = float(lib(str(folders["a"]), str(folders["b"]), mode="clean", num_workers=0, verbose=False))
     from eval.fid import fid_from_features
