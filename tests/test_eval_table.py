@@ -56,7 +56,7 @@ def _run(
 
 def test_modern_table_from_run_folders(tmp_path):
     res = tmp_path / "results"
-    _run(res, "realsr_v2", "realsr", "v2", {"psnr": 24.5, "ssim": 0.7, "lpips": 0.3, "maniqa-pipal": 0.61}, fid=130.25)
+    _run(res, "realsr_v2", "realsr", "v2", {"psnr": 24.5, "ssim_pyiqa": 0.7, "lpips": 0.3, "maniqa-pipal": 0.61}, fid=130.25)
     _run(res, "realsr_bicubic", "realsr", "bicubic", {"psnr": 26.0})
     _run(res, "set5_v2", "set5", "v2", {"psnr": 30.0})  # another table's dataset: not in this one
     (res / "notarun").mkdir()
@@ -65,7 +65,7 @@ def test_modern_table_from_run_folders(tmp_path):
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert list(rows) == ["method", "v2", "bicubic", "OSEDiff (published)", "DiffBIR (paper)"]
     head = rows["method"].split(" | ")
-    assert head[1:4] == ["DIV2K-val psnr ↑", "DIV2K-val ssim ↑", "DIV2K-val lpips ↓"] and "RealSR fid ↓" in head
+    assert head[1:4] == ["DIV2K-val psnr ↑", "DIV2K-val ssim_pyiqa ↑", "DIV2K-val lpips ↓"] and "RealSR fid ↓" in head
     cells = dict(zip(head, rows["v2"].split(" | ")))
     assert cells["RealSR psnr ↑"] == "[24.5000](realsr_v2/README.md) r1·P1"
     assert cells["RealSR fid ↓"].startswith("[130.25](realsr_v2/README.md) r1·")
