@@ -240,6 +240,36 @@ def test_musiq_equals_pyiqa_with_the_same_checkpoint(tmp_path):
     assert m(img)["musiq"] == pytest.approx(float(ref(_t(img)).item()), rel=1e-5)
 
 
+def test_clipiqa_equals_pyiqa_with_the_same_backbone_file(tmp_path):
+    """A tiny random ResNet CLIP saved as TorchScript (pyiqa's loader reads OpenAI's RN50.pt, a TorchScript archive,
+    and builds the model from its state dict): our metric vs pyiqa's own call on the same file."""
+    import pyiqa
+    from pyiqa.archs.clip_model import CLIP
+
+    class Holder(torch.nn.Module):  # CLIP's state-dict keys with a trivial, traceable forward
+        def __init__(self, m):
+            super().__init__()
+            for k, v in m.named_children():
+                setattr(self, k, v)
+            for k, v in m.named_parameters(recurse=False):
+                setattr(self, k, v)
+
+        def forward(self, x):
+            return x * self.logit_scale
+
+    torch.manual_seed(0)
+    clip = CLIP(64, 224, (1, 1, 1, 1), 32, None, 77, 49408, 64, 2, 1)
+    holder = Holder(clip)
+    assert holder.state_dict().keys() == clip.state_dict().keys()
+    f = tmp_path / "RN50.pt"
+    torch.jit.save(torch.jit.trace(holder, torch.zeros(1)), str(f))
+    m = build_metric("clipiqa", weight_paths={"clip_rn50": str(f)})
+    ref = pyiqa.create_metric("clipiqa", device="cpu", backbone=str(f))
+    a, b = _images(2, (64, 80), 9)
+    assert m(a)["clipiqa"] == pytest.approx(float(ref(_t(a))), rel=1e-6)
+    assert m(b)["clipiqa"] == pytest.approx(float(ref(_t(b))), rel=1e-6) and m(a) != m(b)
+
+
 def test_ids_degrees_are_arccos_of_cosine(tmp_path):
     from eval.arcface import ResNetArcFace
 
