@@ -6,15 +6,12 @@ Conventions follow clean-fid ("clean" mode, Parmar et al. 2022), as pyiqa's ``fi
     1. the image as 8-bit RGB (values 0..255),
     2. each channel resized to 299x299 with PIL's bicubic filter in float mode ('F'), clipped to [0, 255],
     3. scaled to (x - 128) / 128,
-    4. the TF-FID Inception-V3 (``pt_inception-2015-12-05-6726825d.pth``, the pytorch-fid port of the
-       2015-12-05 TensorFlow graph) up to the final average pool: a 2048-d feature,
-    5. mean and covariance (``np.cov``, N - 1) of the features of each set; reference sets are either a
-       folder of images (e.g. the GT folder) or a statistics file with arrays ``mu`` and ``sigma``
-       (clean-fid's ``ffhq_clean_trainval70k_512.npz`` for the real face sets).
+    4. the TF-FID Inception-V3 (pytorch-fid's port, ``pt_inception-2015-12-05-6726825d.pth``) to its 2048-d pool,
+    5. mean and covariance (``np.cov``, N - 1) per set; the reference is a folder of images (the GT folder) or
+       ``mu``/``sigma`` statistics (clean-fid's ``ffhq_clean_trainval70k_512.npz`` for the real face sets).
 
-The network is pyiqa's own (``pyiqa.create_metric("fid").net.model``, pytorch-fid's `InceptionV3`), built by
-`eval.metrics.FIDMetric` with the file found by `eval.metrics.resolve_metric_files` placed in pyiqa's cache;
-``tests/test_eval_names.py`` checks our features and FID against pyiqa's ``get_folder_features`` / ``fid``.
+The network is pyiqa's own (``pyiqa.create_metric("fid").net.model``), built by `eval.metrics.FIDMetric`;
+tests/test_eval_names.py checks our features and FID against pyiqa's ``get_folder_features`` / ``fid``.
 """
 from __future__ import annotations
 

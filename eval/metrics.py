@@ -1,21 +1,15 @@
-"""Image-quality metrics of the evaluation, by their pyiqa names, computed by the libraries themselves.
+"""Image-quality metrics by their pyiqa names, computed by the libraries themselves (`METRICS`).
 
-Every metric is named as in pyiqa (``pyiqa.list_models()``) and states its convention - library and
-version, checkpoint, colour space, crop - in `MetricSpec.convention`, which `eval.run` writes into each
-``summary.json`` and `eval.table` into each table header. The full list is `METRICS`; the table in
-results/README.md ("Metric conventions") is generated from it (`convention_table`).
-
-* psnr, ssim (Y of YCbCr, BT.601) and psnr_rgb, ssim_rgb are computed here in float64 (BasicSR / MATLAB
-  formulas; `tests/test_eval_names.py` checks them against pyiqa's ``psnr``/``ssim`` with
-  ``test_y_channel=True, color_space="ycbcr"`` (OSEDiff's call; pyiqa's own default Y is YIQ) and ``ssimc``).
-* lpips / lpips-vgg: ``lpips.LPIPS(net="alex"|"vgg", version="0.1")``; dists, niqe, niqe_matlab, musiq,
-  clipiqa, maniqa (KonIQ-10k), maniqa-pipal: ``pyiqa.create_metric(name)``; fid: the Inception-V3 of
-  pyiqa's ``fid`` (pytorch-fid's port of the TF-FID graph) with clean-fid's "clean" preprocessing.
-* Weight files are found by `resolve_metric_files` (diffbir_core.weights.resolve_spec: explicit path,
-  --metric-weights, $DIFFBIR_METRIC_WEIGHTS, the usual caches, download when online). A metric set that
-  lacks files fails with ONE `MetricWeightsError` listing every missing file with its source. While a
-  library builds its network, `library_cache` points torch hub and pyiqa at links to those files and
-  refuses any download, so the libraries load the very files we found, through their own code.
+Each `MetricSpec.convention` states library + version, checkpoint, colour space and crop; `eval.run` writes it
+into every summary.json and `eval.table` cites it (`convention_table` is the list in results/README.md).
+* psnr, ssim (Y of YCbCr, BT.601), psnr_rgb, ssim_rgb: float64 BasicSR/MATLAB formulas here; ssim_pyiqa is
+  pyiqa's own SSIM (OSEDiff's call). tests/test_eval_names.py checks them against pyiqa.
+* lpips / lpips-vgg: ``lpips.LPIPS(net=...)``; dists, niqe, niqe_matlab, musiq, clipiqa, maniqa, maniqa-pipal:
+  ``pyiqa.create_metric(name)``; fid: pyiqa's FID Inception with clean-fid "clean" preprocessing.
+* Weight files: `resolve_metric_files` (diffbir_core.weights.resolve_spec: explicit path, --metric-weights,
+  $DIFFBIR_METRIC_WEIGHTS, the usual caches, download when online); a metric set lacking files fails with ONE
+  `MetricWeightsError` listing them all. While a library builds its network, `library_cache` points torch hub
+  and pyiqa at links to those files and refuses downloads: the libraries load our files through their own code.
 Every metric maps (restored, gt) HxWx3 float images in [0, 1] to a dict of column values.
 """
 from __future__ import annotations

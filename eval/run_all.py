@@ -2,24 +2,15 @@
 
     python -m eval.run_all --data DATA --weights-dir W --metric-weights M [--gpus 8] [--dry-run | --estimate]
 
-DATA holds one folder per set, named as in `eval.registry` (``DATA/realsrset``, ``DATA/celeba_test``,
-``DATA/realsr`` ...; ``python -m eval.data fetch NAME DATA/NAME`` makes the downloadable ones). For each set
-found (and verified by `eval.registry.check`; missing or failing sets are skipped and listed at the end) and
-each method that applies to its task - ``bicubic`` and the presets of `diffbir_core.config.PRESETS`
-(``v1-face`` on face sets only, ``v1-general`` on the others) - it runs ::
-
-    [accelerate launch --multi_gpu --num_processes N] -m eval.run --dataset NAME --root DATA/NAME
-        --method METHOD --out results/NAME_METHOD --device cuda ...
-
-with the set's default metrics (the modern sets: OSEDiff's). Runs resume (eval.run skips finished images), so
-the script can be stopped and restarted. Finally ``python -m eval.report`` and
-``python -m eval.table all --write results/README.md``.
-
-``--estimate`` prints the expected time without running anything: per-image times MEASURED in this project
-(committed run folders' ``timing.restore_s_mean``; for the diffusion presets the 50-step 512x512 restore time
-of ``results/bench`` scaled linearly with the output pixels by that benchmark's fit), times the images of each
-set, divided by the number of processes. Those measurements are CPU ones (2 cores, see results/bench): on GPUs
-the real time is far lower, and the printout says so - it is an ESTIMATE, not a measurement.
+DATA holds one folder per set named as in `eval.registry` (``DATA/realsrset``, ``DATA/realsr``, ...; ``python -m
+eval.data fetch NAME DATA/NAME`` makes the downloadable ones). Each set found and verified (`eval.registry.check`;
+others are skipped and listed) is run with ``bicubic`` and every preset of `diffbir_core.config.PRESETS` that fits
+its task (``v1-face`` on faces only, ``v1-general`` elsewhere): ``[accelerate launch --multi_gpu --num_processes N]
+-m eval.run --dataset NAME --root DATA/NAME --method M --out results/NAME_M`` with the set's default metrics
+(resumable). Then ``python -m eval.report`` and ``python -m eval.table all --write results/README.md``.
+``--estimate`` prints the expected time from per-image times MEASURED here (committed runs' restore_s_mean;
+diffusion presets: results/bench's 50-step fit scaled by output pixels) - CPU measurements, so an ESTIMATE that
+says so, not a GPU time.
 """
 
 from __future__ import annotations
