@@ -44,7 +44,7 @@ PUBLISHED: list[Published] = [
         "realsr",
         {
             "psnr": 25.1511,
-            "ssim": 0.7341,
+            "ssim_pyiqa": 0.7341,
             "lpips": 0.2921,
             "dists": 0.2128,
             "clipiqa": 0.6693,
@@ -61,7 +61,7 @@ PUBLISHED: list[Published] = [
         "drealsr",
         {
             "psnr": 27.9243,
-            "ssim": 0.7835,
+            "ssim_pyiqa": 0.7835,
             "lpips": 0.2968,
             "dists": 0.2165,
             "clipiqa": 0.6963,

@@ -157,3 +157,13 @@ def test_run_all_plans_every_method_for_each_present_set(tmp_path, data_dir, cap
     assert [j.method for j in faces] == ["bicubic", "v1-face"]
     text = run_all.estimate(faces, data, Path(__file__).resolve().parents[1] / "results", 2)
     assert "ESTIMATE" in text and "| celeba_test | v1-face | 3000 |" in text and "results/bench" in text
+
+
+def test_published_columns_are_metric_columns():
+    """Every published value sits in a column our metrics produce (a misspelt key would silently vanish)."""
+    from eval.metrics import COLUMN_DIRECTIONS
+
+    for p in PUBLISHED:
+        assert set(p.values) <= set(COLUMN_DIRECTIONS), p.values.keys() - set(COLUMN_DIRECTIONS)
+        cols = {c for k, cs in T.TABLES["realsr-modern"].columns if k == p.dataset for c in cs}
+        assert set(p.values) <= cols, set(p.values) - cols
