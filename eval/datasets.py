@@ -9,6 +9,12 @@
 | lfw_test        | 1,711 real LQ      | bfr  | 512 -> 512  | GFPGAN project page (LFW-Test)                 |
 | celebchild_test | 180 real LQ        | bfr  | 512 -> 512  | GFPGAN project page (CelebChild-Test)          |
 | wider_test      | 970 real LQ        | bfr  | 512 -> 512  | CodeFormer repo, test data (WIDER-Test)        |
+| realsr          | 100 LQ/GT pairs    | sr   | 128 -> 512  | StableSR-TestSets (copy in the OSEDiff repo)   |
+| drealsr         | 93 LQ/GT pairs     | sr   | 128 -> 512  | StableSR-TestSets (copy in the OSEDiff repo)   |
+| div2k_val       | LQ/GT pairs        | sr   | 128 -> 512  | StableSR-TestSets (count unknown here)         |
+
+Provenance, file counts and sha256 lists: `eval.registry` (``python -m eval.data list|check|fetch``).
+The last three are the modern SR protocol (OSEDiff ``test_metrics.py``: pyiqa metrics, no border crop).
 
 ``--root DIR`` is searched for each set's folder under any of its usual names (see ``lq_dirs``/``gt_dirs``;
 ``.`` means DIR itself). Besides the named sets:
@@ -63,6 +69,10 @@ class DatasetSpec:
 
 
 _BFR_REAL = dict(task="bfr", scale=1.0, default_metrics=("niqe", "maniqa", "fid"), fid_reference="fid_ffhq512")
+_STABLESR = "StableSR test sets https://huggingface.co/datasets/Iceclear/StableSR-TestSets"
+_OSEDIFF_SETS = "https://github.com/cswry/OSEDiff/tree/main/preset/datasets"  # README: "directly copied from StableSR"
+# OSEDiff test_metrics.py's metrics (pyiqa; MANIQA there is the PIPAL checkpoint), FID folder-vs-folder against GT
+_MODERN = ("psnr", "ssim_pyiqa", "lpips", "dists", "clipiqa", "niqe", "musiq", "maniqa-pipal", "fid")
 _GFPGAN = "GFPGAN project page https://xinntao.github.io/projects/gfpgan (BFR test data)"
 
 DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
@@ -84,6 +94,14 @@ DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
                 source=f"{_GFPGAN}: LFW-Test, 1,711 real low-quality aligned faces from LFW", **_BFR_REAL),
     DatasetSpec("celebchild_test", "CelebChild-Test", lq_dirs=("CelebChild-Test", "celebchild_test", "."),
                 expected=180, source=f"{_GFPGAN}: CelebChild-Test, 180 real child faces", **_BFR_REAL),
+    *[DatasetSpec(name, title, "sr", 4.0, n, tuple(f"{d}/test_LR" for d in dirs) + ("test_LR", "lq", "LQ"),
+                  tuple(f"{d}/test_HR" for d in dirs) + ("test_HR", "gt", "GT"), default_metrics=_MODERN, source=src)
+      for name, title, n, dirs, src in (
+          ("realsr", "RealSR (128 -> 512)", 100, ("RealSR", "RealSRVal_crop128", "benchmark_realsr"),
+           f"{_STABLESR}; OSEDiff's copy: {_OSEDIFF_SETS}/benchmark_realsr"),
+          ("drealsr", "DRealSR (128 -> 512)", 93, ("DRealSR", "DrealSRVal_crop128", "benchmark_drealsr"),
+           f"{_STABLESR}; OSEDiff's copy: {_OSEDIFF_SETS}/benchmark_drealsr"),
+          ("div2k_val", "DIV2K-val (128 -> 512)", None, ("DIV2K_V2_val", "DIV2K-val", "div2k_val"), _STABLESR))],
     DatasetSpec("wider_test", "WIDER-Test", lq_dirs=("WIDER-Test", "Wider-Test", "wider_test", "."), expected=970,
                 source="CodeFormer repository https://github.com/sczhou/CodeFormer (test data link in its README): "
                        "WIDER-Test, 970 heavily degraded faces from WIDER Face", **_BFR_REAL),

@@ -6,15 +6,12 @@ Conventions follow clean-fid ("clean" mode, Parmar et al. 2022), as pyiqa's ``fi
     1. the image as 8-bit RGB (values 0..255),
     2. each channel resized to 299x299 with PIL's bicubic filter in float mode ('F'), clipped to [0, 255],
     3. scaled to (x - 128) / 128,
-    4. the TF-FID Inception-V3 (``pt_inception-2015-12-05-6726825d.pth``, the pytorch-fid port of the
-       2015-12-05 TensorFlow graph) up to the final average pool: a 2048-d feature,
-    5. mean and covariance (``np.cov``, N - 1) of the features of each set; reference sets are either a
-       folder of images (e.g. the GT folder) or a statistics file with arrays ``mu`` and ``sigma``
-       (clean-fid's ``ffhq_clean_trainval70k_512.npz`` for the real face sets).
+    4. the TF-FID Inception-V3 (pytorch-fid's port, ``pt_inception-2015-12-05-6726825d.pth``) to its 2048-d pool,
+    5. mean and covariance (``np.cov``, N - 1) per set; the reference is a folder of images (the GT folder) or
+       ``mu``/``sigma`` statistics (clean-fid's ``ffhq_clean_trainval70k_512.npz`` for the real face sets).
 
-The network is pyiqa's `FIDInception*` blocks on torchvision's Inception-V3 (what pyiqa's
-``fid_inception_v3`` builds), loaded strictly through `diffbir_core.weights.load_into` from a file found by
-`eval.metrics.resolve_metric_file` (pyiqa itself would download it).
+The network is pyiqa's own (``pyiqa.create_metric("fid").net.model``), built by `eval.metrics.FIDMetric`;
+tests/test_eval_names.py checks our features and FID against pyiqa's ``get_folder_features`` / ``fid``.
 """
 from __future__ import annotations
 
@@ -22,11 +19,17 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
-__all__ = ["frechet_distance", "fid_from_features", "feature_stats", "load_stats", "save_stats", "clean_resize",
-           "FIDInception", "build_fid_inception"]
+__all__ = [
+    "FIDInception",
+    "clean_resize",
+    "feature_stats",
+    "fid_from_features",
+    "frechet_distance",
+    "load_stats",
+    "save_stats",
+]
 
 FEATURE_DIM = 2048
 
@@ -110,18 +113,19 @@ def clean_resize(rgb01: np.ndarray, size: int = 299) -> np.ndarray:
 
 
 class FIDInception(nn.Module):
-    """TF-FID Inception-V3 up to the 2048-d average pool (blocks as pytorch-fid's InceptionV3, block 3)."""
+    """The FID graph's *structure* with random weights (``.net``), to write weight files for tests.
+
+    It is the network pyiqa's ``fid_inception_v3`` builds before loading the TF-FID file (torchvision's
+    Inception-V3 with 1008 classes, no aux head, and pyiqa's public ``FIDInception*`` blocks), so its state
+    dict has the key layout of ``pt_inception-2015-12-05-6726825d.pth``. Features are never computed with it:
+    `eval.metrics.FIDMetric` runs pyiqa's own `InceptionV3`."""
 
     def __init__(self):
         super().__init__()
-        import warnings
-
+        import torchvision
         from pyiqa.archs import inception as pi
 
-        with warnings.catch_warnings():  # torchvision: "pretrained is deprecated" (it is False here)
-            warnings.simplefilter("ignore", UserWarning)
-            net = pi._inception_v3(num_classes=1008, aux_logits=False, pretrained=False)
-        # The FID graph differs from torchvision's Inception in these blocks (pooling details):
+        net = torchvision.models.inception_v3(weights=None, num_classes=1008, aux_logits=False, init_weights=False)
         net.Mixed_5b = pi.FIDInceptionA(192, pool_features=32)
         net.Mixed_5c = pi.FIDInceptionA(256, pool_features=64)
         net.Mixed_5d = pi.FIDInceptionA(288, pool_features=64)
@@ -132,31 +136,3 @@ class FIDInception(nn.Module):
         net.Mixed_7b = pi.FIDInceptionE_1(1280)
         net.Mixed_7c = pi.FIDInceptionE_2(2048)
         self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[N,3,299,299] already scaled to (x - 128) / 128 -> [N, 2048]."""
-        n = self.net
-        x = n.Conv2d_2b_3x3(n.Conv2d_2a_3x3(n.Conv2d_1a_3x3(x)))
-        x = nn.functional.max_pool2d(x, kernel_size=3, stride=2)
-        x = n.Conv2d_4a_3x3(n.Conv2d_3b_1x1(x))
-        x = nn.functional.max_pool2d(x, kernel_size=3, stride=2)
-        for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
-                     "Mixed_7a", "Mixed_7b", "Mixed_7c"):
-            x = getattr(n, name)(x)
-        return nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)  # [N,2048]
-
-    @torch.no_grad()
-    def features(self, rgb01: np.ndarray) -> np.ndarray:
-        """One HxWx3 [0,1] image -> its 2048-d feature (float64), clean-fid preprocessing included."""
-        dev = next(self.parameters()).device
-        x = torch.from_numpy(clean_resize(rgb01))[None].to(dev)  # [1,3,299,299], 0..255
-        return self((x - 128.0) / 128.0)[0].double().cpu().numpy()
-
-
-def build_fid_inception(weights_path: str | os.PathLike, device: str | torch.device = "cpu") -> FIDInception:
-    """The FID Inception with weights from ``weights_path`` (loaded strictly; raises WeightsError)."""
-    from diffbir_core.weights import load_into, load_state_dict
-
-    model = FIDInception()
-    load_into(model.net, load_state_dict(weights_path), what="FID Inception-V3 (pt_inception-2015-12-05)")
-    return model.eval().to(device)

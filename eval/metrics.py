@@ -1,52 +1,72 @@
-"""Image-quality metrics of the paper's evaluation (PAPER.md "Evaluation"), with the field's conventions.
+"""Image-quality metrics by their pyiqa names, computed by the libraries themselves (`METRICS`).
 
-| metric        | columns (better)            | convention                                                        |
-|---------------|-----------------------------|-------------------------------------------------------------------|
-| psnr / ssim   | psnr, ssim (higher)         | Y of YCbCr, ITU-R BT.601 studio swing (BasicSR `test_y_channel`,  |
-|               |                             | MATLAB `rgb2ycbcr`), float64, optional border crop                |
-| psnr_rgb, ssim_rgb | (higher)               | the same on R, G, B (SSIM: mean over channels)                    |
-| lpips         | lpips (lower)               | LPIPS v0.1, AlexNet trunk (`lpips` package), inputs in [-1, 1]    |
-| maniqa        | maniqa (higher)             | pyiqa ``maniqa`` (KonIQ-10k checkpoint, 20 uniform 224 crops)     |
-| niqe          | niqe (lower)                | pyiqa ``niqe``, standard pristine parameters from eval/assets     |
-| fid           | fid (lower), set-level      | clean-fid "clean" conventions, see `eval.fid`                     |
-| ids           | ids (higher), ids_deg (lower) | ArcFace cosine similarity to GT and its angle in degrees        |
-|               |                             | (GFPGAN / VQFR protocol, `eval.arcface`)                          |
-| id_dist_dlib  | id_dist_dlib (lower)        | Euclidean distance of dlib's 128-d face descriptors (same person  |
-|               |                             | < 0.6); works offline. id_dlib_fallback: 1 if no face was found   |
-
-PSNR = 10 log10(255^2 / MSE) on 0..255 values (identical images give +inf, as BasicSR). SSIM is Wang et
-al. 2004 with an 11x11 Gaussian window (sigma 1.5), C1 = (0.01 * 255)^2, C2 = (0.03 * 255)^2, 'valid'
-filtering, the mean of the SSIM map (BasicSR `calculate_ssim` / MATLAB `ssim_index`). ``channel="gray"``
-computes on MATLAB's ``rgb2gray`` of the 8-bit image (the convention of pyiqa's calibration file).
-
-Weights that are not shipped in a wheel are found by `resolve_metric_file` (explicit path, a weights
-folder, the usual caches, download when online); offline and missing, the error names the file and where
-to get it. Every metric maps (restored, gt) HxWx3 float images in [0, 1] to a dict of column values.
+Each `MetricSpec.convention` states library + version, checkpoint, colour space and crop; `eval.run` writes it
+into every summary.json and `eval.table` cites it (`convention_table` is the list in results/README.md).
+* psnr, ssim (Y of YCbCr, BT.601), psnr_rgb, ssim_rgb: float64 BasicSR/MATLAB formulas here; ssim_pyiqa is
+  pyiqa's own SSIM (OSEDiff's call). tests/test_eval_names.py checks them against pyiqa.
+* lpips / lpips-vgg: ``lpips.LPIPS(net=...)``; dists, niqe, niqe_matlab, musiq, clipiqa, maniqa, maniqa-pipal:
+  ``pyiqa.create_metric(name)``; fid: pyiqa's FID Inception with clean-fid "clean" preprocessing.
+* Weight files: `resolve_metric_files` (diffbir_core.weights.resolve_spec: explicit path, --metric-weights,
+  $DIFFBIR_METRIC_WEIGHTS, the usual caches, download when online); a metric set lacking files fails with ONE
+  `MetricWeightsError` listing them all. While a library builds its network, `library_cache` points torch hub
+  and pyiqa at links to those files and refuses downloads: the libraries load our files through their own code.
+Every metric maps (restored, gt) HxWx3 float images in [0, 1] to a dict of column values.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
-from typing import Callable, Literal, Mapping
+from typing import Literal
 
 import numpy as np
 import torch
 
-from diffbir_core.weights import Source, WeightsError, WeightSpec, default_cache_dir, resolve_spec
+from diffbir_core.weights import Source, WeightsError, WeightSpec, default_cache_dir, offline, resolve_spec
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "MetricSpec", "METRICS", "COLUMN_DIRECTIONS", "Metric", "build_metric", "parse_metrics", "MetricWeightsError",
-    "METRIC_FILES", "resolve_metric_file", "psnr", "ssim", "rgb_to_y", "rgb_to_gray", "NIQE_PARAMS",
+    "ALIASES",
+    "COLUMN_DIRECTIONS",
+    "LIBRARY_PLACE",
+    "METRICS",
+    "METRIC_FILES",
+    "NIQE_PARAMS",
+    "Metric",
+    "MetricSpec",
+    "MetricWeightsError",
+    "build_metric",
+    "build_metrics",
+    "convention_table",
+    "library_cache",
+    "parse_metrics",
+    "psnr",
+    "required_files",
+    "resolve_metric_file",
+    "resolve_metric_files",
+    "rgb_to_gray",
+    "rgb_to_y",
+    "ssim",
 ]
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 NIQE_PARAMS = ASSETS / "niqe_pris_params.mat"
+
+
+def library_version(dist: str) -> str:
+    """Installed version of a distribution ('not installed' when absent); no import of the package."""
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -55,66 +75,121 @@ NIQE_PARAMS = ASSETS / "niqe_pris_params.mat"
 
 @dataclass(frozen=True)
 class MetricSpec:
-    """A metric by name: its output columns with their direction (True: higher is better, None: info)."""
+    """A metric by its pyiqa name: output columns with their direction (True: higher is better, None: info)."""
 
     name: str
     columns: tuple[tuple[str, bool | None], ...]
     kind: Literal["fr", "nr", "set"]  # full-reference per image, no-reference per image, set-level
     description: str
+    library: str  # the call that computes it, e.g. "pyiqa.create_metric('musiq')"
+    dist: str  # the PyPI distribution whose version is recorded ("" for our own numpy code)
+    checkpoint: str  # weights it runs with
+    colour: str  # colour space / input range it sees
+    crop: str = "none"  # border crop
     files: tuple[str, ...] = ()  # METRIC_FILES entries it needs (empty: works offline as installed)
-    convention: str = ""  # exactly how it is computed (recorded in summary.json)
+    details: str = ""
 
     @property
     def needs_gt(self) -> bool:
         return self.kind == "fr"
 
+    @property
+    def convention(self) -> str:
+        """The one-line convention written into every result file and table header."""
+        lib = f"{self.library} [{self.dist} {library_version(self.dist)}]" if self.dist else self.library
+        s = f"{lib}; checkpoint: {self.checkpoint}; colour: {self.colour}; crop: {self.crop}"
+        return s + (f"; {self.details}" if self.details else "")
 
-_PIX = "{ch}, 0..255 scale, float64, border crop from --crop-border (BasicSR/MATLAB)"
-_Y = _PIX.format(ch="Y of YCbCr (BT.601 studio swing, not rounded)")
-_SSIM = "; Gaussian 11x11 sigma 1.5, K1 0.01, K2 0.03, valid filtering, mean of the map"
+
+_OURS = "eval.metrics (numpy float64, BasicSR/MATLAB formulas)"
+_CROP = "--crop-border pixels off each side (summary parameters.crop_border; 0 = none)"
+_Y = "Y of YCbCr, ITU-R BT.601 studio swing (16 + 65.481 R + 128.553 G + 24.966 B), not rounded, 0..255 scale"
+_SSIM = "Gaussian 11x11 sigma 1.5, K1 0.01, K2 0.03, valid filtering, mean of the map"
+_RGB01 = "RGB in [0, 1] (clipped)"
 
 METRICS: dict[str, MetricSpec] = {s.name: s for s in [
-    MetricSpec("psnr", (("psnr", True),), "fr", "PSNR (dB) on Y of YCbCr, BT.601 (BasicSR/MATLAB)",
-               convention=_Y),
-    MetricSpec("ssim", (("ssim", True),), "fr", "SSIM on Y of YCbCr, BT.601 (BasicSR/MATLAB)",
-               convention=_Y + _SSIM),
-    MetricSpec("psnr_rgb", (("psnr_rgb", True),), "fr", "PSNR (dB) on RGB",
-               convention=_PIX.format(ch="R, G, B")),
-    MetricSpec("ssim_rgb", (("ssim_rgb", True),), "fr", "SSIM on RGB (mean of the 3 channels)",
-               convention=_PIX.format(ch="R, G, B (mean of the channel SSIMs)") + _SSIM),
-    MetricSpec("lpips", (("lpips", False),), "fr", "LPIPS v0.1, AlexNet", files=("lpips_alexnet",),
-               convention="lpips package, net alex, version 0.1, inputs scaled to [-1, 1]"),
-    MetricSpec("maniqa", (("maniqa", True),), "nr", "MANIQA (pyiqa, KonIQ-10k)", files=("maniqa_koniq",),
-               convention="pyiqa MANIQA arch, KonIQ-10k checkpoint (scale 0.8), mean of 20 uniform 224x224 crops"),
-    MetricSpec("niqe", (("niqe", False),), "nr", "NIQE (standard pristine parameters, pyiqa)",
-               convention="pyiqa NIQE, 96x96 blocks, luma 0.299/0.587/0.114 rounded to 8 bits, pristine parameters "
-                          "eval/assets/niqe_pris_params.mat (= BasicSR / MATLAB modelparameters.mat)"),
-    MetricSpec("fid", (("fid", False),), "set", "FID (clean-fid conventions, TF-FID Inception-V3 pool3)",
-               files=("fid_inception",),
-               convention="clean-fid 'clean': 8-bit, per-channel PIL bicubic (float) to 299, (x-128)/128, "
-                          "TF-FID Inception-V3 pool3; np.cov; scipy sqrtm"),
-    MetricSpec("ids", (("ids", True), ("ids_deg", False)), "fr",
-               "ArcFace identity similarity to GT: cosine (ids) and angle in degrees (ids_deg), GFPGAN/VQFR protocol",
-               files=("arcface_resnet18",),
-               convention="ArcFace ResNet-18 (GFPGAN arcface_resnet18.pth), grey 0.2989/0.5870/0.1140, bilinear "
-                          "128x128, (x-0.5)/0.5; ids = cosine similarity, ids_deg = arccos in degrees"),
+    MetricSpec("psnr", (("psnr", True),), "fr", "PSNR (dB) on Y of YCbCr", _OURS, "", "none", _Y, _CROP,
+               details="= pyiqa create_metric('psnr', test_y_channel=True, color_space='ycbcr') (OSEDiff's call) but "
+                       "without pyiqa's eps 1e-8 on the MSE (as BasicSR; < 0.001 dB below 40 dB); NOT pyiqa 'psnry' "
+                       "(Y of YIQ)"),
+    MetricSpec("ssim", (("ssim", True),), "fr", "SSIM on Y of YCbCr", _OURS, "", "none", _Y, _CROP,
+               details=f"{_SSIM}; BasicSR/MATLAB: Y not rounded and the contrast-structure map not clipped - pyiqa's "
+                       "SSIM rounds Y to integer levels and clips that map at 0 (ReLU): for OSEDiff's protocol use "
+                       "ssim_pyiqa"),
+    MetricSpec("psnr_rgb", (("psnr_rgb", True),), "fr", "PSNR (dB) on RGB", _OURS, "", "none",
+               "R, G, B on the 0..255 scale", _CROP, details="= pyiqa 'psnr' (test_y_channel=False)"),
+    MetricSpec("ssim_rgb", (("ssim_rgb", True),), "fr", "SSIM on RGB (mean of the channel SSIMs)", _OURS, "", "none",
+               "R, G, B on the 0..255 scale", _CROP,
+               details=f"{_SSIM}; contrast-structure map not clipped (pyiqa 'ssimc' clips it at 0 and rounds)"),
+    MetricSpec("ssim_pyiqa", (("ssim_pyiqa", True),), "fr", "SSIM on Y of YCbCr exactly as pyiqa / OSEDiff",
+               "pyiqa.create_metric('ssim', test_y_channel=True, color_space='ycbcr')", "pyiqa", "none",
+               "Y of YCbCr (pyiqa to_y_channel), ROUNDED to integer levels 0..255, float64", _CROP,
+               details=f"{_SSIM}; contrast-structure map clipped at 0 (ReLU); OSEDiff test_metrics.py's SSIM"),
+    MetricSpec("lpips", (("lpips", False),), "fr", "LPIPS v0.1, AlexNet", "lpips.LPIPS(net='alex', version='0.1')",
+               "lpips", "torchvision alexnet-owt-7be5be79.pth trunk + the lpips wheel's weights/v0.1/alex.pth heads",
+               "RGB in [0, 1] (clipped) -> [-1, 1] (normalize=True)", files=("lpips_alexnet",)),
+    MetricSpec("lpips-vgg", (("lpips-vgg", False),), "fr", "LPIPS v0.1, VGG-16",
+               "lpips.LPIPS(net='vgg', version='0.1')", "lpips",
+               "torchvision vgg16-397923af.pth trunk + the lpips wheel's weights/v0.1/vgg.pth heads",
+               "RGB in [0, 1] (clipped) -> [-1, 1] (normalize=True)", files=("vgg16",)),
+    MetricSpec("dists", (("dists", False),), "fr", "DISTS", "pyiqa.create_metric('dists')", "pyiqa",
+               "torchvision vgg16-397923af.pth + pyiqa DISTS_weights-f5e65c96.pth (alpha, beta)", _RGB01,
+               files=("vgg16", "dists")),
+    MetricSpec("niqe", (("niqe", False),), "nr", "NIQE (pyiqa, standard pristine parameters)",
+               "pyiqa.create_metric('niqe', pretrained_model_path=eval/assets/niqe_pris_params.mat)", "pyiqa",
+               "eval/assets/niqe_pris_params.mat (= BasicSR niqe_pris_params.npz = MATLAB modelparameters.mat)",
+               "Y of YIQ (0.299/0.587/0.114), rounded to 8 bits", _CROP, details="96x96 blocks"),
+    MetricSpec("niqe_matlab", (("niqe_matlab", False),), "nr", "NIQE, pyiqa's MATLAB-matched version",
+               "pyiqa.create_metric('niqe_matlab')", "pyiqa", "pyiqa niqe_matlab_params.mat",
+               "Y of YIQ, rounded to 8 bits", _CROP, files=("niqe_matlab",)),
+    MetricSpec("musiq", (("musiq", True),), "nr", "MUSIQ (KonIQ-10k)", "pyiqa.create_metric('musiq')", "pyiqa",
+               "pyiqa musiq_koniq_ckpt-e95806b9.pth", _RGB01, files=("musiq_koniq",),
+               details="multi-scale 224/384 + full resolution"),
+    MetricSpec("clipiqa", (("clipiqa", True),), "nr", "CLIP-IQA (RN50, pyiqa's prompt ensemble)",
+               "pyiqa.create_metric('clipiqa', backbone=<RN50.pt>)", "pyiqa",
+               "OpenAI CLIP RN50.pt (sha256 afeb0e10...6762)", _RGB01, files=("clip_rn50",)),
+    MetricSpec("maniqa", (("maniqa", True),), "nr", "MANIQA (KonIQ-10k)", "pyiqa.create_metric('maniqa')", "pyiqa",
+               "pyiqa ckpt_koniq10k.pt (KonIQ-10k, scale 0.8)", _RGB01, files=("maniqa_koniq",),
+               details="mean of 20 uniform 224x224 crops; timm ViT built without ImageNet weights (all in the ckpt)"),
+    MetricSpec("maniqa-pipal", (("maniqa-pipal", True),), "nr", "MANIQA (PIPAL)", "pyiqa.create_metric('maniqa-pipal')",
+               "pyiqa", "pyiqa MANIQA_PIPAL-ae6d356b.pth", _RGB01, files=("maniqa_pipal",),
+               details="mean of 20 uniform 224x224 crops; timm ViT built without ImageNet weights (all in the ckpt)"),
+    MetricSpec("fid", (("fid", False),), "set", "FID (clean-fid conventions)",
+               "pyiqa.create_metric('fid').net.model (pytorch-fid InceptionV3, block 3)", "pyiqa",
+               "pt_inception-2015-12-05-6726825d.pth (TF-FID Inception-V3 2015-12-05)",
+               "8-bit RGB, per-channel PIL bicubic in float to 299x299, (x - 128) / 128", files=("fid_inception",),
+               details="clean-fid 'clean' mode; mean + np.cov (N-1); Frechet distance by eigendecomposition; "
+                       "reference: the GT folder (SR sets, folder-vs-folder) or clean-fid FFHQ 512 train+val 70k "
+                       "statistics ffhq_clean_trainval70k_512.npz (faces)"),
+    MetricSpec("ids", (("ids_cos", True), ("ids_deg", False)), "fr",
+               "ArcFace identity similarity to GT: cosine (ids_cos) and angle in degrees (ids_deg)",
+               "eval.arcface.ResNetArcFace (GFPGAN/basicsr ResNetArcFace layout; basicsr does not install here)", "",
+               "GFPGAN arcface_resnet18.pth", "grey 0.2989/0.5870/0.1140, bilinear 128x128, (x - 0.5) / 0.5",
+               files=("arcface_resnet18",), details="ids_deg = degrees(arccos(ids_cos)) (GFPGAN/VQFR 'Deg.')"),
     MetricSpec("id_dist_dlib", (("id_dist_dlib", False), ("id_dlib_fallback", None)), "fr",
                "dlib ResNet face-descriptor distance to GT (offline identity metric; same person < 0.6)",
-               convention="dlib HOG detector (upsample 1, largest face; whole frame if none), 5-point landmarks, "
-                          "dlib_face_recognition_resnet_model_v1, Euclidean distance"),
+               "dlib.face_recognition_model_v1", "dlib-bin",
+               "face_recognition_models dlib_face_recognition_resnet_model_v1 + 5-point shape predictor", "8-bit RGB",
+               details="HOG detector (upsample 1, largest face; whole frame if none: id_dlib_fallback = 1), "
+                       "Euclidean distance"),
 ]}
+
+# other spellings accepted on the command line (pyiqa's own names of the same computation, old column names)
+ALIASES: dict[str, str] = {"ssimc": "ssim_rgb", "lpips_vgg": "lpips-vgg", "maniqa_pipal": "maniqa-pipal",
+                           "ids_cos": "ids", "ids_deg": "ids", "niqe-matlab": "niqe_matlab"}
 
 COLUMN_DIRECTIONS: dict[str, bool | None] = {c: d for s in METRICS.values() for c, d in s.columns}
 
 
 def parse_metrics(text: str | list[str]) -> list[str]:
-    """'psnr,ssim niqe' -> ['psnr', 'ssim', 'niqe'] (validated, duplicates removed, order kept)."""
+    """'psnr,ssim niqe' -> ['psnr', 'ssim', 'niqe'] (validated, aliases resolved, duplicates removed, order kept)."""
     items = text if isinstance(text, list) else text.replace(",", " ").split()
     out: list[str] = []
     for m in items:
         m = m.strip().lower()
         if not m:
             continue
+        m = ALIASES.get(m, m)
         if m not in METRICS:
             raise ValueError(f"unknown metric {m!r}; choose from: {', '.join(METRICS)}")
         if m not in out:
@@ -122,6 +197,15 @@ def parse_metrics(text: str | list[str]) -> list[str]:
     if not out:
         raise ValueError(f"no metric given; choose from: {', '.join(METRICS)}")
     return out
+
+
+def convention_table() -> str:
+    """Markdown table: metric name -> columns, library call, convention (for results/README.md)."""
+    rows = ["| metric | columns (better) | convention |", "|---|---|---|"]
+    for s in METRICS.values():
+        cols = ", ".join(f"{c} ({'higher' if d else 'lower' if d is False else 'info'})" for c, d in s.columns)
+        rows.append(f"| `{s.name}` | {cols} | {s.convention.replace('|', '/')} |")
+    return "\n".join(rows)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -133,18 +217,28 @@ class MetricWeightsError(WeightsError):
 
 
 _IQA_HF = Source(repo_id="chaofengc/IQA-PyTorch-Weights")  # pyiqa's own mirror of metric weights
+_MB = 1024 * 1024
 
 METRIC_FILES: dict[str, WeightSpec] = {s.name: s for s in [
-    WeightSpec("lpips_alexnet", "alexnet-owt-7be5be79.pth",
-               "torchvision AlexNet (ImageNet) trunk of LPIPS v0.1 'alex' (the linear heads ship with `lpips`)",
-               (Source(url="https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),),
-               approx_bytes=233 * 1024 * 1024),
+    WeightSpec("lpips_alexnet", "alexnet-owt-7be5be79.pth", "torchvision AlexNet (ImageNet), trunk of LPIPS 'alex'",
+               (Source(url="https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),), approx_bytes=233 * _MB),
+    WeightSpec("vgg16", "vgg16-397923af.pth", "torchvision VGG-16 (ImageNet), trunk of LPIPS 'vgg' and DISTS",
+               (Source(url="https://download.pytorch.org/models/vgg16-397923af.pth"),), approx_bytes=528 * _MB),
+    WeightSpec("dists", "DISTS_weights-f5e65c96.pth", "DISTS alpha/beta weights (pyiqa 'dists')", (_IQA_HF,)),
+    WeightSpec("niqe_matlab", "niqe_matlab_params.mat", "NIQE parameters of pyiqa 'niqe_matlab'", (_IQA_HF,)),
+    WeightSpec("musiq_koniq", "musiq_koniq_ckpt-e95806b9.pth", "MUSIQ trained on KonIQ-10k (pyiqa 'musiq')",
+               (_IQA_HF,)),
+    WeightSpec("clip_rn50", "RN50.pt", "OpenAI CLIP ResNet-50 (backbone of pyiqa 'clipiqa')",
+               (Source(url="https://openaipublic.azureedge.net/clip/models/"
+                           "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt"),),
+               approx_bytes=244 * _MB, sha256="afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762"),
     WeightSpec("maniqa_koniq", "ckpt_koniq10k.pt", "MANIQA trained on KonIQ-10k (pyiqa 'maniqa')", (_IQA_HF,)),
+    WeightSpec("maniqa_pipal", "MANIQA_PIPAL-ae6d356b.pth", "MANIQA trained on PIPAL (pyiqa 'maniqa-pipal')",
+               (_IQA_HF,)),
     WeightSpec("fid_inception", "pt_inception-2015-12-05-6726825d.pth",
-               "TF-FID Inception-V3 (pytorch-fid port of the 2015-12-05 graph)",
+               "TF-FID Inception-V3 (pytorch-fid port of the 2015-12-05 graph; pyiqa 'fid')",
                (Source(url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                           "pt_inception-2015-12-05-6726825d.pth"), _IQA_HF),
-               approx_bytes=91 * 1024 * 1024),
+                           "pt_inception-2015-12-05-6726825d.pth"), _IQA_HF), approx_bytes=91 * _MB),
     WeightSpec("fid_ffhq512", "ffhq_clean_trainval70k_512.npz",
                "clean-fid reference statistics of FFHQ (70k, 512x512, clean mode)",
                (Source(url="https://www.cs.cmu.edu/~clean-fid/stats/ffhq_clean_trainval70k_512.npz"), _IQA_HF)),
@@ -152,11 +246,23 @@ METRIC_FILES: dict[str, WeightSpec] = {s.name: s for s in [
                (Source(url="https://github.com/TencentARC/GFPGAN/releases/download/v0.1.0/arcface_resnet18.pth"),)),
 ]}
 
+# where the library itself looks for each file (under torch hub's dir): torchvision -> checkpoints/, pyiqa ->
+# pyiqa/ (pyiqa.utils.download_util.DEFAULT_CACHE_DIR); None: we pass the path to the library explicitly
+LIBRARY_PLACE: dict[str, str | None] = {"lpips_alexnet": "checkpoints", "vgg16": "checkpoints", "dists": "pyiqa",
+                                         "niqe_matlab": "pyiqa", "musiq_koniq": "pyiqa", "clip_rn50": None,
+                                         "maniqa_koniq": "pyiqa", "maniqa_pipal": "pyiqa", "fid_inception": "pyiqa",
+                                         "fid_ffhq512": "pyiqa", "arcface_resnet18": None}
+
 
 def _cache_dirs() -> list[Path]:
-    """Where metric files usually sit: ours, torch hub's checkpoints, pyiqa's cache (no pyiqa import)."""
+    """Where metric files usually sit: ours, torch hub's checkpoints, pyiqa's and CLIP's caches (no imports)."""
     hub = Path(torch.hub.get_dir())
-    return [default_cache_dir() / "metrics", hub / "checkpoints", hub / "pyiqa"]
+    return [default_cache_dir() / "metrics", hub / "checkpoints", hub / "pyiqa", hub / "clip"]
+
+
+def _how_to(names: Iterable[str]) -> str:
+    return ("  Put the file(s) in one folder and pass --metric-weights DIR (or set $DIFFBIR_METRIC_WEIGHTS), or pass "
+            f"--weight NAME=PATH (NAME one of: {', '.join(names)}).")
 
 
 def resolve_metric_file(name: str, *, path: str | os.PathLike | None = None,
@@ -164,19 +270,107 @@ def resolve_metric_file(name: str, *, path: str | os.PathLike | None = None,
     """Find a metric file by its `METRIC_FILES` name (through `weights.resolve_spec`).
 
     Order: ``path`` -> ``weights_dir`` -> ``$DIFFBIR_METRIC_WEIGHTS`` -> ~/.cache/diffbir/metrics, torch hub
-    checkpoints, pyiqa's cache -> the Hugging Face cache -> download (never with HF_HUB_OFFLINE=1).
+    checkpoints, pyiqa's and CLIP's caches -> the Hugging Face cache -> download (never with HF_HUB_OFFLINE=1).
     Raises `MetricWeightsError` naming the file, every place looked at and the download sources.
     """
     if name not in METRIC_FILES:
         raise MetricWeightsError(f"unknown metric file {name!r}; known: {', '.join(METRIC_FILES)}")
     spec = METRIC_FILES[name]
     how = "\n".join([f"How to get it: download {spec.filename!r} from"]
-                    + [f"    - {s.describe(spec.filename)}" for s in spec.sources]
-                    + ["  and pass --metric-weights DIR (a folder holding it), --weight "
-                       f"{name}=PATH, or set $DIFFBIR_METRIC_WEIGHTS."])
+                    + [f"    - {s.describe(spec.filename)}" for s in spec.sources] + [_how_to([name])])
     return resolve_spec(spec, path=path, dirs=[weights_dir, os.environ.get("DIFFBIR_METRIC_WEIGHTS"), *_cache_dirs()],
                         download=download, download_dir=default_cache_dir() / "metrics", how_to=how,
                         error=MetricWeightsError, kind="metric weights", check_explicit=False)
+
+
+def required_files(names: Iterable[str]) -> dict[str, list[str]]:
+    """{METRIC_FILES name: [metrics needing it]} for a metric set, in first-use order."""
+    out: dict[str, list[str]] = {}
+    for m in names:
+        for f in METRICS[ALIASES.get(m, m)].files:
+            out.setdefault(f, []).append(m)
+    return out
+
+
+def resolve_metric_files(names: Iterable[str], *, weights_dir: str | os.PathLike | None = None,
+                         weight_paths: Mapping[str, str | os.PathLike] | None = None,
+                         download: bool = True) -> dict[str, Path]:
+    """Every file the metrics ``names`` need -> its path; ONE `MetricWeightsError` listing all missing files."""
+    names = list(names)
+    paths = dict(weight_paths or {})
+    found: dict[str, Path] = {}
+    missing: list[tuple[str, list[str], str]] = []
+    for key, users in required_files(names).items():
+        try:
+            found[key] = resolve_metric_file(key, path=paths.get(key), weights_dir=weights_dir, download=download)
+        except MetricWeightsError as e:
+            missing.append((key, users, str(e).splitlines()[0]))
+    if missing:
+        dirs = [str(d) for d in (weights_dir, os.environ.get("DIFFBIR_METRIC_WEIGHTS"), *_cache_dirs()) if d]
+        why = ("downloads are disabled (HF_HUB_OFFLINE=1)" if offline() else
+               "download not attempted" if not download else "download failed")
+        lines = [(f"Missing metric weights: metric set {', '.join(names)} needs {len(found) + len(missing)} file(s), "
+                  f"{len(missing)} not found ({why}):")]
+        for key, users, first in missing:
+            spec = METRIC_FILES[key]
+            lines.append(f"  - {spec.filename} ({spec.description}; for {', '.join(users)})")
+            lines += [f"      from {s.describe(spec.filename)}" for s in spec.sources]
+            if first.startswith(spec.description) and "does not exist" in first:  # a given path that is absent
+                lines.append(f"      {first}")
+        lines += [f"  Looked in: {'; '.join(dirs)} and the Hugging Face cache.", _how_to([k for k, _, _ in missing])]
+        raise MetricWeightsError("\n".join(lines))
+    return found
+
+
+@contextmanager
+def library_cache(files: Mapping[str, Path]) -> Iterator[Path]:
+    """While a library builds a network: torch hub's dir and pyiqa's cache point at a temporary folder of
+    links to ``files`` (placed as `LIBRARY_PLACE` says), and any download raises `MetricWeightsError`
+    (a file missing from the list is a bug here, never a silent download)."""
+    import pyiqa.utils.download_util as pyiqa_dl
+
+    view = Path(tempfile.mkdtemp(prefix="diffbir-metric-files-"))
+    for key, p in files.items():
+        place = LIBRARY_PLACE.get(key)
+        if place:
+            (view / place).mkdir(parents=True, exist_ok=True)
+            (view / place / METRIC_FILES[key].filename).symlink_to(Path(p).resolve())
+
+    def refuse(url, *args, **kwargs):
+        raise MetricWeightsError(f"a metric library tried to download {url}; eval.metrics lists no such file "
+                                 "(report this: the metric's `files` are incomplete)")
+
+    saved = (getattr(torch.hub, "_hub_dir", None), torch.hub.download_url_to_file, pyiqa_dl.download_url_to_file,
+             pyiqa_dl.DEFAULT_CACHE_DIR)
+    torch.hub.set_dir(str(view))
+    torch.hub.download_url_to_file = pyiqa_dl.download_url_to_file = refuse
+    pyiqa_dl.DEFAULT_CACHE_DIR = str(view / "pyiqa")
+    try:
+        yield view
+    finally:
+        torch.hub._hub_dir = saved[0]  # exactly as before (None: $TORCH_HOME again), not pinned by set_dir
+        torch.hub.download_url_to_file, pyiqa_dl.download_url_to_file, pyiqa_dl.DEFAULT_CACHE_DIR = saved[1:]
+        shutil.rmtree(view, ignore_errors=True)
+
+
+@contextmanager
+def _timm_without_download():
+    """pyiqa's MANIQA builds ``timm.create_model('vit_base_patch8_224', pretrained=True)``, which downloads
+    ImageNet ViT weights that the MANIQA checkpoint then overwrites (it holds every ``vit.*`` tensor). While
+    the network is constructed, make that call build the ViT without pretrained weights."""
+    import timm
+
+    orig = timm.create_model
+
+    def create(*args, **kwargs):
+        kwargs["pretrained"] = False
+        return orig(*args, **kwargs)
+
+    timm.create_model = create
+    try:
+        yield
+    finally:
+        timm.create_model = orig
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -292,118 +486,78 @@ class _PixelMetric(Metric):
         return {self.spec.name: self.fn(img, self._need_gt(gt), channel=self.channel, crop_border=self.crop_border)}
 
 
-
 def _to_tensor(img: np.ndarray, device, dtype=torch.float32) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].to(device=device, dtype=dtype)
+    """HxWx3 [0,1] -> [1,3,H,W], clipped to [0, 1] (the libraries assert that range)."""
+    x = np.clip(np.ascontiguousarray(img, dtype=np.float32), 0.0, 1.0)
+    return torch.from_numpy(x).permute(2, 0, 1)[None].to(device=device, dtype=dtype)
 
 
-class NIQEMetric(Metric):
-    """pyiqa's NIQE (MATLAB-compatible features, 96x96 blocks, YIQ luma rounded to 8 bits) with the
-    standard pristine parameters from eval/assets (no download)."""
+class LibraryMetric(Metric):
+    """A network built by its library (``net``), called as the library calls it: ``net(x)`` or ``net(x, ref)``.
 
-    def __init__(self, crop_border: int = 0, params_path: str | os.PathLike = NIQE_PARAMS):
-        from pyiqa.archs.niqe_arch import NIQE
+    ``call`` adapts the call where the library's signature differs (lpips: ``normalize=True``); ``min_hw``
+    refuses images the library cannot score (NIQE: 96x96 blocks after its border crop) with a clear error."""
 
-        self.spec = METRICS["niqe"]
-        if not Path(params_path).is_file():
-            raise MetricWeightsError(f"NIQE parameter file {params_path} is missing (it ships in eval/assets; "
-                                     "see eval/assets/README.md to re-create it from BasicSR's niqe_pris_params.npz)")
-        self.crop_border = crop_border
-        self.params_path = Path(params_path)
-        self.net = NIQE(test_y_channel=True, color_space="yiq", crop_border=crop_border,
-                        pretrained_model_path=str(params_path))
+    def __init__(self, name: str, net: torch.nn.Module, device, call: Callable | None = None, min_hw: int = 0):
+        self.spec, self.net, self.device, self.min_hw = METRICS[name], net.eval(), torch.device(device), min_hw
+        self._call = call or (lambda n, x, y: n(x) if y is None else n(x, y))
 
     def __call__(self, img, gt=None):
-        h, w = img.shape[0] - 2 * self.crop_border, img.shape[1] - 2 * self.crop_border
-        if min(h, w) < 96:
-            raise ValueError(f"NIQE needs at least 96x96 pixels (its block size), got {h}x{w}")
+        if min(img.shape[:2]) < self.min_hw:
+            raise ValueError(f"{self.spec.name} needs at least {self.min_hw}x{self.min_hw} pixels (after the border "
+                             f"crop), got {img.shape[0]}x{img.shape[1]}")
+        x = _to_tensor(img, self.device)
+        y = None
+        if self.spec.needs_gt:
+            gt = self._need_gt(gt)
+            _check_pair(img, gt)
+            y = _to_tensor(gt, self.device)
         with torch.no_grad():
-            return {"niqe": float(self.net(_to_tensor(img, "cpu")).item())}
+            v = self._call(self.net, x, y)
+        return {self.spec.columns[0][0]: float(torch.as_tensor(v).float().mean().item())}
 
 
+def _lpips(name: str, files: Mapping[str, Path], device) -> LibraryMetric:
+    """``lpips.LPIPS(net=...)``: the trunk from torchvision (our file, placed where torchvision looks), the
+    linear heads from the lpips wheel."""
+    import warnings
 
-class LPIPSMetric(Metric):
-    """LPIPS v0.1 with the AlexNet trunk: the `lpips` package's network and linear heads (shipped in its
-    wheel), the torchvision AlexNet trunk loaded from ``trunk_path`` - both strictly, nothing downloaded."""
+    import lpips
 
-    # torchvision alexnet.features index -> lpips slice holding it
-    _SLICE = {0: 1, 3: 2, 6: 3, 8: 4, 10: 5}
+    with _loud(name, files), library_cache(files), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torchvision: "pretrained is deprecated" from inside lpips
+        net = lpips.LPIPS(net="alex" if name == "lpips" else "vgg", version="0.1", verbose=False)
+    return LibraryMetric(name, net.to(device), device, call=lambda n, x, y: n(x, y, normalize=True))
 
-    def __init__(self, trunk_path: str | os.PathLike, device: str | torch.device = "cpu"):
-        import warnings
 
-        import lpips
+def _pyiqa(name: str, files: Mapping[str, Path], device, min_hw: int = 0, spec_name: str | None = None,
+           **opts) -> LibraryMetric:
+    """``pyiqa.create_metric(name, **opts)`` with its files in its own cache (`library_cache`); the metric is
+    registered as ``spec_name`` (default ``name``)."""
+    import pyiqa
 
-        from diffbir_core.weights import load_into, load_state_dict
-
-        self.spec = METRICS["lpips"]
-        self.device = torch.device(device)
-        with warnings.catch_warnings():  # torchvision's "pretrained is deprecated" from inside lpips
-            warnings.simplefilter("ignore", UserWarning)
-            net = lpips.LPIPS(pretrained=False, net="alex", version="0.1", pnet_rand=True, verbose=False)
-        trunk = load_state_dict(trunk_path)
-        heads = load_state_dict(Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth")
-        sd: dict[str, torch.Tensor] = {k: v for k, v in net.state_dict().items() if k.startswith("scaling_layer.")}
-        for idx, sl in self._SLICE.items():  # 1. trunk: features.{i}.* -> net.slice{k}.{i}.*
-            for p in ("weight", "bias"):
-                key = f"features.{idx}.{p}"
-                if key not in trunk:
-                    raise MetricWeightsError(f"{trunk_path} is not a torchvision AlexNet checkpoint: no {key!r}")
-                sd[f"net.slice{sl}.{idx}.{p}"] = trunk[key]
-        for i in range(5):  # 2. linear heads (also reachable as lins.{i})
-            sd[f"lin{i}.model.1.weight"] = heads[f"lin{i}.model.1.weight"]
-            sd[f"lins.{i}.model.1.weight"] = heads[f"lin{i}.model.1.weight"]
-        load_into(net, sd, what="LPIPS v0.1 alex")
-        self.net = net.eval().to(self.device)
-
-    def __call__(self, img, gt=None):
-        gt = self._need_gt(gt)
-        _check_pair(img, gt)
-        with torch.no_grad():
-            d = self.net(_to_tensor(img, self.device), _to_tensor(gt, self.device), normalize=True)
-        return {"lpips": float(d.item())}
-
+    timm_guard = _timm_without_download() if name.startswith("maniqa") else _nothing()
+    with _loud(name, files), library_cache(files), timm_guard:
+        net = pyiqa.create_metric(name, device=torch.device(device), **opts)
+    return LibraryMetric(spec_name or name, net, device, min_hw=min_hw)
 
 
 @contextmanager
-def _timm_without_download():
-    """pyiqa's MANIQA builds ``timm.create_model('vit_base_patch8_224', pretrained=True)``, which downloads
-    ImageNet ViT weights that the MANIQA checkpoint then overwrites (it holds every ``vit.*`` tensor). While
-    the network is constructed, make that call build the ViT without pretrained weights."""
-    import timm
+def _nothing():
+    yield
 
-    orig = timm.create_model
 
-    def create(*args, **kwargs):
-        kwargs["pretrained"] = False
-        return orig(*args, **kwargs)
-
-    timm.create_model = create
+@contextmanager
+def _loud(name: str, files: Mapping[str, Path]):
+    """A file the library cannot load (wrong keys or shapes) -> MetricWeightsError naming the metric and files."""
     try:
         yield
-    finally:
-        timm.create_model = orig
-
-
-class MANIQAMetric(Metric):
-    """pyiqa's MANIQA (KonIQ-10k: ``scale=0.8``), checkpoint loaded strictly from ``path``."""
-
-    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
-        from pyiqa.archs.maniqa_arch import MANIQA
-
-        from diffbir_core.weights import load_into, load_state_dict
-
-        self.spec = METRICS["maniqa"]
-        self.device = torch.device(device)
-        with _timm_without_download():
-            net = MANIQA(train_dataset="koniq", scale=0.8, pretrained=False)
-        load_into(net, load_state_dict(path), what="MANIQA (KonIQ-10k)")
-        self.net = net.eval().to(self.device)
-
-    def __call__(self, img, gt=None):
-        with torch.no_grad():
-            return {"maniqa": float(self.net(_to_tensor(img, self.device)).mean().item())}
-
+    except MetricWeightsError:
+        raise
+    except (RuntimeError, KeyError, ValueError, OSError) as e:
+        listed = ", ".join(f"{METRIC_FILES[k].filename} = {p}" for k, p in files.items()) or "(no files)"
+        raise MetricWeightsError(f"{name}: the library could not load its weights ({listed}): "
+                                 f"{type(e).__name__}: {str(e)[:500]}") from e
 
 
 class IDSMetric(Metric):
@@ -428,8 +582,7 @@ class IDSMetric(Metric):
             e = embed(self.net, torch.cat([_to_tensor(img, self.device), _to_tensor(gt, self.device)]))  # [2,512]
         cos = float(torch.nn.functional.cosine_similarity(e[0:1].double(), e[1:2].double()).item())
         cos = max(-1.0, min(1.0, cos))
-        return {"ids": cos, "ids_deg": math.degrees(math.acos(cos))}
-
+        return {"ids_cos": cos, "ids_deg": math.degrees(math.acos(cos))}
 
 
 class DlibIdentity(Metric):
@@ -480,16 +633,27 @@ class DlibIdentity(Metric):
 
 
 class FIDMetric(Metric):
-    """Set-level: ``features(img)`` per image (cached by the runner), ``score(feats, reference)`` at the end."""
+    """Set-level: ``features(img)`` per image (cached by the runner), ``score(feats, reference)`` at the end.
 
-    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
-        from .fid import build_fid_inception
+    The network is pyiqa's own FID Inception (``pyiqa.create_metric('fid').net.model``, pytorch-fid's
+    `InceptionV3` on the TF-FID weights), called as pyiqa's ``get_folder_features`` calls it in "clean" mode.
+    """
+
+    def __init__(self, files: Mapping[str, Path], device: str | torch.device = "cpu"):
+        import pyiqa
 
         self.spec = METRICS["fid"]
-        self.net = build_fid_inception(path, device)
+        self.device = torch.device(device)
+        with _loud("fid", files), library_cache(files):
+            self.net = pyiqa.create_metric("fid", device=self.device).net.model.eval()
 
+    @torch.no_grad()
     def features(self, img: np.ndarray) -> np.ndarray:
-        return self.net.features(img)
+        """One HxWx3 [0,1] image -> its 2048-d pool feature (float64), clean-fid preprocessing included."""
+        from .fid import clean_resize
+
+        x = torch.from_numpy(clean_resize(img))[None].to(self.device)  # [1,3,299,299], 0..255
+        return self.net((x - 128.0) / 128.0, False, False)[0].reshape(1, -1)[0].double().cpu().numpy()  # [2048]
 
     def __call__(self, img, gt=None):
         raise TypeError("FID is a set-level metric: use features() per image and fid.frechet_distance on the set")
@@ -502,29 +666,48 @@ class FIDMetric(Metric):
         return frechet_distance(mu, sigma, ref_mu, ref_sigma)
 
 
-
 def build_metric(name: str, *, crop_border: int = 0, device: str | torch.device = "cpu",
                  weights_dir: str | os.PathLike | None = None,
-                 weight_paths: Mapping[str, str | os.PathLike] | None = None) -> Metric:
-    """Construct metric ``name`` (weights found through `resolve_metric_file`)."""
+                 weight_paths: Mapping[str, str | os.PathLike] | None = None,
+                 files: Mapping[str, Path] | None = None) -> Metric:
+    """Construct metric ``name`` (a pyiqa name or alias); its files through `resolve_metric_files` unless
+    ``files`` (already resolved) are given."""
+    name = ALIASES.get(name, name)
     if name not in METRICS:
         raise ValueError(f"unknown metric {name!r}; choose from: {', '.join(METRICS)}")
-    paths = dict(weight_paths or {})
-
-    def file(key: str) -> Path:
-        return resolve_metric_file(key, path=paths.get(key), weights_dir=weights_dir)
-
+    if files is None:
+        files = resolve_metric_files([name], weights_dir=weights_dir, weight_paths=weight_paths)
+    files = {k: files[k] for k in METRICS[name].files}
     if name in ("psnr", "ssim", "psnr_rgb", "ssim_rgb"):
         return _PixelMetric(name, psnr if name.startswith("psnr") else ssim,
                             "rgb" if name.endswith("_rgb") else "y", crop_border)
+    if name in ("lpips", "lpips-vgg"):
+        return _lpips(name, files, device)
     if name == "niqe":
-        return NIQEMetric(crop_border=crop_border)
-    if name == "lpips":
-        return LPIPSMetric(file("lpips_alexnet"), device)
-    if name == "maniqa":
-        return MANIQAMetric(file("maniqa_koniq"), device)
+        if not NIQE_PARAMS.is_file():
+            raise MetricWeightsError(f"NIQE parameter file {NIQE_PARAMS} is missing (it ships in eval/assets; see "
+                                     "eval/assets/README.md to re-create it from BasicSR's niqe_pris_params.npz)")
+        return _pyiqa(name, files, device, min_hw=96 + 2 * crop_border, crop_border=crop_border,
+                      pretrained_model_path=str(NIQE_PARAMS))
+    if name == "niqe_matlab":
+        return _pyiqa(name, files, device, min_hw=96 + 2 * crop_border, crop_border=crop_border)
+    if name == "clipiqa":  # pyiqa's clip loader takes a file path as the backbone (our resolver checks its sha256)
+        return _pyiqa(name, files, device, backbone=str(files["clip_rn50"]))
+    if name == "ssim_pyiqa":
+        return _pyiqa("ssim", files, device, crop_border=crop_border, test_y_channel=True, color_space="ycbcr",
+                      spec_name=name)
+    if name in ("dists", "musiq", "maniqa", "maniqa-pipal"):
+        return _pyiqa(name, files, device)
     if name == "ids":
-        return IDSMetric(file("arcface_resnet18"), device)
+        return IDSMetric(files["arcface_resnet18"], device)
     if name == "id_dist_dlib":
         return DlibIdentity()
-    return FIDMetric(file("fid_inception"), device)
+    return FIDMetric(files, device)
+
+
+def build_metrics(names: Iterable[str], **kw) -> dict[str, Metric]:
+    """Every metric of a set, after ONE check that all their files exist (`resolve_metric_files`)."""
+    names = parse_metrics(list(names))
+    files = resolve_metric_files(names, weights_dir=kw.pop("weights_dir", None),
+                                 weight_paths=kw.pop("weight_paths", None))
+    return {n: build_metric(n, files=files, **kw) for n in names}
