@@ -1,6 +1,6 @@
 """Stage 2, the one procedure: clean image -> conditions -> x_T -> CFG + guidance + sampler -> VAE decode -> crop.
 
-`run` (called by `DiffBIRPipeline.run_stage2`, hence the face layer; by eval/bench; previews via `Stage2Step`):
+`run` (called by `DiffBIRPipeline.run_stage2`, hence the face layer; by diffbir_eval/bench; previews via `Stage2Step`):
     1. pad I_reg ([1,3,H,W] in [0,1]) to x64 (`Stage2Geometry`); cond = {c_txt(pos), c_img = E(I_reg * 2 - 1)},
        uncond = {c_txt(neg), same c_img} (none when CFG is 1); every control residual x strength.
     2. x_T ~ N(0, I) from the noise source (first draw), or the v2.0.0 "better start" (`better_start_x_T`).

@@ -232,7 +232,7 @@ def resolve_spec(spec: WeightSpec, *, path: str | os.PathLike | None = None,
                  dirs: list[str | os.PathLike | None] = (), download: bool = True,
                  download_dir: str | os.PathLike | None = None, how_to: str | None = None,
                  error: type[WeightsError] = WeightsError, kind: str = "weights", check_explicit: bool = True) -> Path:
-    """The one search for a `WeightSpec` (model weights here, metric weights in ``eval.metrics``):
+    """The one search for a `WeightSpec` (model weights here, metric weights in ``diffbir_eval.metrics``):
     explicit ``path`` -> ``<dir>/<filename>`` for each of ``dirs`` -> the Hugging Face cache -> download
     (never when offline; URL sources go to ``download_dir``). Raises ``error`` naming the file, every place
     looked at, and ``how_to`` (default: the sources + $DIFFBIR_WEIGHTS_DIR). ``check_explicit=False`` leaves an

@@ -1,4 +1,4 @@
-"""The import graph of diffbir_core/, eval/ and demo/ against the agreed target layout (docs: LAYOUT, issue 12).
+"""The import graph of diffbir_core/, diffbir_eval/ and diffbir_demo/ against the agreed target layout (docs: LAYOUT, issue 12).
 
 Every .py file is parsed with `ast`; every import counts, including those inside functions and
 `importlib.import_module("...")` calls with a literal name; relative imports are resolved. Checked:
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("diffbir_core", "eval", "demo")
+PACKAGES = ("diffbir_core", "diffbir_eval", "diffbir_demo")
 
 # ------------------------------------------------------------------------------------------ the target layout
 # diffbir_core.<first part> -> layer rank; a module may import only modules of its own rank or lower.
@@ -32,6 +32,7 @@ CORE_RANKS = {
     "cli": ENTRY,
     "__main__": ENTRY,
     "train": ENTRY,
+    "batch": ENTRY,  # the CLI's batch loop (collection, naming, checks)
     "api": API,
     "face": FACE,
     "pipeline": PIPELINE,
@@ -42,6 +43,7 @@ CORE_RANKS = {
     "config": LEAF,
     "types": LEAF,
     "prompts": LEAF,
+    "atomic": LEAF,
 }
 RANK_NAMES = {
     ENTRY: "entry",
@@ -50,7 +52,7 @@ RANK_NAMES = {
     PIPELINE: "pipeline",
     STAGE2: "stage2",
     LIBRARY: "library (diffusion/tiling/models/speed/...)",
-    LEAF: "leaf (weights/imageio/config/types)",
+    LEAF: "leaf (weights/imageio/config/types/prompts/atomic)",
 }
 FACADE = "diffbir_core"  # the package __init__: lazy exports of the public names, exempt as an importer
 # Only these core modules may import the dispatcher or the face pipeline.
@@ -91,8 +93,8 @@ TARGET_MODULES = [
     ),
     *(f"diffbir_core/face/{m}.py" for m in ("align", "detect", "restorer", "pipeline")),
     *(f"diffbir_core/train/{m}.py" for m in ("config", "tasks", "checkpoint", "loop", "__main__")),
-    *(f"eval/{m}.py" for m in ("methods", "store", "provenance", "summary", "run")),
-    *(f"demo/{m}.py" for m in ("backend", "ui", "app")),
+    *(f"diffbir_eval/{m}.py" for m in ("methods", "store", "provenance", "summary", "run")),
+    *(f"diffbir_demo/{m}.py" for m in ("backend", "ui", "app")),
 ]
 REPLACED_MODULES = [  # old path -> moved (LAYOUT.md); the old file must be gone, not left beside the new one
     "diffbir_core/restore.py",

@@ -1,4 +1,4 @@
-"""The Gradio demo (`demo/app.py`) driven over HTTP with `gradio_client`, as a user's browser would.
+"""The Gradio demo (`diffbir_demo/app.py`) driven over HTTP with `gradio_client`, as a user's browser would.
 
 Known answers: the image a request returns equals `DiffBIRPipeline.restore` on the same input and
 settings (offline preset with the real offline cleaner; tiny random ControlLDM / SwinIR injected through
@@ -22,9 +22,9 @@ import pytest
 import torch
 from PIL import Image
 
-from demo.app import build_demo
-from demo.backend import OUTPUTS, DemoBackend, DemoError, DemoLimits, params_from_ui
-from demo.ui import launch_demo
+from diffbir_demo.app import build_demo
+from diffbir_demo.backend import OUTPUTS, DemoBackend, DemoError, DemoLimits, params_from_ui
+from diffbir_demo.ui import launch_demo
 from diffbir_core.config import OFFICIAL_NEGATIVE_PROMPT, RestoreParams
 from diffbir_core.imageio import read_image
 from diffbir_core.pipeline import DiffBIRPipeline
@@ -123,9 +123,9 @@ def offline_app(offline_cleaner):
 
 
 def test_import_does_nothing():
-    code = "import sys, demo.app; assert not {'gradio', 'torch'} & set(sys.modules), sorted(sys.modules)"
+    code = "import sys, diffbir_demo.app; assert not {'gradio', 'torch'} & set(sys.modules), sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
-    code = "import sys, demo.backend; assert 'gradio' not in sys.modules, 'demo.backend imported gradio'"
+    code = "import sys, diffbir_demo.backend; assert 'gradio' not in sys.modules, 'diffbir_demo.backend imported gradio'"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
 
 
@@ -314,7 +314,7 @@ def test_face_tab_whole_photo_example(tiny_models):
     bicubic cleaner and background) and pasted back; the result has the input's size."""
     from gradio_client import handle_file
 
-    from demo.ui import SAMPLES_DIR
+    from diffbir_demo.ui import SAMPLES_DIR
 
     ldm, _ = tiny_models
     src = SAMPLES_DIR / "face_whole_real47_1.jpg"
@@ -330,11 +330,11 @@ def test_face_tab_whole_photo_example(tiny_models):
 
 
 def test_python_demo_app_py_starts(tmp_path):
-    """`python demo/app.py` (the Space's command) serves the page; the server is stopped afterwards."""
+    """`python diffbir_demo/app.py` (the Space's command) serves the page; the server is stopped afterwards."""
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "demo/app.py", "--port", str(port), "--device", "cpu"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "diffbir_demo/app.py", "--port", str(port), "--device", "cpu"], cwd=ROOT,
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120
@@ -345,7 +345,7 @@ def test_python_demo_app_py_starts(tmp_path):
                 break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
-                    raise AssertionError("demo/app.py did not start:\n"
+                    raise AssertionError("diffbir_demo/app.py did not start:\n"
                                          + (tmp_path / "server.log").read_text()) from None
                 time.sleep(1)
         assert "restore_general" in config and "restore_face" in config

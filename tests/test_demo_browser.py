@@ -1,4 +1,4 @@
-"""The demo page in a real browser: Debian's chromium, headless, against a live `demo/app.py` server.
+"""The demo page in a real browser: Debian's chromium, headless, against a live `diffbir_demo/app.py` server.
 
 Checks that the rendered DOM holds both tabs and the main controls (input, preset, task, upscale,
 Restore, the folded advanced settings, the outputs and the examples), and saves a screenshot as a test
@@ -37,8 +37,8 @@ def test_page_renders_tabs_and_controls():
     if not Path(CHROMIUM).is_file():
         pytest.fail("chromium is not installed; the browser check needs it: "
                     "`apt-get install -y --no-install-recommends chromium` (Debian), then rerun.")
-    from demo.app import build_demo
-    from demo.ui import launch_demo
+    from diffbir_demo.app import build_demo
+    from diffbir_demo.ui import launch_demo
 
     demo = build_demo(device="cpu")  # no model is loaded until a request comes
     with socket.socket() as s:

@@ -1,4 +1,4 @@
-"""eval.registry / eval.data: every set of the issue is registered with its provenance; the shipped sha256 lists
+"""diffbir_eval.registry / diffbir_eval.data: every set of the issue is registered with its provenance; the shipped sha256 lists
 match the copies in shared/data; `check` finds missing, extra and corrupted files; `fetch` verifies what it
 downloads and fails offline with a message saying what to do (the network is simulated, never used)."""
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from eval import data as cli
-from eval import registry as R
-from eval.datasets import DATASETS, open_dataset, validate
+from diffbir_eval import data as cli
+from diffbir_eval import registry as R
+from diffbir_eval.datasets import DATASETS, open_dataset, validate
 
 ISSUE_SETS = [
     "realsrset",
@@ -33,7 +33,7 @@ ISSUE_SETS = [
 def test_every_set_is_registered_with_provenance():
     assert sorted(R.REGISTRY) == sorted(ISSUE_SETS)
     for name, rec in R.REGISTRY.items():
-        assert name in DATASETS  # eval.run can open it
+        assert name in DATASETS  # diffbir_eval.run can open it
         assert rec.url.startswith("https://") and rec.paper and rec.licence and rec.count_source and rec.layout
         sums = rec.checksums
         if sums is None:
@@ -92,7 +92,7 @@ def test_fetch_offline_says_what_to_do(tmp_path, monkeypatch):
         R.fetch("realsrset", tmp_path / "out")
     msg = str(e.value)
     assert "raw.githubusercontent.com/cszn/BSRGAN/5ce1a9c6ae292f30ccfce4b597ecb73c70401733/testsets/RealSRSet/" in msg
-    assert "0/20 files" in msg and "python -m eval.data check realsrset" in msg and "run the same command again" in msg
+    assert "0/20 files" in msg and "python -m diffbir_eval.data check realsrset" in msg and "run the same command again" in msg
     with pytest.raises(R.DataError, match=r"(?s)cannot be downloaded directly.*GFPGAN project page.*check lfw_test"):
         R.fetch("lfw_test", tmp_path / "lfw")
     assert cli.main(["fetch", "wider_test", str(tmp_path / "w")]) == 2
@@ -111,7 +111,7 @@ def test_fetch_verifies_every_download(tmp_path, monkeypatch, data_dir):
     monkeypatch.setattr(urllib.request, "urlopen", serve)
     rep = R.fetch("set5", tmp_path / "s5")
     assert rep.ok and len(calls) == 10
-    ds = validate(open_dataset("set5", root=tmp_path / "s5"))  # the layout eval.run reads
+    ds = validate(open_dataset("set5", root=tmp_path / "s5"))  # the layout diffbir_eval.run reads
     assert len(ds.items) == 5
     R.fetch("set5", tmp_path / "s5")  # everything verified already: nothing downloaded again
     assert len(calls) == 10
@@ -127,4 +127,4 @@ def test_cli_list_prints_every_set(capsys):
     out = capsys.readouterr().out
     for name in ISSUE_SETS:
         assert f"| `{name}` |" in out
-    assert "eval/assets/checksums/realsr.tsv (fetch: yes)" in out and "| unknown |" in out
+    assert "diffbir_eval/assets/checksums/realsr.tsv (fetch: yes)" in out and "| unknown |" in out

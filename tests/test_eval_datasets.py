@@ -1,4 +1,4 @@
-"""eval.datasets: named sets under --root, folder:/synthetic: specs, validation errors that say what to do."""
+"""diffbir_eval.datasets: named sets under --root, folder:/synthetic: specs, validation errors that say what to do."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from diffbir_core.imageio import save_image
-from eval.datasets import DATASETS, DatasetError, open_dataset, validate
+from diffbir_eval.datasets import DATASETS, DatasetError, open_dataset, validate
 
 
 def _img(path: Path, h: int, w: int, seed: int = 0) -> Path:

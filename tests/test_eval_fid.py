@@ -1,4 +1,4 @@
-"""eval.fid: the Frechet distance against the closed form on Gaussian features, the statistics path, and FID
+"""diffbir_eval.fid: the Frechet distance against the closed form on Gaussian features, the statistics path, and FID
 through the runner with a real Inception-V3 graph (random weights) whose features must equal those of pyiqa's
 own FID Inception (`pyiqa.archs.inception.InceptionV3`, use_fid_inception=True) given the same weights."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.fid import feature_stats, fid_from_features, frechet_distance, load_stats, save_stats
+from diffbir_eval.fid import feature_stats, fid_from_features, frechet_distance, load_stats, save_stats
 
 
 def _spd(rng, d):
@@ -62,7 +62,7 @@ def test_feature_statistics_path_converges_to_closed_form(tmp_path):
     # reference statistics through a clean-fid style .npz, scored with the runner's FID entry point
     p = save_stats(tmp_path / "ref.npz", *feature_stats(f2))
     mu_r, s_r = load_stats(p)
-    from eval.metrics import FIDMetric
+    from diffbir_eval.metrics import FIDMetric
 
     got = FIDMetric.score(f1, mu_r, s_r)
     assert got == pytest.approx(expect, rel=0.05, abs=0.05)
@@ -79,7 +79,7 @@ def test_feature_statistics_path_converges_to_closed_form(tmp_path):
 
 @pytest.fixture(scope="module")
 def random_inception_file(tmp_path_factory):
-    from eval.fid import FIDInception
+    from diffbir_eval.fid import FIDInception
 
     torch.manual_seed(0)
     f = tmp_path_factory.mktemp("fidw") / "pt_inception-2015-12-05-6726825d.pth"
@@ -109,10 +109,10 @@ def pyiqa_fid_net(random_inception_file):
 
 def test_fid_features_are_pyiqas_and_a_folder_against_itself_is_zero(tmp_path, random_inception_file, pyiqa_fid_net):
     from diffbir_core.imageio import read_image, save_image
-    from eval.datasets import open_dataset, validate
-    from eval.fid import clean_resize
-    from eval.loop import run_eval
-    from eval.store import RunOptions
+    from diffbir_eval.datasets import open_dataset, validate
+    from diffbir_eval.fid import clean_resize
+    from diffbir_eval.loop import run_eval
+    from diffbir_eval.store import RunOptions
 
     rng = np.random.default_rng(0)
     gt = tmp_path / "gt"

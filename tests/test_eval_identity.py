@@ -8,7 +8,7 @@ import re
 import pytest
 
 from diffbir_core.imageio import read_image
-from eval.metrics import build_metric
+from diffbir_eval.metrics import build_metric
 
 SAME = {("Einstein01.png", "Einstein02.png"), ("Hepburn01.png", "Hepburn02.png")}
 

@@ -1,4 +1,4 @@
-"""eval.metrics: PSNR/SSIM/NIQE against pyiqa's calibration file, closed-form checks, weight-file handling
+"""diffbir_eval.metrics: PSNR/SSIM/NIQE against pyiqa's calibration file, closed-form checks, weight-file handling
 of LPIPS / MANIQA / FID / IDS (offline errors name the file and its source; loading works from a path).
 Library equality (lpips, pyiqa) is in tests/test_eval_names.py."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from eval import metrics as M
-from eval.metrics import MetricWeightsError, build_metric, psnr, rgb_to_y, ssim
+from diffbir_eval import metrics as M
+from diffbir_eval.metrics import MetricWeightsError, build_metric, psnr, rgb_to_y, ssim
 
 CAL_NAMES = ["I03.bmp", "I04.bmp", "I06.bmp", "I08.bmp", "I19.bmp"]
 # pyiqa tests/test_metric_general.py: torch.allclose(ours, official, atol, rtol), niqe has its own rtol
@@ -162,7 +162,7 @@ def test_lpips_refuses_a_file_that_is_not_alexnet(tmp_path):
 
 
 def test_ids_arcface_layout_and_identity(tmp_path):
-    from eval.arcface import ResNetArcFace
+    from diffbir_eval.arcface import ResNetArcFace
 
     torch.manual_seed(0)
     net = ResNetArcFace()

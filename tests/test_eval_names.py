@@ -1,4 +1,4 @@
-"""eval.metrics by pyiqa names: every name resolves, and each library-backed metric equals the library's own
+"""diffbir_eval.metrics by pyiqa names: every name resolves, and each library-backed metric equals the library's own
 call on the same images and the same (random) weights - LPIPS vs ``lpips.LPIPS(net="alex")`` finding its
 weights in its own torch-hub cache, FID features and value vs pyiqa's ``get_folder_features`` / ``fid``, pyiqa
 metrics vs ``pyiqa.create_metric(name, pretrained_model_path=...)``; PSNR/SSIM vs pyiqa's psnr/psnry/ssim/ssimc;
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from eval import metrics as M
-from eval.metrics import METRICS, MetricWeightsError, build_metric
+from diffbir_eval import metrics as M
+from diffbir_eval.metrics import METRICS, MetricWeightsError, build_metric
 
 ISSUE_NAMES = [
     "psnr",
@@ -174,7 +174,7 @@ def test_lpips_equals_lpips_package_with_its_own_weights(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def random_fid_file(tmp_path_factory):
-    from eval.fid import FIDInception
+    from diffbir_eval.fid import FIDInception
 
     f = tmp_path_factory.mktemp("fidw") / "pt_inception-2015-12-05-6726825d.pth"
     torch.save(random_state_dict(FIDInception().net, seed=2, scale=0.1), f)
@@ -209,7 +209,7 @@ def test_fid_features_and_value_equal_pyiqa(tmp_path, monkeypatch, random_fid_fi
     assert ours["a"].shape == (2, 2048) and np.ptp(ours["a"], axis=0).max() > 0
     np.testing.assert_allclose(ours["a"], theirs, rtol=1e-5, atol=1e-6 * np.abs(theirs).max())
     want = float(lib(str(folders["a"]), str(folders["b"]), mode="clean", num_workers=0, verbose=False))
-    from eval.fid import fid_from_features
+    from diffbir_eval.fid import fid_from_features
 
     assert fid_from_features(ours["a"], ours["b"]) == pytest.approx(want, rel=1e-4)
 
@@ -271,7 +271,7 @@ def test_clipiqa_equals_pyiqa_with_the_same_backbone_file(tmp_path):
 
 
 def test_ids_degrees_are_arccos_of_cosine(tmp_path):
-    from eval.arcface import ResNetArcFace
+    from diffbir_eval.arcface import ResNetArcFace
 
     torch.manual_seed(0)
     f = tmp_path / "arcface_resnet18.pth"

@@ -1,4 +1,4 @@
-"""eval.run / eval.report: interrupted runs resume to the same metrics.csv, outputs are complete, bad
+"""diffbir_eval.run / diffbir_eval.report: interrupted runs resume to the same metrics.csv, outputs are complete, bad
 configurations are refused with clear errors, outputs:DIR scoring, accelerate data parallel (2 CPU processes)."""
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from diffbir_core.imageio import resize, save_image, to_numpy, to_tensor
-from eval.datasets import open_dataset, validate
-from eval.loop import run_eval
-from eval.methods import Method, resolve_method
-from eval.run import main
-from eval.store import RunConfigError, RunOptions
+from diffbir_eval.datasets import open_dataset, validate
+from diffbir_eval.loop import run_eval
+from diffbir_eval.methods import Method, resolve_method
+from diffbir_eval.run import main
+from diffbir_eval.store import RunConfigError, RunOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,10 +75,10 @@ KILLER = """
 import os, signal, sys
 import numpy as np
 from diffbir_core.imageio import resize, to_numpy, to_tensor
-from eval.datasets import open_dataset, validate
-from eval.loop import run_eval
-from eval.methods import Method
-from eval.store import RunOptions
+from diffbir_eval.datasets import open_dataset, validate
+from diffbir_eval.loop import run_eval
+from diffbir_eval.methods import Method
+from diffbir_eval.store import RunOptions
 calls = []
 def restore(img):
     calls.append(1)
@@ -117,7 +117,7 @@ def test_cli_writes_tables_summary_plots_and_report(pairs, capsys):
     s = json.loads((out / "summary.json").read_text())
     assert s["complete"] and s["metrics"]["psnr"]["higher_better"] is True and s["directions"]["ssim"] == "higher"
     assert s["dataset"]["scale"] == 4 and s["seed"] == 231 and "code_sha256" in s["git"] and s["versions"]["torch"]
-    assert "commit" in s["git"] and s["command"].startswith("python -m eval.run")
+    assert "commit" in s["git"] and s["command"].startswith("python -m diffbir_eval.run")
     psnrs = [float(r.split(",")[1]) for r in rows[1:]]
     assert s["metrics"]["psnr"]["mean"] == pytest.approx(np.mean(psnrs))
     assert "| psnr |" in (out / "README.md").read_text() and (out / "plots" / "distributions.png").is_file()
@@ -134,7 +134,7 @@ def test_cli_writes_tables_summary_plots_and_report(pairs, capsys):
                  "--out", str(out), "--quiet"]) == 2
     assert "already holds a different run" in capsys.readouterr().err
 
-    from eval.report import main as report_main
+    from diffbir_eval.report import main as report_main
 
     assert report_main(["--results", str(pairs / "results")]) == 0
     text = (pairs / "results" / "README.md").read_text()
@@ -204,11 +204,11 @@ def test_accelerate_two_cpu_processes(pairs):
                  "--quiet"]) == 0
     multi = pairs / "multi"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    # no GPU here: accelerate's multi-process launcher starts 2 processes, eval.run joins them with gloo on the CPU
+    # no GPU here: accelerate's multi-process launcher starts 2 processes, diffbir_eval.run joins them with gloo on the CPU
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()),
-           "-m", "eval.run", "--dataset", ds_arg, "--method", "bicubic", "--metrics", "psnr,ssim",
+           "-m", "diffbir_eval.run", "--dataset", ds_arg, "--method", "bicubic", "--metrics", "psnr,ssim",
            "--out", str(multi), "--quiet", "--threads", "1"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

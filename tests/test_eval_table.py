@@ -1,4 +1,4 @@
-"""eval.table: run folders in tmp_path -> one table in the paper's layout, our cells linking to their run folder
+"""diffbir_eval.table: run folders in tmp_path -> one table in the paper's layout, our cells linking to their run folder
 and naming run + protocol, published cells naming their source; the README block is replaced, not duplicated."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from eval import table as T
-from eval.published import PUBLISHED
+from diffbir_eval import table as T
+from diffbir_eval.published import PUBLISHED
 
 
 def _run(
@@ -103,7 +103,7 @@ def test_bsr_and_bfr_tables_and_readme_block(tmp_path):
     for _ in range(2):  # writing twice replaces the block
         assert T.main(["bsr-paper", "--results", str(res), "--write", str(readme)]) == 0
     text = readme.read_text()
-    assert text.startswith("# Results\n\nkept text\n") and text.count("<!-- eval.table:bsr-paper:begin -->") == 1
+    assert text.startswith("# Results\n\nkept text\n") and text.count("<!-- diffbir_eval.table:bsr-paper:begin -->") == 1
     assert "](results/realsrset_offline/README.md)" in text  # links relative to the README's folder
     with pytest.raises(ValueError, match="unknown table 'nope'"):
         T.build_table("nope", res)
@@ -118,7 +118,7 @@ def test_committed_runs_build():
 
 
 def test_run_all_plans_every_method_for_each_present_set(tmp_path, data_dir, capsys):
-    from eval import run_all
+    from diffbir_eval import run_all
 
     data = tmp_path / "data"
     data.mkdir()
@@ -132,12 +132,12 @@ def test_run_all_plans_every_method_for_each_present_set(tmp_path, data_dir, cap
         ("set5", "v2.1"),
     ]
     assert jobs[-1].out == tmp_path / "results" / "set5_v21"
-    assert "check failed" in skipped["realsrset"] and "eval.data fetch real47" in skipped["real47"]
+    assert "check failed" in skipped["realsrset"] and "diffbir_eval.data fetch real47" in skipped["real47"]
     assert "GFPGAN" in skipped["lfw_test"]
     cmd = jobs[1].argv(gpus=4, device="cuda", weights_dir="W", metric_weights="M")
     assert cmd[:6] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "4", "-m"]
     assert cmd[6:] == [
-        "eval.run",
+        "diffbir_eval.run",
         "--dataset",
         "set5",
         "--root",
@@ -161,7 +161,7 @@ def test_run_all_plans_every_method_for_each_present_set(tmp_path, data_dir, cap
 
 def test_published_columns_are_metric_columns():
     """Every published value sits in a column our metrics produce (a misspelt key would silently vanish)."""
-    from eval.metrics import COLUMN_DIRECTIONS
+    from diffbir_eval.metrics import COLUMN_DIRECTIONS
 
     for p in PUBLISHED:
         assert set(p.values) <= set(COLUMN_DIRECTIONS), p.values.keys() - set(COLUMN_DIRECTIONS)

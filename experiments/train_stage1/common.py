@@ -1,10 +1,10 @@
 """What the stage-1 experiment scripts share: skimage photos, a trained run's checkpoints as an `eval` method,
-the fixed held-out degradation draws and the PSNR pair of `eval.metrics`.
+the fixed held-out degradation draws and the PSNR pair of `diffbir_eval.metrics`.
 
 Protocol of ``results/train_stage1`` (kept so the committed numbers stay reproducible): every held-out HQ image,
 full size, is degraded by the run's own pipeline at plain seeds ``1000 + k`` (k < draws); the checkpoint's SwinIR
 restores it through `diffbir_core.cleaners.Cleaner` (reflect-padded to its multiple, cropped back, clamped) as an
-`eval.methods` cleaner method; PSNR is `eval.metrics.psnr` on RGB and on BT.601 Y, no border crop, not quantised.
+`diffbir_eval.methods` cleaner method; PSNR is `diffbir_eval.metrics.psnr` on RGB and on BT.601 Y, no border crop, not quantised.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from diffbir_core.degradation import degrade
 from diffbir_core.imageio import read_image
 from diffbir_core.models.swinir import SwinIRConfig, load_swinir
 from diffbir_core.train import TrainConfig, swinir_config_for
-from eval.methods import Method, cleaner_method
-from eval.metrics import psnr
+from diffbir_eval.methods import Method, cleaner_method
+from diffbir_eval.metrics import psnr
 
 __all__ = ["skimage_rgb", "load_run", "checkpoints", "checkpoint_method", "fixed_draws", "psnr_rgb_y"]
 
@@ -58,7 +58,7 @@ def checkpoints(run: Path) -> list[Path]:
 
 
 def checkpoint_method(ckpt: Path, scfg: SwinIRConfig) -> Method:
-    """A stage-1 checkpoint (``swinir.pth``, loaded strictly) as a 1x `eval.methods` cleaner method."""
+    """A stage-1 checkpoint (``swinir.pth``, loaded strictly) as a 1x `diffbir_eval.methods` cleaner method."""
     model = load_swinir(ckpt / "swinir.pth", scfg, what=str(ckpt))
     spec = CleanerSpec(f"checkpoint:{ckpt.name}", "swinir", 1, None, f"stage-1 checkpoint {ckpt}",
                        multiple=scfg.pad_multiple, pad_mode="reflect")

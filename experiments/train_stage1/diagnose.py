@@ -2,7 +2,7 @@
 
 For every image of a list, degraded and restored as `evaluate` does (`common`: seeds 1000 + k, k < draws):
 the mean per-channel bias of the output (pred - HQ, 8-bit units), the chroma ratio pred/HQ (mean
-|RGB - grey|), the RGB PSNR gain (`eval.metrics.psnr`), and the gain after subtracting the per-image mean
+|RGB - grey|), the RGB PSNR gain (`diffbir_eval.metrics.psnr`), and the gain after subtracting the per-image mean
 colour bias. Also the hue coverage of the training tiles vs the list (share of pixels with HSV saturation
 > 0.25 per 60-degree hue sector). Writes ``<out>/diagnostics.csv`` and ``<out>/hue_coverage.csv``.
 Usage: python -m experiments.train_stage1.diagnose --run /tmp/stage1_run2 --checkpoint 0000410 \\
@@ -21,7 +21,7 @@ import torch
 
 from diffbir_core.data import list_images
 from diffbir_core.imageio import read_image
-from eval.metrics import psnr
+from diffbir_eval.metrics import psnr
 from experiments.train_stage1.common import checkpoint_method, fixed_draws, load_run
 
 SECTORS = ("red", "yellow", "green", "cyan", "blue", "magenta")

@@ -1,7 +1,7 @@
 """Evaluate a small stage-1 CPU run: PSNR gain of the trained SwinIR over its degraded input on held-out images.
 
-The protocol of `common` (fixed draws at seeds 1000 + k, the checkpoint as an `eval.methods` cleaner method,
-`eval.metrics.psnr` on RGB and Y of LQ and of the restored image against HQ), for every saved checkpoint
+The protocol of `common` (fixed draws at seeds 1000 + k, the checkpoint as an `diffbir_eval.methods` cleaner method,
+`diffbir_eval.metrics.psnr` on RGB and Y of LQ and of the restored image against HQ), for every saved checkpoint
 (PSNR-vs-step curve) and in detail for the newest one. Writes ``metrics.csv`` (per image and draw, newest
 checkpoint), ``checkpoints.csv`` (mean per checkpoint), ``summary.json``, ``loss_curve.png`` (training loss +
 held-out PSNR; the lr when it varies), ``log.csv`` / ``val.csv`` (copies of the run's logs) and

@@ -13,7 +13,7 @@
 | drealsr         | 93 LQ/GT pairs     | sr   | 128 -> 512  | StableSR-TestSets (copy in the OSEDiff repo)   |
 | div2k_val       | LQ/GT pairs        | sr   | 128 -> 512  | StableSR-TestSets (count unknown here)         |
 
-Provenance, file counts and sha256 lists: `eval.registry` (``python -m eval.data list|check|fetch``).
+Provenance, file counts and sha256 lists: `diffbir_eval.registry` (``python -m diffbir_eval.data list|check|fetch``).
 The last three are the modern SR protocol (OSEDiff ``test_metrics.py``: pyiqa metrics, no border crop).
 
 ``--root DIR`` is searched for each set's folder under any of its usual names (see ``lq_dirs``/``gt_dirs``;

@@ -1,9 +1,9 @@
-"""``python -m eval.data``: look at, verify and fetch the registered test sets (thin CLI over `eval.registry`).
+"""``python -m diffbir_eval.data``: look at, verify and fetch the registered test sets (thin CLI over `diffbir_eval.registry`).
 
-    python -m eval.data list                 # every set: source, licence, file count, size, checksums known?
-    python -m eval.data check NAME DIR       # count, names and sha256 of a local copy
-    python -m eval.data fetch NAME DIR       # download what can be downloaded directly, verified file by file
-    python -m eval.data checksum NAME DIR    # (maintainers) rewrite eval/assets/checksums/NAME.tsv from DIR
+    python -m diffbir_eval.data list                 # every set: source, licence, file count, size, checksums known?
+    python -m diffbir_eval.data check NAME DIR       # count, names and sha256 of a local copy
+    python -m diffbir_eval.data fetch NAME DIR       # download what can be downloaded directly, verified file by file
+    python -m diffbir_eval.data checksum NAME DIR    # (maintainers) rewrite diffbir_eval/assets/checksums/NAME.tsv from DIR
 
 Exit status: 0 fine, 1 check failed, 2 bad arguments / nothing to download / network failure.
 """
@@ -22,7 +22,7 @@ def _list() -> str:
     rows = ["| name | set | files | size | checksums | source | licence |", "|---|---|---|---|---|---|---|"]
     for r in REGISTRY.values():
         size = f"{r.total_bytes / 1e6:.1f} MB" if r.total_bytes is not None else "unknown"
-        sums = f"eval/assets/checksums/{r.name}.tsv" if r.checksums is not None else "unknown"
+        sums = f"diffbir_eval/assets/checksums/{r.name}.tsv" if r.checksums is not None else "unknown"
         dl = " (fetch: yes)" if r.download and r.checksums is not None else ""
         rows.append(
             f"| `{r.name}` | {r.title} | {r.count if r.count is not None else 'unknown'} ({r.count_source}) | "
@@ -32,7 +32,7 @@ def _list() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.data", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m diffbir_eval.data", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="print the registry as a Markdown table")
     for cmd in ("check", "fetch", "checksum"):

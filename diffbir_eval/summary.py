@@ -1,10 +1,10 @@
-"""Tables of an `eval.run` folder from its rows: ``metrics.csv``, ``summary.json``, ``README.md``, ``plots/``.
+"""Tables of an `diffbir_eval.run` folder from its rows: ``metrics.csv``, ``summary.json``, ``README.md``, ``plots/``.
 
-`finalize` reads every row present (`eval.store.RowStore`) and writes, deterministically for the same rows:
+`finalize` reads every row present (`diffbir_eval.store.RowStore`) and writes, deterministically for the same rows:
     1. ``metrics.csv``: one row per image in dataset order, the requested columns only;
     2. ``summary.json``: mean / std / median / min / max per column, FID of the set (features cached under
        ``features/``), parameters, seed, timing, git commit (now and at start) and package versions;
-    3. ``README.md`` (`run_markdown`) and ``plots/`` (`eval.plots.plot_run`; never fatal).
+    3. ``README.md`` (`run_markdown`) and ``plots/`` (`diffbir_eval.plots.plot_run`; never fatal).
 """
 from __future__ import annotations
 

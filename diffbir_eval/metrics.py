@@ -1,7 +1,7 @@
 """Image-quality metrics by their pyiqa names, computed by the libraries themselves (`METRICS`).
 
-Each `MetricSpec.convention` states library + version, checkpoint, colour space and crop; `eval.run` writes it
-into every summary.json and `eval.table` cites it (`convention_table` is the list in results/README.md).
+Each `MetricSpec.convention` states library + version, checkpoint, colour space and crop; `diffbir_eval.run` writes it
+into every summary.json and `diffbir_eval.table` cites it (`convention_table` is the list in results/README.md).
 * psnr, ssim (Y of YCbCr, BT.601), psnr_rgb, ssim_rgb: float64 BasicSR/MATLAB formulas here; ssim_pyiqa is
   pyiqa's own SSIM (OSEDiff's call). tests/test_eval_names.py checks them against pyiqa.
 * lpips / lpips-vgg: ``lpips.LPIPS(net=...)``; dists, niqe, niqe_matlab, musiq, clipiqa, maniqa, maniqa-pipal:
@@ -101,7 +101,7 @@ class MetricSpec:
         return s + (f"; {self.details}" if self.details else "")
 
 
-_OURS = "eval.metrics (numpy float64, BasicSR/MATLAB formulas)"
+_OURS = "diffbir_eval.metrics (numpy float64, BasicSR/MATLAB formulas)"
 _CROP = "--crop-border pixels off each side (summary parameters.crop_border; 0 = none)"
 _Y = "Y of YCbCr, ITU-R BT.601 studio swing (16 + 65.481 R + 128.553 G + 24.966 B), not rounded, 0..255 scale"
 _SSIM = "Gaussian 11x11 sigma 1.5, K1 0.01, K2 0.03, valid filtering, mean of the map"
@@ -136,8 +136,8 @@ METRICS: dict[str, MetricSpec] = {s.name: s for s in [
                "torchvision vgg16-397923af.pth + pyiqa DISTS_weights-f5e65c96.pth (alpha, beta)", _RGB01,
                files=("vgg16", "dists")),
     MetricSpec("niqe", (("niqe", False),), "nr", "NIQE (pyiqa, standard pristine parameters)",
-               "pyiqa.create_metric('niqe', pretrained_model_path=eval/assets/niqe_pris_params.mat)", "pyiqa",
-               "eval/assets/niqe_pris_params.mat (= BasicSR niqe_pris_params.npz = MATLAB modelparameters.mat)",
+               "pyiqa.create_metric('niqe', pretrained_model_path=diffbir_eval/assets/niqe_pris_params.mat)", "pyiqa",
+               "diffbir_eval/assets/niqe_pris_params.mat (= BasicSR niqe_pris_params.npz = MATLAB modelparameters.mat)",
                "Y of YIQ (0.299/0.587/0.114), rounded to 8 bits", _CROP, details="96x96 blocks"),
     MetricSpec("niqe_matlab", (("niqe_matlab", False),), "nr", "NIQE, pyiqa's MATLAB-matched version",
                "pyiqa.create_metric('niqe_matlab')", "pyiqa", "pyiqa niqe_matlab_params.mat",
@@ -163,7 +163,7 @@ METRICS: dict[str, MetricSpec] = {s.name: s for s in [
                        "statistics ffhq_clean_trainval70k_512.npz (faces)"),
     MetricSpec("ids", (("ids_cos", True), ("ids_deg", False)), "fr",
                "ArcFace identity similarity to GT: cosine (ids_cos) and angle in degrees (ids_deg)",
-               "eval.arcface.ResNetArcFace (GFPGAN/basicsr ResNetArcFace layout; basicsr does not install here)", "",
+               "diffbir_eval.arcface.ResNetArcFace (GFPGAN/basicsr ResNetArcFace layout; basicsr does not install here)", "",
                "GFPGAN arcface_resnet18.pth", "grey 0.2989/0.5870/0.1140, bilinear 128x128, (x - 0.5) / 0.5",
                files=("arcface_resnet18",), details="ids_deg = degrees(arccos(ids_cos)) (GFPGAN/VQFR 'Deg.')"),
     MetricSpec("id_dist_dlib", (("id_dist_dlib", False), ("id_dlib_fallback", None)), "fr",
@@ -337,7 +337,7 @@ def library_cache(files: Mapping[str, Path]) -> Iterator[Path]:
             (view / place / METRIC_FILES[key].filename).symlink_to(Path(p).resolve())
 
     def refuse(url, *args, **kwargs):
-        raise MetricWeightsError(f"a metric library tried to download {url}; eval.metrics lists no such file "
+        raise MetricWeightsError(f"a metric library tried to download {url}; diffbir_eval.metrics lists no such file "
                                  "(report this: the metric's `files` are incomplete)")
 
     saved = (getattr(torch.hub, "_hub_dir", None), torch.hub.download_url_to_file, pyiqa_dl.download_url_to_file,
@@ -561,7 +561,7 @@ def _loud(name: str, files: Mapping[str, Path]):
 
 
 class IDSMetric(Metric):
-    """ArcFace identity similarity to the GT (cosine, and the angle in degrees); see `eval.arcface`."""
+    """ArcFace identity similarity to the GT (cosine, and the angle in degrees); see `diffbir_eval.arcface`."""
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
         from diffbir_core.weights import load_into, load_state_dict
@@ -685,8 +685,8 @@ def build_metric(name: str, *, crop_border: int = 0, device: str | torch.device 
         return _lpips(name, files, device)
     if name == "niqe":
         if not NIQE_PARAMS.is_file():
-            raise MetricWeightsError(f"NIQE parameter file {NIQE_PARAMS} is missing (it ships in eval/assets; see "
-                                     "eval/assets/README.md to re-create it from BasicSR's niqe_pris_params.npz)")
+            raise MetricWeightsError(f"NIQE parameter file {NIQE_PARAMS} is missing (it ships in diffbir_eval/assets; see "
+                                     "diffbir_eval/assets/README.md to re-create it from BasicSR's niqe_pris_params.npz)")
         return _pyiqa(name, files, device, min_hw=96 + 2 * crop_border, crop_border=crop_border,
                       pretrained_model_path=str(NIQE_PARAMS))
     if name == "niqe_matlab":

@@ -1,7 +1,7 @@
 """Benchmark: time and peak memory of a 4x restore to 512 / 1024 / 2048 pixels, optimised vs a plain baseline.
 
-    python -m eval.bench                          # sizes 512 1024 2048, 2 steps, budget 9 GB, results/bench
-    python -m eval.bench --sizes 512 --steps 4 --probe-tiles 0 --baseline-sizes 512 1024
+    python -m diffbir_eval.bench                          # sizes 512 1024 2048, 2 steps, budget 9 GB, results/bench
+    python -m diffbir_eval.bench --sizes 512 --steps 4 --probe-tiles 0 --baseline-sizes 512 1024
 
 What it measures (PAPER.md "Known weaknesses": memory and minutes per image)
     The full-size models with RANDOM weights (SD 2.1-base UNet 866M + control branch 363M + VAE 84M +
@@ -398,7 +398,7 @@ def _write_report(out: Path, summary: dict) -> None:
         "Full-size models with random weights; x4 super-resolution (preset v2: spaced sampler, CFG 4 + negative "
         "prompt). Times in seconds. The 50-step total is EXTRAPOLATED from the measured steps "
         f"({summary['args']['steps']} per run); in probed stages the time is K tiles per round x tiles / K "
-        "(see eval/bench.py). Peak RSS = whole process, weights included.",
+        "(see diffbir_eval/bench.py). Peak RSS = whole process, weights included.",
         "",
         *rows,
         "",
@@ -472,7 +472,7 @@ def _parent(args) -> int:
             raise SystemExit(f"sizes must be multiples of 64 (got {size})")
         configs = ["optimized"] + (["baseline"] if size in args.baseline_sizes else [])
         path = out / f"bench_{size}.json"
-        cmd = [sys.executable, "-m", "eval.bench", "--child", str(size), "--configs", *configs,
+        cmd = [sys.executable, "-m", "diffbir_eval.bench", "--child", str(size), "--configs", *configs,
                "--json", str(path), "--steps", str(args.steps), "--threads", str(args.threads),
                "--probe-tiles", str(args.probe_tiles), "--device", args.device,
                "--latent-tile", str(args.latent_tile), "--latent-stride", str(args.latent_stride)]
@@ -506,7 +506,7 @@ def _parent(args) -> int:
     o512 = [r for r in opt if r["size"] == 512]
     if b512 and o512:
         ratio = o512[0]["step_s"] / b512[0]["step_s"]
-    summary = dict(command="python -m eval.bench " + " ".join(sys.argv[1:]), args=vars(args), machine=machine,
+    summary = dict(command="python -m diffbir_eval.bench " + " ".join(sys.argv[1:]), args=vars(args), machine=machine,
                    rows=rows, fits=fits, step_ratio_512=ratio, elapsed_s=round(time.perf_counter() - t_start, 1))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     _write_report(out, summary)
@@ -516,7 +516,7 @@ def _parent(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m eval.bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m diffbir_eval.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048], help="output sizes (square)")
     ap.add_argument("--baseline-sizes", type=int, nargs="*", default=[512], help="sizes where the baseline runs")
     ap.add_argument("--steps", type=int, default=2, help="sampler steps actually run (>= 2; 50 extrapolated)")

@@ -1,11 +1,11 @@
 """Evaluation runner: restore a test set with a method, score every image, keep every row as it goes.
 
-    python -m eval.run --dataset realsrset --root DATA --method bicubic --metrics niqe --out results/RUN
-    accelerate launch --multi_gpu --num_processes 2 -m eval.run ...   # data parallel: GPUs, or CPU processes
+    python -m diffbir_eval.run --dataset realsrset --root DATA --method bicubic --metrics niqe --out results/RUN
+    accelerate launch --multi_gpu --num_processes 2 -m diffbir_eval.run ...   # data parallel: GPUs, or CPU processes
                                                                         # (gloo) where there is no GPU
 
-METHOD: see `eval.methods`. The loop (resumable: rerun the same command after Ctrl-C / kill) is
-`eval.loop.run_eval`, the rows and the ``run.json`` pinning are `eval.store`, the tables `eval.summary`.
+METHOD: see `diffbir_eval.methods`. The loop (resumable: rerun the same command after Ctrl-C / kill) is
+`diffbir_eval.loop.run_eval`, the rows and the ``run.json`` pinning are `diffbir_eval.store`, the tables `diffbir_eval.summary`.
 At the end (main process): ``metrics.csv`` (one row per image), ``summary.json`` (means, std, FID,
 versions, parameters, seed, git commit), ``README.md`` (Markdown tables) and ``plots/``. ``--finalize``
 writes these from the rows present without restoring anything (for a run that was stopped).
@@ -29,7 +29,7 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m diffbir_eval.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True,
                    help="realsrset|real47|set5|celeba_test|lfw_test|celebchild_test|wider_test, folder:LQ[:GT], "
@@ -108,7 +108,7 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
                           metric_weights=args.metric_weights, weight_paths=weight_paths, fid_ref=args.fid_ref,
                           limit=args.limit, save_images=args.save_images, seed=args.seed, verbose=not args.quiet,
                           lq_downscale=args.lq_downscale,
-                          command="python -m eval.run " + " ".join(sys.argv[1:] if argv is None else argv))
+                          command="python -m diffbir_eval.run " + " ".join(sys.argv[1:] if argv is None else argv))
         if args.finalize:
             if not (Path(args.out) / "run.json").is_file():
                 raise RunConfigError(f"--finalize: {args.out} holds no run")

@@ -1,4 +1,4 @@
-"""The run folder of `eval.run`: its options, the pinned configuration (``run.json``) and the row store.
+"""The run folder of `diffbir_eval.run`: its options, the pinned configuration (``run.json``) and the row store.
 
 Rows live in ``rows.jsonl`` (``rows.rankN.jsonl`` for process N > 0), one JSON line per image, appended and
 fsync'ed: an interrupted run keeps every finished row and a rerun skips them (a half-written last line is

@@ -1,4 +1,4 @@
-"""``python -m eval.table NAME``: one table in the paper's layout from the run folders, published numbers beside.
+"""``python -m diffbir_eval.table NAME``: one table in the paper's layout from the run folders, published numbers beside.
 
 Tables (`TABLES`): ``bsr-paper`` (RealSRSet, Real47 - MANIQA, NIQE - plus Set5 as a sanity set),
 ``bfr-paper`` (CelebA-Test PSNR/SSIM/LPIPS/IDS/FID, FID on LFW/CelebChild/WIDER-Test, plus the synthetic face
@@ -8,9 +8,9 @@ PSNR/SSIM on Y, LPIPS, DISTS, FID, NIQE, MUSIQ, MANIQA-PIPAL, CLIP-IQA; 128 -> 5
 Methods are rows, dataset x metric are columns. Every cell names its source and protocol: ours link to their
 run folder (``results/NAME/README.md``) and carry ``rN`` (run: commit, images) and ``PN`` (the metric
 convention recorded in that run's summary.json, with its crop); published cells carry ``sN`` (source and
-protocol, `eval.published`). Runs are the folders ``results/*/`` with ``summary.json`` + ``metrics.csv`` written
-by `eval.run`; nothing is recomputed. ``--write FILE`` replaces the block between
-``<!-- eval.table:NAME:begin -->`` and ``<!-- eval.table:NAME:end -->`` in FILE (appends it when absent).
+protocol, `diffbir_eval.published`). Runs are the folders ``results/*/`` with ``summary.json`` + ``metrics.csv`` written
+by `diffbir_eval.run`; nothing is recomputed. ``--write FILE`` replaces the block between
+``<!-- diffbir_eval.table:NAME:begin -->`` and ``<!-- diffbir_eval.table:NAME:end -->`` in FILE (appends it when absent).
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def _label(summary: dict) -> str:
 
 
 def load_runs(results: str | os.PathLike) -> list[dict]:
-    """Every ``results/*/`` folder holding an eval.run ``summary.json`` and ``metrics.csv``."""
+    """Every ``results/*/`` folder holding an diffbir_eval.run ``summary.json`` and ``metrics.csv``."""
     results = Path(results)
     runs = []
     for s in sorted(results.glob("*/summary.json")):
@@ -212,7 +212,7 @@ def build_table(
     head = ["method"] + [
         f"{_SHORT.get(k, k)} {c} {_ARROW[COLUMN_DIRECTIONS.get(c)]}".rstrip() for k, cols in spec.columns for c in cols
     ]
-    lines = [f"### {spec.title} (`python -m eval.table {name}`)", ""]
+    lines = [f"### {spec.title} (`python -m diffbir_eval.table {name}`)", ""]
     lines += [f"_{n}_" for n in spec.notes] + [""] if spec.notes else []
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in ours:
@@ -247,7 +247,7 @@ def build_table(
 def write_block(path: str | os.PathLike, name: str, text: str) -> Path:
     """Replace (or append) the block of table ``name`` in the Markdown file ``path``."""
     p = Path(path)
-    begin, end = f"<!-- eval.table:{name}:begin -->", f"<!-- eval.table:{name}:end -->"
+    begin, end = f"<!-- diffbir_eval.table:{name}:begin -->", f"<!-- diffbir_eval.table:{name}:end -->"
     block = f"{begin}\n{text.rstrip()}\n{end}"
     old = p.read_text() if p.is_file() else ""
     if begin in old and end in old:
@@ -259,11 +259,11 @@ def write_block(path: str | os.PathLike, name: str, text: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.table", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m diffbir_eval.table", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "name",
         nargs="+",
-        help=f"table(s): {', '.join(TABLES)}, 'all', or 'metrics' (the metric conventions of eval.metrics)",
+        help=f"table(s): {', '.join(TABLES)}, 'all', or 'metrics' (the metric conventions of diffbir_eval.metrics)",
     )
     p.add_argument("--results", default="results", help="folder of run folders (default: results)")
     p.add_argument("--write", metavar="FILE", help="write into FILE between the table's markers instead of printing")
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             from .metrics import convention_table
 
             text = (
-                "### Metric conventions (`python -m eval.table metrics`)\n\nEvery metric by its pyiqa name; a new run "
+                "### Metric conventions (`python -m diffbir_eval.table metrics`)\n\nEvery metric by its pyiqa name; a new run "
                 "records this string in summary.json (parameters.metrics); the tables cite the string each run "
                 "recorded itself.\n\n" + convention_table()
             )

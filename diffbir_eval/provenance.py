@@ -1,6 +1,6 @@
 """What made an evaluation run: the git commit (and a hash of the sources), package versions.
 
-`eval.store` writes `git_info` into ``run.json`` when a run starts, `eval.summary` writes both into
+`diffbir_eval.store` writes `git_info` into ``run.json`` when a run starts, `diffbir_eval.summary` writes both into
 ``summary.json`` when the tables are written (the run's README says when the two commits differ).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ _PACKAGES = ("torch", "numpy", "scipy", "pyiqa", "lpips", "dlib-bin", "face-reco
 
 
 def git_info(repo: Path = REPO) -> dict:
-    """Commit (None when the repository has none), dirty flag and a hash of the eval/core sources."""
+    """Commit (None when the repository has none), dirty flag and a hash of the diffbir_eval/core sources."""
     def git(*args: str) -> str | None:
         try:
             r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=20)
@@ -29,9 +29,9 @@ def git_info(repo: Path = REPO) -> dict:
         return r.stdout.strip() if r.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--", "eval", "diffbir_core")
+    status = git("status", "--porcelain", "--", "diffbir_eval", "diffbir_core")
     h = hashlib.sha256()
-    for f in sorted(list((repo / "eval").rglob("*.py")) + list((repo / "diffbir_core").rglob("*.py"))):
+    for f in sorted(list((repo / "diffbir_eval").rglob("*.py")) + list((repo / "diffbir_core").rglob("*.py"))):
         h.update(str(f.relative_to(repo)).encode())
         h.update(f.read_bytes())
     return {"commit": commit, "dirty": bool(status) if status is not None else None,

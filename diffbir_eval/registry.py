@@ -2,7 +2,7 @@
 
 One `SetRecord` per set of the paper's evaluation (PAPER.md "Evaluation": RealSRSet, Real47, Set5, CelebA-Test,
 LFW-Test, CelebChild-Test, WIDER-Test) and of the modern SR protocol (StableSR's RealSR, DRealSR and DIV2K-val
-crops, 128 -> 512, as used by OSEDiff's ``test_metrics.py``). For the sets we have, ``eval/assets/checksums/
+crops, 128 -> 512, as used by OSEDiff's ``test_metrics.py``). For the sets we have, ``diffbir_eval/assets/checksums/
 NAME.tsv`` lists every file (path relative to the set's folder, bytes, sha256) - made by `checksum_list` from
 /work/shared/data (RealSRSet, Real47, Set5; identical to the upstream repositories' files) and from the OSEDiff
 repository's copy of StableSR's RealSR / DRealSR crops (``preset/datasets/benchmark_*/test_{LR,HR}``).
@@ -11,7 +11,7 @@ unknown (`SetRecord.checksums` is None).
 
 `check(name, folder)` verifies a local copy (count, names, sha256); `fetch(name, dest)` downloads the files
 that are directly downloadable (GitHub raw files at a pinned commit) and verifies them; the CLI is
-``python -m eval.data``. The folder layout is the one `eval.datasets.open_dataset` reads.
+``python -m diffbir_eval.data``. The folder layout is the one `diffbir_eval.datasets.open_dataset` reads.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class GitHubFiles:
 class SetRecord:
     """A test set: provenance, size and (where we have the files) checksums."""
 
-    name: str  # = eval.datasets.DATASETS key
+    name: str  # = diffbir_eval.datasets.DATASETS key
     title: str
     url: str  # where a user gets it
     paper: str
@@ -351,7 +351,7 @@ def fetch(name: str, dest: str | os.PathLike, *, timeout: float = 30.0) -> Check
     if rec.download is None or sums is None:
         raise DataError(
             f"{rec.title} cannot be downloaded directly: {rec.how_to_get or 'get it from ' + rec.url}.\n"
-            f"  Source: {rec.url}\n  Then verify it with: python -m eval.data check {rec.name} DIR"
+            f"  Source: {rec.url}\n  Then verify it with: python -m diffbir_eval.data check {rec.name} DIR"
         )
     done = 0
     for rel, size, sha in sums:
@@ -368,7 +368,7 @@ def fetch(name: str, dest: str | os.PathLike, *, timeout: float = 30.0) -> Check
                 f"{rec.title}: download failed at {url} ({type(e).__name__}: {e}); {done}/{len(sums)} files are in "
                 f"{dest}.\n  With internet, run the same command again (it resumes), or download the files of "
                 f"{rec.url} by hand into {dest} keeping the layout {rec.layout!r}, then run: "
-                f"python -m eval.data check {rec.name} {dest}"
+                f"python -m diffbir_eval.data check {rec.name} {dest}"
             ) from e
         if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
             raise DataError(

@@ -3,7 +3,7 @@
 The controls are those of the official demos (XPixelGroup/DiffBIR ``gradio_diffbir.py`` for v1,
 ``run_gradio.py`` for v2.1: upscale, steps, sampler, CFG + prompts, control strength, seed, tiled stages),
 with the guidance window of v1/v2 and the face modes of ``inference_face.py`` (aligned crops or whole
-photos). Everything else - parameters, weights status, checks, the run - is `demo.backend`; this module
+photos). Everything else - parameters, weights status, checks, the run - is `diffbir_demo.backend`; this module
 only turns its `DemoError` / `SKIP` / notices into ``gr.Error`` / ``gr.skip()`` / ``gr.Info``.
 """
 from __future__ import annotations

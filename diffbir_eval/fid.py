@@ -10,7 +10,7 @@ Conventions follow clean-fid ("clean" mode, Parmar et al. 2022), as pyiqa's ``fi
     5. mean and covariance (``np.cov``, N - 1) per set; the reference is a folder of images (the GT folder) or
        ``mu``/``sigma`` statistics (clean-fid's ``ffhq_clean_trainval70k_512.npz`` for the real face sets).
 
-The network is pyiqa's own (``pyiqa.create_metric("fid").net.model``), built by `eval.metrics.FIDMetric`;
+The network is pyiqa's own (``pyiqa.create_metric("fid").net.model``), built by `diffbir_eval.metrics.FIDMetric`;
 tests/test_eval_names.py checks our features and FID against pyiqa's ``get_folder_features`` / ``fid``.
 """
 from __future__ import annotations
@@ -118,7 +118,7 @@ class FIDInception(nn.Module):
     It is the network pyiqa's ``fid_inception_v3`` builds before loading the TF-FID file (torchvision's
     Inception-V3 with 1008 classes, no aux head, and pyiqa's public ``FIDInception*`` blocks), so its state
     dict has the key layout of ``pt_inception-2015-12-05-6726825d.pth``. Features are never computed with it:
-    `eval.metrics.FIDMetric` runs pyiqa's own `InceptionV3`."""
+    `diffbir_eval.metrics.FIDMetric` runs pyiqa's own `InceptionV3`."""
 
     def __init__(self):
         super().__init__()

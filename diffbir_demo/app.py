@@ -1,7 +1,7 @@
 """Gradio demo (and Hugging Face Space app): DiffBIR restoration with General and Face tabs.
 
-`build_demo(...)` returns the `gr.Blocks` app (layout: `demo.ui`; parameters and the run: `demo.backend`);
-`main()` parses flags and serves it (``python demo/app.py``). Every restore goes through
+`build_demo(...)` returns the `gr.Blocks` app (layout: `diffbir_demo.ui`; parameters and the run: `diffbir_demo.backend`);
+`main()` parses flags and serves it (``python diffbir_demo/app.py``). Every restore goes through
 `diffbir_core.pipeline.DiffBIRPipeline.restore` with a `RestoreParams` made from a preset and the controls.
 Nothing happens at import: gradio, torch and the project modules are imported when the app is built.
 """
@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-if __name__ == "__main__" and not __package__:  # `python demo/app.py`: make the repository importable
+if __name__ == "__main__" and not __package__:  # `python diffbir_demo/app.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 if TYPE_CHECKING:
-    from demo.backend import DemoLimits
+    from diffbir_demo.backend import DemoLimits
 
 __all__ = ["build_demo", "main"]
 
@@ -28,15 +28,15 @@ def build_demo(*, cleaners: dict[str, Callable] | None = None, ldm: Any = None,
                limits: DemoLimits | None = None, default_preset: str = "offline"):
     """Build the Gradio app (not launched). Models are injected (``cleaners`` by name, ``ldm``) or loaded by
     the pipeline on first use and cached; ``device`` defaults to CUDA when available."""
-    from demo.backend import DemoBackend  # the edge: gradio and torch load only when an app is built
-    from demo.ui import build_blocks
+    from diffbir_demo.backend import DemoBackend  # the edge: gradio and torch load only when an app is built
+    from diffbir_demo.ui import build_blocks
 
     backend = DemoBackend(cleaners=cleaners, ldm=ldm, weights_dir=weights_dir, device=device, limits=limits)
     return build_blocks(backend, default_preset=default_preset)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python demo/app.py", description="DiffBIR Gradio demo (General and Face).")
+    ap = argparse.ArgumentParser(prog="python diffbir_demo/app.py", description="DiffBIR Gradio demo (General and Face).")
     ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                     help="interface to listen on (0.0.0.0 to serve a network; Spaces set GRADIO_SERVER_NAME)")
     ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=None, help="restores running at once (default 1)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from demo.backend import DemoLimits, default_device
-    from demo.ui import launch_demo
+    from diffbir_demo.backend import DemoLimits, default_device
+    from diffbir_demo.ui import launch_demo
 
     device = args.device or default_device()
     over = {k: getattr(args, k) for k in ("max_input_pixels", "max_output_pixels", "concurrency")

@@ -1,4 +1,4 @@
-"""METHOD of `eval.run`: how a name becomes ``restore(img) -> img`` (HxWx3 float in [0, 1]).
+"""METHOD of `diffbir_eval.run`: how a name becomes ``restore(img) -> img`` (HxWx3 float in [0, 1]).
 
 ``bicubic``; a stage-1 cleaner of `diffbir_core.cleaners` (``offline``, ``swinir_face``, ...); a restore
 preset of `diffbir_core.config.PRESETS` (``v2``, ``v2.1``, ... through `diffbir_core.pipeline`); or

@@ -1,11 +1,11 @@
-"""The restore-and-score loop of `eval.run`: every image not yet done, then the tables (`eval.summary`).
+"""The restore-and-score loop of `diffbir_eval.run`: every image not yet done, then the tables (`diffbir_eval.summary`).
 
 Steps, per image not yet done (``accelerate launch``: each process takes every N-th one):
     1. LQ (read, or synthesised with the dataset's fixed per-image seed) and GT;
     2. restore (timed); output quantised to 8-bit levels - exactly what a saved PNG holds - and its size
        checked against GT (or LQ x scale);
     3. per-image metrics; FID features cached as ``features/fid/NAME.npy``;
-    4. one JSON line appended to the row store (`eval.store.RowStore`) and fsync'ed.
+    4. one JSON line appended to the row store (`diffbir_eval.store.RowStore`) and fsync'ed.
 An interrupted run keeps every finished row; rerunning skips them and ends with the same ``metrics.csv``
 as an uninterrupted run. Asking for more metrics later computes only the missing ones.
 """

@@ -1,4 +1,4 @@
-"""Published numbers placed beside ours by `eval.table`, each with its primary source and protocol.
+"""Published numbers placed beside ours by `diffbir_eval.table`, each with its primary source and protocol.
 
 Only numbers read from a primary source belong here (the authors' own paper, README or released log), copied
 digit for digit, with the file and commit they come from. A set of cells with no primary source at hand is
@@ -18,7 +18,7 @@ class Published:
     pyiqa is our ``ssim_pyiqa`` column)."""
 
     method: str
-    dataset: str  # eval.datasets name
+    dataset: str  # diffbir_eval.datasets name
     values: dict[str, float]
     source: str  # where exactly the numbers are written
     protocol: str  # how they were computed, as far as the source says

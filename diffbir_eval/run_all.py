@@ -1,13 +1,13 @@
-"""``python -m eval.run_all``: every preset over every registered set, then every table - the one script.
+"""``python -m diffbir_eval.run_all``: every preset over every registered set, then every table - the one script.
 
-    python -m eval.run_all --data DATA --weights-dir W --metric-weights M [--gpus 8] [--dry-run | --estimate]
+    python -m diffbir_eval.run_all --data DATA --weights-dir W --metric-weights M [--gpus 8] [--dry-run | --estimate]
 
-DATA holds one folder per set named as in `eval.registry` (``DATA/realsrset``, ``DATA/realsr``, ...; ``python -m
-eval.data fetch NAME DATA/NAME`` makes the downloadable ones). Each set found and verified (`eval.registry.check`;
+DATA holds one folder per set named as in `diffbir_eval.registry` (``DATA/realsrset``, ``DATA/realsr``, ...; ``python -m
+diffbir_eval.data fetch NAME DATA/NAME`` makes the downloadable ones). Each set found and verified (`diffbir_eval.registry.check`;
 others are skipped and listed) is run with ``bicubic`` and every preset of `diffbir_core.config.PRESETS` that fits
 its task (``v1-face`` on faces only, ``v1-general`` elsewhere): ``[accelerate launch --multi_gpu --num_processes N]
--m eval.run --dataset NAME --root DATA/NAME --method M --out results/NAME_M`` with the set's default metrics
-(resumable). Then ``python -m eval.report`` and ``python -m eval.table all --write results/README.md``.
+-m diffbir_eval.run --dataset NAME --root DATA/NAME --method M --out results/NAME_M`` with the set's default metrics
+(resumable). Then ``python -m diffbir_eval.report`` and ``python -m diffbir_eval.table all --write results/README.md``.
 ``--estimate`` prints the expected time from per-image times MEASURED here (committed runs' restore_s_mean;
 diffusion presets: results/bench's 50-step fit scaled by output pixels) - CPU measurements, so an ESTIMATE that
 says so, not a GPU time.
@@ -39,9 +39,9 @@ class Job:
 
     def argv(self, *, gpus: int, device: str, weights_dir: str | None, metric_weights: str | None) -> list[str]:
         head = (
-            ["accelerate", "launch", "--multi_gpu", "--num_processes", str(gpus), "-m", "eval.run"]
+            ["accelerate", "launch", "--multi_gpu", "--num_processes", str(gpus), "-m", "diffbir_eval.run"]
             if gpus > 1
-            else [sys.executable, "-m", "eval.run"]
+            else [sys.executable, "-m", "diffbir_eval.run"]
         )
         cmd = head + [
             "--dataset",
@@ -91,7 +91,7 @@ def plan(
     for name in sets or list(REGISTRY):
         root = data / name
         if not root.is_dir() and present_only:
-            how = f"python -m eval.data fetch {name} {root}" if REGISTRY[name].download else REGISTRY[name].how_to_get
+            how = f"python -m diffbir_eval.data fetch {name} {root}" if REGISTRY[name].download else REGISTRY[name].how_to_get
             skipped[name] = f"no folder {root} ({how})"
             continue
         if verify and root.is_dir():
@@ -195,14 +195,14 @@ def estimate(jobs: list[Job], data: Path, results: Path, processes: int) -> str:
         (
             f"ESTIMATE, total {total:.0f} h over {processes} process(es), from per-image times measured on a "
             "2-core CPU (no GPU was available to this project): on GPUs expect a small fraction of this. "
-            "Sets of unknown size count 0. Measure first with `python -m eval.bench --device cuda`."
+            "Sets of unknown size count 0. Measure first with `python -m diffbir_eval.bench --device cuda`."
         ),
     ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.run_all", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m diffbir_eval.run_all", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="folder with one sub-folder per registered set")
     p.add_argument("--results", default="results")
     p.add_argument("--weights-dir", help="model weights ($DIFFBIR_WEIGHTS_DIR)")
@@ -242,14 +242,14 @@ def main(argv: list[str] | None = None) -> int:
         rc = subprocess.call(cmd, env={**os.environ})
         if rc != 0:
             print(f"[run_all] {j.dataset} x {j.method} failed (exit {rc}); continuing", file=sys.stderr)
-            skipped[f"{j.dataset} x {j.method}"] = f"eval.run exit {rc}"
+            skipped[f"{j.dataset} x {j.method}"] = f"diffbir_eval.run exit {rc}"
     if not (args.dry_run or args.estimate):
-        subprocess.call([sys.executable, "-m", "eval.report", "--results", str(results)])
+        subprocess.call([sys.executable, "-m", "diffbir_eval.report", "--results", str(results)])
         subprocess.call(
             [
                 sys.executable,
                 "-m",
-                "eval.table",
+                "diffbir_eval.table",
                 "all",
                 "--results",
                 str(results),
