@@ -9,7 +9,7 @@ style: a frozen dataclass plus a dict of named entries; no YAML, no class-path s
 | v1-general  | swinir_general                               | SD2.1 + v1_general       | spaced, 50     | 1 (none; v1 had no CFG)      |
 | v1-face     | swinir_face                                  | SD2.1 + v1_face          | spaced, 50     | 1                            |
 | v2          | bsrnet / swinir_face / scunet_psnr           | SD2.1 + v2               | spaced, 50     | 4, official negative prompt  |
-| v2.1        | swinir_realesrgan / swinir_face / same       | SD2.1-zsnr (v) + v2.1    | edm_dpm++_3m_sde, 10 | 6, official negative prompt|
+| v2.1        | swinir_realesrgan / swinir_face / same       | SD2.1-zsnr (v) + v2.1    | edm_dpm++_3m_sde, 10 | 6, HEAD default pos/neg  |
 
 `RestoreParams.validate()` turns bad values into clear `ValueError`s (or warnings that say what was
 changed) before any model is touched.
@@ -21,7 +21,8 @@ import warnings
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-OFFICIAL_NEGATIVE_PROMPT = "low quality, blurry, low-resolution, noisy, unsharp, weird textures"
+from .prompts import DEFAULT_NEG_PROMPT, DEFAULT_POS_PROMPT
+from .prompts import V2_NEG_PROMPT as OFFICIAL_NEGATIVE_PROMPT  # v2.0.0 / README ECCV negative prompt
 
 SAMPLERS = ("spaced", "ddim", "edm_dpm++_2m", "edm_dpm++_3m_sde")  # official --sampler names
 COLOR_FIXES = ("wavelet", "adain", "none")
@@ -194,7 +195,8 @@ PRESETS: dict[str, RestoreParams] = {
     "v2": _p(preset="v2", stage2=Stage2Weights("sd_v2.1", "v2"), steps=50, sampler="spaced", cfg_scale=4.0,
              neg_prompt=OFFICIAL_NEGATIVE_PROMPT, guidance=GuidanceParams(space="rgb", loss="wmse", rule="v2")),
     "v2.1": _p(preset="v2.1", stage2=Stage2Weights("sd_v2.1_zsnr", "v2.1", parameterization="v", zero_snr=True),
-               steps=10, sampler="edm_dpm++_3m_sde", cfg_scale=6.0, neg_prompt=OFFICIAL_NEGATIVE_PROMPT,
+               steps=10, sampler="edm_dpm++_3m_sde", cfg_scale=6.0, pos_prompt=DEFAULT_POS_PROMPT,
+               neg_prompt=DEFAULT_NEG_PROMPT,
                guidance=GuidanceParams(space="rgb", loss="wmse", rule="v2")),
 }
 
