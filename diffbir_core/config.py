@@ -163,9 +163,9 @@ class RestoreParams:
             from .models.text import count_tokens
 
             for what, prompt in (("positive", self.pos_prompt), ("negative", self.neg_prompt)):
-                if prompt and count_tokens(prompt) > 77:
-                    raise ValueError(f"the {what} prompt has {count_tokens(prompt)} tokens; the text encoder takes "
-                                     "at most 77 (including start/end tokens): shorten it")
+                if prompt and count_tokens(prompt) > 77:  # truncated like the official tokenizer
+                    warnings.warn(f"the {what} prompt has {count_tokens(prompt)} tokens; the text encoder takes "
+                                  "at most 77 (including start/end tokens): the rest is cut off", stacklevel=2)
         out = self
         if not (0.0 <= self.strength <= 2.0):
             clipped = min(max(self.strength, 0.0), 2.0)
