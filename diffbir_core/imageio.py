@@ -107,11 +107,14 @@ def _read_16bit_png(p: Path) -> tuple[np.ndarray, np.ndarray | None] | None:
 
 
 def save_image(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | None = None) -> Path:
-    """Save an HxWx3 float [0,1] (or uint8) image as 8-bit PNG (RGBA when ``alpha`` is given)."""
+    """Save an HxWx3 float [0,1] (or uint8) image as 8-bit PNG (RGBA when ``alpha`` is given).
+
+    Float -> uint8 truncates like the official pipelines (HEAD ``diffbir/pipeline.py:312-316``:
+    ``(x * 255).clamp(0, 255).to(torch.uint8)``), so the same float image gives the same PNG."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     if rgb.dtype != np.uint8:
-        rgb = (np.clip(rgb, 0, 1) * 255.0).round().astype(np.uint8)
+        rgb = (np.clip(rgb.astype(np.float32, copy=False), 0, 1) * np.float32(255.0)).astype(np.uint8)
     if alpha is not None:
         if alpha.shape[:2] != rgb.shape[:2]:
             alpha = np.asarray(Image.fromarray((np.clip(alpha, 0, 1) * 255).astype(np.uint8)).resize(
