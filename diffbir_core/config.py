@@ -97,6 +97,10 @@ class RestoreParams:
     neg_prompt: str = ""
     strength: float = 1.0
     better_start: bool = False
+    start_point: Literal["noise", "cond"] = "noise"  # HEAD --start_point_type: cond = q_sample(c_img, T-1, eps)
+    noise_aug: int = 0  # HEAD --noise_aug: c_img = q_sample(c_img, noise_aug, eps) (0 = off)
+    edm_sigma_max: Literal["clamp", "official"] = "clamp"  # EDM abar_{T-1}: max(abar, 1e-8), or HEAD's 1e-8 overwrite
+    pre_resize: Literal["pil", "torch"] = "pil"  # x1 cleaners: HEAD loops PIL-bicubic the uint8 LQ by upscale first
     guidance: GuidanceParams = field(default_factory=GuidanceParams)
     color_fix: Literal["wavelet", "adain", "none"] = "wavelet"
     seed: int | None = 231  # None: a random seed (reported with the result)
@@ -152,6 +156,16 @@ class RestoreParams:
             raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
         if self.color_fix not in COLOR_FIXES:
             raise ValueError(f"unknown color_fix {self.color_fix!r}; choose one of: {', '.join(COLOR_FIXES)}")
+        if self.start_point not in ("noise", "cond"):
+            raise ValueError(f"start_point must be 'noise' or 'cond', got {self.start_point!r}")
+        if self.start_point == "cond" and self.better_start:
+            raise ValueError("better_start and start_point='cond' are two different start points: choose one")
+        if not (0 <= int(self.noise_aug) < 1000):
+            raise ValueError(f"noise_aug must be a timestep in [0, 999], got {self.noise_aug}")
+        if self.edm_sigma_max not in ("clamp", "official"):
+            raise ValueError(f"edm_sigma_max must be 'clamp' or 'official', got {self.edm_sigma_max!r}")
+        if self.pre_resize not in ("pil", "torch"):
+            raise ValueError(f"pre_resize must be 'pil' or 'torch', got {self.pre_resize!r}")
         g = self.guidance
         if g.scale < 0:
             raise ValueError(f"guidance scale must be >= 0, got {g.scale}")

@@ -58,13 +58,28 @@ class RestoreResult:
 
 
 def working_size(out_hw: tuple[int, int], min_side: int) -> tuple[int, int]:
-    """Scale (H, W) up so the short edge is at least ``min_side`` (official `auto_resize`)."""
+    """Scale (H, W) up so the short edge is ``min_side`` when it is smaller (official ``resize_short_edge_to``,
+    HEAD ``diffbir/pipeline.py:25-34``: the long side is ``int()``-truncated, 240x180 -> 682x512)."""
     h, w = out_hw
-    short = min(h, w)
-    if short >= min_side:
+    if min(h, w) >= min_side:
         return h, w
-    r = min_side / short
-    return int(round(h * r)), int(round(w * r))
+    if h == w:
+        return min_side, min_side
+    if h < w:
+        return min_side, int(w * (min_side / h))
+    return int(h * (min_side / w)), min_side
+
+
+def pil_resize_uint8(rgb: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """HEAD ``bsr_loop.py:55-59`` / ``bid_loop.py:48-52`` / ``bfr_loop.py:30-34``: PIL bicubic resize of the
+    8-bit LQ to (H, W) (an exact copy when the size is unchanged), returned as float in [0, 1]."""
+    from PIL import Image
+
+    if tuple(rgb.shape[:2]) == tuple(hw):
+        return rgb
+    u8 = (np.clip(rgb, 0, 1) * 255.0).round().astype(np.uint8)
+    out = Image.fromarray(u8, "RGB").resize((int(hw[1]), int(hw[0])), Image.BICUBIC)
+    return np.asarray(out, dtype=np.float32) / 255.0
 
 
 class DiffBIRPipeline:
@@ -144,18 +159,24 @@ class DiffBIRPipeline:
         """
         params = params.validate()
         loaded = image if isinstance(image, LoadedImage) else LoadedImage(rgb=np.asarray(image, np.float32))
-        if params.task == "face":
+        # aligned faces take the general path with the face cleaner, as HEAD bfr_loop.py:17-34 (SwinIRPipeline on the
+        # PIL x upscale image: restored at the upscaled size, short side >= 512)
+        if params.task == "face" and params.face.aligned is not True:
             from .face.restore import restore_face_task
 
             return restore_face_task(self, loaded, params, callback=callback)
         seed = params.seed if params.seed is not None else random.randrange(2**31)
         timings: dict[str, float] = {}
-        lq = to_tensor(loaded.rgb, self.device)  # [1,3,h,w]
-        h, w = lq.shape[-2:]
-        out_hw = (max(1, int(round(h * params.upscale))), max(1, int(round(w * params.upscale))))
+        h, w = loaded.rgb.shape[:2]
+        # official output size: int() truncation (HEAD bsr_loop.py:55-59, pipeline.py:340)
+        out_hw = (max(1, int(h * params.upscale)), max(1, int(w * params.upscale)))
 
         t0 = time.perf_counter()
         cleaner = self.cleaner(params.cleaner_for_task())
+        rgb = loaded.rgb
+        if params.pre_resize == "pil" and getattr(cleaner, "scale", 1) == 1:
+            rgb = pil_resize_uint8(rgb, out_hw)  # x1 cleaners: HEAD loops upscale the uint8 LQ with PIL first
+        lq = to_tensor(rgb, self.device)  # [1,3,h,w]
         work_hw = working_size(out_hw, 512) if params.uses_diffusion else out_hw
         plan = plan if plan is not None else self.plan_tiling(params, work_hw, cleaner)
         cleaner = self._tiled_cleaner(cleaner, plan)
@@ -194,16 +215,17 @@ class DiffBIRPipeline:
         runner = VAERunner(ldm, plan.vae_encoder, plan.vae_decoder, amp=amp, progress=progress)
         if id(ldm) not in self._text_caches:
             self._text_caches[id(ldm)] = TextEmbeddingCache(ldm.encode_text)
-        padded, hw = pad_to_multiple(clean, 64)  # [1,3,H64,W64]
+        padded, hw = pad_to_multiple(clean, 64, mode="constant")  # [1,3,H64,W64] zeros (HEAD pipeline.py:37-42,102)
         z = sample_latent(ldm, padded, params, seed=seed, callback=callback, noise=noise,
                           batched_cfg=self.speed.batched_cfg, plan=plan, vae=runner,
                           encode_text=self._text_caches[id(ldm)],
                           amp=amp if self.speed.dtype != "float32" else None,
-                          tile_batch=self.speed.tile_batch, progress=progress)  # [1,4,H64/8,W64/8]
+                          tile_batch=self.speed.tile_batch, progress=progress, keep=keep)  # [1,4,H64/8,W64/8]
         with torch.no_grad():
             sample = runner.decode(z)  # [1,3,H64,W64] in [-1,1]
-        if keep is not None:
-            keep.update(z_final=z, clean=clean, decoded=sample)
+        sample_full = sample
         sample = sample[..., : hw[0], : hw[1]]
-        sample = (sample + 1) / 2
-        return color_fix(sample, clean, params.color_fix)
+        fixed = color_fix((sample + 1) / 2, clean, params.color_fix)
+        if keep is not None:
+            keep.update(z_final=z, clean=clean, decoded=sample_full, decoded_cropped=sample, colorfix_out=fixed)
+        return fixed

@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--neg-prompt", default=None)
     g.add_argument("--strength", type=float, default=None, help="control strength (default 1)")
     g.add_argument("--better-start", action="store_true", default=None)
+    g.add_argument("--start-point", choices=["noise", "cond"], default=None,
+                   help="HEAD --start_point_type: noise, or cond = c_img diffused to t = T-1")
+    g.add_argument("--noise-aug", type=int, default=None, help="HEAD --noise_aug: diffuse c_img to this t (0 = off)")
+    g.add_argument("--edm-sigma-max", choices=["clamp", "official"], default=None,
+                   help="EDM samplers: clamp abar_{T-1} at 1e-8 (default) or overwrite it with 1e-8 like HEAD "
+                        "(official: identical for v2.1, breaks eps schedules)")
+    g.add_argument("--pre-resize", choices=["pil", "torch"], default=None,
+                   help="x1 cleaners: PIL-bicubic the 8-bit input by --upscale first as HEAD (default), or not")
     g.add_argument("--color-fix", choices=COLOR_FIXES, default=None)
     g.add_argument("--guidance-scale", type=float, default=None, help="latent image guidance s (0 = off)")
     g.add_argument("--guidance-space", choices=["latent", "rgb"], default=None)
@@ -120,7 +128,8 @@ def params_from_args(args: argparse.Namespace):
     simple = {"task": "task", "upscale": "upscale", "cleaner": "cleaner", "steps": "steps", "sampler": "sampler",
               "cfg_scale": "cfg_scale", "rescale_cfg": "rescale_cfg", "pos_prompt": "pos_prompt",
               "neg_prompt": "neg_prompt", "strength": "strength", "better_start": "better_start",
-              "color_fix": "color_fix",
+              "color_fix": "color_fix", "start_point": "start_point", "noise_aug": "noise_aug",
+              "edm_sigma_max": "edm_sigma_max", "pre_resize": "pre_resize",
               "guidance_scale": "guidance__scale", "guidance_space": "guidance__space",
               "guidance_loss": "guidance__loss", "guidance_repeat": "guidance__repeat",
               "guidance_start": "guidance__t_start", "guidance_stop": "guidance__t_stop",

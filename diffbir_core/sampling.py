@@ -87,7 +87,8 @@ def make_guidance(ldm, clean: torch.Tensor, params: RestoreParams, *, vae=None):
 def sample_latent(ldm, clean: torch.Tensor, params: RestoreParams, *, seed: int | None = None,
                   noise: Callable | None = None, callback: Callable | None = None,
                   batched_cfg: bool = True, plan=None, vae=None, encode_text: Callable | None = None,
-                  amp: Callable | None = None, tile_batch: int = 1, progress: Callable | None = None) -> torch.Tensor:
+                  amp: Callable | None = None, tile_batch: int = 1, progress: Callable | None = None,
+                  keep: dict | None = None) -> torch.Tensor:
     """Steps 1-5 + sampler: the final latent ``[B,4,H/8,W/8]`` for a padded clean image ``[B,3,H,W]``.
 
     Tiling / speed (see ``diffbir_core.tiling``): ``plan`` (`TilingPlan`; tiled diffusion when ``plan.diffusion``
@@ -123,15 +124,26 @@ def sample_latent(ldm, clean: torch.Tensor, params: RestoreParams, *, seed: int 
                                    batched=batched_cfg and uncond is not None,
                                    num_timesteps=training.num_timesteps)
         lat_c = cond["c_img"].shape[1]
+        T = training.num_timesteps
         if params.better_start:
             enc = vae.encode if vae is not None else ldm.vae_encode
             x_T = better_start_x_T(clean, lambda x, eps: enc(x, sample=True, noise=eps), training,
                                    noise, latent_channels=lat_c)
+        elif params.start_point == "cond":  # HEAD pipeline.py:146-157: q_sample(c_img, T-1, eps)
+            c_img = cond["c_img"]
+            x_T = training.q_sample(c_img, T - 1, noise(tuple(c_img.shape), c_img))
         else:
             x_T = noise((b, lat_c, h // 8, w // 8), cond["c_img"])  # [B,4,h,w]
+        if params.noise_aug > 0:  # HEAD pipeline.py:160-167: both branches share the noised c_img
+            c_img = cond["c_img"]
+            cond["c_img"] = training.q_sample(c_img, int(params.noise_aug), noise(tuple(c_img.shape), c_img))
+            if uncond is not None:
+                uncond["c_img"] = cond["c_img"]
+        if keep is not None:
+            keep["x_T"] = x_T
         guidance = make_guidance(ldm, clean, params, vae=vae)
         return _run(params.sampler, denoiser, x_T, training, params.steps, guidance=guidance, noise=noise,
-                    callback=callback)
+                    callback=callback, edm_official_sigma_max=params.edm_sigma_max == "official")
 
 
 def load_pretrained_control_ldm(sd: str, control: str, *, weights_dir: str | os.PathLike | None = None,
