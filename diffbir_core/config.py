@@ -65,8 +65,9 @@ class TileOptions:
     enabled: bool | None = None
     cleaner_tile: int = 512
     cleaner_overlap: int = 32
-    latent_tile: int = 64  # in latent pixels (x8 image pixels)
-    latent_stride: int = 48  # 3/4 overlap costs up to 4x; 48 measured best on CPU (results/bench)
+    latent_tile: int = 64  # in latent pixels (x8 image pixels); official --cldm_tile_size 512 px
+    latent_stride: int = 32  # official --cldm_tile_stride 256 px (HEAD inference.py:159-164)
+    diffusion: bool | None = None  # True: tile the diffusion only (HEAD --cldm_tiled); None: as `enabled`
     max_memory_gb: float | None = None
 
 

@@ -215,7 +215,10 @@ class DiffBIRPipeline:
         runner = VAERunner(ldm, plan.vae_encoder, plan.vae_decoder, amp=amp, progress=progress)
         if id(ldm) not in self._text_caches:
             self._text_caches[id(ldm)] = TextEmbeddingCache(ldm.encode_text)
-        padded, hw = pad_to_multiple(clean, 64, mode="constant")  # [1,3,H64,W64] zeros (HEAD pipeline.py:37-42,102)
+        # zeros to x64, or x8 when the VAE encoder or the diffusion is tiled (HEAD pipeline.py:37-42,99-104)
+        lat_big = max(clean.shape[-2], clean.shape[-1]) > 8 * plan.latent_tile
+        multiple = 8 if (plan.diffusion and lat_big) or plan.vae_encoder.mode != "none" else 64
+        padded, hw = pad_to_multiple(clean, multiple, mode="constant")  # [1,3,H',W']
         z = sample_latent(ldm, padded, params, seed=seed, callback=callback, noise=noise,
                           batched_cfg=self.speed.batched_cfg, plan=plan, vae=runner,
                           encode_text=self._text_caches[id(ldm)],

@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = ap.add_argument_group("tiling / memory")
     t.add_argument("--tiled", action="store_true", default=None, help="force tiling on")
     t.add_argument("--no-tiled", action="store_true", help="force tiling off")
+    t.add_argument("--tiled-diffusion", action="store_true", default=None,
+                   help="tile the diffusion only, as HEAD --cldm_tiled (latent tiles --latent-tile/--latent-stride)")
     t.add_argument("--tile-size", type=int, default=None, help="cleaner tile size in pixels")
     t.add_argument("--latent-tile", type=int, default=None, help="diffusion tile size in latent pixels")
     t.add_argument("--latent-stride", type=int, default=None)
@@ -150,6 +152,8 @@ def params_from_args(args: argparse.Namespace):
         kw["face__aligned"] = False
     if args.tiled:
         kw["tiles__enabled"] = True
+    if args.tiled_diffusion:
+        kw["tiles__diffusion"] = True
     if args.no_tiled:
         kw["tiles__enabled"] = False
     kw["device"] = args.device

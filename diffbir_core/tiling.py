@@ -1135,13 +1135,15 @@ def auto_tiling(params, image_hw: tuple[int, int], device: str | torch.device = 
     enc = vae_plan("vae_encoder")
     dec = vae_plan("vae_decoder")
     # 3. diffusion
+    # never tiled for speed alone: only when memory requires it, or when asked (official: only --cldm_tiled,
+    # HEAD inference.py:155-164); opts.diffusion forces the diffusion alone on/off
     ltile, lstride = int(opts.latent_tile), int(opts.latent_stride)
     big = max(lh, lw) > ltile
-    diffusion = params.uses_diffusion and want("diffusion", big)
-    if params.uses_diffusion and big and forced is None and not diffusion and lh * lw > 8 * ltile * ltile:
-        diffusion = True
-        notes.append(f"diffusion tiled for speed: the {lh}x{lw} latent has more than 8x the area of a "
-                     f"{ltile}x{ltile} tile")
+    forced_diffusion = getattr(opts, "diffusion", None)
+    if forced_diffusion is not None:
+        diffusion = params.uses_diffusion and big and bool(forced_diffusion)
+    else:
+        diffusion = params.uses_diffusion and want("diffusion", big)
     if diffusion:
         while ltile > 32 and estimate_stage_bytes("diffusion", ltile * ltile, dtype_bytes=dtype_bytes) > free:
             ltile -= 16

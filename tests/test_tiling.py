@@ -357,8 +357,10 @@ def test_auto_tiling_decisions():
     roomy = tiling.auto_tiling(p, (2048, 2048), "cpu", weights_bytes=int(6.7 * gib), budget_bytes=14 * gib)
     assert roomy.vae_decoder.mode == "sync" and roomy.vae_decoder.stats_fraction == 1.0
     assert roomy.vae_decoder.cost <= 2.5
-    fast = tiling.auto_tiling(p, (2048, 2048), "cpu", weights_bytes=int(6.7 * gib), budget_bytes=64 * gib)
-    assert fast.diffusion and not fast.cleaner and any("speed" in n for n in fast.notes)
+    roomy_big = tiling.auto_tiling(p, (2048, 2048), "cpu", weights_bytes=int(6.7 * gib), budget_bytes=64 * gib)
+    assert not roomy_big.any  # never tiled for speed alone (official: only when asked)
+    only = tiling.auto_tiling(p.replace(tiles__diffusion=True), (2048, 2048), "cpu", budget_bytes=64 * gib)
+    assert only.diffusion and not only.cleaner and only.vae_encoder.mode == only.vae_decoder.mode == "none"
     off = tiling.auto_tiling(p.replace(tiles__enabled=False), (4096, 4096), "cpu", budget_bytes=gib)
     assert not off.any
     on = tiling.auto_tiling(p.replace(tiles__enabled=True), (1024, 1024), "cpu", budget_bytes=64 * gib)
