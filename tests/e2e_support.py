@@ -326,7 +326,7 @@ class Outcome:
 
 
 def run_ours(name: str, fixture: Path, models: ModelCache, out_dir: Path, *, meta: dict | None = None,
-             params_override: dict | None = None) -> Outcome:
+             params_override: dict | None = None, callback=None) -> Outcome:
     """Run our pipeline for the official run ``name`` and save its PNG with our own writer."""
     from PIL import Image
     from safetensors.torch import load_file
@@ -342,23 +342,23 @@ def run_ours(name: str, fixture: Path, models: ModelCache, out_dir: Path, *, met
     ours, args, params = params_for(run, fixture, out_dir)
     if params_override:
         params = params.replace(**params_override)
-    tensors = load_file(str(fixture / run["tensors_file"]))
+    tensors = load_file(str(fixture / run["tensors_file"])) if run["status"].get("ok") else {}
     cleaner_name = params.cleaner_for_task()
     pipe = DiffBIRPipeline(cleaners={cleaner_name: models.cleaner(cleaner_name, flavor)},
                            ldm=models.ldm(params, flavor), device="cpu",
                            speed=SpeedOptions(batched_cfg=False))
-    noise = ReplayNoise(replay_draws(run, tensors))
+    noise = ReplayNoise(replay_draws(run, tensors)) if run["status"].get("ok") else None
     rec = Recorded()
     keep: dict = {}
     inp = Path(args.inputs[0])
     files = sorted(p for p in inp.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     assert len(files) == 1, files
     with _Observe(pipe._injected_ldm, rec):
-        res = pipe.restore(read_image(files[0]), params, noise=noise, keep=keep)
+        res = pipe.restore(read_image(files[0]), params, noise=noise, keep=keep, callback=callback)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = save_image(out_dir / f"{files[0].stem}.png", res.image, res.alpha)
     img = np.asarray(Image.open(png).convert("RGB"))
-    return Outcome(params, ours, img, png, keep, rec, noise.remaining)
+    return Outcome(params, ours, img, png, keep, rec, noise.remaining if noise is not None else 0)
 
 
 # ------------------------------------------------------------------------------- comparison
