@@ -159,12 +159,16 @@ class DiffBIRPipeline:
         """
         params = params.validate()
         loaded = image if isinstance(image, LoadedImage) else LoadedImage(rgb=np.asarray(image, np.float32))
-        # aligned faces take the general path with the face cleaner, as HEAD bfr_loop.py:17-34 (SwinIRPipeline on the
-        # PIL x upscale image: restored at the upscaled size, short side >= 512)
-        if params.task == "face" and params.face.aligned is not True:
+        if params.task == "face":
             from .face.restore import restore_face_task
 
-            return restore_face_task(self, loaded, params, callback=callback)
+            return restore_face_task(self, loaded, params, callback=callback, noise=noise, keep=keep)
+        return self.restore_general(loaded, params, callback=callback, noise=noise, keep=keep, plan=plan)
+
+    def restore_general(self, loaded: LoadedImage, params: RestoreParams, callback: Callable | None = None,
+                        noise=None, keep: dict | None = None, plan=None) -> RestoreResult:
+        """The general path (no face handling) for a validated ``params``; the face layer calls it for aligned
+        faces (official geometry, HEAD bfr_loop.py:17-34)."""
         seed = params.seed if params.seed is not None else random.randrange(2**31)
         timings: dict[str, float] = {}
         h, w = loaded.rgb.shape[:2]

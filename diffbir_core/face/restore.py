@@ -417,7 +417,7 @@ def restore_faces(img: np.ndarray, face_fn: FaceFn, background_fn: BackgroundFn 
 # bridge for DiffBIRPipeline.restore(task="face")
 
 
-def restore_face_task(pipeline, loaded, params, callback=None):
+def restore_face_task(pipeline, loaded, params, callback=None, noise=None, keep=None):
     """Run face mode for `DiffBIRPipeline` with a global ``RestoreParams`` (``params.face`` options).
 
     face_fn: the task's face cleaner at 512 (+ stage 2 when the preset uses diffusion).
@@ -432,6 +432,18 @@ def restore_face_task(pipeline, loaded, params, callback=None):
     from ..pipeline import RestoreResult
 
     fo = params.face
+    if getattr(fo, "aligned", None) is True:
+        # HEAD bfr_loop.py:17-34: an aligned face is the general SwinIR pipeline with the face cleaner on the PIL
+        # x upscale image, i.e. restored at the upscaled size (short side >= 512), output = input x upscale
+        res = pipeline.restore_general(loaded, params, callback=callback, noise=noise, keep=keep)
+        oh, ow = res.image.shape[:2]
+        s = align.FACE_SIZE
+        info = FaceInfo(index=0, box=(0.0, 0.0, ow - 1.0, oh - 1.0), score=1.0,
+                        landmarks=align.template_for("retinaface5") * np.array([ow / s, oh / s]), kind="retinaface5",
+                        affine=np.array([[s / ow, 0, 0], [0, s / oh, 0]]), align_error_px=0.0,
+                        seconds=float(sum(res.timings.values())))
+        res.extra.update(face_mode="aligned", faces=[info], face_backend=None)
+        return res
     fp = FaceParams(upscale=float(params.upscale), only_center_face=bool(getattr(fo, "only_center_face", False)),
                     max_faces=getattr(fo, "max_faces", 20), backend=getattr(fo, "backend", "auto"),
                     mask=getattr(fo, "mask", "parsing"), aligned=getattr(fo, "aligned", None))
