@@ -48,3 +48,14 @@ def test_soft_fixes_warn():
     assert p.strength == 2.0
     with pytest.warns(UserWarning, match="1 step"):
         assert RestoreParams.from_preset("v2", steps=1).validate().steps == 2
+
+
+def test_official_prompt_assembly():
+    """HEAD loop.py:166-169: ", ".join of the non-empty [caption, pos_prompt]; v2.1 preset = HEAD defaults."""
+    from diffbir_core.prompts import DEFAULT_NEG_PROMPT, DEFAULT_POS_PROMPT, assemble_prompt
+
+    assert assemble_prompt("", DEFAULT_POS_PROMPT) == DEFAULT_POS_PROMPT  # --captioner none
+    assert assemble_prompt("a red house", "sharp") == "a red house, sharp"
+    assert assemble_prompt("a red house", "") == "a red house" and assemble_prompt(None, None) == ""
+    v21 = PRESETS["v2.1"]
+    assert (v21.pos_prompt, v21.neg_prompt) == (DEFAULT_POS_PROMPT, DEFAULT_NEG_PROMPT)
