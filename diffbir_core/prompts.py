@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-__all__ = ["DEFAULT_POS_PROMPT", "DEFAULT_NEG_PROMPT", "V2_NEG_PROMPT", "assemble_prompt"]
+__all__ = ["DEFAULT_NEG_PROMPT", "DEFAULT_POS_PROMPT", "V2_NEG_PROMPT", "assemble_prompt"]
 
 DEFAULT_POS_PROMPT = (
     "Cinematic, High Contrast, highly detailed, taken using a Canon EOS R camera, "

@@ -49,7 +49,11 @@ def code_flavor(run: dict) -> str:
 # ------------------------------------------------------------------------- official flag sets (facts)
 def official_parser(flavor: str) -> argparse.ArgumentParser:
     """The official CLI's flags and defaults (names and defaults only), to read a recorded argv."""
-    from diffbir_core.prompts import DEFAULT_NEG_PROMPT, DEFAULT_POS_PROMPT, V2_NEG_PROMPT
+    from diffbir_core.prompts import (
+        DEFAULT_NEG_PROMPT,
+        DEFAULT_POS_PROMPT,
+        V2_NEG_PROMPT,
+    )
 
     ap = argparse.ArgumentParser(prog="inference.py", exit_on_error=False)
     ap.add_argument("--input", required=True)

@@ -8,10 +8,9 @@ The folder must exist (the tests fail, never skip, without it).
 """
 from __future__ import annotations
 
+import e2e_support as E
 import pytest
 import torch
-
-import e2e_support as E
 
 pytestmark = pytest.mark.e2e
 
