@@ -36,14 +36,12 @@ def restore(image: LoadedImage | np.ndarray, params: RestoreParams, *, pipe: Dif
             plan: TilingPlan | None = None) -> RestoreResult:
     """Restore one image with the layer ``params.task`` needs. ``callback`` gets every stage-2 step
     (`stage2.Stage2Step`); ``noise`` / ``keep`` / ``plan`` are the general path's (`DiffBIRPipeline.restore`)
-    and are refused in face mode, which runs stage 2 once per face and once for the background."""
+    and are refused for whole-photo face mode, which runs stage 2 once per face and once for the background."""
     face = pipe if isinstance(pipe, FacePipeline) else None
     general = face.pipe if face is not None else pipe
     if not isinstance(general, DiffBIRPipeline):
         raise TypeError(f"pipe must be a DiffBIRPipeline or a FacePipeline, got {type(pipe).__name__}")
-    if params.task == "face":
-        given = [n for n, v in (("noise", noise), ("keep", keep), ("plan", plan)) if v is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)} apply to one stage-2 run; face mode runs several (not supported)")
-        return (face or FacePipeline(general)).restore(image, params, callback=callback)
+    if params.task == "face":  # noise / keep / plan: aligned faces only (one stage-2 run), FacePipeline checks
+        return (face or FacePipeline(general)).restore(image, params, callback=callback, noise=noise, keep=keep,
+                                                       plan=plan)
     return general.restore(image, params, callback=callback, noise=noise, keep=keep, plan=plan)

@@ -9,7 +9,8 @@ found through `weights.resolve`) and runs it with the official pipelines' size s
 
 * x1 networks (SwinIR, SCUNet): bicubic antialiased resize of the input to the output size FIRST, then
   pad bottom/right to the network's multiple (SwinIR: zeros to 64, as the official pipeline; SCUNet:
-  replicate to 64, as the official SCUNet forward), run, crop the padding away;
+  replicate to 64, as the official SCUNet forward), run, crop the padding away; SCUNet (``resize_first``
+  False) instead runs at the input size and its output is resized, as HEAD ``SCUNetPipeline``;
 * x4 networks (BSRNet, Real-ESRGAN): pad (not needed: multiple 1), run, crop ``x scale``, then bicubic
   antialiased resize to the output size if it differs;
 * "bicubic": no network, only the resize.
@@ -45,6 +46,7 @@ class CleanerSpec:
     preset: str | None = None  # config preset of the model module (RRDBNET_CONFIGS / SWINIR_CONFIGS / SCUNET_CONFIGS)
     multiple: int = 1  # H and W given to the network must be multiples of this
     pad_mode: str = "constant"  # how the padding to `multiple` is filled (official choice per network)
+    resize_first: bool = True  # x1 nets: resize to the output size, then run (False: run, then resize)
 
     def __post_init__(self) -> None:
         if self.kind not in ("rrdbnet", "swinir", "scunet", "bicubic"):
@@ -66,8 +68,9 @@ CLEANERS: dict[str, CleanerSpec] = {s.name: s for s in [
                 multiple=64),
     CleanerSpec("bsrnet", "rrdbnet", 4, "bsrnet", "BSRNet (BSRGAN's PSNR RRDBNet, x4; DiffBIR v2 BSR cleaner)",
                 preset="bsrnet"),
+    # SCUNet runs at the input size and its output is resized (HEAD diffbir/pipeline.py:402-420)
     CleanerSpec("scunet_psnr", "scunet", 1, "scunet_psnr", "SCUNet-PSNR (1x real-noise denoiser; DiffBIR v2 BID)",
-                preset="color_real_psnr", multiple=64, pad_mode="replicate"),
+                preset="color_real_psnr", multiple=64, pad_mode="replicate", resize_first=False),
     CleanerSpec("bicubic", "bicubic", 1, None, "no network: bicubic (antialiased) resize to the output size"),
 ]}
 
@@ -116,6 +119,10 @@ class Cleaner:
             x = x.to(self.device, torch.float32)
             if self.net is None:
                 y = imageio.resize(x, out_size)
+            elif self.scale == 1 and not self.spec.resize_first:
+                # 1. pad to the multiple, 2. run at the input size, 3. crop, 4. resize to the target size
+                xp, hw = imageio.pad_to_multiple(x, self.multiple, mode=self.spec.pad_mode)
+                y = imageio.resize(imageio.crop_to(self._run_net(xp), hw), out_size)
             elif self.scale == 1:
                 # 1. resize to the target size, 2. pad to the multiple, 3. run, 4. crop
                 x = imageio.resize(x, out_size)

@@ -9,7 +9,7 @@ class paths). One preset is one object, its stage-1 cleaners included (``cleaner
 | v1-general | swinir_general / swinir_face / same | SD2.1 + v1_general    | spaced, 50           | 1 (v1: no CFG)   |
 | v1-face    | swinir_general / swinir_face / same | SD2.1 + v1_face       | spaced, 50           | 1                |
 | v2         | bsrnet / swinir_face / scunet_psnr  | SD2.1 + v2            | spaced, 50           | 4, official neg. |
-| v2.1       | swinir_realesrgan / swinir_face / = | SD2.1-zsnr (v) + v2.1 | edm_dpm++_3m_sde, 10 | 6, official neg. |
+| v2.1       | swinir_realesrgan / swinir_face / = | SD2.1-zsnr (v) + v2.1 | edm_dpm++_3m_sde, 10 | 6, HEAD pos/neg  |
 
 Mirrors: official defaults of v1 inference.py, v2.0.0 inference.py and HEAD diffbir/inference/*_loop.py.
 `RestoreParams.from_flat` maps flat names (CLI flags, demo controls) onto the nested fields, once.
@@ -25,12 +25,13 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal
 
-from .diffusion.samplers import SAMPLER_NAMES
-from .models.text import count_tokens
+from .prompts import DEFAULT_NEG_PROMPT, DEFAULT_POS_PROMPT
+from .prompts import V2_NEG_PROMPT as OFFICIAL_NEGATIVE_PROMPT  # v2.0.0 / README ECCV negative prompt
 
-OFFICIAL_NEGATIVE_PROMPT = "low quality, blurry, low-resolution, noisy, unsharp, weird textures"
-
-SAMPLERS = SAMPLER_NAMES  # the official --sampler names implemented (one tuple: diffusion.samplers)
+# the official --sampler names (HEAD inference.py:113-121): the ONE list; diffusion.samplers registers exactly these
+SAMPLER_NAMES = ("spaced", "ddim", "dpm++_m2", "edm_euler", "edm_euler_a", "edm_heun", "edm_dpm_2", "edm_dpm_2_a",
+                 "edm_lms", "edm_dpm++_2s_a", "edm_dpm++_sde", "edm_dpm++_2m", "edm_dpm++_2m_sde", "edm_dpm++_3m_sde")
+SAMPLERS = SAMPLER_NAMES
 COLOR_FIXES = ("wavelet", "adain", "none")
 TASKS = ("sr", "face", "denoise")
 FACE_BACKENDS = ("auto", "dlib", "facexlib")
@@ -105,8 +106,16 @@ class TileOptions:
     enabled: bool | None = None
     cleaner_tile: int = 512
     cleaner_overlap: int = 32
-    latent_tile: int = 64  # in latent pixels (x8 image pixels)
-    latent_stride: int = 48  # 3/4 overlap costs up to 4x; 48 measured best on CPU (results/bench)
+    latent_tile: int = 64  # in latent pixels (x8 image pixels); official --cldm_tile_size 512 px
+    latent_stride: int = 32  # official --cldm_tile_stride 256 px (HEAD inference.py:159-164)
+    # per-stage switches (official --cleaner_tiled / --vae_encoder_tiled / --vae_decoder_tiled / --cldm_tiled,
+    # HEAD inference.py:127-164): True tiles that stage (when larger than a tile), False never; None: as `enabled`
+    cleaner: bool | None = None
+    vae_encoder: bool | None = None
+    vae_decoder: bool | None = None
+    diffusion: bool | None = None
+    vae_encoder_tile: int = 256  # image pixels (official --vae_encoder_tile_size)
+    vae_decoder_tile: int = 256  # image pixels (official --vae_decoder_tile_size; latent tile = this / 8)
     max_memory_gb: float | None = None
 
 
@@ -152,6 +161,10 @@ class RestoreParams:
     neg_prompt: str = ""
     strength: float = 1.0
     better_start: bool = False
+    start_point: Literal["noise", "cond"] = "noise"  # HEAD --start_point_type: cond = q_sample(c_img, T-1, eps)
+    noise_aug: int = 0  # HEAD --noise_aug: c_img = q_sample(c_img, noise_aug, eps) (0 = off)
+    edm_sigma_max: Literal["clamp", "official"] = "clamp"  # EDM abar_{T-1}: max(abar, 1e-8), or HEAD's 1e-8 overwrite
+    pre_resize: Literal["pil", "torch"] = "pil"  # x1 cleaners: HEAD loops PIL-bicubic the uint8 LQ by upscale first
     guidance: GuidanceParams = field(default_factory=GuidanceParams)
     color_fix: Literal["wavelet", "adain", "none"] = "wavelet"
     seed: int | None = 231  # None: a random seed (reported with the result)
@@ -231,6 +244,16 @@ class RestoreParams:
             raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
         if self.color_fix not in COLOR_FIXES:
             raise ValueError(f"unknown color_fix {self.color_fix!r}; choose one of: {', '.join(COLOR_FIXES)}")
+        if self.start_point not in ("noise", "cond"):
+            raise ValueError(f"start_point must be 'noise' or 'cond', got {self.start_point!r}")
+        if self.start_point == "cond" and self.better_start:
+            raise ValueError("better_start and start_point='cond' are two different start points: choose one")
+        if not (0 <= int(self.noise_aug) < 1000):
+            raise ValueError(f"noise_aug must be a timestep in [0, 999], got {self.noise_aug}")
+        if self.edm_sigma_max not in ("clamp", "official"):
+            raise ValueError(f"edm_sigma_max must be 'clamp' or 'official', got {self.edm_sigma_max!r}")
+        if self.pre_resize not in ("pil", "torch"):
+            raise ValueError(f"pre_resize must be 'pil' or 'torch', got {self.pre_resize!r}")
         g = self.guidance
         if g.scale < 0:
             raise ValueError(f"guidance scale must be >= 0, got {g.scale}")
@@ -238,11 +261,6 @@ class RestoreParams:
             raise ValueError(f"guidance repeat must be >= 1, got {g.repeat}")
         if g.space not in ("latent", "rgb") or g.loss not in ("mse", "wmse") or g.rule not in ("v1", "v2"):
             raise ValueError(f"invalid guidance settings {g}: space latent|rgb, loss mse|wmse, rule v1|v2")
-        if self.stage2 is not None:
-            for what, prompt in (("positive", self.pos_prompt), ("negative", self.neg_prompt)):
-                if prompt and count_tokens(prompt) > 77:
-                    raise ValueError(f"the {what} prompt has {count_tokens(prompt)} tokens; the text encoder takes "
-                                     "at most 77 (including start/end tokens): shorten it")
         out = self
         if not (0.0 <= self.strength <= 2.0):
             clipped = min(max(self.strength, 0.0), 2.0)
@@ -294,6 +312,8 @@ def _coerce(name: str, v: Any, kind: type) -> Any:
             raise ValueError(f"{name} must be a whole number, got {v!r}")
         return int(v)
     return float(v)
+
+
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
@@ -351,6 +371,7 @@ PRESETS: dict[str, RestoreParams] = {
              neg_prompt=OFFICIAL_NEGATIVE_PROMPT, guidance=GuidanceParams(space="rgb", loss="wmse", rule="v2")),
     "v2.1": _p(preset="v2.1", stage2=Stage2Weights("sd_v2.1_zsnr", "v2.1", parameterization="v", zero_snr=True),
                cleaners=TaskCleaners("swinir_realesrgan", "swinir_face", "swinir_realesrgan"),
-               steps=10, sampler="edm_dpm++_3m_sde", cfg_scale=6.0, neg_prompt=OFFICIAL_NEGATIVE_PROMPT,
+               steps=10, sampler="edm_dpm++_3m_sde", cfg_scale=6.0, pos_prompt=DEFAULT_POS_PROMPT,
+               neg_prompt=DEFAULT_NEG_PROMPT,
                guidance=GuidanceParams(space="rgb", loss="wmse", rule="v2")),
 }

@@ -248,10 +248,13 @@ def _read_tiff_exact(p: Path, limit: int, notices: list[str]) -> tuple[np.ndarra
 
 def save_image(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | None = None) -> Path:
     """Save an HxWx3 float [0,1] (or uint8) image as 8-bit PNG (RGBA when ``alpha`` is given), atomically:
-    the file at ``path`` is either the complete new image or whatever was there before."""
+    the file at ``path`` is either the complete new image or whatever was there before.
+
+    Float -> uint8 truncates like the official pipelines (HEAD ``diffbir/pipeline.py:312-316``:
+    ``(x * 255).clamp(0, 255).to(torch.uint8)``), so the same float image gives the same PNG."""
     p = Path(path)
     if rgb.dtype != np.uint8:
-        rgb = (np.clip(rgb, 0, 1) * 255.0).round().astype(np.uint8)
+        rgb = (np.clip(rgb.astype(np.float32, copy=False), 0, 1) * np.float32(255.0)).astype(np.uint8)
     if alpha is not None:
         if alpha.shape[:2] != rgb.shape[:2]:
             alpha = np.asarray(Image.fromarray((np.clip(alpha, 0, 1) * 255).astype(np.uint8)).resize(
@@ -301,3 +304,13 @@ def resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> tor
     if mode in ("bicubic", "bilinear"):
         return F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False)
     return F.interpolate(x, size=size, mode=mode)
+
+
+def pil_resize_uint8(rgb: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """HEAD ``bsr_loop.py:55-59`` / ``bid_loop.py:48-52`` / ``bfr_loop.py:30-34``: PIL bicubic resize of the
+    8-bit LQ to (H, W) (an exact copy when the size is unchanged), returned as float32 in [0, 1]."""
+    if tuple(rgb.shape[:2]) == tuple(hw):
+        return rgb
+    u8 = (np.clip(rgb, 0, 1) * 255.0).round().astype(np.uint8)
+    out = Image.fromarray(u8, "RGB").resize((int(hw[1]), int(hw[0])), Image.BICUBIC)
+    return np.asarray(out, dtype=np.float32) / 255.0

@@ -1,6 +1,7 @@
 """DiffBIRPipeline, the general path: stage 1 (cleaner) -> stage 2 (`stage2.run`) -> resize. Knows nothing of faces.
 
-    1. lq in [0, 1]; target size = round(lq size x upscale).
+    1. lq in [0, 1]; target size = int(lq size x upscale) (official truncation); x1 cleaners get the 8-bit LQ
+       PIL-bicubic resized to the target first (HEAD bsr/bid/bfr loops, ``params.pre_resize``).
     2. Stage 1 (paper eq. 1, ``I_reg = RM(I_LQ)``): the task's cleaner at the working size (`types.working_size`:
        the target, or short edge 512 when diffusion runs on a smaller image), tiled when the plan says so.
     3. Stage 2 (`stage2.run`: conditions, sampler + CFG + guidance, VAE decode, crop, colour fix).
@@ -28,7 +29,7 @@ import torch
 from . import stage2
 from .cleaners import Cleaner, load_cleaner
 from .config import RestoreParams
-from .imageio import LoadedImage, resize, to_numpy, to_tensor
+from .imageio import LoadedImage, pil_resize_uint8, resize, to_numpy, to_tensor
 from .models.ldm import load_pretrained_control_ldm
 from .models.text import TextEmbeddingCache
 from .speed import SpeedOptions, apply_speed_options
@@ -112,12 +113,16 @@ class DiffBIRPipeline:
         loaded = image if isinstance(image, LoadedImage) else LoadedImage(rgb=np.asarray(image, np.float32))
         seed = params.seed if params.seed is not None else random.randrange(2**31)
         timings: dict[str, float] = {}
-        lq = to_tensor(loaded.rgb, self.device)  # [1,3,h,w]
-        h, w = lq.shape[-2:]
-        out_hw = (max(1, int(round(h * params.upscale))), max(1, int(round(w * params.upscale))))
+        h, w = loaded.rgb.shape[:2]
+        # official output size: int() truncation (HEAD bsr_loop.py:55-59, pipeline.py:340)
+        out_hw = (max(1, int(h * params.upscale)), max(1, int(w * params.upscale)))
 
         t0 = time.perf_counter()
         cleaner = self.cleaner(params.cleaner_for_task())
+        rgb = loaded.rgb
+        if params.pre_resize == "pil" and getattr(cleaner, "scale", 1) == 1:
+            rgb = pil_resize_uint8(rgb, out_hw)  # x1 cleaners: HEAD loops upscale the 8-bit LQ with PIL first
+        lq = to_tensor(rgb, self.device)  # [1,3,h,w]
         work_hw = working_size(out_hw, 512) if params.uses_diffusion else out_hw
         plan = plan if plan is not None else self.plan_tiling(params, work_hw, cleaner)
         cleaner = self._tiled_cleaner(cleaner, plan)

@@ -41,7 +41,15 @@ StageCallback = Callable[[str, "float | None"], None]  # (stage name, None at th
 __all__ = ["run", "sample_latent", "make_conditions", "make_guidance", "better_start_x_T", "training_schedule_for",
            "Stage2Geometry", "Stage2Step", "StageCallback"]
 
-PAD_MULTIPLE = 64  # official pad_to_multiples_of(clean, multiple=64)
+PAD_MULTIPLE = 64  # official pad_to_multiples_of(clean, multiple=64); 8 when the VAE encoder or diffusion is tiled
+
+
+def pad_multiple(plan: TilingPlan, params: RestoreParams) -> int:
+    """HEAD pipeline.py:99-104: zeros to x64, or to x8 when the VAE encoder or the diffusion is tiled (asked for
+    with ``params.tiles.diffusion`` / ``params.tiles.vae_encoder``, or chosen by the plan)."""
+    t = params.tiles
+    asked = bool(getattr(t, "diffusion", None)) or bool(getattr(t, "vae_encoder", None))
+    return 8 if (asked or plan.diffusion or plan.vae_encoder.mode != "none") else PAD_MULTIPLE
 
 
 @dataclass(frozen=True)
@@ -52,9 +60,9 @@ class Stage2Geometry:
     padded_hw: tuple[int, int]
 
     @classmethod
-    def for_size(cls, work_hw: tuple[int, int]) -> "Stage2Geometry":
+    def for_size(cls, work_hw: tuple[int, int], multiple: int = PAD_MULTIPLE) -> "Stage2Geometry":
         h, w = int(work_hw[0]), int(work_hw[1])
-        return cls((h, w), (-(-h // PAD_MULTIPLE) * PAD_MULTIPLE, -(-w // PAD_MULTIPLE) * PAD_MULTIPLE))
+        return cls((h, w), (-(-h // multiple) * multiple, -(-w // multiple) * multiple))
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -177,13 +185,14 @@ def sample_latent(ldm, clean: Tensor, params: RestoreParams, *, seed: int | None
                   noise: NoiseFn | None = None, callback: Callable | None = None,
                   batched_cfg: bool = True, plan: TilingPlan | None = None, vae: VAERunner | None = None,
                   encode_text: Callable | None = None, amp: Callable | None = None, tile_batch: int = 1,
-                  progress: Callable | None = None, on_stage: StageCallback | None = None) -> Tensor:
+                  progress: Callable | None = None, on_stage: StageCallback | None = None,
+                  keep: dict | None = None) -> Tensor:
     """Steps 1-3: the final latent ``[B,4,H/8,W/8]`` for an already padded clean image ``[B,3,H,W]`` in [0,1].
 
     ``plan`` (tiled diffusion when ``plan.diffusion`` and the latent is larger than a tile), ``vae`` (a
     `VAERunner` for c_img, better start and guidance), ``encode_text`` (e.g. a `TextEmbeddingCache`), ``amp``
     (autocast context factory around model calls), ``tile_batch`` (latent tiles per forward), ``progress``
-    (per-tile `TileEvent` callback), ``on_stage`` (see the module docstring)."""
+    (per-tile `TileEvent` callback), ``on_stage`` (see the module docstring), ``keep`` (receives ``x_T``)."""
     if clean.shape[-1] % 8 or clean.shape[-2] % 8:
         raise ValueError(f"clean image {tuple(clean.shape[-2:])} must be padded to a multiple of 8 (64 advised)")
     noise = noise if noise is not None else TorchNoise(seed)
@@ -195,6 +204,14 @@ def sample_latent(ldm, clean: Tensor, params: RestoreParams, *, seed: int | None
     with torch.no_grad():
         cond, uncond = make_conditions(ldm, clean, params, encode_image=encode_image, encode_text=encode_text)
         strength = params.strength
+        b, _, h, w = clean.shape
+        tiled = plan is not None and plan.diffusion and max(h // 8, w // 8) > plan.latent_tile
+        if not tiled and (h % 64 or w % 64):  # HEAD pipeline.py:131-134: untiled, c_img is zero-padded to x8
+            c_img, _ = pad_to_multiple(cond["c_img"], 8, mode="constant")
+            cond["c_img"] = c_img
+            if uncond is not None:
+                uncond["c_img"] = c_img
+            h, w = c_img.shape[-2] * 8, c_img.shape[-1] * 8
 
         def model(x, t, c):
             if amp is None:
@@ -203,22 +220,36 @@ def sample_latent(ldm, clean: Tensor, params: RestoreParams, *, seed: int | None
                 return ldm(x, t, c, control_scales=strength).float()
 
         with _stage(on_stage, "sampling"):
-            b, _, h, w = clean.shape
-            tiled = plan is not None and plan.diffusion and max(h // 8, w // 8) > plan.latent_tile
             net = (TiledModel(model, tile=plan.latent_tile, stride=plan.latent_stride, tile_batch=tile_batch,
                               progress=progress) if tiled else model)
             denoiser = CFGDenoiser(net, cond, uncond, params.cfg_scale, rescale=params.rescale_cfg,
                                    batched=batched_cfg and uncond is not None, num_timesteps=training.num_timesteps)
             lat_c = cond["c_img"].shape[1]
+            T = training.num_timesteps
             if params.better_start:
                 enc = vae.encode if vae is not None else ldm.vae_encode
                 x_T = better_start_x_T(clean, lambda x, eps: enc(x, sample=True, noise=eps), training,
                                        noise, latent_channels=lat_c)
+            elif params.start_point == "cond":  # HEAD pipeline.py:146-157: x_T = q_sample(c_img, T-1, eps)
+                c_img = cond["c_img"]
+                x_T = training.q_sample(c_img, T - 1, noise(tuple(c_img.shape), c_img))
             else:
                 x_T = noise((b, lat_c, h // 8, w // 8), cond["c_img"])  # [B,4,h,w]
+            if params.noise_aug > 0:  # HEAD pipeline.py:160-167: c_img = q_sample(c_img, noise_aug, eps), shared
+                c_img = cond["c_img"]
+                cond["c_img"] = training.q_sample(c_img, int(params.noise_aug), noise(tuple(c_img.shape), c_img))
+                if uncond is not None:
+                    uncond["c_img"] = cond["c_img"]
+            if keep is not None:
+                keep["x_T"] = x_T
             guidance = make_guidance(ldm, clean, params, vae=vae)
             return run_sampler(params.sampler, denoiser, x_T, training, params.steps, guidance=guidance,
-                               noise=noise, callback=callback)
+                               noise=noise, callback=callback, **sampler_options(params))
+
+
+def sampler_options(params: RestoreParams) -> dict:
+    """The sampler knobs of ``params`` for `run_sampler` (official HEAD inference.py:205-240 names)."""
+    return {"edm_official_sigma_max": params.edm_sigma_max == "official"}
 
 
 def run(ldm, clean: Tensor, params: RestoreParams, *, seed: int | None = None, noise: NoiseFn | None = None,
@@ -228,21 +259,28 @@ def run(ldm, clean: Tensor, params: RestoreParams, *, seed: int | None = None, n
     """Stage 2 on the clean image ``clean`` ([1,3,H,W] in [0,1], not clamped); returns the colour-fixed sample
     ``[1,3,H,W]`` (about [0,1]). ``plan``: tiling (default untiled); ``speed``: batched CFG, tile batch and the
     autocast dtype (default `SpeedOptions()`); ``encode_text``: e.g. a `TextEmbeddingCache`; ``keep``, if a
-    dict, receives ``z_final``, ``clean`` and ``decoded`` (the padded VAE output in [-1, 1])."""
+    dict, receives ``x_T``, ``z_final``, ``clean``, ``decoded`` (the padded VAE output in [-1, 1]),
+    ``decoded_cropped`` and ``colorfix_out``."""
     speed = speed if speed is not None else SpeedOptions()
     plan = plan if plan is not None else TilingPlan()
     amp = autocast_for(clean.device, speed.torch_dtype)
     runner = VAERunner(ldm, plan.vae_encoder, plan.vae_decoder, amp=amp, progress=progress)
-    padded, hw = pad_to_multiple(clean, PAD_MULTIPLE)  # [1,3,H64,W64]
-    geometry = Stage2Geometry(hw, tuple(padded.shape[-2:]))
+    padded, hw = pad_to_multiple(clean, pad_multiple(plan, params), mode="constant")  # [1,3,H64,W64] (or x8)
+    ph, pw = padded.shape[-2:]
+    lh, lw = ph // 8, pw // 8
+    if not (plan.diffusion and max(lh, lw) > plan.latent_tile):  # the latent is zero-padded to x8 (sample_latent)
+        ph, pw = -(-lh // 8) * 64, -(-lw // 8) * 64
+    geometry = Stage2Geometry(hw, (ph, pw))
     step_cb = None if callback is None else (lambda info: callback(Stage2Step.wrap(info, geometry)))
     z = sample_latent(ldm, padded, params, seed=seed, noise=noise, callback=step_cb, batched_cfg=speed.batched_cfg,
                       plan=plan, vae=runner, encode_text=encode_text,
                       amp=amp if speed.dtype != "float32" else None, tile_batch=speed.tile_batch,
-                      progress=progress, on_stage=on_stage)  # [1,4,H64/8,W64/8]
+                      progress=progress, on_stage=on_stage, keep=keep)  # [1,4,H64/8,W64/8]
     with torch.no_grad(), _stage(on_stage, "vae_decode"):
         decoded = runner.decode(z)  # [1,3,H64,W64] in [-1,1]
-    if keep is not None:
-        keep.update(z_final=z, clean=clean, decoded=decoded)
+    cropped = geometry.crop(decoded)  # [1,3,H,W]
     with _stage(on_stage, "colorfix"):
-        return color_fix((geometry.crop(decoded) + 1) / 2, clean, params.color_fix)
+        fixed = color_fix((cropped + 1) / 2, clean, params.color_fix)
+    if keep is not None:
+        keep.update(z_final=z, clean=clean, decoded=decoded, decoded_cropped=cropped, colorfix_out=fixed)
+    return fixed

@@ -29,10 +29,13 @@ class RestoreResult:
 
 
 def working_size(out_hw: tuple[int, int], min_side: int) -> tuple[int, int]:
-    """Scale (H, W) up so the short edge is at least ``min_side`` (official `auto_resize`)."""
+    """Scale (H, W) up so the short edge is ``min_side`` when it is smaller (official ``resize_short_edge_to``,
+    HEAD ``diffbir/pipeline.py:25-34``: the long side is ``int()``-truncated, 240x180 -> 682x512)."""
     h, w = out_hw
-    short = min(h, w)
-    if short >= min_side:
+    if min(h, w) >= min_side:
         return h, w
-    r = min_side / short
-    return int(round(h * r)), int(round(w * r))
+    if h == w:
+        return min_side, min_side
+    if h < w:
+        return min_side, int(w * (min_side / h))
+    return int(h * (min_side / w)), min_side

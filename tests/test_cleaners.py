@@ -163,10 +163,11 @@ def test_scunet_cleaner(full_files):
     _randomise(c.net, seed=3, std=0.02)
     x = torch.rand(1, 3, 37, 53)
     assert c(x).shape == (1, 3, 37, 53)
-    y = c(x, out_size=(50, 70))  # x1 network: resize first, replicate-pad to 64, run, crop
+    # HEAD SCUNetPipeline (diffbir/pipeline.py:402-420): run at the input size (replicate-pad to 64, crop), then resize
+    y = c(x, out_size=(50, 70))
     with torch.no_grad():
-        r = imageio.resize(x, (50, 70))
-        ref = c.net(F.pad(r, (0, 14, 0, 14), mode="replicate"))[..., :50, :70].clamp(0, 1)
+        net_out = c.net(F.pad(x, (0, 11, 0, 27), mode="replicate"))[..., :37, :53]
+        ref = imageio.resize(net_out, (50, 70)).clamp(0, 1)
     assert y.shape == (1, 3, 50, 70)
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-6)
     assert (y - imageio.resize(x, (50, 70)).clamp(0, 1)).abs().mean() > 1e-3  # the network did something

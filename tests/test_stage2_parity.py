@@ -55,7 +55,13 @@ def test_config_from_official_yaml(cfg, parity_dir):
 
     from diffbir_core.models.ldm import STAGE2_CONFIGS, Stage2Config
 
-    assert cfg.unet.num_residuals == 13  # the README: set A emits 13 residuals like the full model
+    import yaml
+
+    # residuals of the official ControlNet, from the fixture's own config: input conv + num_res_blocks per level
+    # + one downsample between levels + the middle block (official ControlNet.input_blocks / middle_block_out)
+    ctrl = yaml.safe_load((parity_dir / "configs" / "cldm_tiny.yaml").read_text())["params"]["controlnet_cfg"]
+    levels = len(ctrl["channel_mult"])
+    assert cfg.unet.num_residuals == 1 + levels * ctrl["num_res_blocks"] + (levels - 1) + 1
     full = json.loads((parity_dir / "configs" / "configs.json").read_text())["official_full_size_configs"]
     assert Stage2Config.from_official(full["v2.0.0:configs/inference/cldm.yaml"]) == STAGE2_CONFIGS["sd21_base"]
     assert Stage2Config.from_official(full["v2.1 (3f8b530):configs/inference/cldm.yaml"]) == STAGE2_CONFIGS["sd21_base"]

@@ -373,8 +373,18 @@ def test_auto_tiling_decisions():
     roomy = tplan.auto_tiling(p, (2048, 2048), "cpu", weights_bytes=int(6.7 * gib), budget_bytes=14 * gib)
     assert roomy.vae_decoder.mode == "sync" and roomy.vae_decoder.stats_fraction == 1.0
     assert roomy.vae_decoder.cost <= 2.5
-    fast = tplan.auto_tiling(p, (2048, 2048), "cpu", weights_bytes=int(6.7 * gib), budget_bytes=64 * gib)
-    assert fast.diffusion and not fast.cleaner and any("speed" in n for n in fast.notes)
+    roomy_big = tplan.auto_tiling(p, (2048, 2048), "cpu", weights_bytes=int(6.7 * gib), budget_bytes=64 * gib)
+    assert not roomy_big.any  # never tiled for speed alone (official: only when asked)
+    only = tplan.auto_tiling(p.replace(tiles__diffusion=True), (2048, 2048), "cpu", budget_bytes=64 * gib)
+    assert only.diffusion and not only.cleaner and only.vae_encoder.mode == only.vae_decoder.mode == "none"
+    enc = tplan.auto_tiling(p.replace(tiles__vae_encoder=True), (2048, 2048), "cpu", budget_bytes=64 * gib)
+    assert enc.vae_encoder.mode == "sync" and enc.vae_encoder.tile == 32 and not enc.diffusion  # 256 px official
+    assert enc.vae_decoder.mode == "none" and not enc.cleaner
+    small = tplan.auto_tiling(p.replace(tiles__vae_encoder=True), (128, 128), "cpu", budget_bytes=64 * gib)
+    assert small.vae_encoder.mode == "none"  # HEAD pipeline.py:106-111: a tiny input is not tiled
+    cl = tplan.auto_tiling(p.replace(tiles__cleaner=True, tiles__enabled=False), (2048, 2048), "cpu",
+                           budget_bytes=64 * gib)
+    assert cl.cleaner and not cl.diffusion  # the per-stage switch wins over enabled=False
     off = tplan.auto_tiling(p.replace(tiles__enabled=False), (4096, 4096), "cpu", budget_bytes=gib)
     assert not off.any
     on = tplan.auto_tiling(p.replace(tiles__enabled=True), (1024, 1024), "cpu", budget_bytes=64 * gib)

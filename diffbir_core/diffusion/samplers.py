@@ -326,9 +326,10 @@ SAMPLER_NAMES = ("spaced", "ddim", "edm_dpm++_2m", "edm_dpm++_3m_sde")
 def run_sampler(name: Literal["spaced", "ddim", "edm_dpm++_2m", "edm_dpm++_3m_sde"], denoiser: Denoiser,
                 x_T: Tensor, training: TrainingSchedule, steps: int, *, guidance: Guidance | None = None,
                 noise: NoiseFn | None = None, seed: int | None = None, callback: Callback | None = None,
-                eta: float | None = None, s_noise: float = 1.0) -> Tensor:
+                eta: float | None = None, s_noise: float = 1.0, edm_official_sigma_max: bool = False) -> Tensor:
     """Build the schedule for ``name`` from the training schedule and run the sampler (parameterization from
-    ``training``). ``eta`` defaults to the official ones: 0 for DDIM, 1 for 3M-SDE."""
+    ``training``). ``eta`` defaults to the official ones: 0 for DDIM, 1 for 3M-SDE. ``edm_official_sigma_max``: EDM
+    schedules overwrite abar_{T-1} with 1e-8 for every schedule as HEAD ``edm_sampler.py:90`` (default: clamp)."""
     p = training.parameterization
     kw = {"parameterization": p, "guidance": guidance, "noise": noise, "seed": seed, "callback": callback}
     if name == "spaced":
@@ -336,8 +337,10 @@ def run_sampler(name: Literal["spaced", "ddim", "edm_dpm++_2m", "edm_dpm++_3m_sd
     if name == "ddim":
         return sample_ddim(denoiser, x_T, make_ddim_schedule(training, steps, eta=0.0 if eta is None else eta), **kw)
     if name == "edm_dpm++_2m":
-        return sample_dpmpp_2m(denoiser, x_T, make_edm_schedule(training, steps), **kw)
+        return sample_dpmpp_2m(denoiser, x_T, make_edm_schedule(training, steps,
+                                                                official_sigma_max=edm_official_sigma_max), **kw)
     if name == "edm_dpm++_3m_sde":
-        return sample_dpmpp_3m_sde(denoiser, x_T, make_edm_schedule(training, steps),
+        return sample_dpmpp_3m_sde(denoiser, x_T, make_edm_schedule(training, steps,
+                                                                    official_sigma_max=edm_official_sigma_max),
                                    eta=1.0 if eta is None else eta, s_noise=s_noise, **kw)
     raise ValueError(f"unknown sampler {name!r}; choose from {SAMPLER_NAMES}")

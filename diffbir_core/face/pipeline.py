@@ -26,6 +26,7 @@ from . import align
 from .restorer import (
     BackgroundFn,
     FaceFn,
+    FaceInfo,
     FaceModels,
     FaceRestorer,
     bicubic_background,
@@ -78,13 +79,35 @@ class FacePipeline:
 
         return background_fn
 
+    def restore_aligned(self, loaded: LoadedImage, params: RestoreParams, callback: Callable | None = None,
+                        noise=None, keep: dict | None = None, plan=None) -> RestoreResult:
+        """An aligned face (``params.face.aligned is True``) as HEAD bfr_loop.py:17-34: the general pipeline with
+        the face cleaner on the input x upscale (PIL bicubic), restored at that size (short side >= 512)."""
+        general = params.replace(task="sr", cleaner=params.cleaner_for_task())
+        res = self.pipe.restore(loaded, general, callback=callback, noise=noise, keep=keep, plan=plan)
+        oh, ow = res.image.shape[:2]
+        s = align.FACE_SIZE
+        info = FaceInfo(index=0, box=(0.0, 0.0, ow - 1.0, oh - 1.0), score=1.0,
+                        landmarks=align.template_for("retinaface5") * np.array([ow / s, oh / s]), kind="retinaface5",
+                        affine=np.array([[s / ow, 0, 0], [0, s / oh, 0]]), align_error_px=0.0,
+                        seconds=float(sum(res.timings.values())))
+        res.params = params
+        res.extra.update(face_mode="aligned", faces=[info], face_backend=None)
+        return res
+
     def restore(self, image: LoadedImage | np.ndarray, params: RestoreParams,
-                callback: Callable | None = None) -> RestoreResult:
-        """Restore a face crop or a whole photo (``params.face``); ``callback`` gets every stage-2 step."""
+                callback: Callable | None = None, noise=None, keep: dict | None = None, plan=None) -> RestoreResult:
+        """Restore a face crop or a whole photo (``params.face``); ``callback`` gets every stage-2 step.
+        ``noise`` / ``keep`` / ``plan`` (one stage-2 run) only for an aligned face (``face.aligned`` True)."""
         params = params.validate()
         if params.task != "face":
             raise ValueError(f"FacePipeline restores task 'face', got {params.task!r} (use DiffBIRPipeline)")
         loaded = image if isinstance(image, LoadedImage) else LoadedImage(rgb=np.asarray(image, np.float32))
+        if params.face.aligned is True:
+            return self.restore_aligned(loaded, params, callback=callback, noise=noise, keep=keep, plan=plan)
+        given = [n for n, v in (("noise", noise), ("keep", keep), ("plan", plan)) if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to one stage-2 run; whole-photo face mode runs several")
         seed = params.seed if params.seed is not None else random.randrange(2**31)
         restorer = FaceRestorer(params.face, upscale=params.upscale, models=self.models(params.face.backend))
         res = restorer(loaded.rgb, self._face_fn(params, seed, callback), self._background_fn(params, callback))

@@ -16,8 +16,9 @@ reported as unused by the loaders instead of being held in memory. This also mat
 SD 2.1 ``text_encoder`` (a 23-layer ``CLIPTextModel``), see `convert.text_from_transformers`.
 
 Tokenizer: open_clip's ``SimpleTokenizer`` ships its BPE vocabulary inside the wheel (works offline).
-Unlike the official code, a prompt longer than the context is an error (`PromptTooLongError`), not a
-silent truncation.
+A prompt longer than the context is truncated exactly as the official tokenizer does (HEAD
+``diffbir/model/open_clip/tokenizer.py:183-185``: keep the first 77 ids, force the last to EOT), with a
+`PromptTruncatedWarning` saying how many tokens were dropped.
 """
 from __future__ import annotations
 
@@ -28,14 +29,20 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["OpenCLIPTextEncoder", "PromptTooLongError", "count_tokens", "tokenize", "TEXT_LAYERS"]
+__all__ = ["OpenCLIPTextEncoder", "PromptTooLongError", "PromptTruncatedWarning", "count_tokens", "tokenize",
+           "TEXT_LAYERS"]
 
 # name of the output layer -> how many of the last blocks are skipped (official ``layer_idx``)
 TEXT_LAYERS = {"last": 0, "penultimate": 1}
 
 
 class PromptTooLongError(ValueError):
-    """A prompt has more tokens than the text encoder's context (77 for OpenCLIP)."""
+    """A prompt has more tokens than the text encoder's context (77 for OpenCLIP); kept for callers that
+    want to refuse long prompts themselves (`tokenize` truncates and warns)."""
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt was cut to the text encoder's context like the official tokenizer does."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -53,8 +60,11 @@ def count_tokens(prompt: str) -> int:
 def tokenize(prompts: Sequence[str], context_length: int = 77) -> torch.Tensor:
     """Token ids ``[B, context_length]`` (int64) exactly as the official OpenCLIP tokenizer makes them.
 
-    Raises `PromptTooLongError` (a ValueError) naming every prompt that does not fit.
+    Longer prompts are truncated like the official tokenizer (first ``context_length`` ids, the last one
+    replaced by EOT), with a `PromptTruncatedWarning` naming every truncated prompt.
     """
+    import warnings
+
     if isinstance(prompts, str):
         raise TypeError("tokenize() takes a list of prompts, not a single string")
     tok = _tokenizer()
@@ -64,12 +74,13 @@ def tokenize(prompts: Sequence[str], context_length: int = 77) -> torch.Tensor:
         ids = [tok.sot_token_id] + tok.encode(p) + [tok.eot_token_id]
         if len(ids) > context_length:
             too_long.append(f"prompt {i} has {len(ids)} tokens ({p[:60]!r}{'...' if len(p) > 60 else ''})")
-            continue
+            ids = ids[:context_length]
+            ids[-1] = tok.eot_token_id
         out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
     if too_long:
-        raise PromptTooLongError(
-            f"prompt too long for the text encoder: at most {context_length} tokens including start/end "
-            f"({context_length - 2} words/sub-words); " + "; ".join(too_long) + ". Shorten the prompt.")
+        warnings.warn(
+            f"prompt truncated to the text encoder's {context_length} tokens (including start/end), as the "
+            "official tokenizer does: " + "; ".join(too_long), PromptTruncatedWarning, stacklevel=2)
     return out
 
 

@@ -152,9 +152,9 @@ def auto_tiling(params, image_hw: tuple[int, int], device: str | torch.device = 
 
     ``params.tiles.enabled``: True tiles every stage larger than one tile, False none, None decides per stage:
     tile iff weights + the untiled activation estimate exceed the budget (``params.tiles.max_memory_gb`` or
-    `memory_budget_bytes`), then take the largest tile that fits. The diffusion is also tiled when the latent
-    has more than 8x the tile's area (attention cost grows with the square of the token count; tiling keeps the
-    time per pixel constant). ``weights_bytes``: resident model bytes (default: the full-size models).
+    `memory_budget_bytes`), then take the largest tile that fits; the per-stage switches ``params.tiles.cleaner /
+    vae_encoder / vae_decoder / diffusion`` (official ``--<stage>_tiled``) override it for one stage. The diffusion
+    is never tiled for speed alone (official: only when asked). ``weights_bytes``: resident model bytes (default: the full-size models).
     ``vae``: the VAE module whose structure the synced-tiling cost model uses (default: SD 2.1's).
     """
     opts = params.tiles
@@ -179,9 +179,10 @@ def auto_tiling(params, image_hw: tuple[int, int], device: str | torch.device = 
     }
 
     def want(stage: str, bigger_than_tile: bool) -> bool:
-        if not bigger_than_tile or forced is False:
+        stage_forced = getattr(opts, stage, None)  # per-stage switch (official --<stage>_tiled) wins
+        if not bigger_than_tile or stage_forced is False or (stage_forced is None and forced is False):
             return False
-        return forced is True or est[stage] * gib > free
+        return stage_forced is True or forced is True or est[stage] * gib > free
 
     # 1. cleaner: tiles of cleaner_tile (reduced until they fit)
     ctile = int(opts.cleaner_tile)
@@ -195,6 +196,14 @@ def auto_tiling(params, image_hw: tuple[int, int], device: str | torch.device = 
     # is free, the rest holding the walk's stored full-image tensors; exact statistics (fraction 1) unless that
     # costs more than max_sync_cost x an untiled pass. "blend" (official) when asked for or nothing is affordable.
     def vae_plan(stage: str) -> VAETiling:
+        if getattr(opts, stage, None) is True and params.uses_diffusion:
+            # asked for (official --vae_*_tiled): seam-free synced tiles of the given pixel size (HEAD's tilevae
+            # VAEHook also estimates whole-image GroupNorm statistics; not bit-identical), untiled when tiny
+            tile = max(8, int(getattr(opts, f"{stage}_tile")) // 8)
+            tiny = min(hp, wp) < 8 * tile if stage == "vae_encoder" else max(lh, lw) <= tile
+            if tiny:  # HEAD pipeline.py:106-111 (encoder), tilevae.py:319 (decoder)
+                return VAETiling("none")
+            return VAETiling("sync", tile=tile, stride=max(1, tile * 3 // 4))
         if not params.uses_diffusion or not want(stage, max(lh, lw) > 32):
             return VAETiling("none")
         if vae_mode == "blend":
@@ -233,11 +242,9 @@ def auto_tiling(params, image_hw: tuple[int, int], device: str | torch.device = 
     # 3. diffusion
     ltile, lstride = int(opts.latent_tile), int(opts.latent_stride)
     big = max(lh, lw) > ltile
+    # never tiled for speed alone: only when memory requires it, or when asked (official: only --cldm_tiled,
+    # HEAD inference.py:155-164; ``opts.diffusion`` switches the diffusion alone on / off)
     diffusion = params.uses_diffusion and want("diffusion", big)
-    if params.uses_diffusion and big and forced is None and not diffusion and lh * lw > 8 * ltile * ltile:
-        diffusion = True
-        notes.append(f"diffusion tiled for speed: the {lh}x{lw} latent has more than 8x the area of a "
-                     f"{ltile}x{ltile} tile")
     if diffusion:
         while ltile > 32 and estimate_stage_bytes("diffusion", ltile * ltile, dtype_bytes=dtype_bytes) > free:
             ltile -= 16
