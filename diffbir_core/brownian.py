@@ -87,7 +87,8 @@ class BrownianTreeNoise:
                  sigma_min: Tensor | float, sigma_max: Tensor | float) -> Tensor:
         """(W(sigma_next) - W(sigma)) / sqrt|sigma_next - sigma|, shaped like ``like`` (official
         ``BrownianTreeNoiseSampler.__call__``)."""
-        key = (tuple(like.shape), like.dtype, like.device, float(sigma_min), float(sigma_max))
+        key = (tuple(like.shape), like.dtype, like.device, float(torch.as_tensor(sigma_min)),
+               float(torch.as_tensor(sigma_max)))
         if self._trees is None:
             self._build(like, sigma_min, sigma_max)
         elif key != self._key:
