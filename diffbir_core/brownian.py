@@ -1,19 +1,15 @@
 """Brownian-tree noise for the SDE samplers: torchsde's ``BrownianTree``, queried like official k-diffusion.
 
-What it is
-    ``BrownianTreeNoise``: a noise source whose draws are normalised Brownian increments
-    (W(sigma_next) - W(sigma)) / sqrt|sigma_next - sigma| of one fixed Brownian path over [sigma_min, sigma_max]
-    (one path per batch item when a list of seeds is given). Used by ``k_samplers`` for dpm++_sde,
-    dpm++_2m_sde and dpm++_3m_sde (``interval``); plain ``(shape, like)`` draws (churn, guidance targets) go to
-    ``fallback`` (a ``TorchNoise``).
-Mirrors
-    HEAD ``diffbir/sampler/k_diffusion.py:70-94`` (``BatchedBrownianTree``: sorted times, ``w0 = zeros_like(x)``,
-    one ``torchsde.BrownianTree(t0, w0, t1, entropy=seed)`` per seed, sign flip for reversed queries) and
-    ``:97-119`` (``BrownianTreeNoiseSampler``, identity transform, interval [sigma_min > 0, sigma_max]); the seed
-    the official code uses when none is given is ``torch.randint(0, 2**63 - 1, []).item()`` from the global torch
-    RNG (``:76-77``), drawn when the sampler starts (``:551``, ``:623``, ``:665``): ``from_noise`` draws it the
-    same way from a ``TorchNoise`` generator, so an official CPU run seeded with s is reproduced draw for draw.
-    torchsde is optional: imported in the constructor (``pip install torchsde==0.2.6``).
+``BrownianTreeNoise.interval(sigma, sigma_next, like, sigma_min=, sigma_max=)`` returns the normalised increment
+(W(sigma_next) - W(sigma)) / sqrt|sigma_next - sigma| of one fixed Brownian path over [sigma_min, sigma_max] (one
+path per batch item for a list of seeds); ``k_samplers`` uses it for dpm++_sde / 2m_sde / 3m_sde. Plain
+``(shape, like)`` draws (churn, guidance targets) go to ``fallback`` (a ``TorchNoise``).
+Mirrors HEAD ``diffbir/sampler/k_diffusion.py:70-94`` (``BatchedBrownianTree``: sorted times, w0 = zeros_like(x),
+one ``torchsde.BrownianTree(t0, w0, t1, entropy=seed)`` per seed, sign for reversed queries) and ``:97-119``
+(``BrownianTreeNoiseSampler``, identity transform). Without a seed the official code draws
+``torch.randint(0, 2**63 - 1, []).item()`` from the global RNG (``:76-77``) when the sampler starts (``:551, :623,
+:665``); ``from_noise`` draws it the same way from a ``TorchNoise`` generator, so an official CPU run seeded with s
+is reproduced draw for draw. torchsde is optional: imported in the constructor (``pip install torchsde==0.2.6``).
 """
 from __future__ import annotations
 

@@ -1,26 +1,17 @@
 """The rest of the official HEAD samplers: the k-diffusion "EDM" family and DPM-Solver++ multistep (dpm++_m2).
 
-What it is
-    Pure functions ``sample_*(denoiser, x_T, schedule, *, knobs..., guidance, noise, seed, callback) -> z_0`` in
-    the style of ``samplers.sample_dpmpp_2m`` (same EDM preconditioning ``edm_denoise``, same start
-    x = x_T sqrt(1 + sigma_0^2), same guidance hook on the clean prediction and ``StepInfo`` callback), plus
-    ``K_SAMPLERS`` (official name -> function), ``SAMPLER_KNOBS`` (which of s_churn, s_tmin, s_tmax, s_noise, eta,
-    order each official sampler reads), ``OFFICIAL_KNOB_DEFAULTS`` and ``run_k_sampler`` (build schedule + run).
-Mirrors (HEAD = /work/shared/official/DiffBIR-HEAD)
-    * samplers: ``diffbir/sampler/k_diffusion.py`` (line numbers in each docstring); knob wiring
-      ``diffbir/sampler/edm_sampler.py:28-81``; knob defaults = HEAD ``inference.py:205-240`` argparse
-      (s_churn 0, s_tmin 0, s_tmax 300, s_noise 1, eta 1, order 1), which is what official runs use (the
-      k-diffusion function defaults differ: s_tmax inf, lms order 4).
-    * sigma -> model timestep: ``edm_sampler.py:116-119``: the discrete t of the NEAREST schedule sigma (matters for
-      the off-grid sigmas of churn, dpm_2 midpoints, dpm++(2S)/SDE half steps): ``timestep_for_sigma``.
-    * schedule: ``edm_sampler.py:83-96`` is ``schedule.make_edm_schedule(kind="diffbir")`` for every EDM sampler
-      (``official_sigma_max=True`` for the official 1e-8 overwrite); nothing else is needed.
-    * dpm++_m2: ``diffbir/sampler/dpms_sampler.py:17-101`` + ``dpm_solver_pytorch.py`` (NoiseScheduleVP "discrete",
-      multistep DPM-Solver++ order 2, time_uniform, lower_order_final): ``make_dpm_solver_schedule``,
-      ``sample_dpmpp_m2``. It feeds the model CONTINUOUS float timesteps (t_c - 1/N) * 1000.
-Guidance (not in the official EDM/DPM-Solver samplers): applied once per step to the step's first clean prediction,
-    with x0_coef = its first-order coefficient 1 - sigma_target / sigma; later evaluations of the step start from the
-    guided state (see ``guidance.py``).
+Pure functions ``sample_*(denoiser, x_T, schedule, *, knobs, guidance, noise, seed, callback) -> z_0`` in the style of
+``samplers.sample_dpmpp_2m`` (EDM preconditioning ``edm_denoise``, start x_T sqrt(1 + sigma_0^2), guidance on the
+clean prediction once per step with x0_coef = its first-order coefficient, ``StepInfo`` callback), plus ``K_SAMPLERS``
+(official name -> function), ``SAMPLER_KNOBS``, ``OFFICIAL_KNOB_DEFAULTS`` and ``run_k_sampler``.
+Mirrors HEAD (/work/shared/official/DiffBIR-HEAD): ``diffbir/sampler/k_diffusion.py`` (lines in each docstring);
+knob wiring ``edm_sampler.py:28-81``; knob defaults ``inference.py:205-240`` (what official runs use; k-diffusion's
+own function defaults differ: s_tmax inf, lms order 4); sigma -> model t = t of the NEAREST schedule sigma
+(``edm_sampler.py:116-119``, matters for churn / midpoint / half-step sigmas: ``timestep_for_sigma``); the sigma
+schedule ``edm_sampler.py:83-96`` is ``schedule.make_edm_schedule`` for every EDM sampler (``official_sigma_max=True``
+for the 1e-8 overwrite). dpm++_m2: ``dpms_sampler.py:17-101`` + ``dpm_solver_pytorch.py`` (NoiseScheduleVP
+"discrete", multistep order 2, time_uniform, lower_order_final); it feeds the model FLOAT timesteps.
+The official EDM / DPM-Solver samplers have no restoration guidance; the hook here is our extension.
 """
 from __future__ import annotations
 
@@ -30,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import integrate
 
 from .samplers import (
     Callback,
@@ -288,6 +278,8 @@ def sample_dpmpp_2s_ancestral(denoiser: Denoiser, x_T: Tensor, schedule: EDMSche
 def lms_coefficient(order: int, sigmas: np.ndarray, i: int, j: int) -> float:
     """int_{sigma_i}^{sigma_{i+1}} of the j-th Lagrange basis polynomial on sigma_i, ..., sigma_{i-order+1}
     (k_diffusion.py:252-262; scipy quad, epsrel 1e-4, on the float32 sigmas as the official code)."""
+    from scipy import integrate                          # scipy is a requirement; imported only when lms runs
+
     if order - 1 > i:
         raise ValueError(f"Order {order} too high for step {i}")
 
@@ -547,7 +539,7 @@ def sample_dpmpp_m2(denoiser: Denoiser, x_T: Tensor, schedule: DPMSolverSchedule
     for i in range(n):
         # 1. clean prediction at t_i (guided), kept for the multistep history
         d, out = data_pred(x, i)
-        t_int = int(round(float(schedule.model_t[i])))
+        t_int = round(float(schedule.model_t[i]))
         h = lam[i + 1] - lam[i]
         phi_1 = torch.expm1(-h)
         d_used, g = _guided(guidance, d, t_int, -al[i + 1] * phi_1, noise)
@@ -635,9 +627,25 @@ def run_k_sampler(name: str, denoiser: Denoiser, x_T: Tensor, training: Training
 
 
 __all__ = [
-    "DPMSolverSchedule", "K_SAMPLERS", "OFFICIAL_KNOB_DEFAULTS", "OFFICIAL_SAMPLER_NAMES", "SAMPLER_KNOBS",
-    "get_ancestral_step", "lms_coefficient", "make_dpm_solver_schedule", "run_k_sampler", "sample_dpm_2",
-    "sample_dpm_2_ancestral", "sample_dpmpp_2m_sde", "sample_dpmpp_2s_ancestral", "sample_dpmpp_3m_sde",
-    "sample_dpmpp_m2", "sample_dpmpp_sde", "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_lms",
+    "K_SAMPLERS",
+    "OFFICIAL_KNOB_DEFAULTS",
+    "OFFICIAL_SAMPLER_NAMES",
+    "SAMPLER_KNOBS",
+    "DPMSolverSchedule",
+    "get_ancestral_step",
+    "lms_coefficient",
+    "make_dpm_solver_schedule",
+    "run_k_sampler",
+    "sample_dpm_2",
+    "sample_dpm_2_ancestral",
+    "sample_dpmpp_2m_sde",
+    "sample_dpmpp_2s_ancestral",
+    "sample_dpmpp_3m_sde",
+    "sample_dpmpp_m2",
+    "sample_dpmpp_sde",
+    "sample_euler",
+    "sample_euler_ancestral",
+    "sample_heun",
+    "sample_lms",
     "timestep_for_sigma",
 ]

@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from toys import GaussianDenoiser
 
 from diffbir_core import k_samplers as ks
 from diffbir_core.guidance import GuidanceOutput
 from diffbir_core.samplers import TorchNoise, sample_ddim
 from diffbir_core.samplers import sample_dpmpp_3m_sde as base_3m_sde
 from diffbir_core.schedule import make_ddim_schedule, make_edm_schedule, make_training_schedule
-from toys import GaussianDenoiser
 
 HEAD_PKG = "_diffbir_head_official"
 MAX_DEV: dict[str, float] = {}
@@ -68,7 +68,7 @@ def official(shared_dir):
     _stub("utils.common", make_tiled_fn=None, trace_vram_usage=None)
     _stub("utils.cond_fn", Guidance=object)
     had_tuple = hasattr(torch, "Tuple")
-    torch.Tuple = typing.Tuple                     # shim: edm_sampler.py:145 annotates with torch.Tuple
+    torch.Tuple = typing.Tuple  # noqa: UP006  (shim: edm_sampler.py:145 annotates with torch.Tuple)
     try:
         mods = types.SimpleNamespace(
             gd=_load("model.gaussian_diffusion", root / "model" / "gaussian_diffusion.py"),
@@ -79,6 +79,7 @@ def official(shared_dir):
         mods.edm = _load("sampler.edm_sampler", root / "sampler" / "edm_sampler.py")
         mods.dpms = _load("sampler.dpms_sampler", root / "sampler" / "dpms_sampler.py")
         mods.ddim = _load("sampler.ddim_sampler", root / "sampler" / "ddim_sampler.py")
+        mods.spaced = _load("sampler.spaced_sampler", root / "sampler" / "spaced_sampler.py")
     finally:
         if not had_tuple:
             del torch.Tuple
@@ -225,6 +226,20 @@ def test_ddim_with_eta_matches_official(official, preset, eta):
     ref = sampler.sample(model, "cpu", 10, X_SHAPE, None, None, 1.0, x_T=x_T.clone(), progress=False)
     ours = sample_ddim(model, x_T.clone(), make_ddim_schedule(tr, 10, eta=eta), parameterization=p, seed=99)
     _check(f"ddim eta={eta}/{preset}", ours, ref, tol=2e-6)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("preset", ["v2", "v2.1"])
+def test_spaced_matches_official(official, preset):
+    """(Our existing sampler, for completeness: all 14 official names are compared with the official code.)"""
+    tr = make_training_schedule(preset)
+    sampler = official.spaced.SpacedSampler(tr.betas, tr.parameterization, False)
+    x_T = torch.randn(X_SHAPE, generator=torch.Generator().manual_seed(4))
+    model = ToyNet(5)
+    torch.manual_seed(98)
+    ref = sampler.sample(model, "cpu", 8, X_SHAPE, None, None, 1.0, x_T=x_T.clone(), progress=False)
+    ours = ks.run_k_sampler("spaced", model, x_T.clone(), tr, 8, seed=98)
+    _check(f"spaced/{preset}", ours, ref, tol=2e-6)
 
 
 @pytest.mark.parity
