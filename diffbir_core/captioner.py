@@ -15,6 +15,7 @@ llava/model/builder.py:32-43. RAM++ needs the ``ram`` package from GitHub (not o
 Default per device: ``llava`` on CUDA (official), ``none`` elsewhere (a 7B model on a few CPU cores takes
 minutes per image); see `default_captioner`.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -31,9 +32,23 @@ from .weights import Source, WeightsError, WeightSpec, offline, resolve_spec
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Captioner", "NoCaptioner", "LLaVACaptioner", "RAMCaptioner", "CaptionerError", "make_captioner",
-    "default_captioner", "CAPTIONERS", "LLAVA_BITS", "DEFAULT_LLAVA_BIT", "LLAVA_QUESTION", "LLAVA_MAX_NEW_TOKENS",
-    "LLAVA_SPEC", "RAM_PLUS_SPEC", "llava_v1_prompt", "resolve_model_dir", "to_uint8_rgb",
+    "CAPTIONERS",
+    "DEFAULT_LLAVA_BIT",
+    "LLAVA_BITS",
+    "LLAVA_MAX_NEW_TOKENS",
+    "LLAVA_QUESTION",
+    "LLAVA_SPEC",
+    "RAM_PLUS_SPEC",
+    "Captioner",
+    "CaptionerError",
+    "LLaVACaptioner",
+    "NoCaptioner",
+    "RAMCaptioner",
+    "default_captioner",
+    "llava_v1_prompt",
+    "make_captioner",
+    "resolve_model_dir",
+    "to_uint8_rgb",
 ]
 
 CAPTIONERS = ("none", "llava", "ram")  # inference.py:168
@@ -51,14 +66,19 @@ RAM_IMAGE_SIZE = 384  # caption.py:156
 
 _GB = 1024**3
 LLAVA_SPEC = WeightSpec(
-    "llava_1.5_7b", "llava-1.5-7b-hf",
+    "llava_1.5_7b",
+    "llava-1.5-7b-hf",
     "LLaVA-1.5-7B captioner (transformers port of liuhaotian/llava-v1.5-7b)",
-    (Source(repo_id="llava-hf/llava-1.5-7b-hf"),), approx_bytes=14 * _GB,
+    (Source(repo_id="llava-hf/llava-1.5-7b-hf"),),
+    approx_bytes=14 * _GB,
     notes="a model folder (config.json, tokenizer, processor and safetensors shards, about 14 GB)",
 )
 RAM_PLUS_SPEC = WeightSpec(
-    "ram_plus_swin_large", "ram_plus_swin_large_14m.pth", "RAM++ Swin-L tagger (recognize-anything)",
-    (Source(repo_id="xinyu1205/recognize-anything-plus-model"),), approx_bytes=3 * _GB,
+    "ram_plus_swin_large",
+    "ram_plus_swin_large_14m.pth",
+    "RAM++ Swin-L tagger (recognize-anything)",
+    (Source(repo_id="xinyu1205/recognize-anything-plus-model"),),
+    approx_bytes=3 * _GB,
 )
 _RAM_INSTALL = (
     "The RAM++ captioner needs the `ram` package of recognize-anything, which is not on PyPI. Install it from "
@@ -125,8 +145,13 @@ def llava_v1_prompt(question: str = LLAVA_QUESTION) -> str:
     return f"{LLAVA_V1_SYSTEM} USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
 
 
-def resolve_model_dir(spec: WeightSpec, *, path: str | os.PathLike | None = None,
-                      weights_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
+def resolve_model_dir(
+    spec: WeightSpec,
+    *,
+    path: str | os.PathLike | None = None,
+    weights_dir: str | os.PathLike | None = None,
+    download: bool = True,
+) -> Path:
     """A Hugging Face model *folder* for ``spec``, searched like `weights.resolve` searches files: explicit
     ``path`` -> ``<weights_dir>/<spec.filename>`` and ``$DIFFBIR_WEIGHTS_DIR/<spec.filename>`` -> the Hugging
     Face cache -> download (never when ``HF_HUB_OFFLINE=1``). A folder counts when it holds ``config.json``.
@@ -170,7 +195,8 @@ def resolve_model_dir(spec: WeightSpec, *, path: str | os.PathLike | None = None
             why = f"download failed: {type(e).__name__}: {e}"
     raise WeightsError(
         f"Missing weights: {spec.description} - folder {spec.filename!r}.\n"
-        f"  Looked in: {'; '.join(looked)}\n  {why}\n{how_to}")
+        f"  Looked in: {'; '.join(looked)}\n  {why}\n{how_to}"
+    )
 
 
 def official_input_ids(prompt: str, tokenizer: Any, image_token_id: int, n_image_tokens: int) -> list[int]:
@@ -198,7 +224,7 @@ def pad_to_square(image: np.ndarray, mean: tuple[float, ...]) -> np.ndarray:
     out = np.empty((side, side, 3), np.uint8)
     out[:] = np.array([int(m * 255) for m in mean], np.uint8)
     top, left = (side - h) // 2, (side - w) // 2
-    out[top:top + h, left:left + w] = image
+    out[top : top + h, left : left + w] = image
     return out
 
 
@@ -213,10 +239,18 @@ class LLaVACaptioner:
 
     name = "llava"
 
-    def __init__(self, device: Any = "cuda", bits: str | int = DEFAULT_LLAVA_BIT, *,
-                 model_path: str | os.PathLike | None = None, weights_dir: str | os.PathLike | None = None,
-                 download: bool = True, dtype: str | None = None, question: str = LLAVA_QUESTION,
-                 max_new_tokens: int = LLAVA_MAX_NEW_TOKENS):
+    def __init__(
+        self,
+        device: Any = "cuda",
+        bits: str | int = DEFAULT_LLAVA_BIT,
+        *,
+        model_path: str | os.PathLike | None = None,
+        weights_dir: str | os.PathLike | None = None,
+        download: bool = True,
+        dtype: str | None = None,
+        question: str = LLAVA_QUESTION,
+        max_new_tokens: int = LLAVA_MAX_NEW_TOKENS,
+    ):
         bits = str(bits)
         if bits not in LLAVA_BITS:
             raise CaptionerError(f"llava bits must be one of {', '.join(LLAVA_BITS)}, got {bits!r}")
@@ -230,16 +264,19 @@ class LLaVACaptioner:
         self.on_cuda = _device_type(device) == "cuda"
         self.bits = bits
         if bits != "16" and not self.on_cuda:
-            msg = (f"llava: {bits}-bit quantisation (bitsandbytes) needs a CUDA device; on {self.device} the model "
-                   f"loads unquantised in {dtype or 'fp32'} (about {'28' if dtype in (None, 'fp32') else '14'} GB "
-                   "of memory, minutes per image).")
+            msg = (
+                f"llava: {bits}-bit quantisation (bitsandbytes) needs a CUDA device; on {self.device} the model "
+                f"loads unquantised in {dtype or 'fp32'} (about {'28' if dtype in (None, 'fp32') else '14'} GB "
+                "of memory, minutes per image)."
+            )
             warnings.warn(msg, stacklevel=2)
             log.warning("%s", msg)
             self.bits = "16"
         if self.bits != "16" and importlib.util.find_spec("bitsandbytes") is None:
             raise CaptionerError(
                 f"llava --llava-bit {bits} needs the optional package bitsandbytes: pip install bitsandbytes "
-                "(or use --llava-bit 16, about 14 GB of GPU memory, or --captioner none)")
+                "(or use --llava-bit 16, about 14 GB of GPU memory, or --captioner none)"
+            )
         self.dtype_name = dtype or ("fp16" if self.on_cuda else "fp32")  # official: fp16 (builder.py:43, :163)
         self.model_path, self.weights_dir, self.download = model_path, weights_dir, download
         self.question = question
@@ -253,15 +290,16 @@ class LLaVACaptioner:
     def __repr__(self) -> str:
         return f"LLaVACaptioner(device={self.device!r}, bits={self.bits!r}, dtype={self.dtype_name!r})"
 
-    def load(self) -> "LLaVACaptioner":
+    def load(self) -> LLaVACaptioner:
         """Find the weights and load processor + model (done by the first call; call it to fail early)."""
         if self.model is not None:
             return self
         import torch
         from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-        folder = resolve_model_dir(LLAVA_SPEC, path=self.model_path, weights_dir=self.weights_dir,
-                                   download=self.download)
+        folder = resolve_model_dir(
+            LLAVA_SPEC, path=self.model_path, weights_dir=self.weights_dir, download=self.download
+        )
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.dtype_name]
         kwargs: dict[str, Any] = {"dtype": dtype}
         if self.bits != "16":
@@ -269,10 +307,15 @@ class LLaVACaptioner:
 
             # builder.py:32-41; the official vision tower is loaded apart and stays fp16 (builder.py:163).
             kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_8bit=self.bits == "8", load_in_4bit=self.bits == "4", bnb_4bit_compute_dtype=torch.float16,
-                bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4",
-                llm_int8_skip_modules=["vision_tower", "lm_head"])
-            kwargs["device_map"] = {"": self.device}
+                load_in_8bit=self.bits == "8",
+                load_in_4bit=self.bits == "4",
+                bnb_4bit_compute_dtype=torch.float16,
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_quant_type="nf4",
+                llm_int8_skip_modules=["vision_tower", "lm_head"],
+            )
+        if self.on_cuda:
+            kwargs["device_map"] = {"": self.device}  # load shards straight onto the GPU (builder.py:27-30)
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
             # the PIL backend is the official CLIPImageProcessor (bicubic PIL resize); torchvision's differs slightly
@@ -280,8 +323,13 @@ class LLaVACaptioner:
             model = LlavaForConditionalGeneration.from_pretrained(folder, **kwargs)
         except Exception as e:
             raise WeightsError(f"could not load {LLAVA_SPEC.description} from {folder}: {type(e).__name__}: {e}") from e
-        if self.bits == "16":
+        if not self.on_cuda:
             model = model.to(self.device)
+            log.warning(
+                "llava runs on %s in %s: expect minutes per image (use CUDA, or --captioner none)",
+                self.device,
+                self.dtype_name,
+            )
         self.model, self.tokenizer, self.image_processor, self.folder = model.eval(), tokenizer, image_processor, folder
         log.info("llava captioner loaded from %s (%s-bit, %s, %s)", folder, self.bits, self.dtype_name, self.device)
         return self
@@ -304,8 +352,11 @@ class LLaVACaptioner:
             n_img += 1  # the CLIP CLS feature is kept
         ids = official_input_ids(self.prompt, self.tokenizer, cfg.image_token_id, n_img)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.model.device)  # 1xL
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-                "pixel_values": pixel_values.to(self.model.device, dtype=self.model.dtype)}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "pixel_values": pixel_values.to(self.model.device, dtype=self.model.dtype),
+        }
 
     def __call__(self, image: np.ndarray) -> str:
         import torch
@@ -313,9 +364,10 @@ class LLaVACaptioner:
         inputs = self.inputs(image)
         with torch.no_grad():
             # caption.py:136-146: temperature 0 -> do_sample False, num_beams 1, max_new_tokens 512, use_cache.
-            out = self.model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens,
-                                      use_cache=True)
-        new = out[:, inputs["input_ids"].shape[1]:]  # transformers returns prompt + new tokens
+            out = self.model.generate(
+                **inputs, do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens, use_cache=True
+            )
+        new = out[:, inputs["input_ids"].shape[1] :]  # transformers returns prompt + new tokens
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)[0].strip()  # caption.py:147-149
 
 
@@ -333,8 +385,14 @@ class RAMCaptioner:
 
     name = "ram"
 
-    def __init__(self, device: Any = "cuda", *, weights_path: str | os.PathLike | None = None,
-                 weights_dir: str | os.PathLike | None = None, download: bool = True):
+    def __init__(
+        self,
+        device: Any = "cuda",
+        *,
+        weights_path: str | os.PathLike | None = None,
+        weights_dir: str | os.PathLike | None = None,
+        download: bool = True,
+    ):
         if importlib.util.find_spec("ram") is None:
             raise CaptionerError(_RAM_INSTALL)
         self.device = str(device)
@@ -345,7 +403,7 @@ class RAMCaptioner:
     def __repr__(self) -> str:
         return f"RAMCaptioner(device={self.device!r})"
 
-    def load(self) -> "RAMCaptioner":
+    def load(self) -> RAMCaptioner:
         if self.model is not None:
             return self
         try:
@@ -353,8 +411,12 @@ class RAMCaptioner:
             from ram.models import ram_plus
         except ImportError as e:
             raise CaptionerError(f"{_RAM_INSTALL}\n(import failed: {e})") from e
-        path = resolve_spec(RAM_PLUS_SPEC, path=self.weights_path,
-                            dirs=[self.weights_dir, os.environ.get("DIFFBIR_WEIGHTS_DIR")], download=self.download)
+        path = resolve_spec(
+            RAM_PLUS_SPEC,
+            path=self.weights_path,
+            dirs=[self.weights_dir, os.environ.get("DIFFBIR_WEIGHTS_DIR")],
+            download=self.download,
+        )
         self.transform = get_transform(image_size=RAM_IMAGE_SIZE)
         self.model = ram_plus(pretrained=str(path), image_size=RAM_IMAGE_SIZE, vit="swin_l").eval().to(self.device)
         return self

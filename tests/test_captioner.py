@@ -7,6 +7,7 @@ built here, independently, following the official code: the llava_v1 prompt writ
 llava/conversation.py:325-335, chunked tokenisation (mm_utils.py:185-204), expand2square with PIL
 (mm_utils.py:152-163). Known answers: official constants (question, 512 tokens, default 4 bits).
 """
+
 from __future__ import annotations
 
 import importlib.machinery
@@ -43,33 +44,69 @@ def _tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = sorted(set(OFFICIAL_PROMPT.replace("<image>", " ").split() + "cat dog sky tree red blue".split()))
+    words = sorted(set(OFFICIAL_PROMPT.replace("<image>", " ").split() + ["cat", "dog", "sky", "tree", "red", "blue"]))
     special = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
     vocab = {t: i for i, t in enumerate(special + words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])  # Llama BOS
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory):
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     folder = tmp_path_factory.mktemp("tiny-llava")
     tokenizer = _tiny_tokenizer()
     # CLIP mean/std as in the real llava-hf preprocessor (OpenAI CLIP values).
-    ip = CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30},
-                            image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
-    vision = CLIPVisionConfig(image_size=30, patch_size=6, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                              num_attention_heads=2, projection_dim=16)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=3,
-                       max_position_embeddings=256)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    ip = CLIPImageProcessor(
+        size={"shortest_edge": 30},
+        crop_size={"height": 30, "width": 30},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    vision = CLIPVisionConfig(
+        image_size=30,
+        patch_size=6,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        projection_dim=16,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        max_position_embeddings=256,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()
     model.save_pretrained(folder)
@@ -78,7 +115,7 @@ def tiny_llava(tmp_path_factory):
     return folder
 
 
-def _reference_caption(folder, rgb: np.ndarray, max_new_tokens: int) -> tuple[str, list[int], "torch.Tensor"]:
+def _reference_caption(folder, rgb: np.ndarray, max_new_tokens: int) -> tuple[str, list[int], torch.Tensor]:
     """transformers' own greedy generate on inputs built the official way, without diffbir_core."""
     from PIL import Image
     from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
@@ -99,9 +136,14 @@ def _reference_caption(folder, rgb: np.ndarray, max_new_tokens: int) -> tuple[st
     ids = tok(before).input_ids + [model.config.image_token_id] * n_img + tok(after).input_ids[1:]
     input_ids = torch.tensor([ids])
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixel_values,
-                             do_sample=False, max_new_tokens=max_new_tokens)
-    text = tok.batch_decode(out[:, len(ids):], skip_special_tokens=True)[0].strip()
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            pixel_values=pixel_values,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+        )
+    text = tok.batch_decode(out[:, len(ids) :], skip_special_tokens=True)[0].strip()
     return text, ids, pixel_values
 
 
@@ -282,7 +324,9 @@ def test_ram_wiring_with_a_stand_in_package(tmp_path, monkeypatch):
     assert c(rgb) == "armchair, blanket, lamp"
     assert seen["pretrained"] == str(weights) and seen["vit"] == "swin_l"
     assert seen["image_size"] == seen["model_size"] == 384 and seen["device"] == "cpu"
-    assert seen["x"].shape == (1, 3, 20, 28) and torch.equal(seen["x"][0].permute(1, 2, 0).byte(), torch.from_numpy(rgb))
+    assert seen["x"].shape == (1, 3, 20, 28) and torch.equal(
+        seen["x"][0].permute(1, 2, 0).byte(), torch.from_numpy(rgb)
+    )
 
 
 def test_factory_defaults_per_device(monkeypatch):
