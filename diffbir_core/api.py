@@ -20,6 +20,7 @@ from .config import RestoreParams
 from .face.pipeline import FacePipeline
 from .imageio import LoadedImage
 from .pipeline import DiffBIRPipeline
+from .prompts import assemble_prompt
 from .tiling.plan import TilingPlan
 from .types import RestoreResult
 
@@ -33,10 +34,25 @@ def make_pipeline(**kw: Any) -> FacePipeline:
 
 def restore(image: LoadedImage | np.ndarray, params: RestoreParams, *, pipe: DiffBIRPipeline | FacePipeline,
             callback: Callable | None = None, noise=None, keep: dict | None = None,
-            plan: TilingPlan | None = None) -> RestoreResult:
+            plan: TilingPlan | None = None, captioner: Callable[[np.ndarray], str] | None = None) -> RestoreResult:
     """Restore one image with the layer ``params.task`` needs. ``callback`` gets every stage-2 step
     (`stage2.Stage2Step`); ``noise`` / ``keep`` / ``plan`` are the general path's (`DiffBIRPipeline.restore`)
-    and are refused for whole-photo face mode, which runs stage 2 once per face and once for the background."""
+    and are refused for whole-photo face mode, which runs stage 2 once per face and once for the background.
+    ``captioner`` (`captioner.make_captioner`): its caption of the raw input is put before the positive prompt
+    (`prompts.assemble_prompt`, HEAD loop.py:165-169); ``extra["caption"]`` / ``extra["pos_prompt"]`` report it."""
+    caption = None
+    if captioner is not None:  # HEAD loop.py:165-169: caption the raw LQ image, then "caption, pos_prompt"
+        rgb = image.rgb if isinstance(image, LoadedImage) else np.asarray(image, np.float32)
+        caption = captioner(rgb)
+        if caption:
+            params = params.replace(pos_prompt=assemble_prompt(caption, params.pos_prompt))
+    res = _dispatch(image, params, pipe, callback, noise, keep, plan)
+    if captioner is not None:
+        res.extra.update(caption=caption, pos_prompt=params.pos_prompt)
+    return res
+
+
+def _dispatch(image, params: RestoreParams, pipe, callback, noise, keep, plan) -> RestoreResult:
     face = pipe if isinstance(pipe, FacePipeline) else None
     general = face.pipe if face is not None else pipe
     if not isinstance(general, DiffBIRPipeline):

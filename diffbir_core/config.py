@@ -10,6 +10,7 @@ class paths). One preset is one object, its stage-1 cleaners included (``cleaner
 | v1-face    | swinir_general / swinir_face / same | SD2.1 + v1_face       | spaced, 50           | 1                |
 | v2         | bsrnet / swinir_face / scunet_psnr  | SD2.1 + v2            | spaced, 50           | 4, official neg. |
 | v2.1       | swinir_realesrgan / swinir_face / = | SD2.1-zsnr (v) + v2.1 | edm_dpm++_3m_sde, 10 | 6, HEAD pos/neg  |
+| custom     | swinir_general (your file)          | your SD2.1 + control  | edm_dpm++_3m_sde, 10 | 6, HEAD pos/neg  |
 
 Mirrors: official defaults of v1 inference.py, v2.0.0 inference.py and HEAD diffbir/inference/*_loop.py.
 `RestoreParams.from_flat` maps flat names (CLI flags, demo controls) onto the nested fields, once.
@@ -165,6 +166,15 @@ class RestoreParams:
     noise_aug: int = 0  # HEAD --noise_aug: c_img = q_sample(c_img, noise_aug, eps) (0 = off)
     edm_sigma_max: Literal["clamp", "official"] = "clamp"  # EDM abar_{T-1}: max(abar, 1e-8), or HEAD's 1e-8 overwrite
     pre_resize: Literal["pil", "torch"] = "pil"  # x1 cleaners: HEAD loops PIL-bicubic the uint8 LQ by upscale first
+    # official sampler knobs (HEAD inference.py:205-240 defaults); each sampler reads its own (diffusion.registry)
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = 300.0
+    s_noise: float = 1.0
+    eta: float = 1.0
+    order: int = 1
+    sde_noise: Literal["torch", "brownian"] = "torch"  # brownian: official torchsde tree for the SDE samplers
+    cleaner_path: str | None = None  # explicit cleaner weight file (HEAD --version custom; architecture of `cleaner`)
     guidance: GuidanceParams = field(default_factory=GuidanceParams)
     color_fix: Literal["wavelet", "adain", "none"] = "wavelet"
     seed: int | None = 231  # None: a random seed (reported with the result)
@@ -254,6 +264,14 @@ class RestoreParams:
             raise ValueError(f"edm_sigma_max must be 'clamp' or 'official', got {self.edm_sigma_max!r}")
         if self.pre_resize not in ("pil", "torch"):
             raise ValueError(f"pre_resize must be 'pil' or 'torch', got {self.pre_resize!r}")
+        if self.sde_noise not in ("torch", "brownian"):
+            raise ValueError(f"sde_noise must be 'torch' or 'brownian', got {self.sde_noise!r}")
+        if self.s_noise < 0 or self.eta < 0 or self.s_churn < 0:
+            raise ValueError(f"s_noise, eta and s_churn must be >= 0, got {self.s_noise}, {self.eta}, {self.s_churn}")
+        if self.s_tmin > self.s_tmax:
+            raise ValueError(f"s_tmin ({self.s_tmin}) must be <= s_tmax ({self.s_tmax})")
+        if not (_is_int(self.order) and 1 <= self.order <= 4):
+            raise ValueError(f"order (edm_lms) must be an integer in [1, 4], got {self.order!r}")
         g = self.guidance
         if g.scale < 0:
             raise ValueError(f"guidance scale must be >= 0, got {g.scale}")
@@ -292,6 +310,14 @@ FLAT_NAMES: Mapping[str, tuple[str, type]] = MappingProxyType({
     "tiled": ("tiles__enabled", bool), "tile_size": ("tiles__cleaner_tile", int),
     "tile_overlap": ("tiles__cleaner_overlap", int), "latent_tile": ("tiles__latent_tile", int),
     "latent_stride": ("tiles__latent_stride", int), "max_memory": ("tiles__max_memory_gb", float),
+    "start_point": ("start_point", str), "noise_aug": ("noise_aug", int), "edm_sigma_max": ("edm_sigma_max", str),
+    "pre_resize": ("pre_resize", str), "s_churn": ("s_churn", float), "s_tmin": ("s_tmin", float),
+    "s_tmax": ("s_tmax", float), "s_noise": ("s_noise", float), "eta": ("eta", float), "order": ("order", int),
+    "sde_noise": ("sde_noise", str), "cleaner_path": ("cleaner_path", str),
+    "cleaner_tiled": ("tiles__cleaner", bool), "vae_encoder_tiled": ("tiles__vae_encoder", bool),
+    "vae_decoder_tiled": ("tiles__vae_decoder", bool), "cldm_tiled": ("tiles__diffusion", bool),
+    "vae_encoder_tile_size": ("tiles__vae_encoder_tile", int), "vae_decoder_tile_size": ("tiles__vae_decoder_tile", int),
+    "sd_ckpt": ("stage2__sd", str), "control_ckpt": ("stage2__control", str),
 })
 
 
@@ -374,4 +400,9 @@ PRESETS: dict[str, RestoreParams] = {
                steps=10, sampler="edm_dpm++_3m_sde", cfg_scale=6.0, pos_prompt=DEFAULT_POS_PROMPT,
                neg_prompt=DEFAULT_NEG_PROMPT,
                guidance=GuidanceParams(space="rgb", loss="wmse", rule="v2")),
+    # HEAD --version custom (custom_loop.py): your own SD 2.1 / control / SwinIR files (paths in sd / control /
+    # cleaner_path; eps-prediction as the official train config), HEAD inference.py's glue
+    "custom": _p(preset="custom", stage2=Stage2Weights("sd_v2.1", "v2"), steps=10, sampler="edm_dpm++_3m_sde",
+                 cfg_scale=6.0, pos_prompt=DEFAULT_POS_PROMPT, neg_prompt=DEFAULT_NEG_PROMPT,
+                 cleaners=TaskCleaners("swinir_general", "swinir_general", "swinir_general")),
 }

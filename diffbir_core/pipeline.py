@@ -59,10 +59,12 @@ class DiffBIRPipeline:
         self._text_caches: dict[int, TextEmbeddingCache] = {}
 
     # ---------------------------------------------------------------- model access
-    def cleaner(self, name: str) -> Callable:
-        if name not in self._cleaners:
-            self._cleaners[name] = load_cleaner(name, weights_dir=self.weights_dir, device=self.device)
-        return self._cleaners[name]
+    def cleaner(self, name: str, path: str | None = None) -> Callable:
+        """The cleaner ``name`` (cached); ``path``: an explicit weight file for that architecture (custom weights)."""
+        key = name if path is None else f"{name}@{path}"
+        if key not in self._cleaners:
+            self._cleaners[key] = load_cleaner(name, weights_dir=self.weights_dir, path=path, device=self.device)
+        return self._cleaners[key]
 
     def ldm(self, params: RestoreParams):
         if self._injected_ldm is not None:
@@ -118,7 +120,7 @@ class DiffBIRPipeline:
         out_hw = (max(1, int(h * params.upscale)), max(1, int(w * params.upscale)))
 
         t0 = time.perf_counter()
-        cleaner = self.cleaner(params.cleaner_for_task())
+        cleaner = self.cleaner(params.cleaner_for_task(), params.cleaner_path)
         rgb = loaded.rgb
         if params.pre_resize == "pil" and getattr(cleaner, "scale", 1) == 1:
             rgb = pil_resize_uint8(rgb, out_hw)  # x1 cleaners: HEAD loops upscale the 8-bit LQ with PIL first

@@ -5,7 +5,7 @@
        uncond = {c_txt(neg), same c_img} (none when CFG is 1); every control residual x strength.
     2. x_T ~ N(0, I) from the noise source (first draw), or the v2.0.0 "better start" (`better_start_x_T`).
     3. CFG (`diffusion.cfg.CFGDenoiser`, around `tiling.denoiser.TiledModel` when the plan tiles the latent), latent image
-       guidance (eq. 5-6) on z0_hat, the sampler by name (`diffusion.samplers.run_sampler`).
+       guidance (eq. 5-6) on z0_hat, the sampler by name (`diffusion.registry.run_sampler`).
     4. VAE decode (`models.vae_runner.VAERunner`, tiled per the plan), crop, (x + 1) / 2, colour fix with I_reg.
 ``callback`` gets a `Stage2Step` (a `StepInfo` + geometry) per step; ``on_stage(name, seconds)`` gets None when
 text / vae_encode / sampling / vae_decode / colorfix starts and its wall time when it ends.
@@ -27,7 +27,8 @@ from .config import RestoreParams
 from .diffusion.cfg import CFGDenoiser
 from .diffusion.guidance import LatentImageGuidance
 from .diffusion.noise import NoiseFn, TorchNoise
-from .diffusion.samplers import StepInfo, run_sampler
+from .diffusion.registry import run_sampler
+from .diffusion.samplers import StepInfo
 from .diffusion.schedule import TrainingSchedule, make_training_schedule
 from .imageio import pad_to_multiple
 from .models.vae_runner import PosteriorCache, VAERunner
@@ -249,7 +250,9 @@ def sample_latent(ldm, clean: Tensor, params: RestoreParams, *, seed: int | None
 
 def sampler_options(params: RestoreParams) -> dict:
     """The sampler knobs of ``params`` for `run_sampler` (official HEAD inference.py:205-240 names)."""
-    return {"edm_official_sigma_max": params.edm_sigma_max == "official"}
+    return {"edm_official_sigma_max": params.edm_sigma_max == "official", "sde_noise": params.sde_noise,
+            "s_churn": params.s_churn, "s_tmin": params.s_tmin, "s_tmax": params.s_tmax, "s_noise": params.s_noise,
+            "eta": params.eta, "order": params.order}
 
 
 def run(ldm, clean: Tensor, params: RestoreParams, *, seed: int | None = None, noise: NoiseFn | None = None,

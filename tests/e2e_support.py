@@ -151,17 +151,27 @@ def official_to_ours(argv: list[str], flavor: str) -> list[str]:
                     "--guidance-space", a.g_space, "--guidance-start", str(a.g_start), "--guidance-stop",
                     str(a.g_stop), "--guidance-repeat", str(a.g_repeat), "--guidance-rule", "v2"]
         return out
-    # HEAD
+    # HEAD: the official command line runs unchanged through our parser (underscore flags, --version, --input)
+    return list(argv) + ["--edm-sigma-max", "official"]  # HEAD edm_sampler.py:90 overwrites abar[999] always
+
+
+def official_to_ours_explicit(argv: list[str]) -> list[str]:
+    """HEAD argv -> our dash flags, every official option spelled out (a second route to the same params)."""
+    a = official_parser("head").parse_args(argv)
+    pos = a.pos_prompt if a.pos_prompt is not None else a._pos_default
+    neg = a.neg_prompt if a.neg_prompt is not None else a._neg_default
+    out = [a.input, "--output", a.output, "--upscale", str(a.upscale), "--steps", str(a.steps),
+           "--cfg-scale", str(a.cfg_scale), "--pos-prompt", pos, "--neg-prompt", neg, "--seed", str(a.seed),
+           "--device", a.device]
     if a.version == "custom":
         raise NotTranslatable("--version custom")
-    if a.captioner != "none":
-        out += ["--captioner", a.captioner]
     task = {"sr": "sr", "face": "face", "denoise": "denoise", "unaligned_face": "face"}[a.task]
     preset = {"v1": "v1-face" if task == "face" else "v1-general", "v2": "v2", "v2.1": "v2.1"}[a.version]
     out += ["--preset", preset, "--task", task, "--sampler", a.sampler, "--strength", str(a.strength),
             "--start-point", a.start_point_type, "--noise-aug", str(a.noise_aug),
             "--edm-sigma-max", "official",  # HEAD edm_sampler.py:90 overwrites abar[999] for every schedule
-            "--precision", {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[a.precision]]
+            "--precision", {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[a.precision],
+            "--captioner", a.captioner]
     out += ["--aligned"] if a.task == "face" else (["--whole-photo"] if a.task == "unaligned_face" else [])
     if a.rescale_cfg:
         out += ["--rescale-cfg"]
@@ -179,7 +189,7 @@ def substitute(argv: list[str], fixture: Path, output: Path) -> list[str]:
 
 def params_for(run: dict, fixture: Path, output: Path):
     """(our argv, our parsed args, RestoreParams) for a recorded official run."""
-    from diffbir_core.restore import build_parser, params_from_args
+    from diffbir_core.cli import build_parser, params_from_args
 
     argv = substitute(run["argv"][1:], fixture, output)
     ours = official_to_ours(argv, code_flavor(run))
@@ -263,6 +273,7 @@ class Recorded:
     c_img: list = field(default_factory=list)
     model_conds: list = field(default_factory=list)
     model_t: list = field(default_factory=list)
+    _txt_ids: list = field(default_factory=list)
 
 
 class _Observe:
@@ -287,7 +298,12 @@ class _Observe:
             return mean, logvar
 
         def forward(x, t, cond, *a, **k):
-            if len(rec.model_conds) < 4:
+            # the first call of each distinct text condition (cond, uncond): with tiled diffusion the CFG denoiser
+            # runs every tile with cond before the first uncond call
+            txt = cond["c_txt"]
+            if len(rec.model_conds) < 4 and not any(c.shape == txt.shape and torch.equal(c, txt)
+                                                    for c in rec._txt_ids):
+                rec._txt_ids.append(txt.detach().clone())
                 rec.model_conds.append({kk: v.detach().clone() for kk, v in cond.items()})
             rec.model_t.append([int(v) for v in t])
             return fwd(x, t, cond, *a, **k)
@@ -336,9 +352,11 @@ def run_ours(name: str, fixture: Path, models: ModelCache, out_dir: Path, *, met
     from safetensors.torch import load_file
 
     from diffbir_core.imageio import read_image, save_image
+    from diffbir_core import api
+    from diffbir_core.diffusion.noise import ReplayNoise
+    from diffbir_core.face.pipeline import FacePipeline
     from diffbir_core.pipeline import DiffBIRPipeline
-    from diffbir_core.samplers import ReplayNoise
-    from diffbir_core.tiling import SpeedOptions
+    from diffbir_core.speed import SpeedOptions
 
     meta = meta or load_meta(fixture)
     run = meta["runs"][name]
@@ -354,11 +372,14 @@ def run_ours(name: str, fixture: Path, models: ModelCache, out_dir: Path, *, met
     noise = ReplayNoise(replay_draws(run, tensors)) if run["status"].get("ok") else None
     rec = Recorded()
     keep: dict = {}
-    inp = Path(args.inputs[0])
+    from diffbir_core.cli import inputs_of
+
+    inp = Path(inputs_of(args)[0])
     files = sorted(p for p in inp.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     assert len(files) == 1, files
     with _Observe(pipe._injected_ldm, rec):
-        res = pipe.restore(read_image(files[0]), params, noise=noise, keep=keep, callback=callback)
+        res = api.restore(read_image(files[0]), params, pipe=FacePipeline(pipe), noise=noise, keep=keep,
+                          callback=callback)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = save_image(out_dir / f"{files[0].stem}.png", res.image, res.alpha)
     img = np.asarray(Image.open(png).convert("RGB"))

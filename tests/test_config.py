@@ -84,9 +84,10 @@ def test_negative_prompt_is_the_official_one(parity_dir):
 
 
 def test_one_sampler_list_and_cleaners_inside_the_presets():
-    from diffbir_core.diffusion.samplers import SAMPLER_NAMES
+    from diffbir_core.diffusion.k_samplers import SAMPLER_KNOBS
+    from diffbir_core.diffusion.registry import SAMPLER_NAMES
 
-    assert SAMPLERS is SAMPLER_NAMES
+    assert SAMPLERS is SAMPLER_NAMES and set(SAMPLER_KNOBS) == set(SAMPLERS) and len(SAMPLERS) == 14
     assert PRESETS["v2"].cleaners == TaskCleaners("bsrnet", "swinir_face", "scunet_psnr")
     assert PRESETS["v2.1"].replace(task="face").cleaner_for_task() == "swinir_face"
     assert PRESETS["v2"].replace(cleaner="offline").cleaner_for_task() == "offline"  # explicit cleaner wins
@@ -107,7 +108,8 @@ def test_from_flat_maps_every_name_once():
     # every flat name reaches a real (nested) field
     for name, (path, _) in FLAT_NAMES.items():
         outer, _, inner = path.partition("__")
-        assert hasattr(RestoreParams(), outer) and (not inner or hasattr(getattr(RestoreParams(), outer), inner)), name
+        base = PRESETS["v2"]  # a preset with a stage 2 (stage2__sd / stage2__control)
+        assert hasattr(base, outer) and (not inner or hasattr(getattr(base, outer), inner)), name
 
 
 @pytest.mark.parametrize("values, msg", [

@@ -72,14 +72,14 @@ def test_official_crash_runs_work_with_ours(name, fixture_dir, models, tmp_path)
             E.official_parser(flavor).parse_args(argv)
         known, unknown = E.official_parser(flavor).parse_known_args(argv)
         rest = [a.replace("_", "-") if a.startswith("--") else a for a in unknown]
-        from diffbir_core.restore import build_parser, params_from_args
+        from diffbir_core.cli import build_parser, params_from_args
 
         ours = E.official_to_ours([a for a in argv if a not in unknown], flavor) + rest
         params = params_from_args(build_parser().parse_args(ours))
         opts = dict(zip(unknown[::2], unknown[1::2]))
         assert params.sampler == opts["--sampler"] and params.steps == known.steps
         return
-    from diffbir_core.samplers import StepInfo
+    from diffbir_core.diffusion.samplers import StepInfo
 
     steps: list[StepInfo] = []
     if kind == "guidance":
@@ -134,7 +134,7 @@ def test_edm_sigma_max_fix_differs_from_official_on_eps_schedules():
     """Official EDM overwrites abar[999] with 1e-8 for every schedule (HEAD edm_sampler.py:90): sigma_0 = 1e4 even
     for the eps/linear v2 schedule. edm_sigma_max='official' reproduces the recorded sigmas; our default clamp
     keeps the true sigma_999 (14.6) for eps schedules and is identical on the zero-SNR v2.1 schedule."""
-    from diffbir_core.schedule import make_edm_schedule, make_training_schedule
+    from diffbir_core.diffusion.schedule import make_edm_schedule, make_training_schedule
 
     seen = set()
     for name in E.run_names(META, ok=True):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from toys import GaussianDenoiser
 
-from diffbir_core import k_samplers as ks
+from diffbir_core.diffusion import k_samplers as ks
 from diffbir_core.guidance import GuidanceOutput
 from diffbir_core.samplers import TorchNoise, sample_ddim
 from diffbir_core.samplers import sample_dpmpp_3m_sde as base_3m_sde
@@ -138,7 +138,7 @@ SDE = ("dpm++_sde", "dpm++_2m_sde", "dpm++_3m_sde")
 def _edm_ours(name, knobs, den, x_T, sched, p, seed):
     noise = TorchNoise(seed)
     if name in SDE:
-        from diffbir_core.brownian import BrownianTreeNoise
+        from diffbir_core.diffusion.noise import BrownianTreeNoise
 
         noise = BrownianTreeNoise.from_noise(noise)
     full = dict(ks.OFFICIAL_KNOB_DEFAULTS)
@@ -267,7 +267,7 @@ def test_knob_table_and_defaults_are_the_official_ones(official):
 @pytest.mark.parity
 @pytest.mark.parametrize("seed", [0, 2 ** 62 + 12345, [3, 4]])
 def test_brownian_tree_noise_matches_official_sampler(official, seed):
-    from diffbir_core.brownian import BrownianTreeNoise
+    from diffbir_core.diffusion.noise import BrownianTreeNoise
 
     x = torch.zeros(X_SHAPE)
     smin, smax = torch.tensor(0.0292), torch.tensor(14.6)
@@ -283,7 +283,7 @@ def test_brownian_tree_noise_matches_official_sampler(official, seed):
 @pytest.mark.parity
 def test_brownian_seed_drawn_like_official(official):
     """Official: seed = torch.randint(0, 2**63-1, []) from the global RNG when the sampler starts."""
-    from diffbir_core.brownian import BrownianTreeNoise
+    from diffbir_core.diffusion.noise import BrownianTreeNoise
 
     x = torch.zeros(1, 4, 4, 4)
     torch.manual_seed(42)
@@ -295,7 +295,7 @@ def test_brownian_seed_drawn_like_official(official):
 
 def test_brownian_increments_are_a_brownian_path():
     """Known answers: disjoint normalised increments ~ N(0,1); W(a,c) = W(a,b) + W(b,c); misuse is refused."""
-    from diffbir_core.brownian import BrownianTreeNoise
+    from diffbir_core.diffusion.noise import BrownianTreeNoise
 
     pytest.importorskip("torchsde")
     x = torch.zeros(1, 4, 64, 64)

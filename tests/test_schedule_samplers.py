@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from diffbir_core.diffusion.cfg import CFGDenoiser, rescaled_cfg_scale
 from diffbir_core.diffusion.guidance import GuidanceOutput, LatentImageGuidance
 from diffbir_core.diffusion.noise import NoiseReplayError, ReplayNoise, TorchNoise
+from diffbir_core.diffusion.registry import run_sampler
 from diffbir_core.diffusion.samplers import (
-    run_sampler,
     sample_ddim,
     sample_dpmpp_2m,
     sample_dpmpp_3m_sde,

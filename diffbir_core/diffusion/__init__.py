@@ -2,8 +2,10 @@
 sources, classifier-free guidance and latent image guidance. Nothing here knows about images or pipelines.
 
 - `schedule`  training / spaced / DDIM / EDM schedules (make_*_schedule)
-- `samplers`  sample_spaced, sample_ddim, sample_dpmpp_2m, sample_dpmpp_3m_sde, run_sampler, SAMPLER_NAMES
-- `noise`     TorchNoise, ReplayNoise, NoiseReplayError
+- `samplers`  sample_spaced, sample_ddim, sample_dpmpp_2m, sample_dpmpp_3m_sde (+ the shared step pieces)
+- `k_samplers` the rest of the official HEAD family (EDM euler ... dpm++_3m_sde, dpm++_m2)
+- `registry`  run_sampler(name, ...) for the 14 official names (config.SAMPLER_NAMES, the one list)
+- `noise`     TorchNoise, ReplayNoise, NoiseReplayError, BrownianTreeNoise (torchsde)
 - `cfg`       CFGDenoiser, rescaled_cfg_scale
 - `guidance`  LatentImageGuidance (paper eqs. 5-6)
 

@@ -2,8 +2,8 @@
 
 spaced DDPM, DDIM, DPM-Solver++(2M), DPM-Solver++(3M) SDE over ``denoiser(x, t_int64[B]) -> eps or v``
 (CFG and conditioning already bound, `cfg.CFGDenoiser`); noise from an injectable source (`noise.py`);
-restoration guidance (`guidance.py`) is a callable on z0_hat (eq. 5) inside each step. `run_sampler` picks
-one by its official ``--sampler`` name (`SAMPLER_NAMES`, the one list; `config.SAMPLERS` is this tuple).
+restoration guidance (`guidance.py`) is a callable on z0_hat (eq. 5) inside each step. The rest of the official
+family is `k_samplers`; `registry.run_sampler` runs any of the 14 official ``--sampler`` names.
 
 Mirrors
     * sample_spaced: v2.0.0 utils/sampler.py:269-340 p_sample/sample, HEAD diffbir/sampler/spaced_sampler.py:162
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
@@ -28,10 +27,6 @@ from .schedule import (
     EDMSchedule,
     Parameterization,
     SpacedSchedule,
-    TrainingSchedule,
-    make_ddim_schedule,
-    make_edm_schedule,
-    make_spaced_schedule,
 )
 
 Tensor = torch.Tensor
@@ -39,7 +34,7 @@ Denoiser = Callable[[Tensor, Tensor], Tensor]            # (x [B,C,h,w], t int64
 Callback = Callable[["StepInfo"], None]
 Guidance = Callable[..., GuidanceOutput]                 # (pred_x0, *, t, x0_coef, noise) -> GuidanceOutput
 
-__all__ = ["SAMPLER_NAMES", "StepInfo", "run_sampler", "sample_spaced", "sample_ddim", "sample_dpmpp_2m",
+__all__ = ["StepInfo", "sample_spaced", "sample_ddim", "sample_dpmpp_2m",
            "sample_dpmpp_3m_sde", "spaced_step", "ddim_step", "edm_denoise", "pred_x0_eps"]
 
 
@@ -315,32 +310,3 @@ def sample_dpmpp_3m_sde(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, 
         h_1, h_2 = h, h_1
         x = x_new
     return x
-
-
-# ----------------------------------------------------------------------------------------------
-# name -> sampler (the official --sampler names that are implemented here)
-# ----------------------------------------------------------------------------------------------
-SAMPLER_NAMES = ("spaced", "ddim", "edm_dpm++_2m", "edm_dpm++_3m_sde")
-
-
-def run_sampler(name: Literal["spaced", "ddim", "edm_dpm++_2m", "edm_dpm++_3m_sde"], denoiser: Denoiser,
-                x_T: Tensor, training: TrainingSchedule, steps: int, *, guidance: Guidance | None = None,
-                noise: NoiseFn | None = None, seed: int | None = None, callback: Callback | None = None,
-                eta: float | None = None, s_noise: float = 1.0, edm_official_sigma_max: bool = False) -> Tensor:
-    """Build the schedule for ``name`` from the training schedule and run the sampler (parameterization from
-    ``training``). ``eta`` defaults to the official ones: 0 for DDIM, 1 for 3M-SDE. ``edm_official_sigma_max``: EDM
-    schedules overwrite abar_{T-1} with 1e-8 for every schedule as HEAD ``edm_sampler.py:90`` (default: clamp)."""
-    p = training.parameterization
-    kw = {"parameterization": p, "guidance": guidance, "noise": noise, "seed": seed, "callback": callback}
-    if name == "spaced":
-        return sample_spaced(denoiser, x_T, make_spaced_schedule(training, steps), **kw)
-    if name == "ddim":
-        return sample_ddim(denoiser, x_T, make_ddim_schedule(training, steps, eta=0.0 if eta is None else eta), **kw)
-    if name == "edm_dpm++_2m":
-        return sample_dpmpp_2m(denoiser, x_T, make_edm_schedule(training, steps,
-                                                                official_sigma_max=edm_official_sigma_max), **kw)
-    if name == "edm_dpm++_3m_sde":
-        return sample_dpmpp_3m_sde(denoiser, x_T, make_edm_schedule(training, steps,
-                                                                    official_sigma_max=edm_official_sigma_max),
-                                   eta=1.0 if eta is None else eta, s_noise=s_noise, **kw)
-    raise ValueError(f"unknown sampler {name!r}; choose from {SAMPLER_NAMES}")

@@ -53,7 +53,7 @@ class FacePipeline:
         return self._models[key]
 
     def _face_fn(self, params: RestoreParams, seed: int, callback: Callable | None) -> FaceFn:
-        cleaner = self.pipe.cleaner(params.cleaner_for_task())
+        cleaner = self.pipe.cleaner(params.cleaner_for_task(), params.cleaner_path)
         if not params.uses_diffusion:
             return cleaner_face_fn(cleaner)
         s = align.FACE_SIZE

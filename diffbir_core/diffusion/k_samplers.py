@@ -22,16 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from .noise import NoiseFn, noise_source
 from .samplers import (
     Callback,
     Denoiser,
     Guidance,
-    NoiseFn,
     StepInfo,
     _apply_guidance,
     _check_param,
     _edm_start,
-    _noise_source,
     edm_denoise,
     sample_ddim,
     sample_dpmpp_2m,
@@ -128,7 +127,7 @@ def _report(callback, i, t, x, out, d, x_new, g, sigma) -> None:
 
 def _setup(x_T: Tensor, schedule: EDMSchedule, parameterization: Parameterization, noise, seed):
     _check_param(parameterization)
-    return _noise_source(noise, seed), schedule.sigmas.to(x_T.device), _edm_start(x_T, schedule)
+    return noise_source(noise, seed), schedule.sigmas.to(x_T.device), _edm_start(x_T, schedule)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -523,7 +522,7 @@ def sample_dpmpp_m2(denoiser: Denoiser, x_T: Tensor, schedule: DPMSolverSchedule
     ``schedule.model_t[i]`` (e.g. 999.0, 899.1, ...), as the official model does; the step index also goes to
     guidance / StepInfo as round(t). N steps = N model evaluations; with N < 10 the last step is first order."""
     _check_param(parameterization)
-    noise = _noise_source(noise, seed)
+    noise = noise_source(noise, seed)
     n = schedule.num_steps
     dev = x_T.device
     al, sg, lam = (v.to(dev) for v in (schedule.alpha, schedule.sigma, schedule.lam))
