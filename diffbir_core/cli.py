@@ -222,6 +222,7 @@ def params_from_args(args: argparse.Namespace) -> RestoreParams:
 
     Under ``--version`` (an official command line) HEAD inference.py's defaults fill what the command leaves out."""
     values = {name: getattr(args, name) for name in FLAT_NAMES if hasattr(args, name)}
+    values["device"] = batch.check_device(args.device)  # auto -> CUDA, then MPS, then CPU
     preset = preset_for(args)
     if args.version is not None:
         for k, v in HEAD_CLI_DEFAULTS.items():

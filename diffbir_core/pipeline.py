@@ -122,7 +122,7 @@ class DiffBIRPipeline:
         t0 = time.perf_counter()
         cleaner = self.cleaner(params.cleaner_for_task(), params.cleaner_path)
         rgb = loaded.rgb
-        if params.pre_resize == "pil" and getattr(cleaner, "scale", 1) == 1:
+        if params.pre_resize == "pil" and isinstance(cleaner, Cleaner) and cleaner.scale == 1:
             rgb = pil_resize_uint8(rgb, out_hw)  # x1 cleaners: HEAD loops upscale the 8-bit LQ with PIL first
         lq = to_tensor(rgb, self.device)  # [1,3,h,w]
         work_hw = working_size(out_hw, 512) if params.uses_diffusion else out_hw

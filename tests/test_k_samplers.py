@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from toys import GaussianDenoiser
 
 from diffbir_core.diffusion import k_samplers as ks
-from diffbir_core.guidance import GuidanceOutput
-from diffbir_core.samplers import TorchNoise, sample_ddim
-from diffbir_core.samplers import sample_dpmpp_3m_sde as base_3m_sde
-from diffbir_core.schedule import make_ddim_schedule, make_edm_schedule, make_training_schedule
+from diffbir_core.diffusion.guidance import GuidanceOutput
+from diffbir_core.diffusion.noise import TorchNoise
+from diffbir_core.diffusion.samplers import sample_ddim
+from diffbir_core.diffusion.samplers import sample_dpmpp_3m_sde as base_3m_sde
+from diffbir_core.diffusion.schedule import make_ddim_schedule, make_edm_schedule, make_training_schedule
 
 HEAD_PKG = "_diffbir_head_official"
 MAX_DEV: dict[str, float] = {}

@@ -14,6 +14,11 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+try:  # cheap (~30 ms); only the Brownian-tree noise of the SDE samplers needs it
+    import torchsde
+except ImportError:  # pragma: no cover - depends on the environment
+    torchsde = None
+
 Tensor = torch.Tensor
 NoiseFn = Callable[[tuple, Tensor], Tensor]  # (shape, like) -> N(0, 1) tensor on like's device / dtype
 
@@ -94,7 +99,7 @@ def noise_source(noise: NoiseFn | None, seed: int | None) -> NoiseFn:
 # (BatchedBrownianTree: sorted times, w0 = zeros, one torchsde.BrownianTree(t0, w0, t1, entropy=seed) per seed)
 # and :97-119 (BrownianTreeNoiseSampler). Without a seed the official code draws torch.randint(0, 2**63 - 1, [])
 # from the global RNG (:76-77) when the sampler starts; `from_noise` draws it the same way from a TorchNoise.
-# torchsde is imported in the constructor (requirements: torchsde==0.2.6).
+# torchsde (requirements: torchsde==0.2.6) is needed only when a BrownianTreeNoise is built.
 # ----------------------------------------------------------------------------------------------
 def official_tree_seed(generator: torch.Generator | None = None) -> int:
     """The seed official k-diffusion draws for its Brownian tree (k_diffusion.py:77), from ``generator``
@@ -113,11 +118,8 @@ class BrownianTreeNoise:
     """
 
     def __init__(self, seed: int | Sequence[int] | None = None, *, fallback: NoiseFn | None = None) -> None:
-        try:
-            import torchsde
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError("BrownianTreeNoise needs torchsde (optional dependency): pip install torchsde==0.2.6") \
-                from e
+        if torchsde is None:  # pragma: no cover - depends on the environment
+            raise ImportError("BrownianTreeNoise needs torchsde (in requirements.txt): pip install torchsde==0.2.6")
         self._torchsde = torchsde
         if seed is None:
             seed = official_tree_seed()
