@@ -8,21 +8,21 @@ an unwritable output folder), 130 on Ctrl-C. Batch logic (collection, naming, ch
 Flags are the flat names of `config.FLAT_NAMES` (``--cfg-scale`` -> ``cfg_scale``), mapped once by
 `RestoreParams.from_flat`; every image goes through `api.restore`.
 
-Mirrors: the official HEAD inference.py command line (--task, --upscale, --sampler, --cfg_scale, ...).
+Mirrors: the official HEAD inference.py command line (inference.py:55-287): every flag also takes its underscore
+spelling and the official names (--input, --version, --start_point_type, --cldm_tile_size in pixels, --n_samples).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import logging
 import os
 import sys
 from pathlib import Path
 
 from . import api, batch
-from .captioner import CAPTIONERS, DEFAULT_LLAVA_BIT, LLAVA_BITS, make_captioner
 from .batch import collect_inputs
+from .captioner import CAPTIONERS, DEFAULT_LLAVA_BIT, LLAVA_BITS, make_captioner
 from .config import (
     COLOR_FIXES,
     FACE_BACKENDS,

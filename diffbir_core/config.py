@@ -184,13 +184,13 @@ class RestoreParams:
 
     # ------------------------------------------------------------------ presets
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "RestoreParams":
+    def from_preset(cls, name: str, **overrides) -> RestoreParams:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
         p = PRESETS[name]
         return p.replace(**overrides) if overrides else p
 
-    def replace(self, **kw) -> "RestoreParams":
+    def replace(self, **kw) -> RestoreParams:
         """`dataclasses.replace` that also accepts nested fields as ``guidance__scale=...``."""
         nested: dict[str, dict] = {}
         flat = {}
@@ -215,7 +215,7 @@ class RestoreParams:
 
     # ------------------------------------------------------------------ flat names (CLI flags, demo controls)
     @classmethod
-    def from_flat(cls, values: Mapping[str, Any]) -> "RestoreParams":
+    def from_flat(cls, values: Mapping[str, Any]) -> RestoreParams:
         """A validated `RestoreParams` from flat names (`FLAT_NAMES`: ``cfg_scale``, ``guidance_scale``,
         ``max_faces``, ``tile_size``, ...) on top of ``values["preset"]`` (default "offline").
 
@@ -237,7 +237,7 @@ class RestoreParams:
         return cls.from_preset(str(preset), **kw).validate()
 
     # --------------------------------------------------------------- validation
-    def validate(self) -> "RestoreParams":
+    def validate(self) -> RestoreParams:
         """Return a checked copy: raise ValueError on impossible values, warn (and fix) soft ones."""
         _check_numbers(self)
         if self.preset not in PRESETS:
@@ -316,7 +316,8 @@ FLAT_NAMES: Mapping[str, tuple[str, type]] = MappingProxyType({
     "sde_noise": ("sde_noise", str), "cleaner_path": ("cleaner_path", str),
     "cleaner_tiled": ("tiles__cleaner", bool), "vae_encoder_tiled": ("tiles__vae_encoder", bool),
     "vae_decoder_tiled": ("tiles__vae_decoder", bool), "cldm_tiled": ("tiles__diffusion", bool),
-    "vae_encoder_tile_size": ("tiles__vae_encoder_tile", int), "vae_decoder_tile_size": ("tiles__vae_decoder_tile", int),
+    "vae_encoder_tile_size": ("tiles__vae_encoder_tile", int),
+    "vae_decoder_tile_size": ("tiles__vae_decoder_tile", int),
     "sd_ckpt": ("stage2__sd", str), "control_ckpt": ("stage2__control", str),
 })
 
@@ -354,7 +355,7 @@ def _check_finite(obj, prefix: str = "") -> None:
             raise ValueError(f"{prefix}{f.name} must be a finite number, got {v}")
 
 
-def _check_numbers(p: "RestoreParams") -> None:
+def _check_numbers(p: RestoreParams) -> None:
     """The numeric checks of `RestoreParams.validate` that need no model: finiteness, tiles, memory, faces,
     seed and the cleaner name (all before any model loads)."""
     _check_finite(p)

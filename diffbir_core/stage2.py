@@ -61,7 +61,7 @@ class Stage2Geometry:
     padded_hw: tuple[int, int]
 
     @classmethod
-    def for_size(cls, work_hw: tuple[int, int], multiple: int = PAD_MULTIPLE) -> "Stage2Geometry":
+    def for_size(cls, work_hw: tuple[int, int], multiple: int = PAD_MULTIPLE) -> Stage2Geometry:
         h, w = int(work_hw[0]), int(work_hw[1])
         return cls((h, w), (-(-h // multiple) * multiple, -(-w // multiple) * multiple))
 
@@ -83,7 +83,7 @@ class Stage2Step(StepInfo):
     geometry: Stage2Geometry | None = None
 
     @classmethod
-    def wrap(cls, info: StepInfo, geometry: Stage2Geometry) -> "Stage2Step":
+    def wrap(cls, info: StepInfo, geometry: Stage2Geometry) -> Stage2Step:
         return cls(**{f.name: getattr(info, f.name) for f in fields(StepInfo)}, geometry=geometry)
 
     def preview(self, decode: Callable[[Tensor], Tensor]) -> Tensor:

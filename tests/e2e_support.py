@@ -351,10 +351,10 @@ def run_ours(name: str, fixture: Path, models: ModelCache, out_dir: Path, *, met
     from PIL import Image
     from safetensors.torch import load_file
 
-    from diffbir_core.imageio import read_image, save_image
     from diffbir_core import api
     from diffbir_core.diffusion.noise import ReplayNoise
     from diffbir_core.face.pipeline import FacePipeline
+    from diffbir_core.imageio import read_image, save_image
     from diffbir_core.pipeline import DiffBIRPipeline
     from diffbir_core.speed import SpeedOptions
 

@@ -277,7 +277,7 @@ def sample_dpmpp_2s_ancestral(denoiser: Denoiser, x_T: Tensor, schedule: EDMSche
 def lms_coefficient(order: int, sigmas: np.ndarray, i: int, j: int) -> float:
     """int_{sigma_i}^{sigma_{i+1}} of the j-th Lagrange basis polynomial on sigma_i, ..., sigma_{i-order+1}
     (k_diffusion.py:252-262; scipy quad, epsrel 1e-4, on the float32 sigmas as the official code)."""
-    from scipy import integrate                          # scipy is a requirement; imported only when lms runs
+    from scipy import integrate  # scipy is a requirement; imported only when lms runs
 
     if order - 1 > i:
         raise ValueError(f"Order {order} too high for step {i}")

@@ -1,4 +1,4 @@
-"""Sampler registry: the 14 official ``--sampler`` names -> one run, ``run_sampler(name, denoiser, x_T, training, steps)``.
+"""Sampler registry: the 14 official ``--sampler`` names -> ``run_sampler(name, denoiser, x_T, training, steps)``.
 
 The name list is `config.SAMPLER_NAMES` (the one list; the CLI, the demo and validation read it); this module
 checks at import that `k_samplers.SAMPLER_KNOBS` implements exactly those names. Knobs (official HEAD

@@ -154,7 +154,8 @@ def auto_tiling(params, image_hw: tuple[int, int], device: str | torch.device = 
     tile iff weights + the untiled activation estimate exceed the budget (``params.tiles.max_memory_gb`` or
     `memory_budget_bytes`), then take the largest tile that fits; the per-stage switches ``params.tiles.cleaner /
     vae_encoder / vae_decoder / diffusion`` (official ``--<stage>_tiled``) override it for one stage. The diffusion
-    is never tiled for speed alone (official: only when asked). ``weights_bytes``: resident model bytes (default: the full-size models).
+    is never tiled for speed alone (official: only when asked). ``weights_bytes``: resident model bytes (default:
+    the full-size models).
     ``vae``: the VAE module whose structure the synced-tiling cost model uses (default: SD 2.1's).
     """
     opts = params.tiles
