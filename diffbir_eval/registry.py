@@ -24,6 +24,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffbir_core.atomic import atomic_open, write_bytes
+
 __all__ = [
     "REGISTRY",
     "CheckReport",
@@ -34,6 +36,7 @@ __all__ = [
     "checksum_list",
     "fetch",
     "load_checksums",
+    "markdown_table",
     "sha256_file",
     "write_checksums",
 ]
@@ -261,7 +264,7 @@ def checksum_list(folder: str | os.PathLike, only: list[str] | None = None) -> l
 def write_checksums(path: str | os.PathLike, rows: list[tuple[str, int, str]]) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "w", newline="") as f:
+    with atomic_open(p, "w", newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         w.writerow(["path", "bytes", "sha256"])
         w.writerows(rows)
@@ -375,9 +378,20 @@ def fetch(name: str, dest: str | os.PathLike, *, timeout: float = 30.0) -> Check
                 f"{url}: got {len(data)} bytes with another sha256 than the registry's "
                 f"({rec.checksum_file.name}); the upstream file changed - not written"
             )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(target.suffix + ".part")
-        tmp.write_bytes(data)
-        tmp.replace(target)
+        write_bytes(target, data)
         done += 1
     return check(rec.name, dest)
+
+
+def markdown_table() -> str:
+    """The registry as a Markdown table (``python -m diffbir_eval.data list``)."""
+    rows = ["| name | set | files | size | checksums | source | licence |", "|---|---|---|---|---|---|---|"]
+    for r in REGISTRY.values():
+        size = f"{r.total_bytes / 1e6:.1f} MB" if r.total_bytes is not None else "unknown"
+        sums = f"diffbir_eval/assets/checksums/{r.name}.tsv" if r.checksums is not None else "unknown"
+        dl = " (fetch: yes)" if r.download and r.checksums is not None else ""
+        rows.append(
+            f"| `{r.name}` | {r.title} | {r.count if r.count is not None else 'unknown'} ({r.count_source}) | "
+            f"{size} | {sums}{dl} | {r.url}; {r.paper} | {r.licence} |"
+        )
+    return "\n".join(rows)

@@ -94,6 +94,8 @@ TARGET_MODULES = [
     *(f"diffbir_core/face/{m}.py" for m in ("align", "detect", "restorer", "pipeline")),
     *(f"diffbir_core/train/{m}.py" for m in ("config", "tasks", "checkpoint", "loop", "__main__")),
     *(f"diffbir_eval/{m}.py" for m in ("methods", "store", "provenance", "summary", "run")),
+    # each further eval command: a package = library (__init__) + thin CLI (__main__), `python -m diffbir_eval.X`
+    *(f"diffbir_eval/{m}/{f}.py" for m in ("table", "data", "report", "run_all", "bench") for f in ("__init__", "__main__")),
     *(f"diffbir_demo/{m}.py" for m in ("backend", "ui", "app")),
 ]
 REPLACED_MODULES = [  # old path -> moved (LAYOUT.md); the old file must be gone, not left beside the new one
@@ -105,6 +107,8 @@ REPLACED_MODULES = [  # old path -> moved (LAYOUT.md); the old file must be gone
     "diffbir_core/tiling.py",
     "diffbir_core/train.py",
     "diffbir_core/face/restore.py",
+    # a stale module beside its package would be shadowed silently: the command modules became packages
+    *(f"diffbir_eval/{m}.py" for m in ("table", "data", "report", "run_all", "bench")),
 ]
 
 

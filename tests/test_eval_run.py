@@ -134,7 +134,7 @@ def test_cli_writes_tables_summary_plots_and_report(pairs, capsys):
                  "--out", str(out), "--quiet"]) == 2
     assert "already holds a different run" in capsys.readouterr().err
 
-    from diffbir_eval.report import main as report_main
+    from diffbir_eval.report.__main__ import main as report_main
 
     assert report_main(["--results", str(pairs / "results")]) == 0
     text = (pairs / "results" / "README.md").read_text()
