@@ -21,7 +21,8 @@ from diffbir_core.batch import describe_os_error
 
 from .provenance import git_info
 
-__all__ = ["RunConfigError", "RunOptions", "RowStore", "jsonable", "run_config", "read_run_json", "check_config", "check_out_dir"]
+__all__ = ["RunConfigError", "RunOptions", "RowStore", "jsonable", "run_config", "read_run_json", "check_config",
+           "check_out_dir"]
 
 
 class RunConfigError(ValueError):

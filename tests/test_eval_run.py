@@ -227,7 +227,8 @@ def test_out_that_cannot_be_a_folder_is_one_line(pairs, monkeypatch, capsys):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(folder))
 
     monkeypatch.setattr(store, "probe_writable", read_only)
-    assert main(["--dataset", ds_arg, "--method", "bicubic", "--metrics", "psnr", "--out", str(pairs / "ro")]) == 2
+    ro = ["--dataset", ds_arg, "--method", "bicubic", "--metrics", "psnr", "--out", str(pairs / "ro")]
+    assert main(ro) == 2
     err = capsys.readouterr().err
     assert "cannot write into the folder" in err and "[EROFS]" in err and len(err.strip().splitlines()) == 1
     assert not (pairs / "ro" / "run.json").exists()

@@ -71,7 +71,7 @@ class MemoryMonitor:
 
     def start(self) -> "MemoryMonitor":
         try:
-            with open("/proc/self/clear_refs", "w") as f:
+            with open("/proc/self/clear_refs", "w") as f:  # a kernel control file, not an output
                 f.write("5")                                             # reset VmHWM to the current RSS
         except OSError:
             pass

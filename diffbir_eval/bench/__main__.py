@@ -1,4 +1,4 @@
-"""``python -m diffbir_eval.bench [--sizes ...] [--steps N] [...]``: the CLI of `diffbir_eval.bench` (see the package doc).
+"""``python -m diffbir_eval.bench [--sizes ...] [--steps N] [...]``: the CLI of `diffbir_eval.bench` (package doc).
 
 With the hidden ``--child SIZE --json FILE`` it is the child process of one output size (`run_child`).
 """

@@ -1,4 +1,4 @@
-"""``python -m diffbir_eval.data list|check|fetch|checksum``: the CLI over `diffbir_eval.registry` (see the package doc)."""
+"""``python -m diffbir_eval.data list|check|fetch|checksum``: the CLI over `diffbir_eval.registry` (package doc)."""
 
 from __future__ import annotations
 

@@ -80,8 +80,9 @@ def _published_lines(key: str) -> list[str]:
     out = []
     for p in pubs:
         cols = list(p.values)
-        out += ["", f"{p.method}, from {p.source}. Protocol: {p.protocol}", "", "| method | " + " | ".join(cols) + " |",
-                "|---|" + "---|" * len(cols), f"| {p.method} | " + " | ".join(repr(p.values[c]) for c in cols) + " |"]
+        out += ["", f"{p.method}, from {p.source}. Protocol: {p.protocol}", "",
+                "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols),
+                f"| {p.method} | " + " | ".join(repr(p.values[c]) for c in cols) + " |"]
     return out
 
 
