@@ -381,7 +381,7 @@ def _write_report(out: Path, summary: dict) -> None:
         "Full-size models with random weights; x4 super-resolution (preset v2: spaced sampler, CFG 4 + negative "
         "prompt). Times in seconds. The 50-step total is EXTRAPOLATED from the measured steps "
         f"({summary['args']['steps']} per run); in probed stages the time is K tiles per round x tiles / K "
-        "(see diffbir_eval/bench.py). Peak RSS = whole process, weights included.",
+        "(see diffbir_eval/bench). Peak RSS = whole process, weights included.",
         "",
         *rows,
         "",

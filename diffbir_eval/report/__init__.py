@@ -170,11 +170,11 @@ def build_report(results: str | Path, *, plots: bool = True) -> str:
 
 def write_report(results: str | Path, out: str | Path | None = None, *, plots: bool = True) -> Path:
     """Write `build_report` to ``out`` (default ``RESULTS/README.md``) atomically; the table blocks of
-    `diffbir_eval.table` already in that file are kept (appended after the report, in their order)."""
+    `diffbir_eval.table` already in that file are kept (after the report, under one heading, in order)."""
     results = Path(results)
     out = Path(out) if out is not None else results / "README.md"
     text = build_report(results, plots=plots).rstrip() + "\n"
     blocks = read_blocks(out.read_text(encoding="utf-8")) if out.is_file() else []
     if blocks:
-        text += "\n" + "\n\n".join(blocks) + "\n"
+        text += "\n## Tables in the papers' layouts\n\n" + "\n\n".join(blocks) + "\n"
     return write_text(out, text)
