@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffbir_core.atomic import atomic_open, remove_stale_temps
+from diffbir_core.atomic import atomic_open
 from diffbir_core.imageio import read_image, resize, save_image, to_numpy, to_tensor
 
 from .datasets import image_size

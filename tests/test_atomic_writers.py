@@ -1,6 +1,6 @@
 """Issue 16: every file the project writes goes through the one atomic writer (diffbir_core/atomic.py).
 
-A static scan (``ast``) of diffbir_core/, diffbir_eval/ and diffbir_demo/: a file is written only
+A static scan (``ast``) of diffbir_core/, diffbir_eval/, diffbir_demo/ and experiments/: a file is written only
 * by `diffbir_core.atomic` itself (`write_text`, `write_bytes`, `atomic_open`, `atomic_path`), or
 * by a library writer (``torch.save``, ``np.save``/``np.savez``, ``savefig``, PIL ``.save``, safetensors ``save_file``,
   ``download_url_to_file``) whose destination is the temporary path / file of an enclosing
@@ -16,7 +16,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("diffbir_core", "diffbir_eval", "diffbir_demo")
+PACKAGES = ("diffbir_core", "diffbir_eval", "diffbir_demo", "experiments")
 ATOMIC = "diffbir_core/atomic.py"
 # (file, enclosing function) -> why a non-atomic open is right there
 APPEND_ONLY = {

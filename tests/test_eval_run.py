@@ -16,8 +16,8 @@ from diffbir_core.imageio import resize, save_image, to_numpy, to_tensor
 from diffbir_eval.datasets import open_dataset, validate
 from diffbir_eval.loop import run_eval
 from diffbir_eval.methods import Method, resolve_method
-from diffbir_eval.run import main
 from diffbir_eval.metrics import MetricWeightsError
+from diffbir_eval.run import main
 from diffbir_eval.store import RunConfigError, RunOptions
 
 ROOT = Path(__file__).resolve().parents[1]

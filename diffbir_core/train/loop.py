@@ -55,6 +55,9 @@ def _step_seed(seed: int, micro_step: int, rank: int) -> int:
 
 
 def _step_of(row: Mapping[str, str]) -> int | None:
+    """The step of a log row; None for a row cut short by a crash (fewer fields than the header)."""
+    if any(v is None for v in row.values()):
+        return None
     try:
         return int(float(row["step"]))
     except (KeyError, TypeError, ValueError):  # a row cut short by a crash
