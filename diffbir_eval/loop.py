@@ -1,6 +1,7 @@
 """The restore-and-score loop of `diffbir_eval.run`: every image not yet done, then the tables (`diffbir_eval.summary`).
 
-Steps, per image not yet done (``accelerate launch``: each process takes every N-th one):
+First, before any work: every metric weight file in ONE check (`resolve_run_files`) and the --out folder
+(`diffbir_eval.store.check_out_dir`). Then, per image not yet done (``accelerate launch``: every N-th per process):
     1. LQ (read, or synthesised with the dataset's fixed per-image seed) and GT;
     2. restore (timed); output quantised to 8-bit levels - exactly what a saved PNG holds - and its size
        checked against GT (or LQ x scale);
