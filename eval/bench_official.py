@@ -46,7 +46,7 @@ __all__ = [
     "write_report", "plot", "main", "CASES", "REQUIRED_FIELDS",
 ]
 
-CASES = ("plain_step", "cfg_step", "vae_encode_512", "vae_decode_512", "restore_v21_512")
+CASES = ("plain_step", "vae_decode_512", "vae_encode_512", "cfg_step", "restore_v21_512")
 REQUIRED_FIELDS = ("kind", "command", "machine", "threads", "load_before", "load_after", "rounds", "cases",
                    "official_dir", "ours_speed_notes", "elapsed_s")
 DEFAULT_DEPS = "/work/official-deps"
@@ -109,14 +109,17 @@ def _fill_zero_params(module, seed: int, std: float = 0.02) -> int:
     return n
 
 
-def build_official(off: dict, config: str | os.PathLike | None = None, *, seed: int = 0):
+def build_official(off: dict, config: str | os.PathLike | None = None, *, seed: int = 0, text: bool = True):
     """The official ``ControlLDM`` from its config (default ``DIR/configs/inference/cldm.yaml``), random
-    weights (seeded), zero-initialised parameters filled (see `_fill_zero_params`), eval mode."""
+    weights (seeded), zero-initialised parameters filled (see `_fill_zero_params`), eval mode. ``text=False``
+    drops the OpenCLIP text tower after building (1.4 GB; only the whole restore encodes prompts)."""
     import torch
 
     cfg = Path(config) if config else off["dir"] / "configs" / "inference" / "cldm.yaml"
     torch.manual_seed(seed)
     model = off["instantiate_from_config"](off["OmegaConf"].load(str(cfg)))
+    if not text:
+        model.clip = torch.nn.Identity()
     _fill_zero_params(model, seed + 1)
     model.control_scales = [1.0] * 13
     return model.eval().requires_grad_(False)
@@ -128,6 +131,8 @@ def official_state_dicts(official_cldm) -> tuple[dict, dict]:
     sd = {}
     for prefix, part in (("model.diffusion_model.", official_cldm.unet), ("first_stage_model.", official_cldm.vae),
                          ("cond_stage_model.", official_cldm.clip)):
+        if prefix == "cond_stage_model." and not any(True for _ in part.parameters()):
+            continue                                              # text tower dropped (build_official text=False)
         sd.update({prefix + k: v for k, v in part.state_dict().items()})
     return sd, dict(official_cldm.controlnet.state_dict())
 
@@ -141,7 +146,24 @@ def build_ours_from_official(official_cldm, config: str | os.PathLike, off: dict
 
     cfg = Stage2Config.from_official(yaml.safe_load(Path(config).read_text()))
     sd, control = official_state_dicts(official_cldm)
-    return build_control_ldm(cfg, sd=sd, control=control).eval()
+    if any(k.startswith("cond_stage_model.") for k in sd):
+        return build_control_ldm(cfg, sd=sd, control=control).eval()
+    # no text tower: the same key maps and strict loads as load_sd_ldm, for the UNet and the VAE only
+    import torch
+
+    from diffbir_core.models.convert import SD_PREFIXES, keymap_for, pull_official
+    from diffbir_core.models.ldm import ControlLDM, build_empty, build_unet, build_vae, load_control
+    from diffbir_core.weights import load_into
+
+    parts = {}
+    for name, build in (("unet", build_unet), ("vae", build_vae)):
+        module = build_empty(build, cfg)
+        mapped, _ = pull_official(module, sd, keymap_for(module, SD_PREFIXES[name]), what=f"official -> {name}")
+        load_into(module, mapped, what=f"official -> {name}", strict=True)
+        parts[name] = module.eval().requires_grad_(False)
+    controlnet = load_control(control, cfg)
+    return ControlLDM(parts["unet"], controlnet, parts["vae"], torch.nn.Identity(), cfg.latent_scale_factor,
+                      cfg).eval()
 
 
 def build_official_diffusion(off: dict, config: str | os.PathLike | None = None):
@@ -307,8 +329,8 @@ def _ref_scale(a) -> float:
 def run_interleaved(cases: Mapping[str, tuple[Callable, Callable]], rounds: int | Mapping[str, int], *,
                     labels: tuple[str, str] = ("official", "ours"), wrap_b: Callable | None = None,
                     on_result: Callable[[str, dict], None] | None = None, warmup: bool = False) -> dict[str, dict]:
-    """Per case: ``rounds`` rounds of (a, b) calls in alternating order (round 0: a first); wall seconds per
-    call, per-round ratio b / a, the median ratio, max |a - b| of the first round's outputs. ``wrap_b`` is a
+    """Per case: ``rounds`` rounds of (a, b) calls in alternating order (round 0: a first), rounds outermost;
+    wall seconds per call, per-round ratio b / a, the median ratio, max |a - b| of the first round's outputs. ``wrap_b`` is a
     context factory entered around every b call (the allocator tuning). ``on_result(name, record)`` is called
     after every round (incremental JSON)."""
     import contextlib
@@ -317,44 +339,46 @@ def run_interleaved(cases: Mapping[str, tuple[Callable, Callable]], rounds: int 
 
     la, lb = labels
     out: dict[str, dict] = {}
-    for name, (fa, fb) in cases.items():
-        n = rounds if isinstance(rounds, int) else int(rounds.get(name, 1))
-        rec: dict[str, Any] = {la + "_s": [], lb + "_s": [], "ratio": [], "rounds_planned": n}
-        ya = yb = None
+    plan = {name: (rounds if isinstance(rounds, int) else int(rounds.get(name, 1))) for name in cases}
 
-        def call(f, is_b):
-            ctx = wrap_b() if (is_b and wrap_b is not None) else contextlib.nullcontext()
-            with ctx, torch.inference_mode():
-                t0 = time.perf_counter()
-                y = f()
-                return time.perf_counter() - t0, y
+    def call(f, is_b):
+        ctx = wrap_b() if (is_b and wrap_b is not None) else contextlib.nullcontext()
+        with ctx, torch.inference_mode():
+            t0 = time.perf_counter()
+            y = f()
+            dt = time.perf_counter() - t0
+        if hasattr(y, "seconds"):                            # a call that timed itself (work before the timing)
+            dt, y = y.seconds, y.y
+        return dt, y
 
+    for name in cases:
+        out[name] = {la + "_s": [], lb + "_s": [], "ratio": [], "rounds_planned": plan[name]}
         if warmup:
-            call(fa, False)
-            call(fb, True)
-        for r in range(n):
+            call(cases[name][0], False)
+            call(cases[name][1], True)
+    # round-major: round r of every case before round r + 1 of any, so a cut-short run still covers every case
+    for r in range(max(plan.values(), default=0)):
+        for name, (fa, fb) in cases.items():
+            if r >= plan[name]:
+                continue
+            rec = out[name]
             order = (0, 1) if r % 2 == 0 else (1, 0)
-            times = [0.0, 0.0]
+            times, ys = [0.0, 0.0], [None, None]
             for side in order:
-                dt, y = call(fa if side == 0 else fb, side == 1)
-                times[side] = dt
-                if r == 0:
-                    if side == 0:
-                        ya = y
-                    else:
-                        yb = y
+                times[side], ys[side] = call(fa if side == 0 else fb, side == 1)
+                if r > 0:
+                    ys[side] = None                              # outputs compared in round 0 only
             rec[la + "_s"].append(round(times[0], 3))
             rec[lb + "_s"].append(round(times[1], 3))
             rec["ratio"].append(round(times[1] / times[0], 4))
             rec["median_ratio"] = round(statistics.median(rec["ratio"]), 4)
             rec["rounds"] = len(rec["ratio"])
             if r == 0:
-                rec["max_abs_dev"] = _max_dev(ya, yb)
-                rec["mean_abs_dev"] = _mean_dev(ya, yb)
-                rec["ref_max_abs"] = _ref_scale(ya) if torch.is_tensor(ya) else None
-                ya = yb = None
+                rec["max_abs_dev"] = _max_dev(ys[0], ys[1])
+                rec["mean_abs_dev"] = _mean_dev(ys[0], ys[1])
+                rec["ref_max_abs"] = _ref_scale(ys[0]) if torch.is_tensor(ys[0]) else None
+            del ys
             rec["load_average"] = list(os.getloadavg())
-            out[name] = rec
             if on_result is not None:
                 on_result(name, rec)
     return out
@@ -468,7 +492,7 @@ def _against_official(args) -> dict:
 
     print(f"[bench_official] building the official ControlLDM from {cfg_path} ...", flush=True)
     t0 = time.perf_counter()
-    official = build_official(off, cfg_path, seed=args.seed)
+    official = build_official(off, cfg_path, seed=args.seed, text="restore_v21_512" in args.cases)
     print(f"[bench_official] ... {time.perf_counter() - t0:.0f} s; building ours from its weights ...", flush=True)
     t0 = time.perf_counter()
     ours = build_ours_from_official(official, cfg_path, off)
@@ -513,6 +537,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--against-official", metavar="DIR", default=None,
                     help="official DiffBIR checkout (HEAD layout), e.g. /work/shared/official/DiffBIR-HEAD")
     ap.add_argument("--candidates", action="store_true", help="measure our speed candidates (eval.bench_candidates)")
+    ap.add_argument("--targets", nargs="+", default=None, help="--candidates: cleaner vae_decode step")
+    ap.add_argument("--which", nargs="+", default=None, help="--candidates: allocator channels_last compile")
+    ap.add_argument("--approx", action="store_true", help="opt-in approximate modes (int8, DeepCache) vs exact")
+    ap.add_argument("--approx-model", default="fixture", choices=["fixture", "full"])
+    ap.add_argument("--candidate-rounds", type=int, default=None, help="--candidates: rounds per candidate")
+    ap.add_argument("--name", default=None, help="--candidates: output file stem (default candidates)")
     ap.add_argument("--deps", default=DEFAULT_DEPS, help="side folder with omegaconf, ftfy, regex")
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--rounds", type=int, default=3)
@@ -533,6 +563,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.approx:
+        from eval.bench_candidates import run_approx
+
+        run_approx(args)
+        return 0
     if args.candidates:
         from eval.bench_candidates import run_candidates
 
