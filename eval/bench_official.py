@@ -493,14 +493,15 @@ def _against_official(args) -> dict:
     print(f"[bench_official] building the official ControlLDM from {cfg_path} ...", flush=True)
     t0 = time.perf_counter()
     official = build_official(off, cfg_path, seed=args.seed, text="restore_v21_512" in args.cases)
-    print(f"[bench_official] ... {time.perf_counter() - t0:.0f} s; building ours from its weights ...", flush=True)
+    t_off = time.perf_counter() - t0
+    print(f"[bench_official] ... {t_off:.0f} s; building ours from its weights ...", flush=True)
     t0 = time.perf_counter()
     ours = build_ours_from_official(official, cfg_path, off)
     SpeedOptions, apply_speed_options = _speed_api()
     speed = SpeedOptions()
     res["ours_speed_notes"] = apply_speed_options(ours, speed, "cpu") + (
         ["allocator: keep_freed_memory() around every call of ours"] if args.allocator else [])
-    res["notes"].append(f"build: official + ours {time.perf_counter() - t0:.0f} s (ours loaded from the official "
+    res["notes"].append(f"build: official {t_off:.0f} s, ours {time.perf_counter() - t0:.0f} s (ours loaded from the official "
                         "random state dict through load_sd_ldm / load_control; zero-init official params filled with "
                         "seeded N(0, 0.02) first)")
     names = [n for n in args.cases if n in CASES]
@@ -558,7 +559,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--diffusion-config", default=None, help="default DIR/configs/inference/diffusion_v2.1.yaml")
     ap.add_argument("--tmp", default="/tmp/diffbir_bench_official")
     ap.add_argument("--out", default="results/bench/official")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the Markdown + plots from the JSON files already in --out (a cut-short run)")
     args = ap.parse_args(argv)
+    if args.report_only:
+        out = Path(args.out)
+        for f in sorted(out.glob("*.json")):
+            res = json.loads(f.read_text())
+            if res.get("kind") in ("official", "candidates"):
+                res["name"] = f.stem if res["kind"] == "candidates" else res.get("name", "official")
+                write_report(out, res)
+                plot(out, res)
+                print(f"[bench_official] report from {f}", flush=True)
+        return 0
     import torch
 
     torch.set_num_threads(args.threads)
