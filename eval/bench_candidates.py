@@ -312,7 +312,7 @@ def run_approx(args) -> dict:
                 trajectory_time_ratio=round((sum(full_s) + sum(cached_s)) / sum(exact_s), 4),
                 ref_max_abs=float(e_e.abs().max()))
             save()
-        del dc
+        dc.reset()
         if which != "fixture":
             # 3. int8 in place (after the exact and DeepCache measurements): sequential, not interleaved
             res["int8_notice"] = [quantize_linear_int8(ldm.unet), quantize_linear_int8(ldm.controlnet)]

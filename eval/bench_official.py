@@ -38,7 +38,6 @@ import time
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 __all__ = [
     "import_official", "build_official", "official_state_dicts", "build_ours_from_official",
@@ -469,8 +468,6 @@ def plot(out: Path, res: dict) -> Path | None:
 # main
 # ----------------------------------------------------------------------------------------------------------
 def _against_official(args) -> dict:
-    import torch
-
     from diffbir_core.allocator import keep_freed_memory
 
     t_start = time.perf_counter()
@@ -529,7 +526,6 @@ def _against_official(args) -> dict:
     write_report(out, res)
     plot(out, res)
     print(f"[bench_official] wrote {path}, README.md, bench_official.png in {res['elapsed_s']} s", flush=True)
-    del torch
     return res
 
 
