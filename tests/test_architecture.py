@@ -348,7 +348,7 @@ def test_cli_and_ui_only_in_entry_modules(graph):
     assert not bad, "modules mixing a CLI or UI with library code:\n  " + "\n  ".join(bad)
 
 
-EVAL_COMMANDS = ("table", "data", "report", "run_all", "bench")  # diffbir_eval packages: library + thin CLI
+EVAL_COMMANDS = ("table", "data", "report", "run_all", "bench", "bench_official")  # diffbir_eval packages: library + thin CLI
 
 
 def test_eval_command_clis_are_thin():

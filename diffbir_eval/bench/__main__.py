@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in argv for a in ("--against-official", "--candidates", "--approx", "--report-only")):
+        from diffbir_eval.bench_official.__main__ import main as official_main  # the side-by-side benchmark
+
+        return official_main(argv)
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.steps < 2:
