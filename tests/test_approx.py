@@ -13,11 +13,12 @@ import pytest
 import torch
 import yaml
 
-TINY = Path(os.environ.get("DIFFBIR_E2E_DIR", "/work/shared/fixtures/diffbir_e2e")) / "configs" / "head" / "cldm.yaml"
+pytestmark = pytest.mark.e2e  # builds the tiny model of the e2e fixture set
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(e2e_dir):
+    TINY = e2e_dir / "configs" / "head" / "cldm.yaml"
     from diffbir_core.models.ldm import Stage2Config, build_control_ldm
 
     assert TINY.is_file(), f"tiny config not found at {TINY} (set DIFFBIR_E2E_DIR)"

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.parity
+pytestmark = pytest.mark.e2e  # tiny configs of the e2e fixture set (e2e implies parity)
 
-SHARED = Path(os.environ.get("DIFFBIR_SHARED_DIR", "/work/shared"))
+SHARED = Path(os.environ.get("DIFFBIR_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 OFFICIAL = Path(os.environ.get("DIFFBIR_OFFICIAL_DIR", SHARED / "official" / "DiffBIR-HEAD"))
 DEPS = os.environ.get("DIFFBIR_OFFICIAL_DEPS", "/work/official-deps")
 TINY = Path(os.environ.get("DIFFBIR_E2E_DIR", SHARED / "fixtures" / "diffbir_e2e")) / "configs" / "head"
