@@ -31,7 +31,7 @@ from .config import RestoreParams
 from .imageio import LoadedImage, resize, to_numpy, to_tensor
 from .models.ldm import load_pretrained_control_ldm
 from .models.text import TextEmbeddingCache
-from .speed import SpeedOptions, apply_speed_options
+from .speed import SpeedOptions, apply_process_options, apply_speed_options
 from .tiling.cleaner import TiledCleaner
 from .tiling.plan import TilingPlan, auto_tiling, model_bytes
 from .types import RestoreResult, working_size
@@ -53,7 +53,7 @@ class DiffBIRPipeline:
         self._injected_ldm = ldm
         self._speed_explicit = speed is not None
         self.speed = (speed or SpeedOptions()).validate(self.device)
-        self.speed_notes: list[str] = []
+        self.speed_notes: list[str] = apply_process_options(self.speed, self.device)  # allocator (CPU)
         self._prepared: set[int] = set()
         self._text_caches: dict[int, TextEmbeddingCache] = {}
 
