@@ -155,11 +155,13 @@ def test_params_from_ui_rejects_bad_values():
                 neg_prompt="", strength=1, guidance_scale=0, guidance_start=1001, guidance_stop=-1,
                 color_fix="wavelet", seed=1, random_seed=False, cleaner="(preset default)", tiling="auto",
                 tile_size=512, previews=False)
-    for bad, words in [(dict(sampler="euler"), "Sampler"), (dict(preset="v9"), "Preset"),
-                       (dict(steps=None), "Steps must be a number"), (dict(upscale=40), "upscale must be in"),
-                       (dict(cfg_scale="x"), "CFG scale")]:
+    for bad, words in [(dict(sampler="nope"), "unknown sampler 'nope'"), (dict(preset="v9"), "Preset"),
+                       (dict(steps=""), "Steps must be a number"), (dict(upscale=40), "Upscale must be in"),
+                       (dict(cfg_scale="x"), "CFG scale must be a number"), (dict(steps=2.5), "whole number")]:
         with pytest.raises(DemoError, match=words):
             params_from_ui("general", {**good, **bad}, device="cpu")
+    # RestoreParams.from_flat semantics: None = the preset's value
+    assert params_from_ui("general", {**good, "steps": None}, device="cpu").steps == RestoreParams.from_preset("v2").steps
 
 
 def test_status_explains_missing_weights(tmp_path, monkeypatch, offline_cleaner):
@@ -169,7 +171,11 @@ def test_status_explains_missing_weights(tmp_path, monkeypatch, offline_cleaner)
     b = DemoBackend(device="cpu", weights_dir=tmp_path, limits=LIMITS)
     text = b.status_markdown("general", "v2")
     assert "Missing weights" in text and "`BSRNet.pth`" in text and "`v2.pth`" in text
-    assert "offline** preset works without any download" in text
+    assert "**offline** preset: it works without any download" in text
+    assert str(tmp_path) not in text and "--weights-dir" not in text  # written for visitors: no paths, no flags
+    ok, _ = b.availability("general", "v2")
+    assert not ok and set(b.missing_weights("general", "v2")) == {"bsrnet", "sd_v2.1", "v2"}
+    assert b.availability("general", "offline")[0] and b.missing_weights("general", "offline") == []
     assert "Missing" not in b.status_markdown("general", "offline")
     injected = DemoBackend(device="cpu", weights_dir=tmp_path, limits=LIMITS, ldm=object(),
                            cleaners={"bsrnet": offline_cleaner})
@@ -215,7 +221,7 @@ def test_bad_uploads_give_messages_and_the_app_keeps_serving(offline_app, tmp_pa
     cases = [(corrupt, {}, "Could not read the upload"), (text, {}, "Could not read the upload"),
              (huge, {}, "accepts at most"), (tiny, {}, "too small"),
              (ok, dict(upscale=8), "lower the upscale to at most"),  # 576x576 output > 512x512 limit
-             (ok, dict(upscale=None), "Upscale must be a number")]
+             (ok, dict(upscale=""), "Upscale must be a number")]
     for path, extra, words in cases:
         with pytest.raises(AppError, match=words) as e:
             client.predict(handle_file(str(path)), **{**dict(preset="offline", upscale=2), **extra},
@@ -253,10 +259,10 @@ def test_missing_weights_message(offline_cleaner, tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))  # no cached weights
     src = _png(tmp_path / "in.png", _smooth_rgb(16, 16))
     with serve(cleaners={"offline": offline_cleaner}, weights_dir=tmp_path, limits=LIMITS) as (_, client):
-        words = r"(?s)Missing weights:.*BSRNet\.pth.*offline\*\* preset works without any download"
+        words = r"The v2 preset cannot run here: its model files are missing \(BSRNet\.pth, .*v2\.pth\)\. Choose the offline preset"
         with pytest.raises(AppError, match=words) as e:
             client.predict(handle_file(str(src)), preset="v2", upscale=1, api_name="/restore_general")
-        assert "Traceback" not in str(e.value)
+        assert "Traceback" not in str(e.value) and str(tmp_path) not in str(e.value)
         out = _outputs(client.predict(handle_file(str(src)), preset="offline", upscale=1,
                                       api_name="/restore_general"))
         _assert_png(out["result"], (16, 16))
