@@ -4,6 +4,7 @@ Serves the DiffBIR Gradio demo: ``python app.py [flags]`` is ``python diffbir_de
 (`diffbir_demo.app.main`). Importing this file does nothing; running it imports ``spaces`` first when installed
 (ZeroGPU requires it before torch initialises CUDA), then builds and launches the app.
 """
+
 from __future__ import annotations
 
 import sys

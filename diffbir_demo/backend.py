@@ -128,7 +128,8 @@ def _to_uint8_preview(x: torch.Tensor, max_side: int = 512) -> np.ndarray:
 # flat parameter name (config.FLAT_NAMES) -> the control's label, for messages
 UI_LABELS = {"upscale": "Upscale", "steps": "Steps", "sampler": "Sampler", "cfg_scale": "CFG scale",
              "pos_prompt": "Positive prompt", "neg_prompt": "Negative prompt", "strength": "Control strength",
-             "guidance_scale": "Guidance scale", "guidance_start": "Guidance start t", "guidance_stop": "Guidance stop t",
+             "guidance_scale": "Guidance scale", "guidance_start": "Guidance start t",
+             "guidance_stop": "Guidance stop t",
              "color_fix": "Colour fix", "seed": "Seed", "tile_size": "Tile size", "max_faces": "Max faces",
              "cleaner": "Stage-1 cleaner", "only_center_face": "Only the centre face"}
 

@@ -256,8 +256,8 @@ def _example_fn(backend: DemoBackend, tab: str, preset: str):
         values = dict(base, face_mode=face_mode) if tab == "face" else base
         last: tuple = ()
         try:
-            for last in backend.run(tab, image, values):
-                pass
+            for out in backend.run(tab, image, values):
+                last = out
         except DemoError as e:
             raise gr.Error(message_html(str(e)), print_exception=False) from None
         return tuple(None if o is SKIP else o for o in last)

@@ -161,7 +161,8 @@ def test_params_from_ui_rejects_bad_values():
         with pytest.raises(DemoError, match=words):
             params_from_ui("general", {**good, **bad}, device="cpu")
     # RestoreParams.from_flat semantics: None = the preset's value
-    assert params_from_ui("general", {**good, "steps": None}, device="cpu").steps == RestoreParams.from_preset("v2").steps
+    none = params_from_ui("general", {**good, "steps": None}, device="cpu")
+    assert none.steps == RestoreParams.from_preset("v2").steps
 
 
 def test_status_explains_missing_weights(tmp_path, monkeypatch, offline_cleaner):
@@ -259,7 +260,8 @@ def test_missing_weights_message(offline_cleaner, tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))  # no cached weights
     src = _png(tmp_path / "in.png", _smooth_rgb(16, 16))
     with serve(cleaners={"offline": offline_cleaner}, weights_dir=tmp_path, limits=LIMITS) as (_, client):
-        words = r"The v2 preset cannot run here: its model files are missing \(BSRNet\.pth, .*v2\.pth\)\. Choose the offline preset"
+        words = (r"The v2 preset cannot run here: its model files are missing \(BSRNet\.pth, .*v2\.pth\)\. "
+                 r"Choose the offline preset")
         with pytest.raises(AppError, match=words) as e:
             client.predict(handle_file(str(src)), preset="v2", upscale=1, api_name="/restore_general")
         assert "Traceback" not in str(e.value) and str(tmp_path) not in str(e.value)

@@ -6,6 +6,7 @@ the files on disk); ZeroGPU through a fake ``spaces`` module in ``sys.modules`` 
 records ``f`` and every call (the real package is never needed): the restore must run *inside* the decorated
 call, for the duration the closed form of `DemoBackend.gpu_seconds` gives (computed by hand below).
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _front_matter() -> dict:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     assert text.startswith("---\n"), "README.md must open with the Space card (YAML between --- lines)"
-    return yaml.safe_load(text[4:text.index("\n---\n", 4)])
+    return yaml.safe_load(text[4 : text.index("\n---\n", 4)])
 
 
 def _requirements(name: str) -> dict[str, str]:
@@ -61,9 +62,9 @@ def test_front_matter_configures_a_zerogpu_gradio_space():
 
 def test_front_matter_preloads_exactly_the_default_presets_files():
     """preload_from_hub = the Hub files of every model the v2.1 preset loads in both tabs (from WEIGHTS)."""
-    from diffbir_demo.backend import DIFFUSION_ORDER, DemoBackend
     from diffbir_core.config import PRESETS
     from diffbir_core.weights import WEIGHTS
+    from diffbir_demo.backend import DIFFUSION_ORDER, DemoBackend
 
     card = _front_matter()
     preloaded = set()
@@ -94,8 +95,10 @@ def test_requirements_split():
 
 
 def test_root_app_imports_nothing_heavy():
-    code = ("import sys, app; assert callable(app.main); "
-            "assert not {'gradio', 'torch', 'spaces'} & set(sys.modules), sorted(sys.modules)")
+    code = (
+        "import sys, app; assert callable(app.main); "
+        "assert not {'gradio', 'torch', 'spaces'} & set(sys.modules), sorted(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
 
 
@@ -120,6 +123,7 @@ class FakeSpaces(types.ModuleType):
         fake = self
 
         if inspect.isgeneratorfunction(task):
+
             @functools.wraps(task)
             def wrapper(*args, **kwargs):
                 fake.calls.append(duration(*args, **kwargs))
@@ -129,6 +133,7 @@ class FakeSpaces(types.ModuleType):
                 finally:
                     fake.inside -= 1
         else:
+
             @functools.wraps(task)
             def wrapper(*args, **kwargs):
                 fake.calls.append(duration(*args, **kwargs))
@@ -137,6 +142,7 @@ class FakeSpaces(types.ModuleType):
                     return task(*args, **kwargs)
                 finally:
                     fake.inside -= 1
+
         return wrapper
 
 
@@ -180,9 +186,27 @@ def test_without_spaces_the_handlers_are_not_wrapped(monkeypatch):
 
 
 def _general_names() -> list[str]:
-    return ["preset", "task", "upscale", "steps", "sampler", "cfg_scale", "pos_prompt", "neg_prompt", "strength",
-            "guidance_scale", "guidance_start", "guidance_stop", "color_fix", "seed", "random_seed", "cleaner",
-            "tiling", "tile_size", "previews"]
+    return [
+        "preset",
+        "task",
+        "upscale",
+        "steps",
+        "sampler",
+        "cfg_scale",
+        "pos_prompt",
+        "neg_prompt",
+        "strength",
+        "guidance_scale",
+        "guidance_start",
+        "guidance_stop",
+        "color_fix",
+        "seed",
+        "random_seed",
+        "cleaner",
+        "tiling",
+        "tile_size",
+        "previews",
+    ]
 
 
 def test_with_spaces_the_restore_runs_inside_the_gpu_call(monkeypatch, tmp_path):
@@ -205,8 +229,9 @@ def test_with_spaces_the_restore_runs_inside_the_gpu_call(monkeypatch, tmp_path)
     src = _png(tmp_path / "in.png", 24, 32)
     with _served() as (_, client):
         assert len(fake.durations) == 2  # one decorated handler per tab (no cached examples on this host)
-        out = client.predict(handle_file(str(src)), preset="offline", cleaner="bicubic", upscale=2,
-                             api_name="/restore_general")
+        out = client.predict(
+            handle_file(str(src)), preset="offline", cleaner="bicubic", upscale=2, api_name="/restore_general"
+        )
     with Image.open(out[1]) as im:
         assert im.size == (64, 48)
     assert seen == [1], "api.restore did not run inside the @spaces.GPU call"
@@ -224,10 +249,27 @@ def test_gpu_duration_closed_form(monkeypatch, tmp_path):
     _make_handler(b, "general", _general_names())
     duration = fake.durations[-1]
     src = str(_png(tmp_path / "in.png", 256, 256))
-    v2 = dict(preset="v2", task="sr", upscale=4, steps=50, sampler="spaced", cfg_scale=4.0, pos_prompt="",
-              neg_prompt="", strength=1.0, guidance_scale=0.0, guidance_start=1001, guidance_stop=-1,
-              color_fix="wavelet", seed=1, random_seed=False, cleaner="bicubic", tiling="auto", tile_size=512,
-              previews=False)
+    v2 = dict(
+        preset="v2",
+        task="sr",
+        upscale=4,
+        steps=50,
+        sampler="spaced",
+        cfg_scale=4.0,
+        pos_prompt="",
+        neg_prompt="",
+        strength=1.0,
+        guidance_scale=0.0,
+        guidance_start=1001,
+        guidance_stop=-1,
+        color_fix="wavelet",
+        seed=1,
+        random_seed=False,
+        cleaner="bicubic",
+        tiling="auto",
+        tile_size=512,
+        previews=False,
+    )
     args = [{"path": src, "orig_name": "in.png"}] + [v2[n] for n in _general_names()]
     # 1024x1024 out = 4 units; CFG on, guidance off: 0.24 s/step -> 1.5 x (5 + 4 x (1 + 50 x 0.24)) = 85.5 -> 86
     assert duration(*args) == 86
@@ -240,8 +282,15 @@ def test_gpu_duration_closed_form(monkeypatch, tmp_path):
     nocfg = dict(v2, cfg_scale=1.0)
     assert duration(*([args[0]] + [nocfg[n] for n in _general_names()])) == 50
     assert duration(*([None] + args[1:])) == 15  # no image: the request fails at once
-    face = dict(v2, face_mode="aligned", only_center_face=False, max_faces=20, face_backend="auto",
-                background="general", upscale=1)
+    face = dict(
+        v2,
+        face_mode="aligned",
+        only_center_face=False,
+        max_faces=20,
+        face_backend="auto",
+        background="general",
+        upscale=1,
+    )
     assert b.gpu_seconds("face", src, face) == int(np.ceil(1.5 * (5 + (1 + 3) * (1 + 50 * 0.24))))
 
 
@@ -280,8 +329,9 @@ def test_gpu_host_opens_on_the_best_preset_whose_files_are_here(monkeypatch, tmp
     assert comps["general-preset"]["value"] == "v2.1" and comps["face-preset"]["value"] == "v2.1"
     assert comps["general-run"]["interactive"] is not False
     cpu = build_demo(device="cpu", weights_dir=wdir, default_preset="auto")
-    assert {c["props"].get("elem_id"): c["props"] for c in cpu.config["components"]}["general-preset"]["value"] \
-        == "offline"
+    assert {c["props"].get("elem_id"): c["props"] for c in cpu.config["components"]}["general-preset"][
+        "value"
+    ] == "offline"
 
 
 def test_preload_loads_the_opening_presets_models_at_start_up(monkeypatch, tmp_path):
@@ -292,12 +342,14 @@ def test_preload_loads_the_opening_presets_models_at_start_up(monkeypatch, tmp_p
     monkeypatch.setitem(sys.modules, "spaces", None)
     loaded: list = []
     monkeypatch.setattr(pipeline_mod, "load_cleaner", lambda name, **kw: loaded.append(name) or object())
-    monkeypatch.setattr(pipeline_mod, "load_pretrained_control_ldm",
-                        lambda sd, control, **kw: loaded.append((sd, control)) or types.SimpleNamespace())
+    monkeypatch.setattr(
+        pipeline_mod,
+        "load_pretrained_control_ldm",
+        lambda sd, control, **kw: loaded.append((sd, control)) or types.SimpleNamespace(),
+    )
     monkeypatch.setattr(pipeline_mod, "apply_speed_options", lambda *a, **k: [])
     build_demo(device="cpu", default_preset="v2.1", preload=True)
-    assert sorted(map(str, loaded)) == sorted(map(str, ["swinir_realesrgan", "swinir_face",
-                                                       ("sd_v2.1_zsnr", "v2.1")]))
+    assert sorted(map(str, loaded)) == sorted(map(str, ["swinir_realesrgan", "swinir_face", ("sd_v2.1_zsnr", "v2.1")]))
     loaded.clear()
     build_demo(device="cpu", default_preset="v2.1")  # without preload: nothing until the first request
     assert loaded == []
@@ -322,8 +374,10 @@ def test_examples_cached_lazily_only_when_asked(monkeypatch):
     made.clear()
     monkeypatch.setenv("GRADIO_CACHE_EXAMPLES", "false")  # the flag, not the environment, decides
     build_demo(device="cpu", cache_examples=True)
-    assert len(made) == 2 and all(k["cache_examples"] is True and k["cache_mode"] == "lazy" and callable(k["fn"])
-                                  and len(k["outputs"]) == 6 for k in made)
+    assert len(made) == 2 and all(
+        k["cache_examples"] is True and k["cache_mode"] == "lazy" and callable(k["fn"]) and len(k["outputs"]) == 6
+        for k in made
+    )
 
 
 if __name__ == "__main__":
