@@ -240,18 +240,24 @@ class DemoBackend:
             return False
 
     @staticmethod
-    def _preset_params(tab: str, preset: str, task: str = "sr", cleaner: str | None = DEFAULT_CLEANER):
+    def _preset_params(tab: str, preset: str, task: str = "sr", cleaner: str | None = DEFAULT_CLEANER,
+                       face_mode: str = "auto"):
         params = PRESETS[preset].replace(task="face" if tab == "face" else (task or "sr"))
         if cleaner and cleaner != DEFAULT_CLEANER:
             params = params.replace(cleaner=cleaner)
+        if tab == "face":
+            params = params.replace(face__aligned={"aligned": True, "whole": False}.get(face_mode))
         return params
 
     def needed_weights(self, params: RestoreParams, tab: str = "general") -> list[tuple[str, str | None, str]]:
         """(model label, `WEIGHTS` name or None, note) for each model ``params`` loads; None: injected or weightless."""
         out: list[tuple[str, str | None, str]] = []
         names = [params.cleaner_for_task()]
-        if tab == "face" and params.replace(task="sr").cleaner_for_task() not in names:
-            names.append(params.replace(task="sr").cleaner_for_task())  # background of whole photos
+        if tab == "face" and params.face.aligned is not True:  # the background of whole photos
+            bg = params.face.background
+            bg = params.replace(task="sr").cleaner_for_task() if bg == "general" else bg
+            if bg not in names:
+                names.append(bg)
         for name in names:
             spec = CLEANERS.get(name)
             if name in self._cleaners:
@@ -268,19 +274,22 @@ class DemoBackend:
                         ("stage 2 control branch", params.stage2.control, "")]
         return out
 
-    def missing_weights(self, tab: str, preset: str, task: str = "sr", cleaner: str | None = DEFAULT_CLEANER
-                        ) -> list[str]:
+    def missing_weights(self, tab: str, preset: str, task: str = "sr", cleaner: str | None = DEFAULT_CLEANER,
+                        face_mode: str = "auto") -> list[str]:
         """The `WEIGHTS` names the preset needs that are neither here nor downloadable (no file is loaded)."""
-        params = self._preset_params(tab, preset, task, cleaner)
+        return self._missing(self._preset_params(tab, preset, task, cleaner, face_mode), tab)
+
+    def _missing(self, params: RestoreParams, tab: str) -> list[str]:
         return [w for _, w, _ in self.needed_weights(params, tab) if w is not None and not self._weight_state(w)[1]]
 
-    def availability(self, tab: str, preset: str, task: str = "sr", cleaner: str | None = DEFAULT_CLEANER
-                     ) -> tuple[bool, str]:
+    def availability(self, tab: str, preset: str, task: str = "sr", cleaner: str | None = DEFAULT_CLEANER,
+                     face_mode: str = "auto") -> tuple[bool, str]:
         """(can Restore run, Markdown for the status pane): the preset's models, their state and, when
-        something is missing, what it is and what to do (written for visitors: no server paths, no flags)."""
+        something is missing, what it is and what to do (written for visitors: no server paths, no flags).
+        Face tab: ``face_mode`` "aligned" needs no background cleaner."""
         if preset not in PRESETS:
             return False, f"Unknown preset `{preset}`."
-        params = self._preset_params(tab, preset, task, cleaner)
+        params = self._preset_params(tab, preset, task, cleaner, face_mode)
         rows, missing = [], []
         for label, weight, note in self.needed_weights(params, tab):
             if weight is None:
@@ -420,7 +429,7 @@ class DemoBackend:
         progress = progress or (lambda *a, **k: None)
         notify = notify or (lambda level, text: None)
         params = params_from_ui(tab, values, device=self.device, warn=lambda text: notify("warning", text))
-        missing = self.missing_weights(tab, params.preset, params.task, params.cleaner or DEFAULT_CLEANER)
+        missing = self._missing(params, tab)
         if missing:
             files = ", ".join(WEIGHTS[w].filename for w in missing)
             raise DemoError(f"The {params.preset} preset cannot run here: its model files are missing ({files}). "

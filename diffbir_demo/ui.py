@@ -179,7 +179,10 @@ def _tab(backend: DemoBackend, tab: str, default_preset: str, cache_examples: bo
 
     def on_status(preset, task_or_mode, cleaner):
         """Status text, Restore on/off (missing weights) and the panes that apply to the preset."""
-        ok, text = backend.availability(tab, preset, task_or_mode if tab == "general" else "sr", cleaner)
+        if tab == "general":
+            ok, text = backend.availability(tab, preset, task_or_mode, cleaner)
+        else:
+            ok, text = backend.availability(tab, preset, "sr", cleaner, face_mode=task_or_mode)
         diffusion = preset in PRESETS and PRESETS[preset].uses_diffusion
         return [text, gr.update(interactive=ok), *(gr.update(visible=diffusion) for _ in panes)]
 

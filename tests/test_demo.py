@@ -182,6 +182,11 @@ def test_status_explains_missing_weights(tmp_path, monkeypatch, offline_cleaner)
                            cleaners={"bsrnet": offline_cleaner})
     assert "Missing" not in injected.status_markdown("general", "v2")
     assert "injected model" in injected.status_markdown("general", "v2")
+    # Face tab: an aligned crop needs no background cleaner; a whole photo needs the preset's general one
+    face_only = DemoBackend(device="cpu", weights_dir=tmp_path, limits=LIMITS, ldm=object(),
+                            cleaners={"swinir_face": offline_cleaner})
+    assert face_only.availability("face", "v2", face_mode="aligned")[0]
+    assert face_only.missing_weights("face", "v2", face_mode="whole") == ["bsrnet"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -311,7 +316,9 @@ def test_tiny_face_tab_aligned(tiny_models, tmp_path):
     got = _assert_png(out["result"], (64, 64))
     params = RestoreParams.from_preset("v2", task="face", upscale=1.0, steps=2, cfg_scale=1.0, seed=3,
                                        face__aligned=True)
-    ref = DiffBIRPipeline(ldm=ldm, cleaners={"swinir_face": face}).restore(read_image(src), params)
+    from diffbir_core import api
+
+    ref = api.restore(read_image(src), params, pipe=api.make_pipeline(ldm=ldm, cleaners={"swinir_face": face}))
     assert np.abs(got.astype(int) - _u8(ref.image).astype(int)).max() <= 1
     assert "Faces restored: 1 (aligned" in out["info"]
 
@@ -337,12 +344,14 @@ def test_face_tab_whole_photo_example(tiny_models):
     assert 0.005 < changed.mean() < 0.6  # one face region changed by the random model, the rest kept
 
 
-def test_python_demo_app_py_starts(tmp_path):
-    """`python diffbir_demo/app.py` (the Space's command) serves the page; the server is stopped afterwards."""
+@pytest.mark.parametrize("script", ["diffbir_demo/app.py", "app.py"])
+def test_python_demo_app_py_starts(tmp_path, script):
+    """`python diffbir_demo/app.py` and `python app.py` (the Space's command) serve the page; the server is
+    stopped afterwards."""
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "diffbir_demo/app.py", "--port", str(port), "--device", "cpu"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, script, "--port", str(port), "--device", "cpu"], cwd=ROOT,
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120
@@ -353,7 +362,7 @@ def test_python_demo_app_py_starts(tmp_path):
                 break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
-                    raise AssertionError("diffbir_demo/app.py did not start:\n"
+                    raise AssertionError(f"{script} did not start:\n"
                                          + (tmp_path / "server.log").read_text()) from None
                 time.sleep(1)
         assert "restore_general" in config and "restore_face" in config
