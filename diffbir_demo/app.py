@@ -1,6 +1,7 @@
 """Gradio demo (and Hugging Face Space app): DiffBIR restoration with General and Face tabs.
 
-`build_demo(...)` returns the `gr.Blocks` app (layout: `diffbir_demo.ui`; parameters and the run: `diffbir_demo.backend`);
+`build_demo(...)` returns the `gr.Blocks` app (layout: `diffbir_demo.ui`; parameters and the run:
+`diffbir_demo.backend`);
 `main()` parses flags and serves it (``python diffbir_demo/app.py``; the Space runs the root ``app.py``, which
 calls it). Every restore goes through `diffbir_core.api.restore` with a `RestoreParams` made from a preset and
 the controls. On a GPU host `main` opens on the best diffusion preset whose weights are here, loads its models at
@@ -59,7 +60,8 @@ def _import_spaces() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python diffbir_demo/app.py", description="DiffBIR Gradio demo (General and Face).")
+    ap = argparse.ArgumentParser(prog="python diffbir_demo/app.py",
+                                 description="DiffBIR Gradio demo (General and Face).")
     ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                     help="interface to listen on (0.0.0.0 to serve a network; Spaces set GRADIO_SERVER_NAME)")
     ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))

@@ -4,7 +4,9 @@ The controls are those of the official demos (XPixelGroup/DiffBIR ``gradio_diffb
 ``run_gradio.py`` for v2.1: upscale, steps, sampler, CFG + prompts, control strength, seed, tiled stages),
 with the guidance window of v1/v2 and the face modes of ``inference_face.py`` (aligned crops or whole
 photos). Everything else - parameters, weights status, checks, the run - is `diffbir_demo.backend`; this module
-only turns its `DemoError` / `SKIP` / notices into ``gr.Error`` / ``gr.skip()`` / ``gr.Info``.
+only turns its `DemoError` / `SKIP` / notices into ``gr.Error`` / ``gr.skip()`` / ``gr.Info`` (messages as
+HTML), shows or hides the panes that apply to the chosen preset, turns Restore off when its weights are
+missing, and puts the handlers under ``@spaces.GPU`` when the ``spaces`` package is installed (`zerogpu`).
 """
 from __future__ import annotations
 
