@@ -224,8 +224,10 @@ def resolve(name: str, *, path: str | os.PathLike | None = None, weights_dir: st
     if name not in WEIGHTS:
         raise WeightsError(f"unknown weight name {name!r}; known: {', '.join(sorted(WEIGHTS))}")
     spec = WEIGHTS[name]
-    dirs = [weights_dir, os.environ.get("DIFFBIR_WEIGHTS_DIR")] + ([default_cache_dir()] if spec.offline else [])
-    return resolve_spec(spec, path=path, dirs=dirs, download=download)
+    # URL downloads land in weights_dir / $DIFFBIR_WEIGHTS_DIR / the cache dir (`_download`), so look there too
+    local = spec.offline or any(s.url for s in spec.sources)
+    dirs = [weights_dir, os.environ.get("DIFFBIR_WEIGHTS_DIR")] + ([default_cache_dir()] if local else [])
+    return resolve_spec(spec, path=path, dirs=dirs, download=download, download_dir=weights_dir)
 
 
 def resolve_spec(spec: WeightSpec, *, path: str | os.PathLike | None = None,
