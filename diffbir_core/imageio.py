@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from .atomic import atomic_path
 
 __all__ = ["ImageReadError", "LoadedImage", "read_image", "as_loaded_image", "save_image", "to_tensor", "to_numpy",
-           "pad_to_multiple", "crop_to", "IMAGE_EXTENSIONS", "resize", "MAX_PIXELS", "orient_array"]
+           "pad_to_multiple", "crop_to", "to_pil", "IMAGE_EXTENSIONS", "resize", "MAX_PIXELS", "orient_array"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
@@ -363,6 +363,19 @@ def save_image(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | Non
     with atomic_path(p) as tmp:
         im.save(tmp, format="PNG")
     return p
+
+
+def to_pil(rgb: np.ndarray, alpha: np.ndarray | None = None) -> Image.Image:
+    """HxWx3 float [0,1] (or uint8) -> 8-bit ``PIL.Image`` (RGBA when ``alpha`` is given), rounded as `save_image`."""
+    if rgb.dtype != np.uint8:
+        rgb = (np.clip(rgb, 0, 1) * 255.0).round().astype(np.uint8)
+    if alpha is None:
+        return Image.fromarray(np.ascontiguousarray(rgb), "RGB")
+    if alpha.shape[:2] != rgb.shape[:2]:
+        alpha = np.asarray(Image.fromarray((np.clip(alpha, 0, 1) * 255).astype(np.uint8)).resize(
+            (rgb.shape[1], rgb.shape[0]), Image.BICUBIC), dtype=np.float32) / 255.0
+    a8 = (np.clip(alpha, 0, 1) * 255.0).round().astype(np.uint8)
+    return Image.fromarray(np.dstack([rgb, a8]), "RGBA")
 
 
 def to_tensor(rgb: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -25,7 +25,7 @@ from diffusers.models.attention_processor import (
 )
 from torch import nn
 
-__all__ = ["SpeedOptions", "apply_speed_options", "autocast_for", "offload", "set_attention"]
+__all__ = ["SpeedOptions", "apply_speed_options", "autocast_for", "offload", "set_attention", "auto_device"]
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -140,3 +140,13 @@ def offload(ldm, device: torch.device, kind: Literal["model", "sequential"]) -> 
         _, hook = cpu_offload_with_hook(p, execution_device=device, prev_module_hook=hook)
     return "offload: model (one part on the GPU at a time)"
 
+
+
+def auto_device(name: str | torch.device = "auto") -> str:
+    """``"auto"`` -> the best device here (cuda, then mps, then cpu); any other name is returned unchanged."""
+    if str(name).strip().lower() != "auto":
+        return str(name)
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
