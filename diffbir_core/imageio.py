@@ -346,22 +346,22 @@ def _read_tiff_exact(p: Path, limit: int, notices: list[str]) -> tuple[np.ndarra
     return rgb, alpha, depth
 
 
-def save_image(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | None = None) -> Path:
+def save_image(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | None = None,
+               text: dict[str, str] | None = None) -> Path:
     """Save an HxWx3 float [0,1] (or uint8) image as 8-bit PNG (RGBA when ``alpha`` is given), atomically:
-    the file at ``path`` is either the complete new image or whatever was there before."""
+    the file at ``path`` is either the complete new image or whatever was there before. ``text``: PNG text
+    chunks (``Image.open(p).text``), e.g. the parameters that made the image."""
     p = Path(path)
-    if rgb.dtype != np.uint8:
-        rgb = (np.clip(rgb, 0, 1) * 255.0).round().astype(np.uint8)
-    if alpha is not None:
-        if alpha.shape[:2] != rgb.shape[:2]:
-            alpha = np.asarray(Image.fromarray((np.clip(alpha, 0, 1) * 255).astype(np.uint8)).resize(
-                (rgb.shape[1], rgb.shape[0]), Image.BICUBIC), dtype=np.float32) / 255.0
-        a8 = (np.clip(alpha, 0, 1) * 255.0).round().astype(np.uint8)
-        im = Image.fromarray(np.dstack([rgb, a8]), "RGBA")
-    else:
-        im = Image.fromarray(rgb, "RGB")
+    im = to_pil(rgb, alpha)
+    info = None
+    if text:
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for k, v in text.items():
+            info.add_itxt(k, v)  # iTXt: UTF-8 (prompts may hold any character)
     with atomic_path(p) as tmp:
-        im.save(tmp, format="PNG")
+        im.save(tmp, format="PNG", pnginfo=info)
     return p
 
 
