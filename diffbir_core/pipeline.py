@@ -100,7 +100,7 @@ class DiffBIRPipeline:
     # ---------------------------------------------------------------- one-line use
     @classmethod
     def from_pretrained(cls, preset: str = "v2.1", *, device: str | torch.device = "auto",
-                        weights_dir: str | Path | None = None, check: bool = True, **kw) -> "DiffBIRPipeline":
+                        weights_dir: str | Path | None = None, check: bool = True, **kw) -> DiffBIRPipeline:
         """A pipeline for ``preset`` (a key of `config.PRESETS`): ``pipe(image, **overrides) -> PIL.Image``.
 
         ``device="auto"`` picks cuda, mps or cpu. With ``check`` every weight file of the preset's task is resolved
@@ -114,7 +114,7 @@ class DiffBIRPipeline:
         pipe.preset = preset
         return pipe
 
-    def __call__(self, image, **overrides) -> "Image.Image":
+    def __call__(self, image, **overrides) -> Image.Image:
         """Restore ``image`` (anything `imageio.as_loaded_image` takes) with this pipeline's preset (``"offline"``
         unless built by `from_pretrained`) plus ``overrides`` (flat names: ``steps=20, cfg_scale=4, seed=1``)."""
         params = RestoreParams.from_flat({"preset": getattr(self, "preset", "offline"), "device": str(self.device),

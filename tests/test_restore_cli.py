@@ -183,7 +183,7 @@ def test_step_bar_counts_stage2_steps_inside_each_image(tmp_path):
 
     def restore(img, callback=None):
         assert callback is not None
-        for run in range(2):  # e.g. one face, then the background
+        for _run in range(2):  # e.g. one face, then the background
             for k in range(7):
                 callback(SimpleNamespace(step=k))
                 assert (callback.bar.n, callback.bar.total) == (k + 1, 7)  # tqdm's own count drives n/total + ETA

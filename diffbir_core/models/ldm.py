@@ -31,11 +31,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..weights import (WEIGHTS, LoadReport, WeightsError, default_cache_dir, load_into, load_state_dict, resolve,
-                       save_safetensors)
+from ..weights import (
+    WEIGHTS,
+    LoadReport,
+    WeightsError,
+    default_cache_dir,
+    load_into,
+    load_state_dict,
+    resolve,
+    save_safetensors,
+)
 from .controlnet import ControlNet
-from .convert import (CONTROL_PREFIX_V1_FULL, SD_PREFIXES, export_control_official, keymap_for, pull_official,
-                      text_from_transformers, vae_from_legacy_diffusers)
+from .convert import (
+    CONTROL_PREFIX_V1_FULL,
+    SD_PREFIXES,
+    export_control_official,
+    keymap_for,
+    pull_official,
+    text_from_transformers,
+    vae_from_legacy_diffusers,
+)
 from .text import TEXT_LAYERS, OpenCLIPTextEncoder
 
 log = logging.getLogger(__name__)
@@ -683,7 +698,8 @@ def conversion_cache_path(sd_path: Path, control_path: Path, cfg: Stage2Config,
 
     key = json.dumps([_FORMAT, stamp(sd_path), stamp(control_path), cfg.to_dict()], sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return Path(cache_dir or default_cache_dir()) / "stage2" / f"{sd_path.stem}+{control_path.stem}-{digest}.safetensors"
+    name = f"{sd_path.stem}+{control_path.stem}-{digest}.safetensors"
+    return Path(cache_dir or default_cache_dir()) / "stage2" / name
 
 
 def load_pretrained_control_ldm(sd: str, control: str, *, weights_dir: str | os.PathLike | None = None,
