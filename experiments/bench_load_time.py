@@ -143,7 +143,7 @@ def _child(mode: str, part: str, tmp: Path) -> dict:
     out = fn(part, tmp)
     if mode != "make":
         out[f"{mode}_import_s"] = t_import
-    out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    out[f"{mode}_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
 
 
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             sizes = {p: {"file_bytes": (tmp / f"{p}.ckpt").stat().st_size} for p in PARTS}
         else:
             sizes = _run("make", "-", tmp, need=5 << 30)  # in a child: the parent stays small
-            sizes.pop("peak_rss_gib", None)
+            sizes.pop("make_peak_rss_gib", None)
         parts = {}
         for part in ("vae", "text", "control", "unet"):  # smallest first
             need = int(sizes[part]["file_bytes"] * 1.25) + (1 << 30)
