@@ -33,6 +33,7 @@ from .config import (
     RestoreParams,
 )
 from .speed import SpeedOptions
+from .preset_weights import check_weights
 from .weights import TRUSTED_ENV, WeightsError
 
 __all__ = ["main", "collect_inputs", "build_parser", "params_from_args"]
@@ -149,10 +150,20 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     plan = batch.plan_outputs(files, out_dir)
+    try:  # every file the preset needs for this task, before any model loads: ONE error naming all missing
+        check_weights(params, weights_dir=args.weights_dir)
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     pipe = api.make_pipeline(weights_dir=args.weights_dir, device=params.device, speed=speed)
+
+    def restore_one(img, callback=None):
+        return api.restore(img, params, pipe=pipe, callback=callback)
+
     try:
-        summary = batch.run_batch(plan, lambda img: api.restore(img, params, pipe=pipe), overwrite=args.overwrite,
-                                  quiet=args.quiet, desc=f"restore [{params.preset}]", fatal=(WeightsError,))
+        summary = batch.run_batch(plan, restore_one, overwrite=args.overwrite, quiet=args.quiet,
+                                  desc=f"restore [{params.preset}]", fatal=(WeightsError,),
+                                  steps=params.steps if params.uses_diffusion else None)
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

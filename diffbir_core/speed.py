@@ -27,7 +27,8 @@ from torch import nn
 
 from .allocator import tune_malloc
 
-__all__ = ["SpeedOptions", "apply_process_options", "apply_speed_options", "autocast_for", "offload", "set_attention"]
+__all__ = ["SpeedOptions", "apply_process_options", "apply_speed_options", "autocast_for", "auto_device", "offload",
+           "set_attention"]
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -151,3 +152,13 @@ def apply_process_options(opts: SpeedOptions, device: str | torch.device) -> lis
     """Process-wide options (once per pipeline, before any model runs): the glibc allocator tuning on CPU."""
     on = opts.keep_freed_memory if opts.keep_freed_memory is not None else torch.device(device).type == "cpu"
     return [tune_malloc(True)] if on else []
+
+
+def auto_device(name: str | torch.device = "auto") -> str:
+    """``"auto"`` -> the best device here (cuda, then mps, then cpu); any other name is returned unchanged."""
+    if str(name).strip().lower() != "auto":
+        return str(name)
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"

@@ -58,8 +58,10 @@ def test_identical_weights_and_eps(built):
 
 
 def test_report_fields(built, tmp_path):
+    from diffbir_eval.bench.__main__ import main as bench_main  # python -m diffbir_eval.bench --against-official
+
     bo = built[0]
-    rc = bo.main(["--against-official", str(OFFICIAL), "--deps", DEPS, "--cldm-config", str(TINY / "cldm.yaml"),
+    rc = bench_main(["--against-official", str(OFFICIAL), "--deps", DEPS, "--cldm-config", str(TINY / "cldm.yaml"),
                   "--cases", "plain_step", "vae_decode_512", "--rounds", "2", "--size", "64", "--threads", "1",
                   "--out", str(tmp_path)])
     assert rc == 0

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..config import RestoreParams
-from ..imageio import LoadedImage, to_numpy, to_tensor
+from ..imageio import LoadedImage, as_loaded_image, to_numpy, to_tensor
 from ..pipeline import DiffBIRPipeline
 from ..types import RestoreResult
 from . import align
@@ -84,7 +84,7 @@ class FacePipeline:
         params = params.validate()
         if params.task != "face":
             raise ValueError(f"FacePipeline restores task 'face', got {params.task!r} (use DiffBIRPipeline)")
-        loaded = image if isinstance(image, LoadedImage) else LoadedImage(rgb=np.asarray(image, np.float32))
+        loaded = as_loaded_image(image)  # path, PIL, numpy (uint8/uint16/float), torch: see imageio
         seed = params.seed if params.seed is not None else random.randrange(2**31)
         restorer = FaceRestorer(params.face, upscale=params.upscale, models=self.models(params.face.backend))
         res = restorer(loaded.rgb, self._face_fn(params, seed, callback), self._background_fn(params, callback))
