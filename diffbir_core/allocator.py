@@ -1,6 +1,6 @@
 """glibc malloc tuning for large CPU tensors: keep freed activations in the heap instead of unmapping them.
 
-ENVIRONMENT.md "CPU memory allocator": with glibc's defaults every activation larger than the mmap threshold
+Measured on a 2-core AVX2 CPU (results/bench/official): with glibc's defaults every activation larger than the mmap threshold
 (dynamic, at most 32 MiB) is a fresh ``mmap`` whose pages fault in again on every forward (the offline x4
 cleaner took 5.18 M minor page faults and 10 s of system time in a 14.8 s run). Raising M_MMAP_THRESHOLD and
 M_TRIM_THRESHOLD makes glibc reuse freed blocks: 1.68x on the offline cleaner, ~1.5x on the VAE, results

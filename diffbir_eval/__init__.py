@@ -1,4 +1,4 @@
-"""Evaluation harness: datasets, metrics, a resumable runner and reports (PAPER.md "Evaluation").
+"""Evaluation harness: datasets, metrics, a resumable runner and reports (paper arXiv 2308.15070, "Evaluation").
 
     python -m diffbir_eval.run --dataset realsrset --root DATA --method bicubic --metrics niqe --out results/RUN
     python -m diffbir_eval.report                    # every results/*/summary.json -> results/README.md

@@ -1,4 +1,4 @@
-"""Test sets of the paper's evaluation (PAPER.md "Evaluation"): names, expected counts, layouts, sources.
+"""Test sets of the paper's evaluation (paper arXiv 2308.15070, "Evaluation"): names, expected counts, layouts, sources.
 
 `DATASETS` holds one `DatasetSpec` per set: RealSRSet, Real47, Set5 (BSR / SR), CelebA-Test, LFW-Test,
 CelebChild-Test, WIDER-Test (BFR), and RealSR, DRealSR, DIV2K-val of the modern SR protocol (OSEDiff

@@ -1,6 +1,6 @@
 """Stage 2 of DiffBIR: the frozen Stable Diffusion 2.1-base plus the trainable control branch (``ControlLDM``).
 
-PAPER.md "Stage 2": the stage-1 output ``I_reg`` is encoded by the SD VAE (posterior mode x 0.18215) into
+paper arXiv 2308.15070, "Stage 2": the stage-1 output ``I_reg`` is encoded by the SD VAE (posterior mode x 0.18215) into
 ``c = E(I_reg)``; the control branch (`diffbir_core.models.controlnet.ControlNet`) reads ``concat(z_t, c)``
 and emits 13 residuals that are added - times the control strength - to the UNet decoder's skip features
 and middle output; the UNet predicts eps (eq. 5 uses it for ``z0_hat``); prompts enter through the

@@ -1,4 +1,4 @@
-"""The training loop of both stages on `accelerate` (PAPER.md "Training"): ``train(cfg) -> summary``.
+"""The training loop of both stages on `accelerate` (paper arXiv 2308.15070, "Training"): ``train(cfg) -> summary``.
 
 Optimiser: AdamW at ``lr``, constant or (``lr_schedule = "cosine"``) linear warm-up + cosine decay to
 ``lr_min`` (`lr_at`). Multi-GPU data parallel with ``accelerate launch``, gradient accumulation, mixed

@@ -6,7 +6,7 @@
 Library of the command (its CLI: ``bench/__main__.py``): `run_parent` runs one child process per output size
 (``python -m diffbir_eval.bench --child SIZE``, `run_child`) and writes the tables; what is measured and how is
 in `run_parent`'s docstring. Full-size models with RANDOM weights (nothing is downloaded); stage 2 runs through
-`diffbir_core.stage2.run`, timed by its stage and step callbacks. No official counterpart (PAPER.md "Known
+`diffbir_core.stage2.run`, timed by its stage and step callbacks. No official counterpart (paper arXiv 2308.15070, "Known
 weaknesses": memory and minutes per image). A benchmark, not a test: tens of minutes on a 2-core CPU.
 """
 from __future__ import annotations
@@ -446,7 +446,7 @@ def _plot(out: Path, summary: dict) -> None:
 def run_parent(args) -> dict:
     """Every size of ``args.sizes`` in its own child process, then ``summary.json``, ``README.md``, ``bench.png``.
 
-    What it measures (PAPER.md "Known weaknesses": memory and minutes per image)
+    What it measures (paper arXiv 2308.15070, "Known weaknesses": memory and minutes per image)
         The full-size models with RANDOM weights (SD 2.1-base UNet 866M + control branch 363M + VAE 84M +
         OpenCLIP-H text 354M, DiffBIR SwinIR cleaner; nothing is downloaded), preset "v2" settings (x4 SR,
         spaced sampler, CFG 4 with the official negative prompt), one child process per output size so every

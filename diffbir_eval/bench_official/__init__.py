@@ -1,7 +1,7 @@
 """Side-by-side benchmark: the official DiffBIR code vs ours, same weights, one process, interleaved calls (issue 17).
 
-    python -m diffbir_eval.bench --against-official --against-official /work/shared/official/DiffBIR-HEAD
-    python -m diffbir_eval.bench --against-official --against-official DIR --cases plain_step vae_decode_512 --rounds 3
+    python -m diffbir_eval.bench --against-official PATH/TO/DiffBIR (an official checkout)
+    python -m diffbir_eval.bench --against-official DIR --cases plain_step vae_decode_512 --rounds 3
     python -m diffbir_eval.bench --against-official --candidates            # our own speed candidates, with/without, interleaved
 
 What it does

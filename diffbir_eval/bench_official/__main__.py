@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m diffbir_eval.bench --against-official DIR",
                                  description="Official DiffBIR vs ours: same weights, one process, interleaved calls.")
     ap.add_argument("--against-official", metavar="DIR", default=None,
-                    help="official DiffBIR checkout (HEAD layout), e.g. /work/shared/official/DiffBIR-HEAD")
+                    help="official DiffBIR checkout (HEAD layout), e.g. PATH/TO/DiffBIR (an official checkout)")
     ap.add_argument("--candidates", action="store_true", help="measure our speed candidates (diffbir_eval.bench_official.candidates)")
     ap.add_argument("--targets", nargs="+", default=None, help="--candidates: cleaner vae_decode step")
     ap.add_argument("--which", nargs="+", default=None, help="--candidates: allocator channels_last compile")

@@ -51,7 +51,7 @@ def _targets(names, seed: int):
         from diffbir_core.cleaners import load_cleaner
 
         cleaner = load_cleaner("offline")
-        x, path = _image(Path(os.environ.get("DIFFBIR_SHARED_DIR", "/work/shared")))
+        x, path = _image(Path(os.environ.get("DIFFBIR_SHARED_DIR", "../shared")))
         out["cleaner"] = (lambda net: net(x), cleaner.net, f"offline x4 RRDBNet on {path} {tuple(x.shape[-2:])}")
     if names and ("vae_decode" in names or "step" in names):
         from diffbir_core.models.ldm import STAGE2_CONFIGS, build_vae
@@ -220,7 +220,7 @@ def _approx_model(which: str, seed: int):
         return ldm.eval(), "SD 2.1-base UNet + control branch, random weights (zero convs filled N(0, 0.02))", 64
     import yaml
 
-    e2e = Path(os.environ.get("DIFFBIR_E2E_DIR", "/work/shared/fixtures/diffbir_e2e"))
+    e2e = Path(os.environ.get("DIFFBIR_E2E_DIR", "../shared/fixtures/diffbir_e2e"))
     cfg = Stage2Config.from_official(yaml.safe_load((e2e / "configs" / "head" / "cldm.yaml").read_text()))
     ldm = build_control_ldm(cfg, sd=e2e / "weights" / "v2-1_512-ema-pruned.ckpt",  # the zsnr file names this one
                             control=e2e / "weights" / "DiffBIR_v2.1.pt")
