@@ -3,7 +3,9 @@
 Layers (each imports only those below it): `cli` -> `api` (restore) -> `face.pipeline` -> `pipeline` ->
 `stage2` -> `diffusion/`, `tiling`, `models/` -> `config`, `types`, `weights`, `imageio`.
 Importing this package does nothing heavy: the names below are loaded on first use (module ``__getattr__``).
-Entry points: ``python -m diffbir_core`` (restore images), ``python -m diffbir_core.train``.
+One line: ``diffbir_core.from_pretrained("v2.1")(image, steps=20)`` -> PIL image (faces too; `api.Restorer`), or
+``DiffBIRPipeline.from_pretrained("v2.1")(image)`` (general tasks). Entry points: ``python -m diffbir_core``
+(``diffbir-restore``), ``python -m diffbir_core.weights_cli`` (``diffbir-weights``), ``python -m diffbir_core.train``.
 """
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ import importlib
 
 __version__ = "0.1.0"
 
-_LAZY = {"DiffBIRPipeline": "pipeline", "RestoreParams": "config", "PRESETS": "config", "restore": "api"}
-__all__ = ["DiffBIRPipeline", "RestoreParams", "PRESETS", "restore", "__version__"]
+_LAZY = {"DiffBIRPipeline": "pipeline", "RestoreParams": "config", "PRESETS": "config", "restore": "api",
+         "from_pretrained": "api", "Restorer": "api", "as_loaded_image": "imageio"}
+__all__ = ["DiffBIRPipeline", "RestoreParams", "PRESETS", "restore", "from_pretrained", "Restorer", "as_loaded_image",
+           "__version__"]
 
 
 def __getattr__(name: str):

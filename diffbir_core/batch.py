@@ -10,6 +10,9 @@
 * `check_output_dir` / `check_device`: one-line `BatchError`s before any model loads.
 * `run_batch`: read -> restore -> atomic save per image; per-image OSError -> one line and go on; disk full
   (ENOSPC/EDQUOT) -> stop with a summary; Ctrl-C -> stop, the file being written is discarded (exit 130).
+  With ``steps`` a second tqdm bar counts the stage-2 steps of the image (ETA inside the image; face mode shows
+  one run per face + background). Every output gets its seed and parameters twice: a PNG text chunk
+  ``diffbir`` (JSON) and a sidecar ``<stem>.json`` (`sidecar_record`) written atomically after the PNG.
 No official counterpart (the official ``inference.py`` overwrites ``<stem>.png`` in place).
 """
 from __future__ import annotations
@@ -29,7 +32,8 @@ from typing import Any, Callable, Iterator
 from . import atomic
 
 __all__ = ["BatchError", "collect_inputs", "output_name", "OutputPlan", "plan_outputs", "output_is_valid",
-           "check_output_dir", "check_device", "describe_os_error", "is_disk_full", "BatchSummary", "run_batch"]
+           "check_output_dir", "check_device", "describe_os_error", "is_disk_full", "BatchSummary", "run_batch",
+           "sidecar_record", "sidecar_path"]
 
 
 class BatchError(ValueError):
@@ -318,12 +322,63 @@ class BatchSummary:
         return s
 
 
-def run_batch(plan: OutputPlan, restore: Callable[[Any], Any], *, overwrite: bool = False, quiet: bool = False,
-              desc: str = "restore", fatal: tuple[type[BaseException], ...] = (), stream=None) -> BatchSummary:
-    """Run ``restore(LoadedImage) -> result`` (``result.image``, optional ``.alpha`` / ``.notices``) for every job
-    of ``plan`` and save each result atomically. Exceptions in ``fatal`` propagate (after the bar closes);
-    KeyboardInterrupt stops the batch (``summary.interrupted``), disk-full stops it (``summary.stopped``), any
-    other per-image error is reported in one line and the batch goes on."""
+def sidecar_path(out: Path) -> Path:
+    """``out/<stem>.png`` -> ``out/<stem>.json`` (the parameters of that output)."""
+    return Path(out).with_suffix(".json")
+
+
+def sidecar_record(inp: Path, out: Path, res: Any) -> dict:
+    """What made ``out``: input, seed, every `RestoreParams` field (seed = the one used), timings, notices, version.
+    ``RestoreParams.from_flat`` / ``replace`` can rebuild the call from ``params``."""
+    from dataclasses import asdict, is_dataclass
+
+    from . import __version__
+
+    params = getattr(res, "params", None)
+    p = asdict(params) if is_dataclass(params) else {}
+    seed = getattr(res, "seed", None)
+    if p:
+        p["seed"] = seed
+    return {"input": str(inp), "output": Path(out).name, "seed": seed, "params": p,
+            "timings": {k: round(float(v), 4) for k, v in getattr(res, "timings", {}).items()},
+            "notices": list(getattr(res, "notices", ())), "diffbir_core": __version__}
+
+
+class _StepBar:
+    """The inner tqdm bar: one stage-2 run per ``step == 0`` (face mode: each face, then the background)."""
+
+    def __init__(self, tqdm, steps: int, stream) -> None:
+        self.bar = tqdm(total=steps, desc="  stage 2", unit="step", position=1, leave=False, file=stream)
+        self.steps, self.runs = steps, 0
+
+    def __call__(self, info: Any) -> None:
+        if getattr(info, "step", 0) == 0:
+            self.runs += 1
+            self.bar.reset(total=self.steps)
+            if self.runs > 1:
+                self.bar.set_postfix_str(f"run {self.runs}")
+        self.bar.update(1)
+
+    def new_image(self) -> None:
+        self.runs = 0
+        self.bar.reset(total=self.steps)
+        self.bar.set_postfix_str("")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_batch(plan: OutputPlan, restore: Callable[..., Any], *, overwrite: bool = False, quiet: bool = False,
+              desc: str = "restore", fatal: tuple[type[BaseException], ...] = (), stream=None,
+              steps: int | None = None, sidecar: bool = True) -> BatchSummary:
+    """Run ``restore(LoadedImage) -> result`` (``result.image``, optional ``.alpha`` / ``.notices`` / ``.seed`` /
+    ``.params``) for every job of ``plan`` and save each result atomically. With ``steps`` (stage-2 steps per run)
+    and not ``quiet``, ``restore`` is called as ``restore(img, callback=on_step)`` and a per-step bar with ETA runs
+    under the image bar. ``sidecar``: also write ``<stem>.json`` (`sidecar_record`). Exceptions in ``fatal``
+    propagate (after the bars close); KeyboardInterrupt stops the batch (``summary.interrupted``), disk-full
+    stops it (``summary.stopped``), any other per-image error is reported in one line and the batch goes on."""
+    import json
+
     from tqdm import tqdm
 
     from .imageio import ImageReadError, read_image, save_image
@@ -335,7 +390,8 @@ def run_batch(plan: OutputPlan, restore: Callable[[Any], Any], *, overwrite: boo
         print(msg, file=stream)
         summary.failed.append(msg.split(": refused", 1)[0])
     t0 = time.perf_counter()
-    bar = tqdm(plan.jobs, desc=desc, unit="img", disable=quiet, file=stream)
+    bar = tqdm(plan.jobs, desc=desc, unit="img", disable=quiet, file=stream, position=0)
+    step_bar = _StepBar(tqdm, steps, stream) if steps and not quiet else None
     say = (lambda s: tqdm.write(s, file=stream)) if not quiet else (lambda s: print(s, file=stream))
     try:
         for inp, out in bar:
@@ -352,9 +408,17 @@ def run_batch(plan: OutputPlan, restore: Callable[[Any], Any], *, overwrite: boo
                 for n in img.notices:
                     say(f"note: {inp.name}: {n}")
                 stage = "restore"
-                res = restore(img)
+                if step_bar is not None:
+                    step_bar.new_image()
+                    res = restore(img, callback=step_bar)
+                else:
+                    res = restore(img)
                 stage = "write"
-                save_image(out, res.image, getattr(res, "alpha", None))
+                record = sidecar_record(inp, out, res)
+                meta = json.dumps(record, default=str)
+                save_image(out, res.image, getattr(res, "alpha", None), text={"diffbir": meta})
+                if sidecar:
+                    atomic.write_text(sidecar_path(out), json.dumps(record, indent=1, default=str) + "\n")
                 for n in getattr(res, "notices", ()):
                     say(f"note: {inp.name}: {n}")
                 summary.done += 1
@@ -381,6 +445,8 @@ def run_batch(plan: OutputPlan, restore: Callable[[Any], Any], *, overwrite: boo
     except KeyboardInterrupt:  # between images (bar update, validity check)
         summary.interrupted = True
     finally:
+        if step_bar is not None:
+            step_bar.close()
         bar.close()
         summary.seconds = time.perf_counter() - t0
     return summary

@@ -1,6 +1,6 @@
 """Stage-1 cleaners: the registry of restoration modules that produce ``I_reg`` for the diffusion stage.
 
-Paper section 3.1 / PAPER.md "Stage 1": a restoration module removes noise and artefacts,
+Paper (arXiv 2308.15070) section 3.1 "Stage 1": a restoration module removes noise and artefacts,
 ``I_reg = RM(I_LQ)``; DiffBIR v1 uses a SwinIR, v2 swaps in task-specific cleaners (BSRNet for
 super-resolution, the face SwinIR for faces, SCUNet for denoising) and v2.1 a SwinIR trained on
 Real-ESRGAN degradations. This module names them all (`CLEANERS`), loads one (`load_cleaner`, weights

@@ -37,6 +37,7 @@ from .config import (
 )
 from .prompts import DEFAULT_NEG_PROMPT, DEFAULT_POS_PROMPT
 from .speed import SpeedOptions
+from .preset_weights import check_weights
 from .weights import TRUSTED_ENV, WeightsError
 
 __all__ = ["main", "collect_inputs", "build_parser", "params_from_args"]
@@ -322,6 +323,11 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     plan = batch.plan_outputs(files, out_dir)
+    try:  # every file the preset needs for this task, before any model loads: ONE error naming all missing
+        check_weights(params, weights_dir=args.weights_dir)
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     pipe = api.make_pipeline(weights_dir=args.weights_dir, device=params.device, speed=speed)
     summary = None
     for i in range(args.n_samples):  # official --n_samples names: <stem>_<i>.png (HEAD loop.py:218-224)
@@ -330,9 +336,9 @@ def _main(argv: list[str] | None) -> int:
             plan, jobs=[(src, dst.with_name(f"{dst.stem}_{i}{dst.suffix}")) for src, dst in plan.jobs],
             refused=plan.refused if i == 0 else [])
         try:
-            s_i = batch.run_batch(plan_i, lambda img, p=p: api.restore(img, p, pipe=pipe, captioner=captioner),
+            s_i = batch.run_batch(plan_i, lambda img, callback=None, p=p: api.restore(img, p, pipe=pipe, callback=callback, captioner=captioner),
                                   overwrite=args.overwrite, quiet=args.quiet, desc=f"restore [{params.preset}]",
-                                  fatal=(WeightsError,))
+                                  fatal=(WeightsError,), steps=params.steps if params.uses_diffusion else None)
         except WeightsError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -1,4 +1,4 @@
-"""Training pairs for both stages: HQ crops and their synthetic LQ versions (PAPER.md "Degradation model", "Training").
+"""Training pairs for both stages: HQ crops and their synthetic LQ versions (paper arXiv 2308.15070, "Degradation model", "Training").
 
 `PairedDegradationDataset` reads HQ images (a folder, searched recursively; a text file listing one path
 per line; or a list of paths), takes a random ``crop x crop`` patch (images smaller than the crop are

@@ -1,4 +1,4 @@
-"""Synthetic degradations that turn a clean (HQ) image into a training input (LQ): PAPER.md "Degradation model".
+"""Synthetic degradations that turn a clean (HQ) image into a training input (LQ): paper arXiv 2308.15070, "Degradation model".
 
 Three presets (`DEGRADATIONS`), all returning an LQ image of the SAME size as the input (DiffBIR restores,
 it does not up-scale):

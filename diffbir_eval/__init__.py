@@ -1,12 +1,13 @@
-"""Evaluation harness: datasets, metrics, a resumable runner and reports (PAPER.md "Evaluation").
+"""Evaluation harness: datasets, metrics, a resumable runner and reports (paper arXiv 2308.15070, "Evaluation").
 
     python -m diffbir_eval.run --dataset realsrset --root DATA --method bicubic --metrics niqe --out results/RUN
-    python -m diffbir_eval.report            # gathers results/*/summary.json into results/README.md
-
-Modules: `diffbir_eval.datasets` (the paper's six test sets, folders, synthetic pairs), `diffbir_eval.metrics` (PSNR, SSIM,
-LPIPS, MANIQA, NIQE, FID, IDS and dlib's identity distance), `diffbir_eval.fid` (Frechet distance and Inception
-features), `diffbir_eval.arcface` (the ArcFace network of the IDS protocol), `diffbir_eval.methods` (METHOD -> restore),
-`diffbir_eval.store` (run folder, rows), `diffbir_eval.loop` (restore and score), `diffbir_eval.summary` (tables), `diffbir_eval.provenance`,
-`diffbir_eval.plots`; command lines `diffbir_eval.run`, `diffbir_eval.report`.
+    python -m diffbir_eval.report                    # every results/*/summary.json -> results/README.md
+    python -m diffbir_eval.table all --write results/README.md   # the paper-layout tables, published numbers beside
+    python -m diffbir_eval.data list|check|fetch     # the registered test sets;  python -m diffbir_eval.run_all: all
+    python -m diffbir_eval.bench                     # time and peak memory vs output size
+Library: `datasets` (test sets), `registry` (their sources, sha256), `metrics` (pyiqa-named metrics, weight files),
+`fid`, `arcface`, `methods` (METHOD -> restore), `store` (run folder, rows), `loop` (restore and score), `summary`
+(a run's tables), `provenance`, `plots`, `published` (numbers of papers); the packages `table`, `report`,
+`run_all`, `bench`, `data` hold a command's library in ``__init__`` and its CLI in ``__main__``; `run` is a CLI.
 Importing the package loads nothing heavy.
 """

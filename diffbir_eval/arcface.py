@@ -8,7 +8,7 @@ through `diffbir_core.weights.load_into`.
 
 Protocol (`embed`): RGB in [0, 1] -> grey with 0.2989 R + 0.5870 G + 0.1140 B -> bilinear resize to
 128x128 (align_corners=False) -> (x - 0.5) / 0.5 -> network -> 512-d embedding. IDS is the cosine
-similarity of the embeddings of the restored image and the ground truth (``ids``, higher is better); the
+similarity of the embeddings of the restored image and the ground truth (``ids_cos``, higher is better); the
 angle arccos(cos) in degrees is the "Deg." number of GFPGAN / VQFR (``ids_deg``, lower is better).
 """
 from __future__ import annotations

@@ -1,32 +1,13 @@
-"""Test sets of the paper's evaluation (PAPER.md "Evaluation"): names, expected counts, layouts, sources.
+"""Test sets of the paper's evaluation (paper arXiv 2308.15070, "Evaluation"): names, expected counts, layouts, sources.
 
-| name            | images             | task | output      | where to get it                                |
-|-----------------|--------------------|------|-------------|------------------------------------------------|
-| realsrset       | 20 real LQ         | bsr  | x4          | BSRGAN repo, testsets/RealSRSet                |
-| real47          | 47 real LQ         | bsr  | x4          | DiffBIR repo, inputs/real47                    |
-| set5            | 5 LR/HR pairs (x4) | sr   | x4 (vs HR)  | SwinIR repo, testsets/Set5 (HR, LR_bicubic/X4) |
-| celeba_test     | 3,000 LQ/GT pairs  | bfr  | 512 -> 512  | GFPGAN project page (CelebA-Test)              |
-| lfw_test        | 1,711 real LQ      | bfr  | 512 -> 512  | GFPGAN project page (LFW-Test)                 |
-| celebchild_test | 180 real LQ        | bfr  | 512 -> 512  | GFPGAN project page (CelebChild-Test)          |
-| wider_test      | 970 real LQ        | bfr  | 512 -> 512  | CodeFormer repo, test data (WIDER-Test)        |
-| realsr          | 100 LQ/GT pairs    | sr   | 128 -> 512  | StableSR-TestSets (copy in the OSEDiff repo)   |
-| drealsr         | 93 LQ/GT pairs     | sr   | 128 -> 512  | StableSR-TestSets (copy in the OSEDiff repo)   |
-| div2k_val       | LQ/GT pairs        | sr   | 128 -> 512  | StableSR-TestSets (count unknown here)         |
-
+`DATASETS` holds one `DatasetSpec` per set: RealSRSet, Real47, Set5 (BSR / SR), CelebA-Test, LFW-Test,
+CelebChild-Test, WIDER-Test (BFR), and RealSR, DRealSR, DIV2K-val of the modern SR protocol (OSEDiff
+``test_metrics.py``: pyiqa metrics, no border crop, 128 -> 512); the table of sets is the comment above `DATASETS`.
 Provenance, file counts and sha256 lists: `diffbir_eval.registry` (``python -m diffbir_eval.data list|check|fetch``).
-The last three are the modern SR protocol (OSEDiff ``test_metrics.py``: pyiqa metrics, no border crop).
-
-``--root DIR`` is searched for each set's folder under any of its usual names (see ``lq_dirs``/``gt_dirs``;
-``.`` means DIR itself). Besides the named sets:
-
-* ``folder:LQ_DIR[:GT_DIR]`` - any folder (pairs matched by file stem; an LQ suffix such as ``x4`` or ``_lq`` is
-  recognised), output scale from ``--scale`` or the GT/LQ size ratio;
-* ``synthetic:HQ_DIR[:PRESET[:SEED]]`` - pairs made from HQ images with a `diffbir_core.degradation` preset
-  (default ``codeformer_face``, seed 0). Image ``name`` is degraded with the generator
-  ``numpy.random.default_rng([SEED, crc32(name)])``: the same LQ whatever the order, sharding or resume.
-
-`open_dataset` + `validate` check before anything runs: missing folders (with the download hint), image
-counts against the published ones, LQ without GT (and the reverse), and GT sizes against LQ x scale.
+`open_dataset` also takes ``folder:LQ_DIR[:GT_DIR]`` and ``synthetic:HQ_DIR[:PRESET[:SEED]]`` (its docstring
+says how they are matched and degraded); `open_dataset` + `validate` check before anything runs: missing
+folders (with the download hint), image counts against the published ones, LQ without GT (and the reverse),
+and GT sizes against LQ x scale. No official counterpart (the official repo ships no evaluation code).
 """
 from __future__ import annotations
 
@@ -75,6 +56,19 @@ _OSEDIFF_SETS = "https://github.com/cswry/OSEDiff/tree/main/preset/datasets"  # 
 _MODERN = ("psnr", "ssim_pyiqa", "lpips", "dists", "clipiqa", "niqe", "musiq", "maniqa-pipal", "fid")
 _GFPGAN = "GFPGAN project page https://xinntao.github.io/projects/gfpgan (BFR test data)"
 
+# The sets (expected counts from the primary sources; `diffbir_eval.registry` names them):
+# | name            | images             | task | output      | where to get it                                |
+# |-----------------|--------------------|------|-------------|------------------------------------------------|
+# | realsrset       | 20 real LQ         | bsr  | x4          | BSRGAN repo, testsets/RealSRSet                |
+# | real47          | 47 real LQ         | bsr  | x4          | DiffBIR repo, inputs/real47                    |
+# | set5            | 5 LR/HR pairs (x4) | sr   | x4 (vs HR)  | SwinIR repo, testsets/Set5 (HR, LR_bicubic/X4) |
+# | celeba_test     | 3,000 LQ/GT pairs  | bfr  | 512 -> 512  | GFPGAN project page (CelebA-Test)              |
+# | lfw_test        | 1,711 real LQ      | bfr  | 512 -> 512  | GFPGAN project page (LFW-Test)                 |
+# | celebchild_test | 180 real LQ        | bfr  | 512 -> 512  | GFPGAN project page (CelebChild-Test)          |
+# | wider_test      | 970 real LQ        | bfr  | 512 -> 512  | CodeFormer repo, test data (WIDER-Test)        |
+# | realsr          | 100 LQ/GT pairs    | sr   | 128 -> 512  | StableSR-TestSets (copy in the OSEDiff repo)   |
+# | drealsr         | 93 LQ/GT pairs     | sr   | 128 -> 512  | StableSR-TestSets (copy in the OSEDiff repo)   |
+# | div2k_val       | LQ/GT pairs        | sr   | 128 -> 512  | StableSR-TestSets (count unknown here)         |
 DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
     DatasetSpec("realsrset", "RealSRSet", "bsr", 4.0, 20, ("RealSRSet", "realsrset", "."),
                 default_metrics=("niqe", "maniqa"),
@@ -233,7 +227,17 @@ def _pair(lq_files: list[Path], gt_files: list[Path] | None, lq_suffix: str = ""
 
 def open_dataset(arg: str, *, root: str | os.PathLike | None = None, scale: float | None = None,
                  allow_count_mismatch: bool = False) -> Dataset:
-    """Resolve ``arg`` (a name of `DATASETS`, ``folder:LQ[:GT]`` or ``synthetic:HQ[:PRESET[:SEED]]``)."""
+    """Resolve ``arg`` (a name of `DATASETS`, ``folder:LQ[:GT]`` or ``synthetic:HQ[:PRESET[:SEED]]``).
+
+    ``--root DIR`` is searched for each set's folder under any of its usual names (see ``lq_dirs``/``gt_dirs``;
+    ``.`` means DIR itself). Besides the named sets:
+
+    * ``folder:LQ_DIR[:GT_DIR]`` - any folder (pairs matched by file stem; an LQ suffix such as ``x4`` or ``_lq`` is
+      recognised), output scale from ``--scale`` or the GT/LQ size ratio;
+    * ``synthetic:HQ_DIR[:PRESET[:SEED]]`` - pairs made from HQ images with a `diffbir_core.degradation` preset
+      (default ``codeformer_face``, seed 0). Image ``name`` is degraded with the generator
+      ``numpy.random.default_rng([SEED, crc32(name)])``: the same LQ whatever the order, sharding or resume.
+    """
     if arg.startswith("folder:"):
         parts = arg[len("folder:"):].split(":")
         if not parts[0] or len(parts) > 2:

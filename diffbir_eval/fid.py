@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from diffbir_core.atomic import atomic_open
+
 __all__ = [
     "FIDInception",
     "clean_resize",
@@ -87,8 +89,10 @@ def feature_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> Path:
     """Write statistics in clean-fid's layout (``mu``, ``sigma``)."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(p, mu=mu, sigma=sigma)
+    if not p.name.endswith(".npz"):  # what np.savez itself does with such a name
+        p = p.with_name(p.name + ".npz")
+    with atomic_open(p, "wb") as f:
+        np.savez(f, mu=mu, sigma=sigma)
     return p
 
 

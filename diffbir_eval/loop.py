@@ -1,6 +1,7 @@
 """The restore-and-score loop of `diffbir_eval.run`: every image not yet done, then the tables (`diffbir_eval.summary`).
 
-Steps, per image not yet done (``accelerate launch``: each process takes every N-th one):
+First, before any work: every metric weight file in ONE check (`resolve_run_files`) and the --out folder
+(`diffbir_eval.store.check_out_dir`). Then, per image not yet done (``accelerate launch``: every N-th per process):
     1. LQ (read, or synthesised with the dataset's fixed per-image seed) and GT;
     2. restore (timed); output quantised to 8-bit levels - exactly what a saved PNG holds - and its size
        checked against GT (or LQ x scale);
@@ -19,15 +20,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffbir_core.atomic import atomic_open
 from diffbir_core.imageio import read_image, resize, save_image, to_numpy, to_tensor
 
 from .datasets import image_size
 from .methods import Method, resolve_method
-from .metrics import METRIC_FILES, METRICS, build_metric, resolve_metric_file
-from .store import RowStore, RunConfigError, RunOptions, check_config, jsonable, run_config
+from .metrics import METRIC_FILES, METRICS, build_metric, resolve_metric_file, resolve_metric_files
+from .store import RowStore, RunConfigError, RunOptions, check_config, check_out_dir, jsonable, run_config
 from .summary import finalize
 
-__all__ = ["run_eval", "process_state", "quantize", "resized", "resolve_fid_reference"]
+__all__ = ["run_eval", "process_state", "quantize", "resized", "resolve_fid_reference", "resolve_run_files"]
 
 
 def quantize(img: np.ndarray) -> np.ndarray:
@@ -57,19 +59,37 @@ def process_state():
     return _SingleProcess()
 
 
-def resolve_fid_reference(ds, opts: RunOptions) -> dict:
-    """-> {"kind": "folder"|"stats", "path": ...} (checked now, so a missing file fails before any work)."""
-    ref = opts.fid_ref
+def _fid_ref_arg(ds, opts: RunOptions) -> str | None:
+    """The FID reference in effect: --fid-ref, else None (the GT folder), else the set's default; a set with
+    neither GT nor a default reference is refused here, before any file is looked for."""
+    if opts.fid_ref is not None:
+        return opts.fid_ref
+    if ds.has_gt:
+        return None
+    if ds.spec.fid_reference:
+        return ds.spec.fid_reference
+    raise RunConfigError(f"FID needs a reference and {ds.spec.title} has no GT: pass --fid-ref GT_DIR, "
+                         f"--fid-ref STATS.npz (arrays mu, sigma) or --fid-ref {', '.join(METRIC_FILES)}")
+
+
+def resolve_run_files(ds, opts: RunOptions) -> dict[str, Path]:
+    """Every weight file the run's metrics need, plus the FID reference statistics when one is named, resolved
+    in ONE `resolve_metric_files` call: a run lacking several files fails once, listing all of them."""
+    ref = _fid_ref_arg(ds, opts) if "fid" in opts.metrics else None
+    extra = {ref: "the FID reference statistics (--fid-ref)"} if ref in METRIC_FILES else None
+    return resolve_metric_files(opts.metrics, weights_dir=opts.metric_weights, weight_paths=opts.weight_paths,
+                                extra=extra)
+
+
+def resolve_fid_reference(ds, opts: RunOptions, files: dict[str, Path] | None = None) -> dict:
+    """-> {"kind": "folder"|"stats", "path": ...} (checked now, so a missing file fails before any work);
+    ``files``: already resolved metric files (`resolve_run_files`)."""
+    ref = _fid_ref_arg(ds, opts)
     if ref is None:
-        if ds.has_gt:
-            return {"kind": "folder", "path": str(ds.gt_dir), "what": "the dataset's GT images"}
-        if ds.spec.fid_reference:
-            ref = ds.spec.fid_reference
-        else:
-            raise RunConfigError(f"FID needs a reference and {ds.spec.title} has no GT: pass --fid-ref GT_DIR, "
-                                 f"--fid-ref STATS.npz (arrays mu, sigma) or --fid-ref {', '.join(METRIC_FILES)}")
+        return {"kind": "folder", "path": str(ds.gt_dir), "what": "the dataset's GT images"}
     if ref in METRIC_FILES:
-        p = resolve_metric_file(ref, path=opts.weight_paths.get(ref), weights_dir=opts.metric_weights)
+        p = (files or {}).get(ref) or resolve_metric_file(ref, path=opts.weight_paths.get(ref),
+                                                          weights_dir=opts.metric_weights)
         return {"kind": "stats", "path": str(p), "what": METRIC_FILES[ref].description}
     p = Path(ref).expanduser()
     if p.is_dir():
@@ -96,10 +116,15 @@ def run_eval(ds, method_arg: str, out_dir: str | os.PathLike, opts: RunOptions, 
             nr = ", ".join(k for k, s in METRICS.items() if s.kind == "nr")
             raise RunConfigError(f"metric(s) {', '.join(fr)} need ground truth; {ds.spec.title} has none "
                                  f"(no-reference metrics: {nr})")
-    fid_ref = resolve_fid_reference(ds, opts) if want_fid else None
+    # 0. before any work: every metric weight file in ONE check (`resolve_run_files`), then the --out folder
+    if want_fid and _fid_ref_arg(ds, opts) not in METRIC_FILES:
+        resolve_fid_reference(ds, opts)  # a bad --fid-ref folder / file is a configuration error: said first
+    files = resolve_run_files(ds, opts)
+    fid_ref = resolve_fid_reference(ds, opts, files) if want_fid else None
     items = ds.items[: opts.limit] if opts.limit else list(ds.items)
     cfg = run_config(ds, method_arg, opts)
     if state.is_main_process:
+        check_out_dir(out_dir)
         check_config(out_dir, cfg)
     state.wait_for_everyone()
 
@@ -133,8 +158,7 @@ def run_eval(ds, method_arg: str, out_dir: str | os.PathLike, opts: RunOptions, 
                                  f"(NAME.png, NAME.jpg, ...), e.g. {lost[:5]}")
     if mine:
         # 2. metrics first (a missing weight file fails before any restoration), then the method
-        metrics = {m: build_metric(m, crop_border=opts.crop_border, device=opts.device,
-                                   weights_dir=opts.metric_weights, weight_paths=opts.weight_paths)
+        metrics = {m: build_metric(m, crop_border=opts.crop_border, device=opts.device, files=files)
                    for m in per_image + (["fid"] if want_fid else [])}
         if method is None:
             method = resolve_method(method_arg, scale=ds.spec.scale * opts.lq_downscale, task=ds.spec.task,
@@ -183,10 +207,8 @@ def run_eval(ds, method_arg: str, out_dir: str | os.PathLike, opts: RunOptions, 
             for m in need:
                 row["values"].update(metrics[m](out, gt))
             if need_feat:
-                feat_dir.mkdir(parents=True, exist_ok=True)
-                tmp = feat_dir / f"{it.name}.tmp.npy"
-                np.save(tmp, metrics["fid"].features(out))
-                tmp.replace(feat_dir / f"{it.name}.npy")
+                with atomic_open(feat_dir / f"{it.name}.npy", "wb") as fh:
+                    np.save(fh, metrics["fid"].features(out))
             store.append(jsonable(row))
             if opts.verbose:
                 vals = " ".join(f"{c}={v:.4g}" for c, v in row["values"].items())

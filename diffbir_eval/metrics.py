@@ -283,24 +283,30 @@ def resolve_metric_file(name: str, *, path: str | os.PathLike | None = None,
                         error=MetricWeightsError, kind="metric weights", check_explicit=False)
 
 
-def required_files(names: Iterable[str]) -> dict[str, list[str]]:
-    """{METRIC_FILES name: [metrics needing it]} for a metric set, in first-use order."""
+def required_files(names: Iterable[str], extra: Mapping[str, str] | None = None) -> dict[str, list[str]]:
+    """{METRIC_FILES name: [metrics needing it]} for a metric set, in first-use order; ``extra`` adds files
+    needed besides the metrics' own ({file name: what needs it}, e.g. FID reference statistics)."""
     out: dict[str, list[str]] = {}
     for m in names:
         for f in METRICS[ALIASES.get(m, m)].files:
             out.setdefault(f, []).append(m)
+    for f, who in (extra or {}).items():
+        if f not in METRIC_FILES:
+            raise MetricWeightsError(f"unknown metric file {f!r}; known: {', '.join(METRIC_FILES)}")
+        out.setdefault(f, []).append(who)
     return out
 
 
 def resolve_metric_files(names: Iterable[str], *, weights_dir: str | os.PathLike | None = None,
                          weight_paths: Mapping[str, str | os.PathLike] | None = None,
-                         download: bool = True) -> dict[str, Path]:
-    """Every file the metrics ``names`` need -> its path; ONE `MetricWeightsError` listing all missing files."""
+                         download: bool = True, extra: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """Every file the metrics ``names`` need (plus ``extra``, see `required_files`) -> its path; ONE
+    `MetricWeightsError` listing all missing files."""
     names = list(names)
     paths = dict(weight_paths or {})
     found: dict[str, Path] = {}
     missing: list[tuple[str, list[str], str]] = []
-    for key, users in required_files(names).items():
+    for key, users in required_files(names, extra).items():
         try:
             found[key] = resolve_metric_file(key, path=paths.get(key), weights_dir=weights_dir, download=download)
         except MetricWeightsError as e:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffbir_core.atomic import atomic_path
+
 __all__ = ["plot_run", "plot_comparison"]
 
 
@@ -24,6 +26,17 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, out: Path) -> None:
+    """``fig`` -> the PNG ``out``, atomically (`diffbir_core.atomic.atomic_path`); the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=90, format="png")
+    finally:
+        plt.close(fig)
 
 
 def _finite(vals) -> np.ndarray:
@@ -54,9 +67,7 @@ def plot_run(run_dir: str | os.PathLike, rows: list[dict], columns: list[str]) -
         ax.axis("off")
     fig.tight_layout()
     out = Path(run_dir) / "plots" / "distributions.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    _save(fig, out)
     return out
 
 
@@ -90,7 +101,5 @@ def plot_comparison(title: str, runs: dict[str, dict[str, dict[str, float]]], co
     fig.suptitle(title)
     fig.tight_layout()
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    _save(fig, out)
     return out

@@ -1,10 +1,10 @@
 """Dataset registry: where each test set comes from, how many files it has, and their sha256 checksums.
 
-One `SetRecord` per set of the paper's evaluation (PAPER.md "Evaluation": RealSRSet, Real47, Set5, CelebA-Test,
+One `SetRecord` per set of the paper's evaluation (paper arXiv 2308.15070, "Evaluation": RealSRSet, Real47, Set5, CelebA-Test,
 LFW-Test, CelebChild-Test, WIDER-Test) and of the modern SR protocol (StableSR's RealSR, DRealSR and DIV2K-val
 crops, 128 -> 512, as used by OSEDiff's ``test_metrics.py``). For the sets we have, ``diffbir_eval/assets/checksums/
 NAME.tsv`` lists every file (path relative to the set's folder, bytes, sha256) - made by `checksum_list` from
-/work/shared/data (RealSRSet, Real47, Set5; identical to the upstream repositories' files) and from the OSEDiff
+the shared test data (RealSRSet, Real47, Set5; identical to the upstream repositories' files) and from the OSEDiff
 repository's copy of StableSR's RealSR / DRealSR crops (``preset/datasets/benchmark_*/test_{LR,HR}``).
 For the others the count comes from the primary source named in ``count_source`` and the checksums are
 unknown (`SetRecord.checksums` is None).
@@ -24,6 +24,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffbir_core.atomic import atomic_open, write_bytes
+
 __all__ = [
     "REGISTRY",
     "CheckReport",
@@ -34,6 +36,7 @@ __all__ = [
     "checksum_list",
     "fetch",
     "load_checksums",
+    "markdown_table",
     "sha256_file",
     "write_checksums",
 ]
@@ -261,7 +264,7 @@ def checksum_list(folder: str | os.PathLike, only: list[str] | None = None) -> l
 def write_checksums(path: str | os.PathLike, rows: list[tuple[str, int, str]]) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "w", newline="") as f:
+    with atomic_open(p, "w", newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         w.writerow(["path", "bytes", "sha256"])
         w.writerows(rows)
@@ -375,9 +378,20 @@ def fetch(name: str, dest: str | os.PathLike, *, timeout: float = 30.0) -> Check
                 f"{url}: got {len(data)} bytes with another sha256 than the registry's "
                 f"({rec.checksum_file.name}); the upstream file changed - not written"
             )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(target.suffix + ".part")
-        tmp.write_bytes(data)
-        tmp.replace(target)
+        write_bytes(target, data)
         done += 1
     return check(rec.name, dest)
+
+
+def markdown_table() -> str:
+    """The registry as a Markdown table (``python -m diffbir_eval.data list``)."""
+    rows = ["| name | set | files | size | checksums | source | licence |", "|---|---|---|---|---|---|---|"]
+    for r in REGISTRY.values():
+        size = f"{r.total_bytes / 1e6:.1f} MB" if r.total_bytes is not None else "unknown"
+        sums = f"diffbir_eval/assets/checksums/{r.name}.tsv" if r.checksums is not None else "unknown"
+        dl = " (fetch: yes)" if r.download and r.checksums is not None else ""
+        rows.append(
+            f"| `{r.name}` | {r.title} | {r.count if r.count is not None else 'unknown'} ({r.count_source}) | "
+            f"{size} | {sums}{dl} | {r.url}; {r.paper} | {r.licence} |"
+        )
+    return "\n".join(rows)

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import torch
 
+from diffbir_core.batch import describe_os_error
+
 from .datasets import DatasetError, open_dataset, validate
-from .loop import process_state, resolve_fid_reference, run_eval
+from .loop import process_state, resolve_fid_reference, resolve_run_files, run_eval
 from .metrics import METRIC_FILES, MetricWeightsError, parse_metrics
-from .store import RunConfigError, RunOptions, check_config, run_config
+from .store import RunConfigError, RunOptions, check_config, check_out_dir, run_config
 from .summary import finalize
 
 __all__ = ["build_parser", "main"]
@@ -112,14 +114,20 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
         if args.finalize:
             if not (Path(args.out) / "run.json").is_file():
                 raise RunConfigError(f"--finalize: {args.out} holds no run")
+            check_out_dir(args.out)
             check_config(Path(args.out), run_config(ds, args.method, opts))
-            fid_ref = resolve_fid_reference(ds, opts) if "fid" in metrics else None
+            fid_ref = resolve_fid_reference(ds, opts, resolve_run_files(ds, opts)) if "fid" in metrics else None
             summary = finalize(ds, args.method, args.out, opts, fid_ref=fid_ref)
         else:
             summary = run_eval(ds, args.method, args.out, opts, state=state)
     except (DatasetError, RunConfigError, MetricWeightsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. the disk filled up while writing: one line, the finished rows stay
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: cannot write the run{where}: {describe_os_error(e)}; finished rows are kept in {args.out}",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished rows are kept in {args.out}; rerun the same command to resume "
               "(or add --finalize to write the tables from what is there)", file=sys.stderr)

@@ -16,9 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from diffbir_core.atomic import probe_writable, remove_stale_temps, write_text
+from diffbir_core.batch import describe_os_error
+
 from .provenance import git_info
 
-__all__ = ["RunConfigError", "RunOptions", "RowStore", "jsonable", "run_config", "read_run_json", "check_config"]
+__all__ = ["RunConfigError", "RunOptions", "RowStore", "jsonable", "run_config", "read_run_json", "check_config",
+           "check_out_dir"]
 
 
 class RunConfigError(ValueError):
@@ -96,6 +100,29 @@ def jsonable(x: Any) -> Any:
     return x
 
 
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """``--out`` must be (or become) a writable folder: checked with a probe file before any work, so a file in
+    the way or a read-only place fails with one line (`RunConfigError`). Removes temporary files of killed
+    writers (`diffbir_core.atomic.remove_stale_temps`) in the run folder and its sub-folders."""
+    d = Path(out_dir).expanduser()
+    if d.exists() and not d.is_dir():
+        raise RunConfigError(f"--out {d} exists and is not a folder; choose another --out")
+    for parent in d.parents:
+        if parent.exists() and not parent.is_dir():
+            raise RunConfigError(f"--out {d}: {parent} is a file, not a folder; choose another --out")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunConfigError(f"--out {d}: cannot create the folder: {describe_os_error(e)}") from None
+    try:
+        probe_writable(d)
+    except OSError as e:
+        raise RunConfigError(f"--out {d}: cannot write into the folder: {describe_os_error(e)}") from None
+    for sub in (d, d / "features" / "fid", d / "features" / "fid_ref", d / "images", d / "plots"):
+        remove_stale_temps(sub)
+    return d
+
+
 def run_config(ds, method_arg: str, opts: RunOptions) -> dict:
     """What ``run.json`` pins: rows computed under another configuration never mix with these."""
     d = ds.describe()
@@ -123,4 +150,4 @@ def check_config(out_dir: Path, cfg: dict) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         started = {"git_at_start": git_info(), "started": now}
-        f.write_text(json.dumps({**cfg, **started}, indent=2, sort_keys=True) + "\n")
+        write_text(f, json.dumps({**cfg, **started}, indent=2, sort_keys=True) + "\n")

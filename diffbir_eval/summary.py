@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from diffbir_core.atomic import atomic_open, write_text
 from diffbir_core.data import list_images
 from diffbir_core.imageio import read_image
 
@@ -59,7 +60,7 @@ def finalize(ds, method_arg: str, out_dir: str | os.PathLike, opts: RunOptions, 
     complete_rows = [r for r in ordered if all(c in r["values"] for c in columns)]
 
     # 1. metrics.csv: one row per image, dataset order, requested columns only (deterministic content)
-    with open(out_dir / "metrics.csv", "w", newline="") as f:
+    with atomic_open(out_dir / "metrics.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["name"] + columns)
         for r in ordered:
@@ -121,8 +122,8 @@ def finalize(ds, method_arg: str, out_dir: str | os.PathLike, opts: RunOptions, 
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": opts.command,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
-    (out_dir / "README.md").write_text(run_markdown(summary, ordered, columns))
+    write_text(out_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=False) + "\n")
+    write_text(out_dir / "README.md", run_markdown(summary, ordered, columns))
     try:
         plot_run(out_dir, ordered, columns)
     except Exception as e:  # plots are a convenience: never lose the tables over them
@@ -134,14 +135,14 @@ def _reference_features(folder: Path, cache: Path, opts: RunOptions, net=None) -
     """Features of every image of a reference folder, cached per file under ``cache``."""
     files = list_images(folder)
     cache.mkdir(parents=True, exist_ok=True)
-    net = None
     feats = []
     for f in files:
         c = cache / f"{f.stem}.npy"
         if not c.is_file():
             net = net or build_metric("fid", device=opts.device, weights_dir=opts.metric_weights,
                                       weight_paths=opts.weight_paths)
-            np.save(c, net.features(read_image(f).rgb))
+            with atomic_open(c, "wb") as fh:
+                np.save(fh, net.features(read_image(f).rgb))
         feats.append(np.load(c))
     return np.stack(feats)
 

@@ -94,6 +94,12 @@ TARGET_MODULES = [
     *(f"diffbir_core/face/{m}.py" for m in ("align", "detect", "restorer", "pipeline")),
     *(f"diffbir_core/train/{m}.py" for m in ("config", "tasks", "checkpoint", "loop", "__main__")),
     *(f"diffbir_eval/{m}.py" for m in ("methods", "store", "provenance", "summary", "run")),
+    # each further eval command: a package = library (__init__) + thin CLI (__main__), `python -m diffbir_eval.X`
+    *(
+        f"diffbir_eval/{m}/{f}.py"
+        for m in ("table", "data", "report", "run_all", "bench")
+        for f in ("__init__", "__main__")
+    ),
     *(f"diffbir_demo/{m}.py" for m in ("backend", "ui", "app")),
 ]
 REPLACED_MODULES = [  # old path -> moved (LAYOUT.md); the old file must be gone, not left beside the new one
@@ -105,6 +111,8 @@ REPLACED_MODULES = [  # old path -> moved (LAYOUT.md); the old file must be gone
     "diffbir_core/tiling.py",
     "diffbir_core/train.py",
     "diffbir_core/face/restore.py",
+    # a stale module beside its package would be shadowed silently: the command modules became packages
+    *(f"diffbir_eval/{m}.py" for m in ("table", "data", "report", "run_all", "bench")),
 ]
 
 
@@ -338,6 +346,31 @@ def test_cli_and_ui_only_in_entry_modules(graph):
         if not is_entry(modules[e.src], e.src) and e.src != FACADE and is_entry(modules[e.dst], e.dst):
             bad.append(f"library module imports an entry module: {_fmt(e)}")
     assert not bad, "modules mixing a CLI or UI with library code:\n  " + "\n  ".join(bad)
+
+
+EVAL_COMMANDS = ("table", "data", "report", "run_all", "bench", "bench_official")  # diffbir_eval packages: library + thin CLI
+
+
+def test_eval_command_clis_are_thin():
+    """``diffbir_eval/<command>/__main__.py`` holds the command line only: no classes, and besides `build_parser`
+    and `main` at most small private helpers (<= 15 lines); the work is in the package's library ``__init__``."""
+    bad = []
+    for cmd in EVAL_COMMANDS:
+        path = ROOT / "diffbir_eval" / cmd / "__main__.py"
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        names = set()
+        for node in tree.body:
+            where = f"{path.relative_to(ROOT)}:{node.lineno}"
+            if isinstance(node, ast.ClassDef):
+                bad.append(f"{where}: class {node.name} in a CLI module (move it to the library)")
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                names.add(node.name)
+                size = node.end_lineno - node.lineno + 1
+                if node.name not in ("build_parser", "main") and (not node.name.startswith("_") or size > 15):
+                    bad.append(f"{where}: {node.name} ({size} lines) is library code in a CLI module")
+        if not {"build_parser", "main"} <= names:
+            bad.append(f"{path.relative_to(ROOT)}: needs build_parser() and main()")
+    assert not bad, "CLI modules holding library code:\n  " + "\n  ".join(bad)
 
 
 def test_target_layout_modules_exist():

@@ -155,11 +155,14 @@ def test_params_from_ui_rejects_bad_values():
                 neg_prompt="", strength=1, guidance_scale=0, guidance_start=1001, guidance_stop=-1,
                 color_fix="wavelet", seed=1, random_seed=False, cleaner="(preset default)", tiling="auto",
                 tile_size=512, previews=False)
-    for bad, words in [(dict(sampler="euler"), "Sampler"), (dict(preset="v9"), "Preset"),
-                       (dict(steps=None), "Steps must be a number"), (dict(upscale=40), "upscale must be in"),
-                       (dict(cfg_scale="x"), "CFG scale")]:
+    for bad, words in [(dict(sampler="nope"), "unknown sampler 'nope'"), (dict(preset="v9"), "Preset"),
+                       (dict(steps=""), "Steps must be a number"), (dict(upscale=40), "Upscale must be in"),
+                       (dict(cfg_scale="x"), "CFG scale must be a number"), (dict(steps=2.5), "whole number")]:
         with pytest.raises(DemoError, match=words):
             params_from_ui("general", {**good, **bad}, device="cpu")
+    # RestoreParams.from_flat semantics: None = the preset's value
+    none = params_from_ui("general", {**good, "steps": None}, device="cpu")
+    assert none.steps == RestoreParams.from_preset("v2").steps
 
 
 def test_status_explains_missing_weights(tmp_path, monkeypatch, offline_cleaner):
@@ -169,12 +172,21 @@ def test_status_explains_missing_weights(tmp_path, monkeypatch, offline_cleaner)
     b = DemoBackend(device="cpu", weights_dir=tmp_path, limits=LIMITS)
     text = b.status_markdown("general", "v2")
     assert "Missing weights" in text and "`BSRNet.pth`" in text and "`v2.pth`" in text
-    assert "offline** preset works without any download" in text
+    assert "**offline** preset: it works without any download" in text
+    assert str(tmp_path) not in text and "--weights-dir" not in text  # written for visitors: no paths, no flags
+    ok, _ = b.availability("general", "v2")
+    assert not ok and set(b.missing_weights("general", "v2")) == {"bsrnet", "sd_v2.1", "v2"}
+    assert b.availability("general", "offline")[0] and b.missing_weights("general", "offline") == []
     assert "Missing" not in b.status_markdown("general", "offline")
     injected = DemoBackend(device="cpu", weights_dir=tmp_path, limits=LIMITS, ldm=object(),
                            cleaners={"bsrnet": offline_cleaner})
     assert "Missing" not in injected.status_markdown("general", "v2")
     assert "injected model" in injected.status_markdown("general", "v2")
+    # Face tab: an aligned crop needs no background cleaner; a whole photo needs the preset's general one
+    face_only = DemoBackend(device="cpu", weights_dir=tmp_path, limits=LIMITS, ldm=object(),
+                            cleaners={"swinir_face": offline_cleaner})
+    assert face_only.availability("face", "v2", face_mode="aligned")[0]
+    assert face_only.missing_weights("face", "v2", face_mode="whole") == ["bsrnet"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -215,7 +227,7 @@ def test_bad_uploads_give_messages_and_the_app_keeps_serving(offline_app, tmp_pa
     cases = [(corrupt, {}, "Could not read the upload"), (text, {}, "Could not read the upload"),
              (huge, {}, "accepts at most"), (tiny, {}, "too small"),
              (ok, dict(upscale=8), "lower the upscale to at most"),  # 576x576 output > 512x512 limit
-             (ok, dict(upscale=None), "Upscale must be a number")]
+             (ok, dict(upscale=""), "Upscale must be a number")]
     for path, extra, words in cases:
         with pytest.raises(AppError, match=words) as e:
             client.predict(handle_file(str(path)), **{**dict(preset="offline", upscale=2), **extra},
@@ -253,10 +265,11 @@ def test_missing_weights_message(offline_cleaner, tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))  # no cached weights
     src = _png(tmp_path / "in.png", _smooth_rgb(16, 16))
     with serve(cleaners={"offline": offline_cleaner}, weights_dir=tmp_path, limits=LIMITS) as (_, client):
-        words = r"(?s)Missing weights:.*BSRNet\.pth.*offline\*\* preset works without any download"
+        words = (r"The v2 preset cannot run here: its model files are missing \(BSRNet\.pth, .*v2\.pth\)\. "
+                 r"Choose the offline preset")
         with pytest.raises(AppError, match=words) as e:
             client.predict(handle_file(str(src)), preset="v2", upscale=1, api_name="/restore_general")
-        assert "Traceback" not in str(e.value)
+        assert "Traceback" not in str(e.value) and str(tmp_path) not in str(e.value)
         out = _outputs(client.predict(handle_file(str(src)), preset="offline", upscale=1,
                                       api_name="/restore_general"))
         _assert_png(out["result"], (16, 16))
@@ -303,7 +316,9 @@ def test_tiny_face_tab_aligned(tiny_models, tmp_path):
     got = _assert_png(out["result"], (64, 64))
     params = RestoreParams.from_preset("v2", task="face", upscale=1.0, steps=2, cfg_scale=1.0, seed=3,
                                        face__aligned=True)
-    ref = DiffBIRPipeline(ldm=ldm, cleaners={"swinir_face": face}).restore(read_image(src), params)
+    from diffbir_core import api
+
+    ref = api.restore(read_image(src), params, pipe=api.make_pipeline(ldm=ldm, cleaners={"swinir_face": face}))
     assert np.abs(got.astype(int) - _u8(ref.image).astype(int)).max() <= 1
     assert "Faces restored: 1 (aligned" in out["info"]
 
@@ -329,12 +344,14 @@ def test_face_tab_whole_photo_example(tiny_models):
     assert 0.005 < changed.mean() < 0.6  # one face region changed by the random model, the rest kept
 
 
-def test_python_demo_app_py_starts(tmp_path):
-    """`python diffbir_demo/app.py` (the Space's command) serves the page; the server is stopped afterwards."""
+@pytest.mark.parametrize("script", ["diffbir_demo/app.py", "app.py"])
+def test_python_demo_app_py_starts(tmp_path, script):
+    """`python diffbir_demo/app.py` and `python app.py` (the Space's command) serve the page; the server is
+    stopped afterwards."""
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "diffbir_demo/app.py", "--port", str(port), "--device", "cpu"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, script, "--port", str(port), "--device", "cpu"], cwd=ROOT,
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120
@@ -345,7 +362,7 @@ def test_python_demo_app_py_starts(tmp_path):
                 break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
-                    raise AssertionError("diffbir_demo/app.py did not start:\n"
+                    raise AssertionError(f"{script} did not start:\n"
                                          + (tmp_path / "server.log").read_text()) from None
                 time.sleep(1)
         assert "restore_general" in config and "restore_face" in config

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from diffbir_eval import data as cli
+from diffbir_eval.data import __main__ as cli
 from diffbir_eval import registry as R
 from diffbir_eval.datasets import DATASETS, open_dataset, validate
 

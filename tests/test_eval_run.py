@@ -16,6 +16,7 @@ from diffbir_core.imageio import resize, save_image, to_numpy, to_tensor
 from diffbir_eval.datasets import open_dataset, validate
 from diffbir_eval.loop import run_eval
 from diffbir_eval.methods import Method, resolve_method
+from diffbir_eval.metrics import MetricWeightsError
 from diffbir_eval.run import main
 from diffbir_eval.store import RunConfigError, RunOptions
 
@@ -134,7 +135,7 @@ def test_cli_writes_tables_summary_plots_and_report(pairs, capsys):
                  "--out", str(out), "--quiet"]) == 2
     assert "already holds a different run" in capsys.readouterr().err
 
-    from diffbir_eval.report import main as report_main
+    from diffbir_eval.report.__main__ import main as report_main
 
     assert report_main(["--results", str(pairs / "results")]) == 0
     text = (pairs / "results" / "README.md").read_text()
@@ -142,6 +143,18 @@ def test_cli_writes_tables_summary_plots_and_report(pairs, capsys):
     assert "psnr: 0/3 (0%)" in text  # identical images: neither beats the other
     assert text.index(f"outputs:{out / 'images'}") < text.index("| bicubic | 3/3 |")  # baseline listed last
     assert (pairs / "results" / "plots").is_dir() and list((pairs / "results" / "plots").glob("*.png"))
+
+    # the report rewrites README.md but keeps the blocks `python -m diffbir_eval.table --write` put there
+    from diffbir_eval.table.__main__ import main as table_main
+
+    readme = pairs / "results" / "README.md"
+    assert table_main(["metrics", "--results", str(pairs / "results"), "--write", str(readme)]) == 0
+    block = readme.read_text()[readme.read_text().index("<!-- diffbir_eval.table:metrics:begin -->"):]
+    assert block.rstrip().endswith("<!-- diffbir_eval.table:metrics:end -->") and "| `psnr` |" in block
+    assert report_main(["--results", str(pairs / "results"), "--no-plots"]) == 0
+    again = readme.read_text()
+    assert again.count("<!-- diffbir_eval.table:metrics:begin -->") == 1 and block.rstrip() in again
+    assert again.startswith("# Evaluation results") and "| bicubic | 3/3 |" in again
 
 
 def test_clear_errors(pairs, capsys):
@@ -165,6 +178,60 @@ def test_clear_errors(pairs, capsys):
     with pytest.raises(RuntimeError, match="gave a 12x12 image for im0; expected 48x48"):
         run_eval(validate(open_dataset(f"folder:{pairs / 'lq'}:{pairs / 'gt'}")), "bad", pairs / "z",
                  RunOptions(metrics=["psnr"], verbose=False), method=bad)
+
+
+def test_missing_metric_weights_fail_once_listing_every_file(pairs, monkeypatch, capsys):
+    """All metric files are resolved up front: one error names every missing one, before anything is written."""
+    import torch
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("DIFFBIR_CACHE", str(pairs / "diffbir_cache"))
+    monkeypatch.delenv("DIFFBIR_METRIC_WEIGHTS", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(pairs / "torch_hub"))
+    (pairs / "empty").mkdir()
+    out = pairs / "never"
+    assert main(["--dataset", f"folder:{pairs / 'lq'}:{pairs / 'gt'}", "--method", "bicubic", "--metrics",
+                 "psnr,lpips,dists,fid", "--metric-weights", str(pairs / "empty"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err and "4 file(s), 4 not found" in err
+    for f in ("alexnet-owt-7be5be79.pth", "vgg16-397923af.pth", "DISTS_weights-f5e65c96.pth",
+              "pt_inception-2015-12-05-6726825d.pth"):
+        assert f in err
+    assert not out.exists()  # nothing was started
+    # no GT: the FID reference statistics named by --fid-ref are in the same single list
+    with pytest.raises(MetricWeightsError) as e:
+        run_eval(validate(open_dataset(f"folder:{pairs / 'lq'}", scale=4)), "bicubic", out,
+                 RunOptions(metrics=["niqe_matlab", "fid"], fid_ref="fid_ffhq512", verbose=False,
+                            metric_weights=str(pairs / "empty")))
+    msg = str(e.value)
+    assert "3 file(s), 3 not found" in msg and "ffhq_clean_trainval70k_512.npz" in msg
+    assert "niqe_matlab_params.mat" in msg and "for the FID reference statistics (--fid-ref)" in msg
+    assert not out.exists()
+
+
+def test_out_that_cannot_be_a_folder_is_one_line(pairs, monkeypatch, capsys):
+    ds_arg = f"folder:{pairs / 'lq'}:{pairs / 'gt'}"
+    (pairs / "a_file").write_text("x")
+    for out, says in ((pairs / "a_file", "exists and is not a folder"),
+                      (pairs / "a_file" / "run", "is a file, not a folder")):
+        assert main(["--dataset", ds_arg, "--method", "bicubic", "--metrics", "psnr", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out}") and says in err and len(err.strip().splitlines()) == 1
+    assert (pairs / "a_file").read_text() == "x"
+    # a read-only place (root ignores permission bits, so the probe write is made to fail as EROFS does)
+    import errno
+
+    import diffbir_eval.store as store
+
+    def read_only(folder):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(folder))
+
+    monkeypatch.setattr(store, "probe_writable", read_only)
+    ro = ["--dataset", ds_arg, "--method", "bicubic", "--metrics", "psnr", "--out", str(pairs / "ro")]
+    assert main(ro) == 2
+    err = capsys.readouterr().err
+    assert "cannot write into the folder" in err and "[EROFS]" in err and len(err.strip().splitlines()) == 1
+    assert not (pairs / "ro" / "run.json").exists()
 
 
 def test_cleaner_and_preset_methods(pairs):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from diffbir_eval import table as T
+from diffbir_eval.table.__main__ import main as table_main
 from diffbir_eval.published import PUBLISHED
 
 
@@ -101,13 +102,13 @@ def test_bsr_and_bfr_tables_and_readme_block(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# Results\n\nkept text\n")
     for _ in range(2):  # writing twice replaces the block
-        assert T.main(["bsr-paper", "--results", str(res), "--write", str(readme)]) == 0
+        assert table_main(["bsr-paper", "--results", str(res), "--write", str(readme)]) == 0
     text = readme.read_text()
     assert text.startswith("# Results\n\nkept text\n") and text.count("<!-- diffbir_eval.table:bsr-paper:begin -->") == 1
     assert "](results/realsrset_offline/README.md)" in text  # links relative to the README's folder
     with pytest.raises(ValueError, match="unknown table 'nope'"):
         T.build_table("nope", res)
-    assert T.main(["nope", "--results", str(res)]) == 2
+    assert table_main(["nope", "--results", str(res)]) == 2
 
 
 def test_committed_runs_build():

@@ -115,7 +115,7 @@ def test_n_samples_names_like_official(tmp_path, capsys):
     rc = cli.main(["--input", str(src), "--output", str(out), "--upscale", "1", "--n_samples", "2", "-q",
                    "--device", "cpu"])
     assert rc == 0, capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["a_0.png", "a_1.png"]  # HEAD loop.py:218-224
+    assert sorted(p.name for p in out.glob("*.png")) == ["a_0.png", "a_1.png"]  # HEAD loop.py:218-224
 
 
 def test_captioner_caption_goes_before_the_prompt():

@@ -1,6 +1,8 @@
 """The restore CLI end to end on the offline preset (real converted Real-ESRGAN x4plus)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -29,7 +31,10 @@ def test_folder_mixing_good_and_bad_files(tmp_path, capsys):
     rc = main([str(src), "--output", str(out), "--preset", "offline", "--upscale", "2", "-q"])
     captured = capsys.readouterr()
     assert rc == 1  # something failed, and the exit status says so
-    assert sorted(p.name for p in out.iterdir()) == ["good1.png", "good2.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["good1.json", "good1.png", "good2.json", "good2.png"]
+    side = json.loads((out / "good1.json").read_text())  # seed + parameters next to each output (issue 14)
+    assert side["seed"] == 231 and side["params"]["upscale"] == 2.0 and side["input"] == str(src / "good1.png")
+    assert json.loads(Image.open(out / "good1.png").text["diffbir"]) == json.loads(json.dumps(side))
     assert Image.open(out / "good1.png").size == (24, 20)
     assert Image.open(out / "good2.png").size == (18, 14)
     for bad in ("empty.png", "text.jpg", "trunc.png"):
@@ -159,3 +164,35 @@ def test_flags_map_onto_restore_params():
         task="face", device="cpu")
     plain = params_from_args(build_parser().parse_args(["x.png", "-o", "o", "--preset", "v2.1"]))
     assert plain == RestoreParams.from_preset("v2.1")  # no flags: exactly the preset
+
+
+def test_step_bar_counts_stage2_steps_inside_each_image(tmp_path):
+    """run_batch with ``steps``: restore gets a callback, and a per-step bar (tqdm's own n/total) runs under the
+    image bar; face mode's several runs restart it."""
+    import io
+    from types import SimpleNamespace
+
+    from diffbir_core import batch
+
+    src = tmp_path / "in"
+    src.mkdir()
+    _img(src / "a.png")
+    _img(src / "b.png")
+    plan = batch.plan_outputs(sorted(src.iterdir()), tmp_path / "out")
+    seen = []
+
+    def restore(img, callback=None):
+        assert callback is not None
+        for _run in range(2):  # e.g. one face, then the background
+            for k in range(7):
+                callback(SimpleNamespace(step=k))
+                assert (callback.bar.n, callback.bar.total) == (k + 1, 7)  # tqdm's own count drives n/total + ETA
+        seen.append(callback.runs)
+        return SimpleNamespace(image=img.rgb, alpha=None, seed=5, params=None, notices=[], timings={})
+
+    stream = io.StringIO()
+    summary = batch.run_batch(plan, restore, steps=7, stream=stream)
+    assert summary.done == 2 and seen == [2, 2]
+    text = stream.getvalue()
+    assert "stage 2" in text and "/7 [" in text and "step/s" in text
+    assert json.loads((tmp_path / "out" / "a.json").read_text())["seed"] == 5

@@ -132,8 +132,9 @@ def test_signal_during_a_write_leaves_no_invalid_output_and_rerun_completes(tmp_
     _, err = proc.communicate(timeout=120)
     names = sorted(p.name for p in out.iterdir())
     visible = [n for n in names if not n.startswith(".")]
-    assert visible == ["a.png"], names  # the finished image is kept; b.png was being written and is absent
-    assert all(_decodes(out / n) for n in visible)
+    # the finished image (and its parameter sidecar) is kept; b.png was being written and is absent
+    assert visible == ["a.json", "a.png"], names
+    assert _decodes(out / "a.png")
     if sig == signal.SIGINT:
         assert proc.returncode == 130
         assert "Traceback" not in err and "interrupted" in err
@@ -146,8 +147,9 @@ def test_signal_during_a_write_leaves_no_invalid_output_and_rerun_completes(tmp_
     assert rerun.returncode == 0, e
     assert "skipped 1" in o and "restored 2" in o
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["a.png", "b.png", "c.png"]  # and no stale temporary file of the killed run
-    assert all(_decodes(out / n) for n in names)
+    # and no stale temporary file of the killed run
+    assert names == ["a.json", "a.png", "b.json", "b.png", "c.json", "c.png"]
+    assert all(_decodes(out / n) for n in names if n.endswith(".png"))
 
 
 def test_invalid_existing_output_is_made_again(tmp_path, capsys):
@@ -369,7 +371,7 @@ def test_other_write_error_is_one_line_and_the_batch_goes_on(tmp_path, capsys, m
     captured = capsys.readouterr()
     assert rc == 1 and "restored 1" in captured.out and "failed 1" in captured.out
     assert "EACCES" in captured.err and "Traceback" not in captured.err
-    assert sorted(p.name for p in out.iterdir()) == ["b.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["b.json", "b.png"]
 
 
 @pytest.mark.parametrize("device, msg", [("foo", "unknown device 'foo'"), ("cuda:x", "unknown device"),

@@ -308,3 +308,35 @@ def test_full_size_denoiser_step_cpu():
     assert eps.shape == x.shape and torch.isfinite(eps).all()
     print(f"\nfull-size build {t_build:.1f}s; one ControlLDM step at 64x64 latent: {t_step:.1f}s wall, "
           f"{c_step:.1f}s CPU (2 threads)")
+
+
+def test_pretrained_load_caches_the_conversion(tiny_model, tmp_path, monkeypatch):
+    """Issue 14: the first start converts the official files and caches one safetensors file; the second start
+    reads it (no official file is parsed: both are made unreadable) and gives the same weights; a changed official
+    file gets a new cache entry (the old one is removed)."""
+    import diffbir_core.models.ldm as ldm
+    from diffbir_core.models.convert import export_control_official
+
+    monkeypatch.setitem(ldm.STAGE2_CONFIGS, "sd21_base", TINY)
+    sd_path, ctrl_path = tmp_path / "sd.ckpt", tmp_path / "ctrl.pth"
+    torch.save({"state_dict": _official_sd(tiny_model)}, sd_path)
+    torch.save(export_control_official(tiny_model.controlnet), ctrl_path)
+    cache = tmp_path / "cache"
+    first = ldm.load_pretrained_control_ldm(str(sd_path), str(ctrl_path), cache_dir=cache)
+    (entry,) = (cache / "stage2").glob("*.safetensors")
+    assert entry == ldm.conversion_cache_path(sd_path, ctrl_path, TINY, cache)
+    calls = []
+    monkeypatch.setattr(ldm, "build_control_ldm", lambda *a, **k: calls.append(a) or pytest.fail("converted again"))
+    second = ldm.load_pretrained_control_ldm(str(sd_path), str(ctrl_path), cache_dir=cache)
+    for part in ("unet", "controlnet", "vae", "text"):
+        assert _equal_modules(getattr(first, part), getattr(second, part)), part
+        assert _equal_modules(getattr(tiny_model, part), getattr(second, part)), part
+    assert not calls and not any(p.requires_grad for p in second.unet.parameters())
+    monkeypatch.undo()
+    monkeypatch.setitem(ldm.STAGE2_CONFIGS, "sd21_base", TINY)
+    torch.save(export_control_official(tiny_model.controlnet), ctrl_path)  # new mtime: a new file version
+    ldm.load_pretrained_control_ldm(str(sd_path), str(ctrl_path), cache_dir=cache)
+    (entry2,) = (cache / "stage2").glob("*.safetensors")
+    assert entry2 != entry
+    ldm.load_pretrained_control_ldm(str(sd_path), str(ctrl_path), cache=False, cache_dir=tmp_path / "off")
+    assert not (tmp_path / "off").exists()  # cache=False writes nothing

@@ -265,3 +265,23 @@ def test_sigterm_writes_a_checkpoint_and_exits(hq_dir, tmp_path):
     state = torch.load(ck / "train_state.pt", weights_only=True)
     assert state["step"] == int(ck.name) >= 2
     assert "stop requested by signal" in output
+
+
+def test_csv_log_resume_drops_later_and_torn_rows(tmp_path):
+    """On resume the log keeps rows up to the resumed step; a row cut short by a crash and later rows go (they
+    are redone); the trimmed file is written atomically and appended rows are on disk at once (flushed)."""
+    import csv
+
+    from diffbir_core.train.loop import _CsvLog
+
+    f = tmp_path / "log.csv"
+    f.write_text("step,loss\n1,0.5\n2,0.4\n3,0.3\n4,0.")  # killed while writing step 4
+    log = _CsvLog(f, ["step", "loss"], keep_until=2)
+    assert f.read_text().splitlines() == ["step,loss", "1,0.5", "2,0.4"]
+    log.write({"step": 3, "loss": 0.25})
+    with f.open(newline="") as fh:  # read back while the writer still exists
+        assert [r["loss"] for r in csv.DictReader(fh)] == ["0.5", "0.4", "0.25"]
+    f.write_text("step,loss\n1,0.5\n4")  # a torn row: fewer fields than the header
+    _CsvLog(f, ["step", "loss"], keep_until=10)
+    assert f.read_text().splitlines() == ["step,loss", "1,0.5"]
+    assert [p.name for p in tmp_path.iterdir()] == ["log.csv"]  # no temporary left behind

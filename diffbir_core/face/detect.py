@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..weights import offline
 
 __all__ = [
@@ -222,10 +223,8 @@ def find_facexlib_file(name: str, model_dir: str | os.PathLike | None = None, *,
     import torch
 
     try:
-        target.mkdir(parents=True, exist_ok=True)
-        tmp = target / (fname + ".part")
-        torch.hub.download_url_to_file(url, str(tmp), progress=True)
-        tmp.replace(target / fname)
+        with atomic_path(target / fname) as tmp:  # complete or absent, fsync'ed (`diffbir_core.atomic`)
+            torch.hub.download_url_to_file(url, str(tmp), progress=True)
     except Exception as e:  # no internet, read-only folder, HTTP error: say which and how to fix it
         raise FaceBackendError(f"facexlib face backend: weight file {fname} not found (looked in: {looked}) and "
                                f"the download failed ({type(e).__name__}: {e}).\n{how}") from e

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..config import RestoreParams
-from ..imageio import LoadedImage, to_numpy, to_tensor
+from ..imageio import LoadedImage, as_loaded_image, to_numpy, to_tensor
 from ..pipeline import DiffBIRPipeline
 from ..types import RestoreResult
 from . import align
@@ -102,7 +102,7 @@ class FacePipeline:
         params = params.validate()
         if params.task != "face":
             raise ValueError(f"FacePipeline restores task 'face', got {params.task!r} (use DiffBIRPipeline)")
-        loaded = image if isinstance(image, LoadedImage) else LoadedImage(rgb=np.asarray(image, np.float32))
+        loaded = as_loaded_image(image)  # path, PIL, numpy (uint8/uint16/float), torch: see imageio
         if params.face.aligned is True:
             return self.restore_aligned(loaded, params, callback=callback, noise=noise, keep=keep, plan=plan)
         given = [n for n, v in (("noise", noise), ("keep", keep), ("plan", plan)) if v is not None]

@@ -1,7 +1,7 @@
 """The control branch ("LAControlNet" in the paper, "IRControlNet" / ``ControlNet`` in the official code).
 
 A trainable copy of the SD UNet's encoder half - time embedding, input blocks, middle block - whose first
-conv takes ``concat(z_t, c)`` (4 latent + 4 condition-latent channels, PAPER.md "Stage 2"). Every encoder
+conv takes ``concat(z_t, c)`` (4 latent + 4 condition-latent channels, paper arXiv 2308.15070, "Stage 2"). Every encoder
 feature the UNet keeps as a skip connection (12 for SD 2.1: conv_in, 2 per level, 1 per downsample) and the
 middle-block output pass a 1x1 zero-initialised conv; the resulting residuals (13 for SD 2.1) are what the
 UNet adds to its decoder skips and middle output (see `diffbir_core.models.ldm.ControlLDM.forward`).

@@ -1,6 +1,6 @@
 """Stage 2 of DiffBIR: the frozen Stable Diffusion 2.1-base plus the trainable control branch (``ControlLDM``).
 
-PAPER.md "Stage 2": the stage-1 output ``I_reg`` is encoded by the SD VAE (posterior mode x 0.18215) into
+paper arXiv 2308.15070, "Stage 2": the stage-1 output ``I_reg`` is encoded by the SD VAE (posterior mode x 0.18215) into
 ``c = E(I_reg)``; the control branch (`diffbir_core.models.controlnet.ControlNet`) reads ``concat(z_t, c)``
 and emits 13 residuals that are added - times the control strength - to the UNet decoder's skip features
 and middle output; the UNet predicts eps (eq. 5 uses it for ``z0_hat``); prompts enter through the
@@ -31,10 +31,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..weights import WEIGHTS, LoadReport, WeightsError, load_into, load_state_dict, resolve, save_safetensors
+from ..weights import (
+    WEIGHTS,
+    LoadReport,
+    WeightsError,
+    default_cache_dir,
+    load_into,
+    load_state_dict,
+    resolve,
+    save_safetensors,
+)
 from .controlnet import ControlNet
-from .convert import (CONTROL_PREFIX_V1_FULL, SD_PREFIXES, export_control_official, keymap_for, pull_official,
-                      text_from_transformers, vae_from_legacy_diffusers)
+from .convert import (
+    CONTROL_PREFIX_V1_FULL,
+    SD_PREFIXES,
+    export_control_official,
+    keymap_for,
+    pull_official,
+    text_from_transformers,
+    vae_from_legacy_diffusers,
+)
 from .text import TEXT_LAYERS, OpenCLIPTextEncoder
 
 log = logging.getLogger(__name__)
@@ -650,25 +666,52 @@ def load_control_ldm_safetensors(path: str | os.PathLike, cfg: Stage2Config | No
     if cfg is not None and cfg != stored:
         raise WeightsError(f"{p} was saved for a different Stage2Config:\n  file: {stored}\n  given: {cfg}")
     cfg = stored
-    sd = load_state_dict(p)
     model = ControlLDM(*(build_empty(b, cfg) for b in (build_unet, build_controlnet, build_vae, build_text)),
                        cfg.latent_scale_factor, cfg)
-    for name in _PARTS:
-        pre = f"{name}."
-        load_into(getattr(model, name), {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)},
-                  what=f"{p} -> {name}", strict=True)
-    extra = sorted(k for k in sd if not k.startswith(tuple(f"{n}." for n in _PARTS)))
-    if extra:
-        raise WeightsError(f"{p}: unexpected keys {extra[:12]}")
+    with safe_open(str(p), framework="pt") as f:  # one part at a time: peak memory = model + its largest part
+        keys = list(f.keys())
+        extra = sorted(k for k in keys if not k.startswith(tuple(f"{n}." for n in _PARTS)))
+        if extra:
+            raise WeightsError(f"{p}: unexpected keys {extra[:12]}")
+        for name in _PARTS:
+            pre = f"{name}."
+            part = {k[len(pre):]: f.get_tensor(k) for k in keys if k.startswith(pre)}
+            load_into(getattr(model, name), part, what=f"{p} -> {name}", strict=True)
+            del part
     _freeze(model.unet, model.vae, model.text)
     return model.eval()
 
 
+CACHE_ENV = "DIFFBIR_CONVERSION_CACHE"  # "0" turns the converted-checkpoint cache off
+
+
+def conversion_cache_path(sd_path: Path, control_path: Path, cfg: Stage2Config,
+                          cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the converted ControlLDM of (``sd_path``, ``control_path``, ``cfg``) is cached: one safetensors file
+    (`save_control_ldm_safetensors`) named by the two files' stems and a hash of their resolved paths, sizes,
+    mtimes and the config, so a changed file or config never reuses a stale conversion."""
+    import hashlib
+
+    def stamp(f: Path) -> list:
+        st = f.stat()
+        return [str(f.resolve()), st.st_size, st.st_mtime_ns]
+
+    key = json.dumps([_FORMAT, stamp(sd_path), stamp(control_path), cfg.to_dict()], sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    name = f"{sd_path.stem}+{control_path.stem}-{digest}.safetensors"
+    return Path(cache_dir or default_cache_dir()) / "stage2" / name
+
+
 def load_pretrained_control_ldm(sd: str, control: str, *, weights_dir: str | os.PathLike | None = None,
-                                device: str | torch.device = "cpu") -> ControlLDM:
+                                device: str | torch.device = "cpu", cache: bool | None = None,
+                                cache_dir: str | os.PathLike | None = None) -> ControlLDM:
     """The full-size ControlLDM from official files: ``sd`` / ``control`` are names in ``weights.WEIGHTS``
     (or paths; ``sd`` may be a diffusers folder). Both files are resolved before anything loads, so a
-    missing one fails fast with the message from `weights.resolve`."""
+    missing one fails fast with the message from `weights.resolve`.
+
+    The first load converts the official layouts (key maps, checks) and caches the result as one safetensors file
+    (`conversion_cache_path`, under ``$DIFFBIR_CACHE``); later loads read that file (no pickle, part by part).
+    ``cache=False`` or ``$DIFFBIR_CONVERSION_CACHE=0`` skips the cache; a diffusers folder is never cached."""
 
     def find(name: str) -> Path:
         if name in WEIGHTS:
@@ -679,5 +722,23 @@ def load_pretrained_control_ldm(sd: str, control: str, *, weights_dir: str | os.
         return resolve(name, weights_dir=weights_dir)  # raises the "unknown weight name" error
 
     sd_path, control_path = find(sd), find(control)
-    model = build_control_ldm(STAGE2_CONFIGS["sd21_base"], sd=sd_path, control=control_path)
+    cfg = STAGE2_CONFIGS["sd21_base"]
+    if cache is None:
+        cache = os.environ.get(CACHE_ENV, "1").lower() not in ("0", "false", "no", "off")
+    cached = conversion_cache_path(sd_path, control_path, cfg, cache_dir) if cache and sd_path.is_file() else None
+    if cached is not None and cached.is_file():
+        try:
+            log.info("stage 2: reading the converted checkpoint %s", cached)
+            return load_control_ldm_safetensors(cached, cfg).to(device).eval()
+        except (WeightsError, OSError, ValueError) as e:  # damaged cache: convert again (and overwrite it)
+            log.warning("converted checkpoint %s is unusable (%s); converting the official files again", cached, e)
+    model = build_control_ldm(cfg, sd=sd_path, control=control_path)
+    if cached is not None:
+        try:
+            for old in cached.parent.glob(f"{sd_path.stem}+{control_path.stem}-*.safetensors"):
+                old.unlink()  # conversions of older versions of the same two files
+            save_control_ldm_safetensors(model, cached)
+            log.info("stage 2: cached the converted checkpoint as %s", cached)
+        except OSError as e:  # a full or read-only cache only costs the conversion next time
+            log.warning("could not cache the converted checkpoint in %s: %s", cached, e)
     return model.to(device).eval()

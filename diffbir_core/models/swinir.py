@@ -1,6 +1,6 @@
 """Stage 1 of DiffBIR: the SwinIR restoration module ("cleaner"), ``I_reg = SwinIR(I_LQ)``.
 
-Paper (arXiv 2308.15070) section 3.1 / PAPER.md "Stage 1": a SwinIR trained with the L2 loss
+Paper (arXiv 2308.15070) section 3.1 "Stage 1": a SwinIR trained with the L2 loss
 ``||I_reg - I_HQ||^2`` removes noise and artefacts before the diffusion stage. DiffBIR's SwinIR is a
 1x cleaner: PixelUnshuffle(8) -> 3x3 conv -> residual Swin Transformer blocks (RSTB) at 1/8 resolution
 -> shallow + deep features -> three rounds of (nearest x2 -> conv -> LeakyReLU) -> RGB.

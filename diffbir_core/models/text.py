@@ -1,7 +1,7 @@
 """OpenCLIP ViT-H/14 text tower (stage 2's prompt encoder) and its offline tokenizer.
 
 DiffBIR conditions the SD 2.1 UNet on ``c_txt`` = the OpenCLIP text transformer's PENULTIMATE layer
-followed by ``ln_final`` (PAPER.md "Stage 2"; official ``FrozenOpenCLIPEmbedder(layer="penultimate")``):
+followed by ``ln_final`` (paper arXiv 2308.15070, "Stage 2"; official ``FrozenOpenCLIPEmbedder(layer="penultimate")``):
 
     tokens = [SOT] + BPE(prompt) + [EOT], zero-padded to 77
     x = token_embedding(tokens) + positional_embedding          # [B, 77, width]

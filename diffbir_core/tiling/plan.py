@@ -41,7 +41,7 @@ __all__ = [
 
 
 # Peak ACTIVATION bytes per pixel (fp32, batch 1; weights not included), measured with the full-size models
-# on CPU (torch 2.14, SDPA attention, 2 threads; peak RSS above the resident weights, diffbir_eval/bench.py
+# on CPU (torch 2.14, SDPA attention, 2 threads; peak RSS above the resident weights, diffbir_eval/bench
 # calibration, 512x512 and 768x768 images). Pixels are image pixels of the stage's output (cleaner,
 # decoder) or input (encoder); "diffusion" is per LATENT pixel of one CFG step (cond + uncond batched).
 STAGE_BYTES_PER_PIXEL: dict[str, float] = {
@@ -53,7 +53,7 @@ STAGE_BYTES_PER_PIXEL: dict[str, float] = {
 # fixed extra per stage (allocator / library workspaces), bytes
 STAGE_OVERHEAD = 300 * 2**20
 # resident size of the Python / torch / diffusers runtime itself on CPU, beyond the model weights (measured:
-# RSS 7.24 GB with 6.24 GiB of full-size weights after building, diffbir_eval/bench.py at 512)
+# RSS 7.24 GB with 6.24 GiB of full-size weights after building, diffbir_eval/bench at 512)
 RUNTIME_BYTES_CPU = 1000 * 2**20
 
 

@@ -3,7 +3,7 @@
 ``sliding_windows`` / ``gaussian_weights`` are the official helpers exactly, including the asymmetric Gaussian
 midpoints ((W-1)/2 across, H/2 down); ``blend_tiles`` fuses overlapping tiles,
 ``out[p] = sum_k w_k(p) f(tile_k)[p] / sum_k w_k(p)`` with ``w = outer(y, x)``,
-``x_j = N((j - (W-1)/2) / W; 0, 0.01)``, ``y_i = N((i - H/2) / H; 0, 0.01)`` (PAPER.md "Large images").
+``x_j = N((j - (W-1)/2) / W; 0, 0.01)``, ``y_i = N((i - H/2) / H; 0, 0.01)`` (paper arXiv 2308.15070, "Large images").
 ``TileEvent`` / ``StopTiles``: the per-tile progress protocol shared by every tiled stage.
 
 Mirrors: v2.0.0 utils/common.py:112 (sliding_windows), :129 (gaussian_weights);

@@ -1,4 +1,4 @@
-"""Training both DiffBIR stages (PAPER.md "Training"): ``python -m diffbir_core.train stage1|stage2 --config f.toml``.
+"""Training both DiffBIR stages (paper arXiv 2308.15070, "Training"): ``python -m diffbir_core.train stage1|stage2 --config f.toml``.
 
 `config` (TrainConfig, presets, TOML/JSON), `tasks` (stage 1 SwinIR L2; stage 2 control branch of a frozen SD),
 `checkpoint` (official-layout weights + resumable train state), `loop` (the accelerate loop), `__main__` (CLI).

@@ -3,7 +3,8 @@
 The weights are written in the OFFICIAL layout as plain state dicts (``swinir.pth`` loadable by the official
 SwinIR and `load_swinir`; ``control.pth`` by the official ControlNet and our control loader) plus
 ``.safetensors`` copies; ``train_state.pt`` (format, stage, step, optimizer, config, AMP scaler) is written
-last through a temporary file, so a folder without it is incomplete and never resumed from.
+last; every file goes through `diffbir_core.atomic` (complete or absent), so a folder without
+``train_state.pt`` is incomplete and never resumed from.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from diffbir_core.atomic import atomic_path
 from diffbir_core.weights import save_safetensors
 
 from .config import TrainConfig
@@ -47,15 +49,15 @@ def save_checkpoint(task, opt, accelerator, cfg: TrainConfig, step: int) -> Path
     ckpt = checkpoints_dir(cfg.out_dir) / f"{step:07d}"
     ckpt.mkdir(parents=True, exist_ok=True)
     sd = task.state_dict_official()
-    torch.save(sd, ckpt / f"{task.weights_name}.pth")  # official plain state dict
+    with atomic_path(ckpt / f"{task.weights_name}.pth") as tmp:
+        torch.save(sd, tmp)  # official plain state dict
     save_safetensors(sd, ckpt / f"{task.weights_name}.safetensors")
     state = {"format": CKPT_FORMAT, "stage": cfg.stage, "step": step, "optimizer": opt.state_dict(),
              "config": json.dumps(cfg.to_dict())}
     if getattr(accelerator, "scaler", None) is not None:
         state["scaler"] = accelerator.scaler.state_dict()
-    tmp = ckpt / "train_state.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, ckpt / "train_state.pt")  # written last: marks the checkpoint complete
+    with atomic_path(ckpt / "train_state.pt") as tmp:
+        torch.save(state, tmp)  # written last: marks the checkpoint complete
     return ckpt
 
 

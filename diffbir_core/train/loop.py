@@ -1,4 +1,4 @@
-"""The training loop of both stages on `accelerate` (PAPER.md "Training"): ``train(cfg) -> summary``.
+"""The training loop of both stages on `accelerate` (paper arXiv 2308.15070, "Training"): ``train(cfg) -> summary``.
 
 Optimiser: AdamW at ``lr``, constant or (``lr_schedule = "cosine"``) linear warm-up + cosine decay to
 ``lr_min`` (`lr_at`). Multi-GPU data parallel with ``accelerate launch``, gradient accumulation, mixed
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from diffbir_core.atomic import atomic_open, remove_stale_temps, write_text
 from diffbir_core.data import EpochSampler, PairedDegradationDataset, collate_pairs
 from diffbir_core.imageio import save_image
 
@@ -53,16 +54,28 @@ def _step_seed(seed: int, micro_step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, micro_step, rank]).generate_state(1)[0])
 
 
+def _step_of(row: Mapping[str, str]) -> int | None:
+    """The step of a log row; None for a row cut short by a crash (fewer fields than the header)."""
+    if any(v is None for v in row.values()):
+        return None
+    try:
+        return int(float(row["step"]))
+    except (KeyError, TypeError, ValueError):  # a row cut short by a crash
+        return None
+
+
 class _CsvLog:
-    """Append-only CSV; on resume, rows after the resumed step are dropped (they will be redone)."""
+    """Append-only CSV, each row flushed as it is written; on resume, rows after the resumed step (and a row
+    cut short by a crash) are dropped - they will be redone. The file is first (re)written whole, atomically
+    (`diffbir_core.atomic.atomic_open`): a crash while trimming never loses the rows kept."""
 
     def __init__(self, path: Path, columns: Sequence[str], keep_until: int | None) -> None:
         self.path, self.columns = path, list(columns)
         rows: list[dict[str, str]] = []
         if keep_until is not None and path.is_file():
             with path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(float(r["step"])) <= keep_until]
-        with path.open("w", newline="") as f:
+                rows = [r for r in csv.DictReader(f) if (s := _step_of(r)) is not None and s <= keep_until]
+        with atomic_open(path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.columns)
             w.writeheader()
             for r in rows:
@@ -72,6 +85,7 @@ class _CsvLog:
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.columns).writerow(
                 {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            f.flush()
 
 
 def _tensorboard(out_dir: Path):
@@ -130,7 +144,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        remove_stale_temps(out_dir)  # temporary files of a killed run (`diffbir_core.atomic`)
+        write_text(out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
 
     # 1. model and optimiser
     task = make_task(cfg)

@@ -1,4 +1,4 @@
-"""The two training tasks (PAPER.md "Training"): what is built, what learns, the loss, validation.
+"""The two training tasks (paper arXiv 2308.15070, "Training"): what is built, what learns, the loss, validation.
 
 Stage 1: a SwinIR cleaner with the L2 loss ``||SwinIR(I_LQ) - I_HQ||^2`` (paper eq. 1; mean over pixels,
 the official code sums). Stage 2: only the control branch learns, SD (UNet, VAE, text) and the stage-1

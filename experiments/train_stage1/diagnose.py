@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import torch
 
+from diffbir_core.atomic import atomic_open
 from diffbir_core.data import list_images
 from diffbir_core.imageio import read_image
 from diffbir_eval.metrics import psnr
@@ -75,12 +76,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                      "gain_rgb_bias_removed": round(float(np.mean(acc["gain_unbiased"])), 3)})
         print(rows[-1])
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "diagnostics.csv").open("w", newline="") as fh:
+    with atomic_open(out / "diagnostics.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     tr, ev = hue_coverage(list_images(args.train)), hue_coverage(list_images(args.images))
-    with (out / "hue_coverage.csv").open("w", newline="") as fh:
+    with atomic_open(out / "hue_coverage.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["hue_sector", "train_share_pct", "images_share_pct"])
         for name, a, b in zip(SECTORS, tr, ev):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from diffbir_core.atomic import atomic_open, atomic_path, write_bytes, write_text
 from diffbir_core.data import list_images
 from diffbir_core.imageio import save_image
 from experiments.train_stage1.common import checkpoint_method, checkpoints, fixed_draws, load_run, psnr_rgb_y
@@ -59,7 +59,8 @@ def plot_curves(run: Path, out: Path, rows_ck: list[dict], n_images: int, draws:
     ax[1].set_title(f"held-out: {n_images} images x {draws} draws")
     ax[1].legend()
     fig.tight_layout()
-    fig.savefig(out / "loss_curve.png", dpi=110)
+    with atomic_path(out / "loss_curve.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -96,12 +97,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(rows_ck[-1])
         detail = res
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "checkpoints.csv").open("w", newline="") as f:
+    with atomic_open(out / "checkpoints.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows_ck[0]))
         w.writeheader()
         for r in rows_ck:
             w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
-    with (out / "metrics.csv").open("w", newline="") as f:
+    with atomic_open(out / "metrics.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "draw_seed", "psnr_lq", "psnr_pred", "gain", "psnr_y_lq", "psnr_y_pred", "gain_y"])
         for name, seed, a, b, ya, yb in detail:
@@ -119,10 +120,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                "mean_psnr_y_lq": rows_ck[-1]["psnr_y_lq"], "mean_psnr_y_pred": rows_ck[-1]["psnr_y_pred"],
                "mean_gain_y_db": float(gains_y.mean()), "pairs_improved_y": int((gains_y > 0).sum()),
                "per_image_mean_gain_db": {k: float(np.mean(v)) for k, v in per_image.items()}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text(out / "summary.json", json.dumps(summary, indent=2))
     for name in ("log.csv", "val.csv"):
         if (run / name).is_file():
-            shutil.copyfile(run / name, out / name)
+            write_bytes(out / name, (run / name).read_bytes())
     if not args.no_plot:
         plot_curves(run, out, rows_ck, len(files), args.draws, cfg.log_every)
     # one example of the newest checkpoint: LQ | restored | HQ (butterfly if present)

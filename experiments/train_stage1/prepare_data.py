@@ -8,12 +8,12 @@ Usage: python -m experiments.train_stage1.prepare_data /tmp/stage1_data
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from diffbir_core.atomic import write_bytes, write_text
 from diffbir_core.imageio import save_image
 from experiments.train_stage1.common import skimage_rgb
 
@@ -36,11 +36,10 @@ def main(out: str) -> None:
             lists[split].append(str(p))
     for f in sorted(set5.glob("*.png")):
         p = root / "heldout" / f"set5_{f.name}"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(f, p)
+        write_bytes(p, f.read_bytes())
         lists["heldout"].append(str(p))
     for split, files in lists.items():
-        (root / f"{split}.txt").write_text("\n".join(files) + "\n")
+        write_text(root / f"{split}.txt", "\n".join(files) + "\n")
         print(f"{split}: {len(files)} images -> {root / (split + '.txt')}")
 
 

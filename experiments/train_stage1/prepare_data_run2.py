@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffbir_core.atomic import atomic_open, write_text
 from diffbir_core.imageio import resize, save_image, to_numpy, to_tensor
 from experiments.train_stage1.common import skimage_rgb
 
@@ -67,9 +68,9 @@ def main(out: str) -> None:
                 files.append(str(p))
                 rows.append([p.name, f"skimage.data.{name}", scale, top, left, TILE, round(mean, 4), round(std, 4)])
             print(f"{name} x{scale:g}: {h}x{w}, {len(cand)} tiles")
-    (root / "train.txt").write_text("\n".join(files) + "\n")
-    (root / "train_fit.txt").write_text("\n".join(map(str, fit)) + "\n")
-    with (root / "tiles.csv").open("w", newline="") as f:
+    write_text(root / "train.txt", "\n".join(files) + "\n")
+    write_text(root / "train_fit.txt", "\n".join(map(str, fit)) + "\n")
+    with atomic_open(root / "tiles.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["tile", "source", "scale", "top", "left", "size", "luma_mean", "luma_std"])
         w.writerows(rows)

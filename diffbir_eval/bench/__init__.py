@@ -1,36 +1,16 @@
-"""Benchmark: time and peak memory of a 4x restore to 512 / 1024 / 2048 pixels, optimised vs a plain baseline.
+"""Benchmark of a 4x restore to 512 / 1024 / 2048 pixels: time and peak memory, optimised vs a plain baseline.
 
     python -m diffbir_eval.bench                          # sizes 512 1024 2048, 2 steps, budget 9 GB, results/bench
     python -m diffbir_eval.bench --sizes 512 --steps 4 --probe-tiles 0 --baseline-sizes 512 1024
 
-What it measures (PAPER.md "Known weaknesses": memory and minutes per image)
-    The full-size models with RANDOM weights (SD 2.1-base UNet 866M + control branch 363M + VAE 84M +
-    OpenCLIP-H text 354M, DiffBIR SwinIR cleaner; nothing is downloaded), preset "v2" settings (x4 SR,
-    spaced sampler, CFG 4 with the official negative prompt), one child process per output size so every
-    peak RSS is that of a fresh process (weights included):
-
-    * optimised: `SpeedOptions()` (SDPA attention, batched CFG, channels_last where measured faster, text
-      embeddings cached) and the tiling chosen by `tiling.auto_tiling` for ``--max-memory``;
-    * baseline: untiled, unbatched CFG (two forwards), explicit softmax(QK^T)V attention, no caching.
-
-    Per stage: wall time (cleaner, text, VAE encode, each sampler step, VAE decode, colour fix) and peak RSS
-    (a 20 ms sampler thread per stage; the process maximum from VmHWM). On CUDA: max allocated memory.
-    The 50-step time is EXTRAPOLATED: fixed stages + 50 x the mean measured step (labelled as such).
-
-    Timing probes (``--probe-tiles K``, default 1; 0 runs everything): a tiled stage runs the first K tiles of
-    every round, then skips the rest (`tiling.StopTiles`); its time is the measured set-up plus each round's
-    K-tile time x tiles / K. All full-image buffers are still allocated and written, so peak memory is
-    representative; the NUMBERS produced are not valid (timing only). Untiled stages always run fully.
-    The baseline runs at ``--baseline-sizes`` (default 512); elsewhere its peak is an estimate of the memory
-    model (explicit attention is quadratic in memory) and it is marked "not run".
-
-Outputs in ``--out``: ``bench_<size>.json`` per child, ``summary.json`` (everything + linear fits of time
-against pixel count), ``README.md`` (Markdown table, machine) and ``bench.png`` (time and memory vs pixels).
-A benchmark, not a test: it takes tens of minutes on a 2-core CPU.
+Library of the command (its CLI: ``bench/__main__.py``): `run_parent` runs one child process per output size
+(``python -m diffbir_eval.bench --child SIZE``, `run_child`) and writes the tables; what is measured and how is
+in `run_parent`'s docstring. Full-size models with RANDOM weights (nothing is downloaded); stage 2 runs through
+`diffbir_core.stage2.run`, timed by its stage and step callbacks. No official counterpart (paper arXiv 2308.15070, "Known
+weaknesses": memory and minutes per image). A benchmark, not a test: tens of minutes on a 2-core CPU.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -41,7 +21,9 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["main", "Probe", "MemoryMonitor"]
+from diffbir_core.atomic import atomic_path, write_text
+
+__all__ = ["MemoryMonitor", "PROMPT", "Probe", "run_child", "run_parent"]
 
 PROMPT = "a photo of a cat"
 
@@ -89,7 +71,7 @@ class MemoryMonitor:
 
     def start(self) -> "MemoryMonitor":
         try:
-            with open("/proc/self/clear_refs", "w") as f:
+            with open("/proc/self/clear_refs", "w") as f:  # a kernel control file, not an output
                 f.write("5")                                             # reset VmHWM to the current RSS
         except OSError:
             pass
@@ -265,7 +247,8 @@ def _run_config(name: str, size: int, ldm, cleaner_base, args, weights_bytes: in
         finite=bool(torch.isfinite(out).all()) if not probed else None)
 
 
-def _child(args) -> dict:
+def run_child(args) -> dict:
+    """One output size (``args.child``) in this process: build the models, run ``args.configs``; -> the result."""
     import torch
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -398,7 +381,7 @@ def _write_report(out: Path, summary: dict) -> None:
         "Full-size models with random weights; x4 super-resolution (preset v2: spaced sampler, CFG 4 + negative "
         "prompt). Times in seconds. The 50-step total is EXTRAPOLATED from the measured steps "
         f"({summary['args']['steps']} per run); in probed stages the time is K tiles per round x tiles / K "
-        "(see diffbir_eval/bench.py). Peak RSS = whole process, weights included.",
+        "(see diffbir_eval/bench). Peak RSS = whole process, weights included.",
         "",
         *rows,
         "",
@@ -417,7 +400,7 @@ def _write_report(out: Path, summary: dict) -> None:
         "![time and memory](bench.png)",
         "",
     ]
-    (out / "README.md").write_text("\n".join(text))
+    write_text(out / "README.md", "\n".join(text))
 
 
 def _plot(out: Path, summary: dict) -> None:
@@ -455,17 +438,45 @@ def _plot(out: Path, summary: dict) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "bench.png", dpi=110)
+    with atomic_path(out / "bench.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
-def _parent(args) -> int:
+def run_parent(args) -> dict:
+    """Every size of ``args.sizes`` in its own child process, then ``summary.json``, ``README.md``, ``bench.png``.
+
+    What it measures (paper arXiv 2308.15070, "Known weaknesses": memory and minutes per image)
+        The full-size models with RANDOM weights (SD 2.1-base UNet 866M + control branch 363M + VAE 84M +
+        OpenCLIP-H text 354M, DiffBIR SwinIR cleaner; nothing is downloaded), preset "v2" settings (x4 SR,
+        spaced sampler, CFG 4 with the official negative prompt), one child process per output size so every
+        peak RSS is that of a fresh process (weights included):
+
+        * optimised: `SpeedOptions()` (SDPA attention, batched CFG, channels_last where measured faster, text
+          embeddings cached) and the tiling chosen by `tiling.auto_tiling` for ``--max-memory``;
+        * baseline: untiled, unbatched CFG (two forwards), explicit softmax(QK^T)V attention, no caching.
+
+        Per stage: wall time (cleaner, text, VAE encode, each sampler step, VAE decode, colour fix) and peak RSS
+        (a 20 ms sampler thread per stage; the process maximum from VmHWM). On CUDA: max allocated memory.
+        The 50-step time is EXTRAPOLATED: fixed stages + 50 x the mean measured step (labelled as such).
+
+        Timing probes (``--probe-tiles K``, default 1; 0 runs everything): a tiled stage runs the first K tiles of
+        every round, then skips the rest (`tiling.StopTiles`); its time is the measured set-up plus each round's
+        K-tile time x tiles / K. All full-image buffers are still allocated and written, so peak memory is
+        representative; the NUMBERS produced are not valid (timing only). Untiled stages always run fully.
+        The baseline runs at ``--baseline-sizes`` (default 512); elsewhere its peak is an estimate of the memory
+        model (explicit attention is quadratic in memory) and it is marked "not run".
+
+    Outputs in ``--out``: ``bench_<size>.json`` per child, ``summary.json`` (everything + linear fits of time
+    against pixel count), ``README.md`` (Markdown table, machine) and ``bench.png`` (time and memory vs pixels).
+    A benchmark, not a test: it takes tens of minutes on a 2-core CPU.
+    """
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = _machine(args.device, args.threads)
     children = []
     env = dict(os.environ, HF_HUB_OFFLINE="1", MALLOC_MMAP_THRESHOLD_="65536",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t_start = time.perf_counter()
     for size in args.sizes:
         if size % 64:
@@ -508,39 +519,8 @@ def _parent(args) -> int:
         ratio = o512[0]["step_s"] / b512[0]["step_s"]
     summary = dict(command="python -m diffbir_eval.bench " + " ".join(sys.argv[1:]), args=vars(args), machine=machine,
                    rows=rows, fits=fits, step_ratio_512=ratio, elapsed_s=round(time.perf_counter() - t_start, 1))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text(out / "summary.json", json.dumps(summary, indent=1))
     _write_report(out, summary)
     _plot(out, summary)
     print(f"[bench] wrote {out}/summary.json, README.md, bench.png in {summary['elapsed_s']} s", flush=True)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m diffbir_eval.bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048], help="output sizes (square)")
-    ap.add_argument("--baseline-sizes", type=int, nargs="*", default=[512], help="sizes where the baseline runs")
-    ap.add_argument("--steps", type=int, default=2, help="sampler steps actually run (>= 2; 50 extrapolated)")
-    ap.add_argument("--max-memory", type=float, default=9.0, help="memory budget in GB for the optimised run")
-    ap.add_argument("--probe-tiles", type=int, default=1, help="tiles timed per round in tiled stages (0: all)")
-    ap.add_argument("--latent-tile", type=int, default=64)
-    ap.add_argument("--latent-stride", type=int, default=48)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default="results/bench")
-    ap.add_argument("--tiny-dir", default=None, help="build the tiny configs of this parity-fixture folder instead "
-                    "of the full-size models (a smoke test of the benchmark itself)")
-    ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--configs", nargs="+", default=["optimized"], help=argparse.SUPPRESS)
-    ap.add_argument("--json", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.steps < 2:
-        ap.error("--steps must be >= 2 (the official spaced sampler cannot run 1 step)")
-    if args.child is not None:
-        res = _child(args)
-        Path(args.json).write_text(json.dumps(res, indent=1))
-        return 0
-    return _parent(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return summary

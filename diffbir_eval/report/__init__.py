@@ -1,35 +1,33 @@
-"""Gather evaluation runs into one Markdown report: ``python -m diffbir_eval.report`` -> results/README.md.
+"""One Markdown report of every evaluation run (library of ``python -m diffbir_eval.report``, CLI in ``__main__.py``).
 
 Every folder ``results/*/`` with a ``summary.json`` (written by `diffbir_eval.run`) is a run. Runs are grouped by
 dataset; per dataset the report has
     1. a table of means per method (direction of each metric in the header, FID when computed, images
        scored / expected, the commit the run states),
-    2. the paper's numbers where `PAPER_NUMBERS` knows them (never filled from our own runs),
+    2. the published numbers of `diffbir_eval.published` for that set (never filled from our own runs),
     3. head-to-head: for each pair of methods and each metric, on how many shared images one beats the
        other (per-image rows from each run's metrics.csv),
     4. a comparison plot (``results/plots/<dataset>.png``, `diffbir_eval.plots.plot_comparison`).
+`write_report` writes it atomically and keeps the ``<!-- diffbir_eval.table:NAME:begin/end -->`` blocks that
+``python -m diffbir_eval.table --write`` put into the old file.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import itertools
 import json
 import re
-import sys
 from pathlib import Path
 
-from .datasets import DATASETS
-from .plots import plot_comparison
-from .summary import num
+from diffbir_core.atomic import write_text
 
-__all__ = ["PAPER_NUMBERS", "load_runs", "build_report", "main"]
+from ..datasets import DATASETS
+from ..plots import plot_comparison
+from ..published import PUBLISHED
+from ..summary import num
+from ..table import read_blocks
 
-# Paper numbers: {dataset name: {"source": "table / page of arXiv 2308.15070v?", "methods": {method: {column:
-# value}}}}. Only numbers read from the paper itself belong here; none are recorded yet (the paper's tables
-# were not available when this harness was written), so the report says so instead of guessing.
-PAPER_NUMBERS: dict[str, dict] = {}
-
+__all__ = ["build_report", "load_runs", "write_report"]
 
 def _read_rows(run_dir: Path) -> dict[str, dict[str, float]]:
     f = run_dir / "metrics.csv"
@@ -71,6 +69,21 @@ def _label(run: dict) -> str:
     m = run["summary"]["method"]["arg"]
     down = run["summary"].get("parameters", {}).get("lq_downscale", 1.0)
     return m if not down or down == 1.0 else f"{m} (LQ/{down:g})"
+
+
+def _published_lines(key: str) -> list[str]:
+    """The published numbers of `diffbir_eval.published` for dataset ``key`` (as published, every digit)."""
+    pubs = [p for p in PUBLISHED if p.dataset == key]
+    if not pubs:
+        return ["", "Published numbers: none recorded for this set in diffbir_eval/published.py (its `MISSING` "
+                "says which sources are still needed)."]
+    out = []
+    for p in pubs:
+        cols = list(p.values)
+        out += ["", f"{p.method}, from {p.source}. Protocol: {p.protocol}", "",
+                "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols),
+                f"| {p.method} | " + " | ".join(repr(p.values[c]) for c in cols) + " |"]
+    return out
 
 
 def build_report(results: str | Path, *, plots: bool = True) -> str:
@@ -123,14 +136,7 @@ def build_report(results: str | Path, *, plots: bool = True) -> str:
             rel = r["dir"].relative_to(results) if r["dir"].is_relative_to(results) else r["dir"]
             cells = [_label(r), n] + vals + [num(t, 2), f"`{commit}`", f"[{rel}]({rel}/README.md)"]
             lines.append("| " + " | ".join(cells) + " |")
-        paper = PAPER_NUMBERS.get(s0["dataset"]["name"])
-        if paper:
-            lines += ["", f"Paper ({paper['source']}):", "", "| method | " + " | ".join(cols) + " |",
-                      "|---|" + "---|" * len(cols)]
-            for m, v in paper["methods"].items():
-                lines.append(f"| {m} | " + " | ".join(num(v.get(c)) for c in cols) + " |")
-        else:
-            lines += ["", "Paper numbers: not recorded for this set (see `PAPER_NUMBERS` in diffbir_eval/report.py)."]
+        lines += _published_lines(key)
         if len(rs) > 1:
             lines += ["", "Head-to-head (per image, shared images only):", ""]
             for a, b in itertools.combinations(rs, 2):
@@ -162,22 +168,13 @@ def build_report(results: str | Path, *, plots: bool = True) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m diffbir_eval.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", default="results", help="folder of run folders (default: results)")
-    p.add_argument("--out", help="Markdown file (default: RESULTS/README.md)")
-    p.add_argument("--no-plots", action="store_true")
-    args = p.parse_args(argv)
-    results = Path(args.results)
-    if not results.is_dir():
-        print(f"error: {results} is not a folder", file=sys.stderr)
-        return 2
-    text = build_report(results, plots=not args.no_plots)
-    out = Path(args.out) if args.out else results / "README.md"
-    out.write_text(text)
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def write_report(results: str | Path, out: str | Path | None = None, *, plots: bool = True) -> Path:
+    """Write `build_report` to ``out`` (default ``RESULTS/README.md``) atomically; the table blocks of
+    `diffbir_eval.table` already in that file are kept (after the report, under one heading, in order)."""
+    results = Path(results)
+    out = Path(out) if out is not None else results / "README.md"
+    text = build_report(results, plots=plots).rstrip() + "\n"
+    blocks = read_blocks(out.read_text(encoding="utf-8")) if out.is_file() else []
+    if blocks:
+        text += "\n## Tables in the papers' layouts\n\n" + "\n\n".join(blocks) + "\n"
+    return write_text(out, text)

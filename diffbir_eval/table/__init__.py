@@ -1,4 +1,4 @@
-"""``python -m diffbir_eval.table NAME``: one table in the paper's layout from the run folders, published numbers beside.
+"""The paper-layout tables (library of ``python -m diffbir_eval.table NAME``, CLI in ``table/__main__.py``).
 
 Tables (`TABLES`): ``bsr-paper`` (RealSRSet, Real47 - MANIQA, NIQE - plus Set5 as a sanity set),
 ``bfr-paper`` (CelebA-Test PSNR/SSIM/LPIPS/IDS/FID, FID on LFW/CelebChild/WIDER-Test, plus the synthetic face
@@ -15,15 +15,16 @@ by `diffbir_eval.run`; nothing is recomputed. ``--write FILE`` replaces the bloc
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TABLES", "TableSpec", "build_table", "load_runs", "main", "write_block"]
+from diffbir_core.atomic import write_text
+
+__all__ = ["TABLES", "TableSpec", "build_table", "load_runs", "metrics_block", "read_blocks", "write_block"]
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ def _value(summary: dict, col: str) -> float | None:
 
 
 def _metric_of(col: str) -> str:
-    from .metrics import METRICS
+    from ..metrics import METRICS
 
     for name, spec in METRICS.items():
         if any(c == col for c, _ in spec.columns):
@@ -152,8 +153,8 @@ def build_table(
     name: str, results: str | os.PathLike = "results", *, link_base: str | os.PathLike | None = None
 ) -> str:
     """The Markdown of table ``name``; links are relative to ``link_base`` (default: ``results``)."""
-    from .metrics import COLUMN_DIRECTIONS
-    from .published import MISSING, PUBLISHED
+    from ..metrics import COLUMN_DIRECTIONS
+    from ..published import MISSING, PUBLISHED
 
     if name not in TABLES:
         raise ValueError(f"unknown table {name!r}; choose from: {', '.join(TABLES)}")
@@ -244,6 +245,16 @@ def build_table(
     return "\n".join(lines)
 
 
+_BLOCK_RE = re.compile(
+    r"<!-- diffbir_eval\.table:(?P<name>[^:\s]+):begin -->.*?<!-- diffbir_eval\.table:(?P=name):end -->", re.S
+)
+
+
+def read_blocks(text: str) -> list[str]:
+    """Every table block (markers included) of a Markdown text, in order."""
+    return [m.group(0) for m in _BLOCK_RE.finditer(text)]
+
+
 def write_block(path: str | os.PathLike, name: str, text: str) -> Path:
     """Replace (or append) the block of table ``name`` in the Markdown file ``path``."""
     p = Path(path)
@@ -254,47 +265,16 @@ def write_block(path: str | os.PathLike, name: str, text: str) -> Path:
         new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
     else:
         new = old.rstrip() + ("\n\n" if old else "") + block + "\n"
-    p.write_text(new)
+    write_text(p, new)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m diffbir_eval.table", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "name",
-        nargs="+",
-        help=f"table(s): {', '.join(TABLES)}, 'all', or 'metrics' (the metric conventions of diffbir_eval.metrics)",
+def metrics_block() -> str:
+    """The Markdown block of the metric conventions (`diffbir_eval.metrics.convention_table`)."""
+    from ..metrics import convention_table
+
+    return (
+        "### Metric conventions (`python -m diffbir_eval.table metrics`)\n\nEvery metric by its pyiqa name; a new run "
+        "records this string in summary.json (parameters.metrics); the tables cite the string each run "
+        "recorded itself.\n\n" + convention_table()
     )
-    p.add_argument("--results", default="results", help="folder of run folders (default: results)")
-    p.add_argument("--write", metavar="FILE", help="write into FILE between the table's markers instead of printing")
-    args = p.parse_args(argv)
-    names = [t for n in args.name for t in (list(TABLES) if n == "all" else [n])]
-    results = Path(args.results)
-    if not results.is_dir():
-        print(f"error: {results} is not a folder", file=sys.stderr)
-        return 2
-    for n in names:
-        if n == "metrics":
-            from .metrics import convention_table
-
-            text = (
-                "### Metric conventions (`python -m diffbir_eval.table metrics`)\n\nEvery metric by its pyiqa name; a new run "
-                "records this string in summary.json (parameters.metrics); the tables cite the string each run "
-                "recorded itself.\n\n" + convention_table()
-            )
-            print(f"wrote {write_block(args.write, n, text)} ({n})" if args.write else text)
-            continue
-        if n not in TABLES:
-            print(f"error: unknown table {n!r}; choose from: {', '.join(TABLES)}, all", file=sys.stderr)
-            return 2
-        base = Path(args.write).parent if args.write else results
-        text = build_table(n, results, link_base=base)
-        if args.write:
-            print(f"wrote {write_block(args.write, n, text)} ({n})")
-        else:
-            print(text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""``python -m diffbir_eval.run_all``: every preset over every registered set, then every table - the one script.
+"""Every preset over every registered set, then every table (library of ``python -m diffbir_eval.run_all``).
 
     python -m diffbir_eval.run_all --data DATA --weights-dir W --metric-weights M [--gpus 8] [--dry-run | --estimate]
 
@@ -15,7 +15,6 @@ says so, not a GPU time.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -25,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Job", "estimate", "main", "plan"]
+__all__ = ["Job", "estimate", "plan", "run_jobs", "write_reports"]
 
 _OUT_PX_512 = 512 * 512  # output size assumed for sets not here (faces and the 128 -> 512 sets are 512x512)
 
@@ -83,8 +82,8 @@ def plan(
 ) -> tuple[list[Job], dict[str, str]]:
     """Jobs for every (set present in ``data``, applicable method); ``skipped`` maps set -> why not.
     ``present_only=False`` plans every registered set (for `estimate`)."""
-    from .datasets import DATASETS
-    from .registry import REGISTRY, DataError, check
+    from ..datasets import DATASETS
+    from ..registry import REGISTRY, DataError, check
 
     jobs: list[Job] = []
     skipped: dict[str, str] = {}
@@ -139,7 +138,7 @@ def _bench_fit(results: Path) -> tuple[float, float, str] | None:
 
 def _out_pixels(name: str, data: Path) -> tuple[float, str]:
     """Mean output pixels per image: from the LQ headers when the set is here, else its nominal size."""
-    from .datasets import DATASETS, DatasetError, image_size, open_dataset
+    from ..datasets import DATASETS, DatasetError, image_size, open_dataset
 
     spec = DATASETS[name]
     try:
@@ -152,7 +151,7 @@ def _out_pixels(name: str, data: Path) -> tuple[float, str]:
 
 def estimate(jobs: list[Job], data: Path, results: Path, processes: int) -> str:
     """A Markdown table of the expected time per job (see the module doc: an estimate from measured times)."""
-    from .datasets import DATASETS
+    from ..datasets import DATASETS
 
     measured, fit = _measured(results), _bench_fit(results)
     px_cache: dict[str, tuple[float, str]] = {}
@@ -201,66 +200,22 @@ def estimate(jobs: list[Job], data: Path, results: Path, processes: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m diffbir_eval.run_all", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="folder with one sub-folder per registered set")
-    p.add_argument("--results", default="results")
-    p.add_argument("--weights-dir", help="model weights ($DIFFBIR_WEIGHTS_DIR)")
-    p.add_argument("--metric-weights", help="metric weight files ($DIFFBIR_METRIC_WEIGHTS)")
-    p.add_argument("--gpus", type=int, default=1, help="processes for accelerate launch (1: plain python)")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--presets", help="comma-separated (default: every preset of diffbir_core.config.PRESETS)")
-    p.add_argument("--sets", help="comma-separated registry names (default: all)")
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of each set")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--dry-run", action="store_true", help="print the commands only")
-    g.add_argument("--estimate", action="store_true", help="print the expected time only (an estimate)")
-    args = p.parse_args(argv)
-
-    if args.presets:
-        presets = [s for s in args.presets.split(",") if s]
-    else:
-        from diffbir_core.config import PRESETS
-
-        presets = list(PRESETS)
-    data, results = Path(args.data), Path(args.results)
-    sets = [s for s in args.sets.split(",") if s] if args.sets else None
-    jobs, skipped = plan(
-        data, results, presets, sets, verify=not args.no_verify and not args.estimate, present_only=not args.estimate
-    )
-    if args.estimate:
-        print(estimate(jobs, data, results, max(1, args.gpus)))
+def run_jobs(jobs: list[Job], *, gpus: int, device: str, weights_dir: str | None, metric_weights: str | None) -> dict:
+    """Run each job's `diffbir_eval.run` command in turn (a failure is reported and the next job runs);
+    returns {"SET x METHOD": why} for the jobs that failed."""
+    failed: dict[str, str] = {}
     for j in jobs:
-        cmd = j.argv(
-            gpus=args.gpus, device=args.device, weights_dir=args.weights_dir, metric_weights=args.metric_weights
-        )
-        if args.dry_run or args.estimate:
-            if args.dry_run:
-                print(shlex.join(cmd))
-            continue
+        cmd = j.argv(gpus=gpus, device=device, weights_dir=weights_dir, metric_weights=metric_weights)
         print(f"[run_all] {j.dataset} x {j.method}: {shlex.join(cmd)}", flush=True)
         rc = subprocess.call(cmd, env={**os.environ})
         if rc != 0:
             print(f"[run_all] {j.dataset} x {j.method} failed (exit {rc}); continuing", file=sys.stderr)
-            skipped[f"{j.dataset} x {j.method}"] = f"diffbir_eval.run exit {rc}"
-    if not (args.dry_run or args.estimate):
-        subprocess.call([sys.executable, "-m", "diffbir_eval.report", "--results", str(results)])
-        subprocess.call(
-            [
-                sys.executable,
-                "-m",
-                "diffbir_eval.table",
-                "all",
-                "--results",
-                str(results),
-                "--write",
-                str(results / "README.md"),
-            ]
-        )
-    for what, why in skipped.items():
-        print(f"[run_all] skipped {what}: {why}", file=sys.stderr)
-    return 0
+            failed[f"{j.dataset} x {j.method}"] = f"diffbir_eval.run exit {rc}"
+    return failed
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def write_reports(results: Path) -> None:
+    """``python -m diffbir_eval.report`` then ``python -m diffbir_eval.table all --write RESULTS/README.md``."""
+    subprocess.call([sys.executable, "-m", "diffbir_eval.report", "--results", str(results)])
+    readme = str(results / "README.md")
+    subprocess.call([sys.executable, "-m", "diffbir_eval.table", "all", "--results", str(results), "--write", readme])
