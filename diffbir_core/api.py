@@ -22,8 +22,8 @@ from .config import RestoreParams
 from .face.pipeline import FacePipeline
 from .imageio import LoadedImage, as_loaded_image, to_pil
 from .pipeline import DiffBIRPipeline
-from .prompts import assemble_prompt
 from .preset_weights import check_weights
+from .prompts import assemble_prompt
 from .speed import auto_device
 from .tiling.plan import TilingPlan
 from .types import RestoreResult

@@ -35,9 +35,9 @@ from .config import (
     RestoreParams,
     TileOptions,
 )
+from .preset_weights import check_weights
 from .prompts import DEFAULT_NEG_PROMPT, DEFAULT_POS_PROMPT
 from .speed import SpeedOptions
-from .preset_weights import check_weights
 from .weights import TRUSTED_ENV, WeightsError
 
 __all__ = ["main", "collect_inputs", "build_parser", "params_from_args"]
@@ -336,9 +336,12 @@ def _main(argv: list[str] | None) -> int:
             plan, jobs=[(src, dst.with_name(f"{dst.stem}_{i}{dst.suffix}")) for src, dst in plan.jobs],
             refused=plan.refused if i == 0 else [])
         try:
-            s_i = batch.run_batch(plan_i, lambda img, callback=None, p=p: api.restore(img, p, pipe=pipe, callback=callback, captioner=captioner),
-                                  overwrite=args.overwrite, quiet=args.quiet, desc=f"restore [{params.preset}]",
-                                  fatal=(WeightsError,), steps=params.steps if params.uses_diffusion else None)
+            def restore_one(img, callback=None, p=p):
+                return api.restore(img, p, pipe=pipe, callback=callback, captioner=captioner)
+
+            s_i = batch.run_batch(plan_i, restore_one, overwrite=args.overwrite, quiet=args.quiet,
+                                  desc=f"restore [{params.preset}]", fatal=(WeightsError,),
+                                  steps=params.steps if params.uses_diffusion else None)
         except WeightsError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

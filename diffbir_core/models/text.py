@@ -23,8 +23,7 @@ A prompt longer than the context is truncated exactly as the official tokenizer 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
