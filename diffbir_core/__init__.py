@@ -7,16 +7,32 @@ One line: ``diffbir_core.from_pretrained("v2.1")(image, steps=20)`` -> PIL image
 ``DiffBIRPipeline.from_pretrained("v2.1")(image)`` (general tasks). Entry points: ``python -m diffbir_core``
 (``diffbir-restore``), ``python -m diffbir_core.weights_cli`` (``diffbir-weights``), ``python -m diffbir_core.train``.
 """
+
 from __future__ import annotations
 
 import importlib
 
 __version__ = "0.1.0"
 
-_LAZY = {"DiffBIRPipeline": "pipeline", "RestoreParams": "config", "PRESETS": "config", "restore": "api",
-         "from_pretrained": "api", "Restorer": "api", "as_loaded_image": "imageio"}
-__all__ = ["DiffBIRPipeline", "RestoreParams", "PRESETS", "restore", "from_pretrained", "Restorer", "as_loaded_image",
-           "__version__"]
+_LAZY = {
+    "DiffBIRPipeline": "pipeline",
+    "RestoreParams": "config",
+    "PRESETS": "config",
+    "restore": "api",
+    "from_pretrained": "api",
+    "Restorer": "api",
+    "as_loaded_image": "imageio",
+}
+__all__ = [
+    "DiffBIRPipeline",
+    "RestoreParams",
+    "PRESETS",
+    "restore",
+    "from_pretrained",
+    "Restorer",
+    "as_loaded_image",
+    "__version__",
+]
 
 
 def __getattr__(name: str):

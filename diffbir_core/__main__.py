@@ -1,4 +1,5 @@
 """``python -m diffbir_core INPUT... -o DIR``: the restore CLI (`diffbir_core.cli.main`)."""
+
 import sys
 
 from .cli import main

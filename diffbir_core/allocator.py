@@ -1,6 +1,7 @@
 """glibc malloc tuning for large CPU tensors: keep freed activations in the heap instead of unmapping them.
 
-Measured on a 2-core AVX2 CPU (results/bench/official): with glibc's defaults every activation larger than the mmap threshold
+Measured on a 2-core AVX2 CPU (results/bench/official): with glibc's defaults every activation larger than the mmap
+threshold
 (dynamic, at most 32 MiB) is a fresh ``mmap`` whose pages fault in again on every forward (the offline x4
 cleaner took 5.18 M minor page faults and 10 s of system time in a 14.8 s run). Raising M_MMAP_THRESHOLD and
 M_TRIM_THRESHOLD makes glibc reuse freed blocks: 1.68x on the offline cleaner, ~1.5x on the VAE, results
@@ -13,6 +14,7 @@ free (fixed 32 MiB mmap threshold, 64 MiB trim threshold) and returns the kept m
 (``malloc_trim``). `keep_freed_memory()` scopes it. Non-glibc platforms (macOS, Windows, musl): a no-op that
 says so. Not a mirror of any official code (the official DiffBIR runs with glibc's defaults).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +28,8 @@ __all__ = ["tune_malloc", "keep_freed_memory", "malloc_is_tuned", "KEEP_BYTES"]
 # glibc <malloc.h>
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-KEEP_BYTES = 2**31 - 1                       # "never": the largest int mallopt takes (glibc accepts it, 2.36)
-_DEFAULT_MMAP_SETTLED = 32 * 2**20           # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: where the dynamic one ends
+KEEP_BYTES = 2**31 - 1  # "never": the largest int mallopt takes (glibc accepts it, 2.36)
+_DEFAULT_MMAP_SETTLED = 32 * 2**20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: where the dynamic one ends
 _DEFAULT_TRIM_SETTLED = 2 * _DEFAULT_MMAP_SETTLED  # glibc sets trim = 2 x mmap threshold when it adjusts
 
 _state = {"tuned": False}
@@ -58,8 +60,11 @@ def tune_malloc(enable: bool = True) -> str:
     if enable:
         ok = libc.mallopt(_M_MMAP_THRESHOLD, KEEP_BYTES) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, KEEP_BYTES) == 1
         _state["tuned"] = ok
-        return ("allocator: glibc keeps freed memory (M_MMAP_THRESHOLD = M_TRIM_THRESHOLD = 2 GiB)" if ok
-                else "allocator: mallopt refused the thresholds; unchanged")
+        return (
+            "allocator: glibc keeps freed memory (M_MMAP_THRESHOLD = M_TRIM_THRESHOLD = 2 GiB)"
+            if ok
+            else "allocator: mallopt refused the thresholds; unchanged"
+        )
     libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_MMAP_SETTLED)
     libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_SETTLED)
     libc.malloc_trim(0)

@@ -11,6 +11,7 @@ diffbir/inference/*_loop.py).
 One-line use: ``restorer = from_pretrained("v2.1"); out = restorer(image, steps=20)`` (a `Restorer`: the preset, a
 `FacePipeline`, weights checked up front; returns a PIL image). Every input kind of `imageio.as_loaded_image` works.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -36,9 +37,17 @@ def make_pipeline(**kw: Any) -> FacePipeline:
     return FacePipeline(DiffBIRPipeline(**kw))
 
 
-def restore(image: LoadedImage | np.ndarray | Any, params: RestoreParams, *, pipe: DiffBIRPipeline | FacePipeline,
-            callback: Callable | None = None, noise=None, keep: dict | None = None,
-            plan: TilingPlan | None = None, captioner: Callable[[np.ndarray], str] | None = None) -> RestoreResult:
+def restore(
+    image: LoadedImage | np.ndarray | Any,
+    params: RestoreParams,
+    *,
+    pipe: DiffBIRPipeline | FacePipeline,
+    callback: Callable | None = None,
+    noise=None,
+    keep: dict | None = None,
+    plan: TilingPlan | None = None,
+    captioner: Callable[[np.ndarray], str] | None = None,
+) -> RestoreResult:
     """Restore one image with the layer ``params.task`` needs. ``callback`` gets every stage-2 step
     (`stage2.Stage2Step`); ``noise`` / ``keep`` / ``plan`` are the general path's (`DiffBIRPipeline.restore`)
     and are refused for whole-photo face mode, which runs stage 2 once per face and once for the background.
@@ -63,8 +72,9 @@ def _dispatch(image, params: RestoreParams, pipe, callback, noise, keep, plan) -
         raise TypeError(f"pipe must be a DiffBIRPipeline or a FacePipeline, got {type(pipe).__name__}")
     image = as_loaded_image(image)  # path, PIL, numpy uint8/uint16/float, torch -> RGB float [0, 1]
     if params.task == "face":  # noise / keep / plan: aligned faces only (one stage-2 run), FacePipeline checks
-        return (face or FacePipeline(general)).restore(image, params, callback=callback, noise=noise, keep=keep,
-                                                       plan=plan)
+        return (face or FacePipeline(general)).restore(
+            image, params, callback=callback, noise=noise, keep=keep, plan=plan
+        )
     return general.restore(image, params, callback=callback, noise=noise, keep=keep, plan=plan)
 
 
@@ -75,8 +85,9 @@ class Restorer:
     ``task``, ``seed``, ``aligned`` ...) applied on top of the preset by `RestoreParams.from_flat`; every call goes
     through `restore`, so ``task="face"`` works. `restore_result` returns the full `RestoreResult` instead."""
 
-    def __init__(self, preset: str = "v2.1", *, device: str = "auto", weights_dir=None, check: bool = True,
-                 **pipeline_kw: Any) -> None:
+    def __init__(
+        self, preset: str = "v2.1", *, device: str = "auto", weights_dir=None, check: bool = True, **pipeline_kw: Any
+    ) -> None:
         self.preset = preset
         self.device = auto_device(device)
         self.params = RestoreParams.from_flat({"preset": preset, "device": self.device})

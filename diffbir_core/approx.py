@@ -12,6 +12,7 @@
 The layer walk follows diffusers ``UNet2DConditionModel.forward`` (time embedding, skip bookkeeping, up blocks);
 not a mirror of official DiffBIR code (the official code has no such modes).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -34,7 +35,7 @@ def quantize_linear_int8(module: nn.Module, backend: str = "auto") -> str:
             from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
         except ImportError:
             if backend == "torchao":
-                raise ImportError("torchao is not installed: pip install torchao (or use backend='torch.ao')")
+                raise ImportError("torchao is not installed: pip install torchao (or use backend='torch.ao')") from None
         else:
             quantize_(module, Int8DynamicActivationInt8WeightConfig())
             return f"approx: int8 dynamic quantisation of {n} linear layers (torchao)"
@@ -61,7 +62,7 @@ class DeepCacheModel:
         self.unet = ldm.unet
         if len(self.unet.down_blocks) < 2 or self.unet.config.get("class_embed_type") is not None:
             raise ValueError("DeepCacheModel needs a plain SD UNet2DConditionModel (>= 2 levels, no class embedding)")
-        self.n_shallow = len(self.unet.down_blocks[0].resnets) + 1          # conv_in + level-0 res blocks
+        self.n_shallow = len(self.unet.down_blocks[0].resnets) + 1  # conv_in + level-0 res blocks
         self._cache: dict[tuple, dict[str, Any]] = {}
         self.stats = {"full": 0, "cached": 0}
 
@@ -81,7 +82,7 @@ class DeepCacheModel:
         entry["calls"] += 1
         if full:
             self.stats["full"] += 1
-            control = self.ldm.control(x, t, cond)                        # raw residuals, 13 for SD
+            control = self.ldm.control(x, t, cond)  # raw residuals, 13 for SD
             grabbed: dict[str, Tensor] = {}
 
             def grab(_module, _args, kwargs):
@@ -119,8 +120,9 @@ class DeepCacheModel:
         skips = [s + r for s, r in zip(skips, res)]
         # 4. the last up block on the cached deep feature, then the output head
         up = u.up_blocks[-1]
-        h = up(hidden_states=entry["deep"], temb=emb, res_hidden_states_tuple=tuple(skips),
-               **_cross_attn_kwargs(up, c_txt))
+        h = up(
+            hidden_states=entry["deep"], temb=emb, res_hidden_states_tuple=tuple(skips), **_cross_attn_kwargs(up, c_txt)
+        )
         if u.conv_norm_out is not None:
             h = u.conv_act(u.conv_norm_out(h))
         return u.conv_out(h)

@@ -9,6 +9,7 @@ a half-written ``dest``: temporary names are hidden (``.NAME.<pid>-<token>.tmp<s
 `remove_stale_temps` deletes those whose writing process is gone. No official counterpart (the official
 scripts write with ``Image.save`` / ``torch.save`` directly).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,11 +17,19 @@ import errno
 import os
 import re
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
-__all__ = ["atomic_path", "atomic_open", "write_bytes", "write_text", "is_temp_name", "remove_stale_temps",
-           "probe_writable"]
+__all__ = [
+    "atomic_path",
+    "atomic_open",
+    "write_bytes",
+    "write_text",
+    "is_temp_name",
+    "remove_stale_temps",
+    "probe_writable",
+]
 
 # .<name>.<pid>-<8 hex>.tmp<suffix>; the suffix repeats the destination's so writers that pick a format
 # from the extension (PIL, matplotlib) still see ".png".

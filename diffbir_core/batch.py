@@ -15,6 +15,7 @@
   ``diffbir`` (JSON) and a sidecar ``<stem>.json`` (`sidecar_record`) written atomically after the PNG.
 No official counterpart (the official ``inference.py`` overwrites ``<stem>.png`` in place).
 """
+
 from __future__ import annotations
 
 import errno
@@ -25,15 +26,29 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from . import atomic
 
-__all__ = ["BatchError", "collect_inputs", "output_name", "OutputPlan", "plan_outputs", "output_is_valid",
-           "check_output_dir", "check_device", "describe_os_error", "is_disk_full", "BatchSummary", "run_batch",
-           "sidecar_record", "sidecar_path"]
+__all__ = [
+    "BatchError",
+    "collect_inputs",
+    "output_name",
+    "OutputPlan",
+    "plan_outputs",
+    "output_is_valid",
+    "check_output_dir",
+    "check_device",
+    "describe_os_error",
+    "is_disk_full",
+    "BatchSummary",
+    "run_batch",
+    "sidecar_record",
+    "sidecar_path",
+]
 
 
 class BatchError(ValueError):
@@ -110,8 +125,9 @@ def _glob(spec: str) -> list[Path]:
     return list(_match(base, tuple(parts[i:]), seen))
 
 
-def collect_inputs(specs: list[str], *, exclude: str | os.PathLike | None = None,
-                   notices: list[str] | None = None) -> tuple[list[Path], list[str]]:
+def collect_inputs(
+    specs: list[str], *, exclude: str | os.PathLike | None = None, notices: list[str] | None = None
+) -> tuple[list[Path], list[str]]:
     """Expand files / folders / globs into a sorted, de-duplicated list of image files.
 
     Folders give their images (one level, sorted); globs may use ``**`` (symlinked folders are not followed).
@@ -142,8 +158,10 @@ def collect_inputs(specs: list[str], *, exclude: str | os.PathLike | None = None
         found = [q for q in found if not atomic.is_temp_name(q.name)]
         kept = [q for q in found if out_real is None or os.path.dirname(_real(q)) != out_real]
         if len(kept) < len(found) and notices is not None:
-            notices.append(f"{spec}: {len(found) - len(kept)} file(s) in the output folder {exclude} left out "
-                           "(the output folder is never read as input)")
+            notices.append(
+                f"{spec}: {len(found) - len(kept)} file(s) in the output folder {exclude} left out "
+                "(the output folder is never read as input)"
+            )
         if not found:
             problems.append(empty)
         elif not kept:
@@ -188,16 +206,20 @@ def plan_outputs(inputs: list[Path], out_dir: str | os.PathLike) -> OutputPlan:
         if len(pairs) > 1:
             names = " and ".join(str(i) for i, _ in pairs)
             for inp, out in pairs:
-                plan.refused.append(f"{inp}: refused - {names} would all be written to {out} (outputs are named "
-                                    "<input stem>.png); rename one or restore them into different folders")
+                plan.refused.append(
+                    f"{inp}: refused - {names} would all be written to {out} (outputs are named "
+                    "<input stem>.png); rename one or restore them into different folders"
+                )
             continue
         inp, out = pairs[0]
         victim = in_real.get(_real(out))
         if victim is None and out.exists():
             victim = next((i for i in inputs if _same_file(i, out)), None)
         if victim is not None:
-            plan.refused.append(f"{inp}: refused - its output {out} is the input {victim}; an input is never "
-                                "written over (choose another -o)")
+            plan.refused.append(
+                f"{inp}: refused - its output {out} is the input {victim}; an input is never "
+                "written over (choose another -o)"
+            )
             continue
         plan.jobs.append((inp, out))
     order = {id(i): k for k, i in enumerate(inputs)}
@@ -315,8 +337,10 @@ class BatchSummary:
         return 130 if self.interrupted else 1 if (self.failed or self.stopped) else 0
 
     def line(self) -> str:
-        s = (f"restored {self.done}, skipped {self.skipped} existing, failed {len(self.failed)} of {self.total} "
-             f"image(s) in {self.seconds:.1f}s -> {self.out_dir.resolve()}")
+        s = (
+            f"restored {self.done}, skipped {self.skipped} existing, failed {len(self.failed)} of {self.total} "
+            f"image(s) in {self.seconds:.1f}s -> {self.out_dir.resolve()}"
+        )
         if self.stopped:
             s += f" (stopped early: {self.stopped})"
         return s
@@ -339,9 +363,15 @@ def sidecar_record(inp: Path, out: Path, res: Any) -> dict:
     seed = getattr(res, "seed", None)
     if p:
         p["seed"] = seed
-    return {"input": str(inp), "output": Path(out).name, "seed": seed, "params": p,
-            "timings": {k: round(float(v), 4) for k, v in getattr(res, "timings", {}).items()},
-            "notices": list(getattr(res, "notices", ())), "diffbir_core": __version__}
+    return {
+        "input": str(inp),
+        "output": Path(out).name,
+        "seed": seed,
+        "params": p,
+        "timings": {k: round(float(v), 4) for k, v in getattr(res, "timings", {}).items()},
+        "notices": list(getattr(res, "notices", ())),
+        "diffbir_core": __version__,
+    }
 
 
 class _StepBar:
@@ -368,9 +398,18 @@ class _StepBar:
         self.bar.close()
 
 
-def run_batch(plan: OutputPlan, restore: Callable[..., Any], *, overwrite: bool = False, quiet: bool = False,
-              desc: str = "restore", fatal: tuple[type[BaseException], ...] = (), stream=None,
-              steps: int | None = None, sidecar: bool = True) -> BatchSummary:
+def run_batch(
+    plan: OutputPlan,
+    restore: Callable[..., Any],
+    *,
+    overwrite: bool = False,
+    quiet: bool = False,
+    desc: str = "restore",
+    fatal: tuple[type[BaseException], ...] = (),
+    stream=None,
+    steps: int | None = None,
+    sidecar: bool = True,
+) -> BatchSummary:
     """Run ``restore(LoadedImage) -> result`` (``result.image``, optional ``.alpha`` / ``.notices`` / ``.seed`` /
     ``.params``) for every job of ``plan`` and save each result atomically. With ``steps`` (stage-2 steps per run)
     and not ``quiet``, ``restore`` is called as ``restore(img, callback=on_step)`` and a per-step bar with ETA runs

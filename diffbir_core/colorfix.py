@@ -11,6 +11,7 @@ Mirrors
     (v2.0.0; originally from StableSR's colorfix), and the tail of ``Pipeline.run``.
     ``wavelet_blur`` accepts any channel count (the official one hard-codes 3; identical for RGB).
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -46,7 +47,7 @@ def wavelet_decomposition(x: Tensor, levels: int = 5) -> tuple[Tensor, Tensor]:
     high = torch.zeros_like(x)
     low = x
     for i in range(levels):
-        low = wavelet_blur(x, 2 ** i)
+        low = wavelet_blur(x, 2**i)
         high += x - low
         x = low
     return high, low
@@ -65,7 +66,7 @@ def wavelet_reconstruction(content: Tensor, style: Tensor) -> Tensor:
 
 def _mean_std(x: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     b, c = x.shape[:2]
-    var = x.reshape(b, c, -1).var(dim=2) + eps                 # unbiased variance, as the official code
+    var = x.reshape(b, c, -1).var(dim=2) + eps  # unbiased variance, as the official code
     return x.reshape(b, c, -1).mean(dim=2).reshape(b, c, 1, 1), var.sqrt().reshape(b, c, 1, 1)
 
 

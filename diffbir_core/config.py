@@ -15,6 +15,7 @@ class paths). One preset is one object, its stage-1 cleaners included (``cleaner
 Mirrors: official defaults of v1 inference.py, v2.0.0 inference.py and HEAD diffbir/inference/*_loop.py.
 `RestoreParams.from_flat` maps flat names (CLI flags, demo controls) onto the nested fields, once.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,22 @@ from .prompts import DEFAULT_NEG_PROMPT, DEFAULT_POS_PROMPT
 from .prompts import V2_NEG_PROMPT as OFFICIAL_NEGATIVE_PROMPT  # v2.0.0 / README ECCV negative prompt
 
 # the official --sampler names (HEAD inference.py:113-121): the ONE list; diffusion.samplers registers exactly these
-SAMPLER_NAMES = ("spaced", "ddim", "dpm++_m2", "edm_euler", "edm_euler_a", "edm_heun", "edm_dpm_2", "edm_dpm_2_a",
-                 "edm_lms", "edm_dpm++_2s_a", "edm_dpm++_sde", "edm_dpm++_2m", "edm_dpm++_2m_sde", "edm_dpm++_3m_sde")
+SAMPLER_NAMES = (
+    "spaced",
+    "ddim",
+    "dpm++_m2",
+    "edm_euler",
+    "edm_euler_a",
+    "edm_heun",
+    "edm_dpm_2",
+    "edm_dpm_2_a",
+    "edm_lms",
+    "edm_dpm++_2s_a",
+    "edm_dpm++_sde",
+    "edm_dpm++_2m",
+    "edm_dpm++_2m_sde",
+    "edm_dpm++_3m_sde",
+)
 SAMPLERS = SAMPLER_NAMES
 COLOR_FIXES = ("wavelet", "adain", "none")
 TASKS = ("sr", "face", "denoise")
@@ -83,8 +98,9 @@ class FaceOptions:
     keep_crops: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_faces is not None and (not isinstance(self.max_faces, int) or isinstance(self.max_faces, bool)
-                                           or self.max_faces < 1):
+        if self.max_faces is not None and (
+            not isinstance(self.max_faces, int) or isinstance(self.max_faces, bool) or self.max_faces < 1
+        ):
             raise ValueError(f"max_faces must be a positive integer or None (no limit), got {self.max_faces!r}")
         if self.backend not in FACE_BACKENDS:
             raise ValueError(f"face backend must be one of {', '.join(FACE_BACKENDS)}, got {self.backend!r}")
@@ -288,38 +304,70 @@ class RestoreParams:
             warnings.warn("the official spaced sampler cannot run 1 step; using 2 steps", stacklevel=2)
             out = replace(out, steps=2)
         if self.stage2 is None and (g.enabled or self.cfg_scale not in (0.0, 1.0)):
-            warnings.warn(f"preset {self.preset!r} has no diffusion stage: guidance/CFG settings are ignored",
-                          stacklevel=2)
+            warnings.warn(
+                f"preset {self.preset!r} has no diffusion stage: guidance/CFG settings are ignored", stacklevel=2
+            )
         return out
 
 
 # flat name -> (nested field path for `RestoreParams.replace`, type); the CLI flags are these names with dashes
-FLAT_NAMES: Mapping[str, tuple[str, type]] = MappingProxyType({
-    "task": ("task", str), "upscale": ("upscale", float), "cleaner": ("cleaner", str), "steps": ("steps", int),
-    "sampler": ("sampler", str), "cfg_scale": ("cfg_scale", float), "rescale_cfg": ("rescale_cfg", bool),
-    "pos_prompt": ("pos_prompt", str), "neg_prompt": ("neg_prompt", str), "strength": ("strength", float),
-    "better_start": ("better_start", bool), "color_fix": ("color_fix", str), "seed": ("seed", int),
-    "device": ("device", str),
-    "guidance_scale": ("guidance__scale", float), "guidance_space": ("guidance__space", str),
-    "guidance_loss": ("guidance__loss", str), "guidance_repeat": ("guidance__repeat", int),
-    "guidance_start": ("guidance__t_start", int), "guidance_stop": ("guidance__t_stop", int),
-    "guidance_rule": ("guidance__rule", str),
-    "aligned": ("face__aligned", bool), "only_center_face": ("face__only_center_face", bool),
-    "max_faces": ("face__max_faces", int), "face_backend": ("face__backend", str),
-    "background": ("face__background", str), "face_mask": ("face__mask", str),
-    "tiled": ("tiles__enabled", bool), "tile_size": ("tiles__cleaner_tile", int),
-    "tile_overlap": ("tiles__cleaner_overlap", int), "latent_tile": ("tiles__latent_tile", int),
-    "latent_stride": ("tiles__latent_stride", int), "max_memory": ("tiles__max_memory_gb", float),
-    "start_point": ("start_point", str), "noise_aug": ("noise_aug", int), "edm_sigma_max": ("edm_sigma_max", str),
-    "pre_resize": ("pre_resize", str), "s_churn": ("s_churn", float), "s_tmin": ("s_tmin", float),
-    "s_tmax": ("s_tmax", float), "s_noise": ("s_noise", float), "eta": ("eta", float), "order": ("order", int),
-    "sde_noise": ("sde_noise", str), "cleaner_path": ("cleaner_path", str),
-    "cleaner_tiled": ("tiles__cleaner", bool), "vae_encoder_tiled": ("tiles__vae_encoder", bool),
-    "vae_decoder_tiled": ("tiles__vae_decoder", bool), "cldm_tiled": ("tiles__diffusion", bool),
-    "vae_encoder_tile_size": ("tiles__vae_encoder_tile", int),
-    "vae_decoder_tile_size": ("tiles__vae_decoder_tile", int),
-    "sd_ckpt": ("stage2__sd", str), "control_ckpt": ("stage2__control", str),
-})
+FLAT_NAMES: Mapping[str, tuple[str, type]] = MappingProxyType(
+    {
+        "task": ("task", str),
+        "upscale": ("upscale", float),
+        "cleaner": ("cleaner", str),
+        "steps": ("steps", int),
+        "sampler": ("sampler", str),
+        "cfg_scale": ("cfg_scale", float),
+        "rescale_cfg": ("rescale_cfg", bool),
+        "pos_prompt": ("pos_prompt", str),
+        "neg_prompt": ("neg_prompt", str),
+        "strength": ("strength", float),
+        "better_start": ("better_start", bool),
+        "color_fix": ("color_fix", str),
+        "seed": ("seed", int),
+        "device": ("device", str),
+        "guidance_scale": ("guidance__scale", float),
+        "guidance_space": ("guidance__space", str),
+        "guidance_loss": ("guidance__loss", str),
+        "guidance_repeat": ("guidance__repeat", int),
+        "guidance_start": ("guidance__t_start", int),
+        "guidance_stop": ("guidance__t_stop", int),
+        "guidance_rule": ("guidance__rule", str),
+        "aligned": ("face__aligned", bool),
+        "only_center_face": ("face__only_center_face", bool),
+        "max_faces": ("face__max_faces", int),
+        "face_backend": ("face__backend", str),
+        "background": ("face__background", str),
+        "face_mask": ("face__mask", str),
+        "tiled": ("tiles__enabled", bool),
+        "tile_size": ("tiles__cleaner_tile", int),
+        "tile_overlap": ("tiles__cleaner_overlap", int),
+        "latent_tile": ("tiles__latent_tile", int),
+        "latent_stride": ("tiles__latent_stride", int),
+        "max_memory": ("tiles__max_memory_gb", float),
+        "start_point": ("start_point", str),
+        "noise_aug": ("noise_aug", int),
+        "edm_sigma_max": ("edm_sigma_max", str),
+        "pre_resize": ("pre_resize", str),
+        "s_churn": ("s_churn", float),
+        "s_tmin": ("s_tmin", float),
+        "s_tmax": ("s_tmax", float),
+        "s_noise": ("s_noise", float),
+        "eta": ("eta", float),
+        "order": ("order", int),
+        "sde_noise": ("sde_noise", str),
+        "cleaner_path": ("cleaner_path", str),
+        "cleaner_tiled": ("tiles__cleaner", bool),
+        "vae_encoder_tiled": ("tiles__vae_encoder", bool),
+        "vae_decoder_tiled": ("tiles__vae_decoder", bool),
+        "cldm_tiled": ("tiles__diffusion", bool),
+        "vae_encoder_tile_size": ("tiles__vae_encoder_tile", int),
+        "vae_decoder_tile_size": ("tiles__vae_decoder_tile", int),
+        "sd_ckpt": ("stage2__sd", str),
+        "control_ckpt": ("stage2__control", str),
+    }
+)
 
 
 def _coerce(name: str, v: Any, kind: type) -> Any:
@@ -367,8 +415,9 @@ def _check_numbers(p: RestoreParams) -> None:
     if not (_is_int(t.latent_tile) and t.latent_tile >= 8):
         raise ValueError(f"latent tile size must be an integer >= 8 latent pixels, got {t.latent_tile!r}")
     if not (_is_int(t.latent_stride) and 1 <= t.latent_stride <= t.latent_tile):
-        raise ValueError(f"latent stride must be an integer in [1, latent tile={t.latent_tile}], "
-                         f"got {t.latent_stride!r}")
+        raise ValueError(
+            f"latent stride must be an integer in [1, latent tile={t.latent_tile}], got {t.latent_stride!r}"
+        )
     if t.max_memory_gb is not None and not t.max_memory_gb > 0:
         raise ValueError(f"max memory must be > 0 GB, got {t.max_memory_gb}")
     if p.face.max_faces is not None and not (_is_int(p.face.max_faces) and p.face.max_faces >= 1):
@@ -385,25 +434,57 @@ def _p(**kw) -> RestoreParams:
 
 PRESETS: dict[str, RestoreParams] = {
     "offline": _p(preset="offline", stage2=None, cleaners=TaskCleaners("offline", "offline", "offline")),
-    "v1-general": _p(preset="v1-general", stage2=Stage2Weights("sd_v2.1", "v1_general"), steps=50,
-                     cleaners=TaskCleaners("swinir_general", "swinir_face", "swinir_general"),
-                     sampler="spaced", cfg_scale=1.0,
-                     guidance=GuidanceParams(space="latent", repeat=5, rule="v1")),
-    "v1-face": _p(preset="v1-face", task="face", upscale=1.0, stage2=Stage2Weights("sd_v2.1", "v1_face"),
-                  cleaners=TaskCleaners("swinir_general", "swinir_face", "swinir_general"),
-                  steps=50, sampler="spaced", cfg_scale=1.0,
-                  guidance=GuidanceParams(space="latent", repeat=5, rule="v1")),
-    "v2": _p(preset="v2", stage2=Stage2Weights("sd_v2.1", "v2"), steps=50, sampler="spaced", cfg_scale=4.0,
-             cleaners=TaskCleaners("bsrnet", "swinir_face", "scunet_psnr"),
-             neg_prompt=OFFICIAL_NEGATIVE_PROMPT, guidance=GuidanceParams(space="rgb", loss="wmse", rule="v2")),
-    "v2.1": _p(preset="v2.1", stage2=Stage2Weights("sd_v2.1_zsnr", "v2.1", parameterization="v", zero_snr=True),
-               cleaners=TaskCleaners("swinir_realesrgan", "swinir_face", "swinir_realesrgan"),
-               steps=10, sampler="edm_dpm++_3m_sde", cfg_scale=6.0, pos_prompt=DEFAULT_POS_PROMPT,
-               neg_prompt=DEFAULT_NEG_PROMPT,
-               guidance=GuidanceParams(space="rgb", loss="wmse", rule="v2")),
+    "v1-general": _p(
+        preset="v1-general",
+        stage2=Stage2Weights("sd_v2.1", "v1_general"),
+        steps=50,
+        cleaners=TaskCleaners("swinir_general", "swinir_face", "swinir_general"),
+        sampler="spaced",
+        cfg_scale=1.0,
+        guidance=GuidanceParams(space="latent", repeat=5, rule="v1"),
+    ),
+    "v1-face": _p(
+        preset="v1-face",
+        task="face",
+        upscale=1.0,
+        stage2=Stage2Weights("sd_v2.1", "v1_face"),
+        cleaners=TaskCleaners("swinir_general", "swinir_face", "swinir_general"),
+        steps=50,
+        sampler="spaced",
+        cfg_scale=1.0,
+        guidance=GuidanceParams(space="latent", repeat=5, rule="v1"),
+    ),
+    "v2": _p(
+        preset="v2",
+        stage2=Stage2Weights("sd_v2.1", "v2"),
+        steps=50,
+        sampler="spaced",
+        cfg_scale=4.0,
+        cleaners=TaskCleaners("bsrnet", "swinir_face", "scunet_psnr"),
+        neg_prompt=OFFICIAL_NEGATIVE_PROMPT,
+        guidance=GuidanceParams(space="rgb", loss="wmse", rule="v2"),
+    ),
+    "v2.1": _p(
+        preset="v2.1",
+        stage2=Stage2Weights("sd_v2.1_zsnr", "v2.1", parameterization="v", zero_snr=True),
+        cleaners=TaskCleaners("swinir_realesrgan", "swinir_face", "swinir_realesrgan"),
+        steps=10,
+        sampler="edm_dpm++_3m_sde",
+        cfg_scale=6.0,
+        pos_prompt=DEFAULT_POS_PROMPT,
+        neg_prompt=DEFAULT_NEG_PROMPT,
+        guidance=GuidanceParams(space="rgb", loss="wmse", rule="v2"),
+    ),
     # HEAD --version custom (custom_loop.py): your own SD 2.1 / control / SwinIR files (paths in sd / control /
     # cleaner_path; eps-prediction as the official train config), HEAD inference.py's glue
-    "custom": _p(preset="custom", stage2=Stage2Weights("sd_v2.1", "v2"), steps=10, sampler="edm_dpm++_3m_sde",
-                 cfg_scale=6.0, pos_prompt=DEFAULT_POS_PROMPT, neg_prompt=DEFAULT_NEG_PROMPT,
-                 cleaners=TaskCleaners("swinir_general", "swinir_general", "swinir_general")),
+    "custom": _p(
+        preset="custom",
+        stage2=Stage2Weights("sd_v2.1", "v2"),
+        steps=10,
+        sampler="edm_dpm++_3m_sde",
+        cfg_scale=6.0,
+        pos_prompt=DEFAULT_POS_PROMPT,
+        neg_prompt=DEFAULT_NEG_PROMPT,
+        cleaners=TaskCleaners("swinir_general", "swinir_general", "swinir_general"),
+    ),
 }

@@ -1,4 +1,5 @@
-"""Training pairs for both stages: HQ crops and their synthetic LQ versions (paper arXiv 2308.15070, "Degradation model", "Training").
+"""Training pairs for both stages: HQ crops and their synthetic LQ versions (paper arXiv 2308.15070, "Degradation
+model", "Training").
 
 `PairedDegradationDataset` reads HQ images (a folder, searched recursively; a text file listing one path
 per line; or a list of paths), takes a random ``crop x crop`` patch (images smaller than the crop are
@@ -14,11 +15,13 @@ state and a resumed run sees exactly the data an uninterrupted run would).
 Mirrors the official ``CodeformerDataset`` / ``RealESRGANDataset`` + batch transform, done per image on
 the CPU (numpy/OpenCV) instead of per batch on the GPU.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,8 +41,7 @@ def list_images(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list
         if p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
             if not files:
-                raise ValueError(f"{p}: folder holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}, "
-                                 "recursively)")
+                raise ValueError(f"{p}: folder holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)")
             return files
         if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
             return [p]
@@ -70,9 +72,16 @@ class PairedDegradationDataset(Dataset):
     """(HQ crop, degraded LQ crop) pairs. Items: ``dict(hq=3xHxW, lq=3xHxW (float32, [0,1]), params,
     index, epoch, path)``; ``params`` are the degradation's drawn values plus the crop box and flip."""
 
-    def __init__(self, source: str | os.PathLike | Sequence[str | os.PathLike], crop: int = 512,
-                 cfg: str | DegradationConfig = "realesrgan_2nd_order", seed: int = 0,
-                 face_aligned: bool = False, flip: bool = True, cache_images: bool = False) -> None:
+    def __init__(
+        self,
+        source: str | os.PathLike | Sequence[str | os.PathLike],
+        crop: int = 512,
+        cfg: str | DegradationConfig = "realesrgan_2nd_order",
+        seed: int = 0,
+        face_aligned: bool = False,
+        flip: bool = True,
+        cache_images: bool = False,
+    ) -> None:
         if crop < 8:
             raise ValueError(f"crop must be at least 8 pixels, got {crop}")
         self.files = list_images(source)
@@ -96,8 +105,10 @@ class PairedDegradationDataset(Dataset):
         try:
             rgb = read_image(self.files[index]).rgb
         except ImageReadError as e:
-            raise ImageReadError(f"training image #{index} cannot be used: {e}. Remove it from the data set "
-                                 "(or its file list) and start again.") from e
+            raise ImageReadError(
+                f"training image #{index} cannot be used: {e}. Remove it from the data set "
+                "(or its file list) and start again."
+            ) from e
         if self._cache is not None:
             self._cache[index] = rgb
         return rgb
@@ -116,10 +127,10 @@ class PairedDegradationDataset(Dataset):
             h, w = nh, nw
         top = int(rng.integers(0, h - c + 1))
         left = int(rng.integers(0, w - c + 1))
-        return rgb[top:top + c, left:left + c], {"resized_from": None, "box": (top, left, c, c)}
+        return rgb[top : top + c, left : left + c], {"resized_from": None, "box": (top, left, c, c)}
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        index, epoch = (key if isinstance(key, tuple) else (key, self.epoch))
+        index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         index, epoch = int(index), int(epoch)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
@@ -134,7 +145,10 @@ class PairedDegradationDataset(Dataset):
         return {
             "hq": torch.from_numpy(hq).permute(2, 0, 1).contiguous(),  # 3, H, W
             "lq": torch.from_numpy(lq).permute(2, 0, 1).contiguous(),  # 3, H, W
-            "params": params, "index": index, "epoch": epoch, "path": str(self.files[index]),
+            "params": params,
+            "index": index,
+            "epoch": epoch,
+            "path": str(self.files[index]),
         }
 
 
@@ -155,8 +169,9 @@ class EpochSampler(Sampler):
     ``start_micro_step`` skips what a resumed run has already consumed - no data is read to get there.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 start_micro_step: int = 0) -> None:
+    def __init__(
+        self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, start_micro_step: int = 0
+    ) -> None:
         if n <= 0:
             raise ValueError("EpochSampler needs a non-empty data set")
         if not 0 <= rank < world_size:

@@ -1,4 +1,5 @@
-"""Synthetic degradations that turn a clean (HQ) image into a training input (LQ): paper arXiv 2308.15070, "Degradation model".
+"""Synthetic degradations that turn a clean (HQ) image into a training input (LQ): paper arXiv 2308.15070,
+"Degradation model".
 
 Three presets (`DEGRADATIONS`), all returning an LQ image of the SAME size as the input (DiffBIR restores,
 it does not up-scale):
@@ -29,6 +30,7 @@ Everything random is drawn from one `numpy.random.Generator`; the same seed give
 image, and ``degrade`` returns every value it drew (kinds, sizes, sigmas, angles, scales, qualities).
 Operations use OpenCV on float32 HxWx3 RGB in [0, 1] (JPEG through ``cv2.imencode`` on BGR uint8).
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +39,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DegradationRound", "DegradationConfig", "DEGRADATIONS", "degrade", "gaussian_kernel",
-           "get_degradation"]
+__all__ = ["DegradationRound", "DegradationConfig", "DEGRADATIONS", "degrade", "gaussian_kernel", "get_degradation"]
 
 _RESIZE_MODES = ("area", "bilinear", "bicubic")
 _KERNEL_KINDS = ("iso", "aniso")
@@ -135,28 +136,47 @@ class DegradationConfig:
 
 _FIRST = DegradationRound()
 _SECOND = DegradationRound(
-    blur_prob=0.8, blur_sigma=(0.2, 1.5), resize_scale=(0.3, 1.2), resize_updown_probs=(0.3, 0.4, 0.3),
-    gaussian_sigma=(1.0, 25.0), poisson_scale=(0.05, 2.5), jpeg_quality=(30, 95),
+    blur_prob=0.8,
+    blur_sigma=(0.2, 1.5),
+    resize_scale=(0.3, 1.2),
+    resize_updown_probs=(0.3, 0.4, 0.3),
+    gaussian_sigma=(1.0, 25.0),
+    poisson_scale=(0.05, 2.5),
+    jpeg_quality=(30, 95),
 )
 
 DEGRADATIONS: dict[str, DegradationConfig] = {
     "realesrgan_2nd_order": DegradationConfig(
-        "realesrgan_2nd_order", (_FIRST, _SECOND), final_resize_modes=("bicubic",),
-        description="paper Appendix A: second-order blur/resize/noise/JPEG, resized back"),
+        "realesrgan_2nd_order",
+        (_FIRST, _SECOND),
+        final_resize_modes=("bicubic",),
+        description="paper Appendix A: second-order blur/resize/noise/JPEG, resized back",
+    ),
     "codeformer_face": DegradationConfig(
         "codeformer_face",
-        (DegradationRound(kernel_size=(41, 41), blur_sigma=(0.1, 12.0), resize_modes=("bilinear",),
-                          resize_scale=None, downsample=(1.0, 12.0), gaussian_prob=1.0,
-                          gaussian_sigma=(0.0, 15.0), poisson_scale=None, gray_noise_prob=0.0,
-                          jpeg_quality=(30, 100)),),
+        (
+            DegradationRound(
+                kernel_size=(41, 41),
+                blur_sigma=(0.1, 12.0),
+                resize_modes=("bilinear",),
+                resize_scale=None,
+                downsample=(1.0, 12.0),
+                gaussian_prob=1.0,
+                gaussian_sigma=(0.0, 15.0),
+                poisson_scale=None,
+                gray_noise_prob=0.0,
+                jpeg_quality=(30, 100),
+            ),
+        ),
         final_resize_modes=("bilinear",),
-        description="official v1/v2 face training pipeline (CodeformerDataset)"),
+        description="official v1/v2 face training pipeline (CodeformerDataset)",
+    ),
     "face_wide": DegradationConfig(
         "face_wide",
-        (DegradationRound(kernel_size=(41, 41), blur_sigma=(0.1, 12.0), resize_scale=None,
-                          downsample=(1.0, 12.0)),),
+        (DegradationRound(kernel_size=(41, 41), blur_sigma=(0.1, 12.0), resize_scale=None, downsample=(1.0, 12.0)),),
         final_resize_modes=("bicubic",),
-        description="paper's wide face range (down-sampling [1,12], blur sigma [0.1,12]) with the general noise/JPEG"),
+        description="paper's wide face range (down-sampling [1,12], blur sigma [0.1,12]) with the general noise/JPEG",
+    ),
 }
 
 
@@ -176,7 +196,7 @@ def gaussian_kernel(size: int, sigma_x: float, sigma_y: float, theta: float) -> 
     xx, yy = np.meshgrid(ax, ax)  # xx varies along columns (x), yy along rows (y)
     c, s = math.cos(theta), math.sin(theta)
     rot = np.array([[c, -s], [s, c]])
-    cov = rot @ np.diag([sigma_x ** 2, sigma_y ** 2]) @ rot.T
+    cov = rot @ np.diag([sigma_x**2, sigma_y**2]) @ rot.T
     inv = np.linalg.inv(cov)
     q = inv[0, 0] * xx * xx + (inv[0, 1] + inv[1, 0]) * xx * yy + inv[1, 1] * yy * yy
     k = np.exp(-0.5 * q)
@@ -280,21 +300,25 @@ def _jpeg(img, r: DegradationRound, rng) -> tuple[np.ndarray, dict]:
     if not ok:
         raise RuntimeError(f"OpenCV failed to JPEG-encode a {img.shape} image at quality {quality}")
     dec = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    return np.ascontiguousarray(dec[..., ::-1], dtype=np.float32) * np.float32(1 / 255.0), {"applied": True,
-                                                                                             "quality": quality}
+    return np.ascontiguousarray(dec[..., ::-1], dtype=np.float32) * np.float32(1 / 255.0), {
+        "applied": True,
+        "quality": quality,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- entry
-def degrade(img: np.ndarray, cfg: str | DegradationConfig = "realesrgan_2nd_order",
-            seed: int | np.random.Generator | None = 0) -> tuple[np.ndarray, dict[str, Any]]:
+def degrade(
+    img: np.ndarray, cfg: str | DegradationConfig = "realesrgan_2nd_order", seed: int | np.random.Generator | None = 0
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Degrade an HxWx3 float RGB image in [0, 1]; returns (LQ of the same size, float32) and the drawn params.
 
     ``seed`` is an int (a fresh ``numpy.random.default_rng(seed)``) or a Generator (advanced in place).
     """
     cfg = get_degradation(cfg)
     if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"degrade expects an HxWx3 RGB numpy array, got "
-                         f"{type(img).__name__} {getattr(img, 'shape', None)}")
+        raise ValueError(
+            f"degrade expects an HxWx3 RGB numpy array, got {type(img).__name__} {getattr(img, 'shape', None)}"
+        )
     if img.shape[0] < 2 or img.shape[1] < 2:
         raise ValueError(f"image of {img.shape[:2]} pixels is too small to degrade (need at least 2x2)")
     if seed is None:

@@ -14,6 +14,7 @@ a `LoadedImage` with the same rules as files (EXIF orientation, value-range dete
 (reflect, falling back to replicate for tiny images) and crop the padding away afterwards (the
 official SwinIR leaves its padding in; we do not).
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,22 @@ from PIL import Image, UnidentifiedImageError
 
 from .atomic import atomic_path
 
-__all__ = ["ImageReadError", "LoadedImage", "read_image", "as_loaded_image", "save_image", "to_tensor", "to_numpy",
-           "pad_to_multiple", "crop_to", "to_pil", "IMAGE_EXTENSIONS", "resize", "MAX_PIXELS", "orient_array"]
+__all__ = [
+    "ImageReadError",
+    "LoadedImage",
+    "read_image",
+    "as_loaded_image",
+    "save_image",
+    "to_tensor",
+    "to_numpy",
+    "pad_to_multiple",
+    "crop_to",
+    "to_pil",
+    "IMAGE_EXTENSIONS",
+    "resize",
+    "MAX_PIXELS",
+    "orient_array",
+]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
@@ -39,9 +54,15 @@ MAX_PIXELS = 12000 * 12000
 
 _EXIF_ORIENTATION = 0x0112
 # EXIF orientation -> the transpose that displays the stored pixels upright (as `PIL.ImageOps.exif_transpose`).
-_ORIENT_PIL = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-               8: Image.Transpose.ROTATE_90}
+_ORIENT_PIL = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class ImageReadError(ValueError):
@@ -66,13 +87,15 @@ class LoadedImage:
 def orient_array(arr: np.ndarray, orientation: int) -> np.ndarray:
     """Apply EXIF ``orientation`` (1-8) to an H x W (x C) array, as `PIL.ImageOps.exif_transpose` does."""
     t = np.swapaxes(arr, 0, 1)  # transpose: (x, y) -> (y, x)
-    out = {2: arr[:, ::-1], 3: arr[::-1, ::-1], 4: arr[::-1], 5: t, 6: t[:, ::-1], 7: t[::-1, ::-1],
-           8: t[::-1]}.get(int(orientation), arr)
+    out = {2: arr[:, ::-1], 3: arr[::-1, ::-1], 4: arr[::-1], 5: t, 6: t[:, ::-1], 7: t[::-1, ::-1], 8: t[::-1]}.get(
+        int(orientation), arr
+    )
     return np.ascontiguousarray(out)
 
 
-def _unit_range(arr: np.ndarray, p: Path, notices: list[str],
-                known_peak: float | None = None) -> tuple[np.ndarray, int]:
+def _unit_range(
+    arr: np.ndarray, p: Path, notices: list[str], known_peak: float | None = None
+) -> tuple[np.ndarray, int]:
     """Scale integer or float samples to [0, 1]; returns (array, bit depth). Floats and integers of unknown
     depth are range-detected: max <= 1 -> 0-1, <= 255 -> 0-255, <= 65535 -> 0-65535, else refused."""
     a = np.asarray(arr, dtype=np.float64)
@@ -90,8 +113,10 @@ def _unit_range(arr: np.ndarray, p: Path, notices: list[str],
     elif hi <= 65535.0:
         peak = 65535.0
     else:
-        raise ImageReadError(f"{p}: sample values reach {hi:g}, beyond a 0-1, 0-255 or 0-65535 image "
-                             "(HDR or raw data?); convert it to an 8/16-bit or 0-1 float image first")
+        raise ImageReadError(
+            f"{p}: sample values reach {hi:g}, beyond a 0-1, 0-255 or 0-65535 image "
+            "(HDR or raw data?); convert it to an 8/16-bit or 0-1 float image first"
+        )
     if is_float and known_peak is None and peak > 1.0:
         notices.append(f"float image with values up to {hi:g}: read as a 0-{peak:g} image")
     if lo < 0:
@@ -164,8 +189,9 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Loa
             if frames > 1:
                 notices.append(f"{frames} frames ({fmt}); frame 1 is used")
             bits = img.tag_v2.get(258) if fmt == "TIFF" and hasattr(img, "tag_v2") else None
-            tiff_exact = bool(bits) and max(bits if isinstance(bits, tuple) else (bits,)) > 8 and \
-                img.mode in ("RGB", "RGBA")  # Pillow would truncate >8-bit colour TIFF to 8 bits
+            tiff_exact = (
+                bool(bits) and max(bits if isinstance(bits, tuple) else (bits,)) > 8 and img.mode in ("RGB", "RGBA")
+            )  # Pillow would truncate >8-bit colour TIFF to 8 bits
             if not tiff_exact:
                 img.load()
                 orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
@@ -226,8 +252,9 @@ def _from_array(a: np.ndarray, label: str, *, layout: str = "HWC") -> LoadedImag
         hint = ""
         if a.ndim == 3 and a.shape[0] in (1, 3, 4) and layout == "HWC":
             hint = " (it looks channel-first: pass a.transpose(1, 2, 0), or a torch tensor, which may be CHW)"
-        raise ImageReadError(f"{label}: expected H x W or H x W x C with C = 1, 2, 3 or 4, got shape "
-                             f"{tuple(a.shape)}{hint}")
+        raise ImageReadError(
+            f"{label}: expected H x W or H x W x C with C = 1, 2, 3 or 4, got shape {tuple(a.shape)}{hint}"
+        )
     if a.shape[0] < 1 or a.shape[1] < 1:
         raise ImageReadError(f"{label}: image has no pixels (shape {tuple(a.shape)})")
     if a.dtype == np.bool_:
@@ -239,8 +266,7 @@ def _from_array(a: np.ndarray, label: str, *, layout: str = "HWC") -> LoadedImag
     else:
         unit, depth = _unit_range(a, Path(label), notices)
     rgb, alpha = _channels_to_rgb(unit, Path(label))
-    return LoadedImage(rgb=np.ascontiguousarray(rgb, dtype=np.float32), alpha=alpha, bit_depth=depth,
-                       notices=notices)
+    return LoadedImage(rgb=np.ascontiguousarray(rgb, dtype=np.float32), alpha=alpha, bit_depth=depth, notices=notices)
 
 
 def _from_tensor(t: torch.Tensor, label: str) -> LoadedImage:
@@ -254,8 +280,9 @@ def _from_tensor(t: torch.Tensor, label: str) -> LoadedImage:
     if x.ndim == 3 and 1 <= x.shape[0] <= 4:
         x = x.permute(1, 2, 0)  # CHW -> HWC
     elif not (x.ndim == 2 or (x.ndim == 3 and 1 <= x.shape[2] <= 4)):
-        raise ImageReadError(f"{label}: expected C x H x W, 1 x C x H x W, H x W x C (C = 1..4) or H x W, got shape "
-                             f"{tuple(t.shape)}")
+        raise ImageReadError(
+            f"{label}: expected C x H x W, 1 x C x H x W, H x W x C (C = 1..4) or H x W, got shape {tuple(t.shape)}"
+        )
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
     return _from_array(x.numpy(), label, layout="tensor")
@@ -284,9 +311,11 @@ def as_loaded_image(x, *, max_pixels: int | None = None) -> LoadedImage:
     elif isinstance(x, np.ndarray):
         out = _from_array(x, label)
     else:
-        raise TypeError(f"cannot restore a {_describe(x)}: give a file path, a PIL.Image.Image, a numpy array "
-                        "(H x W [x C], uint8 / uint16 / float), a torch tensor (C x H x W, float in [0, 1]) or a "
-                        "diffbir_core.imageio.LoadedImage")
+        raise TypeError(
+            f"cannot restore a {_describe(x)}: give a file path, a PIL.Image.Image, a numpy array "
+            "(H x W [x C], uint8 / uint16 / float), a torch tensor (C x H x W, float in [0, 1]) or a "
+            "diffbir_core.imageio.LoadedImage"
+        )
     _check_size(Path(label), out.size[1], out.size[0], limit)
     return out
 
@@ -321,8 +350,10 @@ def _read_tiff_exact(p: Path, limit: int, notices: list[str]) -> tuple[np.ndarra
             if len(tf.pages) > 1:
                 notices.append(f"{len(tf.pages)} pages (TIFF); page 1 is used")
             if int(page.photometric) not in (0, 1, 2):  # MINISWHITE, MINISBLACK, RGB
-                raise ImageReadError(f"{p}: TIFF photometric {page.photometric!r} with {page.dtype} samples "
-                                     "is not supported; save it as RGB or grayscale")
+                raise ImageReadError(
+                    f"{p}: TIFF photometric {page.photometric!r} with {page.dtype} samples "
+                    "is not supported; save it as RGB or grayscale"
+                )
             tag = page.tags.get(274)
             orientation = int(tag.value) if tag is not None else 1
             arr = page.asarray()
@@ -346,8 +377,9 @@ def _read_tiff_exact(p: Path, limit: int, notices: list[str]) -> tuple[np.ndarra
     return rgb, alpha, depth
 
 
-def save_image(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | None = None,
-               text: dict[str, str] | None = None) -> Path:
+def save_image(
+    path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | None = None, text: dict[str, str] | None = None
+) -> Path:
     """Save an HxWx3 float [0,1] (or uint8) image as 8-bit PNG (RGBA when ``alpha`` is given), atomically:
     the file at ``path`` is either the complete new image or whatever was there before. ``text``: PNG text
     chunks (``Image.open(p).text``), e.g. the parameters that made the image. Float -> uint8 truncates like the
@@ -373,8 +405,15 @@ def to_pil(rgb: np.ndarray, alpha: np.ndarray | None = None) -> Image.Image:
     if alpha is None:
         return Image.fromarray(np.ascontiguousarray(rgb), "RGB")
     if alpha.shape[:2] != rgb.shape[:2]:
-        alpha = np.asarray(Image.fromarray((np.clip(alpha, 0, 1) * 255).astype(np.uint8)).resize(
-            (rgb.shape[1], rgb.shape[0]), Image.BICUBIC), dtype=np.float32) / 255.0
+        alpha = (
+            np.asarray(
+                Image.fromarray((np.clip(alpha, 0, 1) * 255).astype(np.uint8)).resize(
+                    (rgb.shape[1], rgb.shape[0]), Image.BICUBIC
+                ),
+                dtype=np.float32,
+            )
+            / 255.0
+        )
     a8 = (np.clip(alpha, 0, 1) * 255.0).round().astype(np.uint8)
     return Image.fromarray(np.dstack([rgb, a8]), "RGBA")
 

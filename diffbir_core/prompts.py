@@ -6,6 +6,7 @@
 * `assemble_prompt(caption, pos)`: HEAD ``loop.py:166-169``: ``", ".join(t for t in [caption, pos] if t)``
   (the captioner's text first, empty parts dropped).
 """
+
 from __future__ import annotations
 
 __all__ = ["DEFAULT_NEG_PROMPT", "DEFAULT_POS_PROMPT", "V2_NEG_PROMPT", "assemble_prompt"]

@@ -10,6 +10,7 @@ Mirrors: HEAD diffbir/model/config.py:23-60 (attention mode sdp / xformers / van
 diffbir/inference/loop.py:159-180 (--precision fp32/fp16/bf16 as torch.autocast); offload and compile have no
 official counterpart (accelerate's big-modeling hooks, torch.compile).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -27,8 +28,15 @@ from torch import nn
 
 from .allocator import tune_malloc
 
-__all__ = ["SpeedOptions", "apply_process_options", "apply_speed_options", "autocast_for", "auto_device", "offload",
-           "set_attention"]
+__all__ = [
+    "SpeedOptions",
+    "apply_process_options",
+    "apply_speed_options",
+    "autocast_for",
+    "auto_device",
+    "offload",
+    "set_attention",
+]
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -65,8 +73,10 @@ class SpeedOptions:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.dtype != "float32" and dev.type != "cuda":
-            raise ValueError(f"dtype {self.dtype} is GPU-only: on CPU half-precision convolutions are ~200x slower "
-                             "than float32; use float32 (the default)")
+            raise ValueError(
+                f"dtype {self.dtype} is GPU-only: on CPU half-precision convolutions are ~200x slower "
+                "than float32; use float32 (the default)"
+            )
         if self.offload not in ("none", "model", "sequential"):
             raise ValueError(f"offload must be 'none', 'model' or 'sequential', got {self.offload!r}")
         if self.offload != "none" and dev.type != "cuda":
@@ -145,7 +155,6 @@ def offload(ldm, device: torch.device, kind: Literal["model", "sequential"]) -> 
     for p in parts:
         _, hook = cpu_offload_with_hook(p, execution_device=device, prev_module_hook=hook)
     return "offload: model (one part on the GPU at a time)"
-
 
 
 def apply_process_options(opts: SpeedOptions, device: str | torch.device) -> list[str]:

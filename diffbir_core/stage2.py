@@ -4,7 +4,8 @@
     1. pad I_reg ([1,3,H,W] in [0,1]) to x64 (`Stage2Geometry`); cond = {c_txt(pos), c_img = E(I_reg * 2 - 1)},
        uncond = {c_txt(neg), same c_img} (none when CFG is 1); every control residual x strength.
     2. x_T ~ N(0, I) from the noise source (first draw), or the v2.0.0 "better start" (`better_start_x_T`).
-    3. CFG (`diffusion.cfg.CFGDenoiser`, around `tiling.denoiser.TiledModel` when the plan tiles the latent), latent image
+    3. CFG (`diffusion.cfg.CFGDenoiser`, around `tiling.denoiser.TiledModel` when the plan tiles the latent), latent
+    image
        guidance (eq. 5-6) on z0_hat, the sampler by name (`diffusion.registry.run_sampler`).
     4. VAE decode (`models.vae_runner.VAERunner`, tiled per the plan), crop, (x + 1) / 2, colour fix with I_reg.
 ``callback`` gets a `Stage2Step` (a `StepInfo` + geometry) per step; ``on_stage(name, seconds)`` gets None when
@@ -13,6 +14,7 @@ text / vae_encode / sampling / vae_decode / colorfix starts and its wall time wh
 Mirrors: v2.0.0 utils/helpers.py:66-127 Pipeline.run_stage2 and :152-155 (colour fix) of Pipeline.run; HEAD
 diffbir/pipeline.py:71 Pipeline.apply_cldm (v-prediction, rescaled CFG, EDM samplers).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,8 +41,17 @@ from .tiling.plan import TilingPlan
 Tensor = torch.Tensor
 StageCallback = Callable[[str, "float | None"], None]  # (stage name, None at the start | seconds at the end)
 
-__all__ = ["run", "sample_latent", "make_conditions", "make_guidance", "better_start_x_T", "training_schedule_for",
-           "Stage2Geometry", "Stage2Step", "StageCallback"]
+__all__ = [
+    "run",
+    "sample_latent",
+    "make_conditions",
+    "make_guidance",
+    "better_start_x_T",
+    "training_schedule_for",
+    "Stage2Geometry",
+    "Stage2Step",
+    "StageCallback",
+]
 
 PAD_MULTIPLE = 64  # official pad_to_multiples_of(clean, multiple=64); 8 when the VAE encoder or diffusion is tiled
 
@@ -122,13 +133,21 @@ def training_schedule_for(params: RestoreParams) -> TrainingSchedule:
     name = "v2.1" if s2.zero_snr else "v2"
     sched = make_training_schedule(name)
     if sched.parameterization != s2.parameterization:
-        raise ValueError(f"diffusion preset {name!r} is {sched.parameterization}-prediction but the weights "
-                         f"{s2.sd!r} need {s2.parameterization}-prediction")
+        raise ValueError(
+            f"diffusion preset {name!r} is {sched.parameterization}-prediction but the weights "
+            f"{s2.sd!r} need {s2.parameterization}-prediction"
+        )
     return sched
 
 
-def make_conditions(ldm, clean: Tensor, params: RestoreParams, *, encode_image: Callable | None = None,
-                    encode_text: Callable | None = None) -> tuple[dict, dict | None]:
+def make_conditions(
+    ldm,
+    clean: Tensor,
+    params: RestoreParams,
+    *,
+    encode_image: Callable | None = None,
+    encode_text: Callable | None = None,
+) -> tuple[dict, dict | None]:
     """Step 1: (cond, uncond). uncond is None when CFG is off (scale 1), as the official sampler skips it.
 
     ``encode_image(x_m11) -> c_img`` / ``encode_text(prompts) -> c_txt`` replace the model's own (tiled VAE,
@@ -153,15 +172,29 @@ def make_guidance(ldm, clean: Tensor, params: RestoreParams, *, vae: VAERunner |
     if not g.enabled:
         return None
     return LatentImageGuidance(
-        clean * 2 - 1, g.scale, t_start=g.t_start, t_stop=g.t_stop, space=g.space, repeat=g.repeat,
-        weighted=g.loss == "wmse", rule=g.rule,
+        clean * 2 - 1,
+        g.scale,
+        t_start=g.t_start,
+        t_stop=g.t_stop,
+        space=g.space,
+        repeat=g.repeat,
+        weighted=g.loss == "wmse",
+        rule=g.rule,
         encode=PosteriorCache(vae.posterior if vae is not None else ldm.vae_posterior, ldm.scale_factor),
-        decode=vae.decode_grad if vae is not None else ldm.vae_decode)
+        decode=vae.decode_grad if vae is not None else ldm.vae_decode,
+    )
 
 
-def better_start_x_T(clean01: Tensor, encode: Callable[[Tensor, Tensor | None], Tensor],
-                     training: TrainingSchedule, noise: NoiseFn, *, latent_channels: int = 4,
-                     downscale: int = 8, official_range: bool = True) -> Tensor:
+def better_start_x_T(
+    clean01: Tensor,
+    encode: Callable[[Tensor, Tensor | None], Tensor],
+    training: TrainingSchedule,
+    noise: NoiseFn,
+    *,
+    latent_channels: int = 4,
+    downscale: int = 8,
+    official_range: bool = True,
+) -> Tensor:
     """Step 2, v2.0.0 "better start" (utils/helpers.py:95-105): x_T from the low frequencies of I_reg.
 
     (high, low) = wavelet_decomposition(clean01); z_0 = encode(low, eps_1) with a posterior sample
@@ -182,12 +215,24 @@ def better_start_x_T(clean01: Tensor, encode: Callable[[Tensor, Tensor | None], 
     return training.q_sample(z0, training.num_timesteps - 1, eps2)
 
 
-def sample_latent(ldm, clean: Tensor, params: RestoreParams, *, seed: int | None = None,
-                  noise: NoiseFn | None = None, callback: Callable | None = None,
-                  batched_cfg: bool = True, plan: TilingPlan | None = None, vae: VAERunner | None = None,
-                  encode_text: Callable | None = None, amp: Callable | None = None, tile_batch: int = 1,
-                  progress: Callable | None = None, on_stage: StageCallback | None = None,
-                  keep: dict | None = None) -> Tensor:
+def sample_latent(
+    ldm,
+    clean: Tensor,
+    params: RestoreParams,
+    *,
+    seed: int | None = None,
+    noise: NoiseFn | None = None,
+    callback: Callable | None = None,
+    batched_cfg: bool = True,
+    plan: TilingPlan | None = None,
+    vae: VAERunner | None = None,
+    encode_text: Callable | None = None,
+    amp: Callable | None = None,
+    tile_batch: int = 1,
+    progress: Callable | None = None,
+    on_stage: StageCallback | None = None,
+    keep: dict | None = None,
+) -> Tensor:
     """Steps 1-3: the final latent ``[B,4,H/8,W/8]`` for an already padded clean image ``[B,3,H,W]`` in [0,1].
 
     ``plan`` (tiled diffusion when ``plan.diffusion`` and the latent is larger than a tile), ``vae`` (a
@@ -221,16 +266,29 @@ def sample_latent(ldm, clean: Tensor, params: RestoreParams, *, seed: int | None
                 return ldm(x, t, c, control_scales=strength).float()
 
         with _stage(on_stage, "sampling"):
-            net = (TiledModel(model, tile=plan.latent_tile, stride=plan.latent_stride, tile_batch=tile_batch,
-                              progress=progress) if tiled else model)
-            denoiser = CFGDenoiser(net, cond, uncond, params.cfg_scale, rescale=params.rescale_cfg,
-                                   batched=batched_cfg and uncond is not None, num_timesteps=training.num_timesteps)
+            net = (
+                TiledModel(
+                    model, tile=plan.latent_tile, stride=plan.latent_stride, tile_batch=tile_batch, progress=progress
+                )
+                if tiled
+                else model
+            )
+            denoiser = CFGDenoiser(
+                net,
+                cond,
+                uncond,
+                params.cfg_scale,
+                rescale=params.rescale_cfg,
+                batched=batched_cfg and uncond is not None,
+                num_timesteps=training.num_timesteps,
+            )
             lat_c = cond["c_img"].shape[1]
             T = training.num_timesteps
             if params.better_start:
                 enc = vae.encode if vae is not None else ldm.vae_encode
-                x_T = better_start_x_T(clean, lambda x, eps: enc(x, sample=True, noise=eps), training,
-                                       noise, latent_channels=lat_c)
+                x_T = better_start_x_T(
+                    clean, lambda x, eps: enc(x, sample=True, noise=eps), training, noise, latent_channels=lat_c
+                )
             elif params.start_point == "cond":  # HEAD pipeline.py:146-157: x_T = q_sample(c_img, T-1, eps)
                 c_img = cond["c_img"]
                 x_T = training.q_sample(c_img, T - 1, noise(tuple(c_img.shape), c_img))
@@ -244,21 +302,48 @@ def sample_latent(ldm, clean: Tensor, params: RestoreParams, *, seed: int | None
             if keep is not None:
                 keep["x_T"] = x_T
             guidance = make_guidance(ldm, clean, params, vae=vae)
-            return run_sampler(params.sampler, denoiser, x_T, training, params.steps, guidance=guidance,
-                               noise=noise, callback=callback, **sampler_options(params))
+            return run_sampler(
+                params.sampler,
+                denoiser,
+                x_T,
+                training,
+                params.steps,
+                guidance=guidance,
+                noise=noise,
+                callback=callback,
+                **sampler_options(params),
+            )
 
 
 def sampler_options(params: RestoreParams) -> dict:
     """The sampler knobs of ``params`` for `run_sampler` (official HEAD inference.py:205-240 names)."""
-    return {"edm_official_sigma_max": params.edm_sigma_max == "official", "sde_noise": params.sde_noise,
-            "s_churn": params.s_churn, "s_tmin": params.s_tmin, "s_tmax": params.s_tmax, "s_noise": params.s_noise,
-            "eta": params.eta, "order": params.order}
+    return {
+        "edm_official_sigma_max": params.edm_sigma_max == "official",
+        "sde_noise": params.sde_noise,
+        "s_churn": params.s_churn,
+        "s_tmin": params.s_tmin,
+        "s_tmax": params.s_tmax,
+        "s_noise": params.s_noise,
+        "eta": params.eta,
+        "order": params.order,
+    }
 
 
-def run(ldm, clean: Tensor, params: RestoreParams, *, seed: int | None = None, noise: NoiseFn | None = None,
-        callback: Callable[[Stage2Step], None] | None = None, on_stage: StageCallback | None = None,
-        plan: TilingPlan | None = None, speed: SpeedOptions | None = None, encode_text: Callable | None = None,
-        progress: Callable | None = None, keep: dict | None = None) -> Tensor:
+def run(
+    ldm,
+    clean: Tensor,
+    params: RestoreParams,
+    *,
+    seed: int | None = None,
+    noise: NoiseFn | None = None,
+    callback: Callable[[Stage2Step], None] | None = None,
+    on_stage: StageCallback | None = None,
+    plan: TilingPlan | None = None,
+    speed: SpeedOptions | None = None,
+    encode_text: Callable | None = None,
+    progress: Callable | None = None,
+    keep: dict | None = None,
+) -> Tensor:
     """Stage 2 on the clean image ``clean`` ([1,3,H,W] in [0,1], not clamped); returns the colour-fixed sample
     ``[1,3,H,W]`` (about [0,1]). ``plan``: tiling (default untiled); ``speed``: batched CFG, tile batch and the
     autocast dtype (default `SpeedOptions()`); ``encode_text``: e.g. a `TextEmbeddingCache`; ``keep``, if a
@@ -275,10 +360,23 @@ def run(ldm, clean: Tensor, params: RestoreParams, *, seed: int | None = None, n
         ph, pw = -(-lh // 8) * 64, -(-lw // 8) * 64
     geometry = Stage2Geometry(hw, (ph, pw))
     step_cb = None if callback is None else (lambda info: callback(Stage2Step.wrap(info, geometry)))
-    z = sample_latent(ldm, padded, params, seed=seed, noise=noise, callback=step_cb, batched_cfg=speed.batched_cfg,
-                      plan=plan, vae=runner, encode_text=encode_text,
-                      amp=amp if speed.dtype != "float32" else None, tile_batch=speed.tile_batch,
-                      progress=progress, on_stage=on_stage, keep=keep)  # [1,4,H64/8,W64/8]
+    z = sample_latent(
+        ldm,
+        padded,
+        params,
+        seed=seed,
+        noise=noise,
+        callback=step_cb,
+        batched_cfg=speed.batched_cfg,
+        plan=plan,
+        vae=runner,
+        encode_text=encode_text,
+        amp=amp if speed.dtype != "float32" else None,
+        tile_batch=speed.tile_batch,
+        progress=progress,
+        on_stage=on_stage,
+        keep=keep,
+    )  # [1,4,H64/8,W64/8]
     with torch.no_grad(), _stage(on_stage, "vae_decode"):
         decoded = runner.decode(z)  # [1,3,H64,W64] in [-1,1]
     cropped = geometry.crop(decoded)  # [1,3,H,W]

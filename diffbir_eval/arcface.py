@@ -11,6 +11,7 @@ Protocol (`embed`): RGB in [0, 1] -> grey with 0.2989 R + 0.5870 G + 0.1140 B ->
 similarity of the embeddings of the restored image and the ground truth (``ids_cos``, higher is better); the
 angle arccos(cos) in degrees is the "Deg." number of GFPGAN / VQFR (``ids_deg``, lower is better).
 """
+
 from __future__ import annotations
 
 import torch

@@ -9,6 +9,7 @@ says how they are matched and degraded); `open_dataset` + `validate` check befor
 folders (with the download hint), image counts against the published ones, LQ without GT (and the reverse),
 and GT sizes against LQ x scale. No official counterpart (the official repo ships no evaluation code).
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,17 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["DatasetSpec", "DATASETS", "Item", "Dataset", "DatasetError", "open_dataset", "validate",
-           "SyntheticConfig", "image_size"]
+__all__ = [
+    "DatasetSpec",
+    "DATASETS",
+    "Item",
+    "Dataset",
+    "DatasetError",
+    "open_dataset",
+    "validate",
+    "SyntheticConfig",
+    "image_size",
+]
 
 
 class DatasetError(ValueError):
@@ -69,42 +79,116 @@ _GFPGAN = "GFPGAN project page https://xinntao.github.io/projects/gfpgan (BFR te
 # | realsr          | 100 LQ/GT pairs    | sr   | 128 -> 512  | StableSR-TestSets (copy in the OSEDiff repo)   |
 # | drealsr         | 93 LQ/GT pairs     | sr   | 128 -> 512  | StableSR-TestSets (copy in the OSEDiff repo)   |
 # | div2k_val       | LQ/GT pairs        | sr   | 128 -> 512  | StableSR-TestSets (count unknown here)         |
-DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
-    DatasetSpec("realsrset", "RealSRSet", "bsr", 4.0, 20, ("RealSRSet", "realsrset", "."),
-                default_metrics=("niqe", "maniqa"),
-                source="BSRGAN repository https://github.com/cszn/BSRGAN, folder testsets/RealSRSet"),
-    DatasetSpec("real47", "Real47", "bsr", 4.0, 47, ("Real47", "real47", "."), default_metrics=("niqe", "maniqa"),
-                source="DiffBIR repository https://github.com/XPixelGroup/DiffBIR, folder inputs/real47"),
-    DatasetSpec("set5", "Set5 (x4, bicubic LR)", "sr", 4.0, 5,
-                ("Set5/LR_bicubic/X4", "set5/LR_bicubic/X4", "LR_bicubic/X4"), ("Set5/HR", "set5/HR", "HR"),
-                lq_suffix="x4", default_metrics=("psnr", "ssim", "niqe"), crop_border=4,
-                source="SwinIR repository https://github.com/JingyunLiang/SwinIR, folder testsets/Set5"),
-    DatasetSpec("celeba_test", "CelebA-Test", "bfr", 1.0, 3000,
-                ("CelebA-Test/celeba_512_validation_lq", "celeba_512_validation_lq", "CelebA-Test/lq", "lq", "LQ"),
-                ("CelebA-Test/celeba_512_validation", "celeba_512_validation", "CelebA-Test/hq", "hq", "gt", "GT"),
-                default_metrics=("psnr", "ssim", "lpips", "ids", "fid"),
-                source=f"{_GFPGAN}: CelebA-Test, 3,000 synthetic 512x512 LQ/GT pairs from CelebA-HQ"),
-    DatasetSpec("lfw_test", "LFW-Test", lq_dirs=("LFW-Test", "lfw_test", "lfw", "."), expected=1711,
-                source=f"{_GFPGAN}: LFW-Test, 1,711 real low-quality aligned faces from LFW", **_BFR_REAL),
-    DatasetSpec("celebchild_test", "CelebChild-Test", lq_dirs=("CelebChild-Test", "celebchild_test", "."),
-                expected=180, source=f"{_GFPGAN}: CelebChild-Test, 180 real child faces", **_BFR_REAL),
-    *[DatasetSpec(name, title, "sr", 4.0, n, tuple(f"{d}/test_LR" for d in dirs) + ("test_LR", "lq", "LQ"),
-                  tuple(f"{d}/test_HR" for d in dirs) + ("test_HR", "gt", "GT"), default_metrics=_MODERN, source=src)
-      for name, title, n, dirs, src in (
-          ("realsr", "RealSR (128 -> 512)", 100, ("RealSR", "RealSRVal_crop128", "benchmark_realsr"),
-           f"{_STABLESR}; OSEDiff's copy: {_OSEDIFF_SETS}/benchmark_realsr"),
-          ("drealsr", "DRealSR (128 -> 512)", 93, ("DRealSR", "DrealSRVal_crop128", "benchmark_drealsr"),
-           f"{_STABLESR}; OSEDiff's copy: {_OSEDIFF_SETS}/benchmark_drealsr"),
-          ("div2k_val", "DIV2K-val (128 -> 512)", None, ("DIV2K_V2_val", "DIV2K-val", "div2k_val"), _STABLESR))],
-    DatasetSpec("wider_test", "WIDER-Test", lq_dirs=("WIDER-Test", "Wider-Test", "wider_test", "."), expected=970,
-                source="CodeFormer repository https://github.com/sczhou/CodeFormer (test data link in its README): "
-                       "WIDER-Test, 970 heavily degraded faces from WIDER Face", **_BFR_REAL),
-]}
+DATASETS: dict[str, DatasetSpec] = {
+    s.name: s
+    for s in [
+        DatasetSpec(
+            "realsrset",
+            "RealSRSet",
+            "bsr",
+            4.0,
+            20,
+            ("RealSRSet", "realsrset", "."),
+            default_metrics=("niqe", "maniqa"),
+            source="BSRGAN repository https://github.com/cszn/BSRGAN, folder testsets/RealSRSet",
+        ),
+        DatasetSpec(
+            "real47",
+            "Real47",
+            "bsr",
+            4.0,
+            47,
+            ("Real47", "real47", "."),
+            default_metrics=("niqe", "maniqa"),
+            source="DiffBIR repository https://github.com/XPixelGroup/DiffBIR, folder inputs/real47",
+        ),
+        DatasetSpec(
+            "set5",
+            "Set5 (x4, bicubic LR)",
+            "sr",
+            4.0,
+            5,
+            ("Set5/LR_bicubic/X4", "set5/LR_bicubic/X4", "LR_bicubic/X4"),
+            ("Set5/HR", "set5/HR", "HR"),
+            lq_suffix="x4",
+            default_metrics=("psnr", "ssim", "niqe"),
+            crop_border=4,
+            source="SwinIR repository https://github.com/JingyunLiang/SwinIR, folder testsets/Set5",
+        ),
+        DatasetSpec(
+            "celeba_test",
+            "CelebA-Test",
+            "bfr",
+            1.0,
+            3000,
+            ("CelebA-Test/celeba_512_validation_lq", "celeba_512_validation_lq", "CelebA-Test/lq", "lq", "LQ"),
+            ("CelebA-Test/celeba_512_validation", "celeba_512_validation", "CelebA-Test/hq", "hq", "gt", "GT"),
+            default_metrics=("psnr", "ssim", "lpips", "ids", "fid"),
+            source=f"{_GFPGAN}: CelebA-Test, 3,000 synthetic 512x512 LQ/GT pairs from CelebA-HQ",
+        ),
+        DatasetSpec(
+            "lfw_test",
+            "LFW-Test",
+            lq_dirs=("LFW-Test", "lfw_test", "lfw", "."),
+            expected=1711,
+            source=f"{_GFPGAN}: LFW-Test, 1,711 real low-quality aligned faces from LFW",
+            **_BFR_REAL,
+        ),
+        DatasetSpec(
+            "celebchild_test",
+            "CelebChild-Test",
+            lq_dirs=("CelebChild-Test", "celebchild_test", "."),
+            expected=180,
+            source=f"{_GFPGAN}: CelebChild-Test, 180 real child faces",
+            **_BFR_REAL,
+        ),
+        *[
+            DatasetSpec(
+                name,
+                title,
+                "sr",
+                4.0,
+                n,
+                tuple(f"{d}/test_LR" for d in dirs) + ("test_LR", "lq", "LQ"),
+                tuple(f"{d}/test_HR" for d in dirs) + ("test_HR", "gt", "GT"),
+                default_metrics=_MODERN,
+                source=src,
+            )
+            for name, title, n, dirs, src in (
+                (
+                    "realsr",
+                    "RealSR (128 -> 512)",
+                    100,
+                    ("RealSR", "RealSRVal_crop128", "benchmark_realsr"),
+                    f"{_STABLESR}; OSEDiff's copy: {_OSEDIFF_SETS}/benchmark_realsr",
+                ),
+                (
+                    "drealsr",
+                    "DRealSR (128 -> 512)",
+                    93,
+                    ("DRealSR", "DrealSRVal_crop128", "benchmark_drealsr"),
+                    f"{_STABLESR}; OSEDiff's copy: {_OSEDIFF_SETS}/benchmark_drealsr",
+                ),
+                ("div2k_val", "DIV2K-val (128 -> 512)", None, ("DIV2K_V2_val", "DIV2K-val", "div2k_val"), _STABLESR),
+            )
+        ],
+        DatasetSpec(
+            "wider_test",
+            "WIDER-Test",
+            lq_dirs=("WIDER-Test", "Wider-Test", "wider_test", "."),
+            expected=970,
+            source="CodeFormer repository https://github.com/sczhou/CodeFormer (test data link in its README): "
+            "WIDER-Test, 970 heavily degraded faces from WIDER Face",
+            **_BFR_REAL,
+        ),
+    ]
+}
 
 _LQ_SUFFIXES = ("", "x2", "x3", "x4", "x8", "_lq", "_LQ", "_LR", "_lr")
 
 _ALIASES = {k.replace("_", ""): k for k in DATASETS} | {
-    s.title.lower().replace("-", "").replace(" ", ""): k for k, s in DATASETS.items()}
+    s.title.lower().replace("-", "").replace(" ", ""): k for k, s in DATASETS.items()
+}
 
 
 @dataclass(frozen=True)
@@ -162,13 +246,25 @@ class Dataset:
         return None if item.gt is None else read_image(item.gt).rgb
 
     def describe(self) -> dict:
-        d = {"arg": self.arg, "name": self.spec.name, "title": self.spec.title, "task": self.spec.task,
-             "scale": self.spec.scale, "expected": self.spec.expected, "n_items": len(self.items),
-             "lq_dir": str(self.lq_dir) if self.lq_dir else None, "gt_dir": str(self.gt_dir) if self.gt_dir else None,
-             "source": self.spec.source}
+        d = {
+            "arg": self.arg,
+            "name": self.spec.name,
+            "title": self.spec.title,
+            "task": self.spec.task,
+            "scale": self.spec.scale,
+            "expected": self.spec.expected,
+            "n_items": len(self.items),
+            "lq_dir": str(self.lq_dir) if self.lq_dir else None,
+            "gt_dir": str(self.gt_dir) if self.gt_dir else None,
+            "source": self.spec.source,
+        }
         if self.synthetic:
-            d["synthetic"] = {"hq_dir": str(self.synthetic.hq_dir), "preset": self.synthetic.preset,
-                              "seed": self.synthetic.seed, "per_image_rng": "default_rng([seed, crc32(name)])"}
+            d["synthetic"] = {
+                "hq_dir": str(self.synthetic.hq_dir),
+                "preset": self.synthetic.preset,
+                "seed": self.synthetic.seed,
+                "per_image_rng": "default_rng([seed, crc32(name)])",
+            }
         return d
 
 
@@ -187,12 +283,15 @@ def _find(root: Path, candidates: tuple[str, ...], spec: DatasetSpec, what: str)
     for c in candidates:
         p = (root / c) if c != "." else root
         # "." (root itself) only counts when images sit directly in it
-        if p.is_dir() and any(f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-                              for f in (p.iterdir() if c == "." else p.rglob("*"))):
+        if p.is_dir() and any(
+            f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS for f in (p.iterdir() if c == "." else p.rglob("*"))
+        ):
             return p
     looked = ", ".join(str(root / c) if c != "." else str(root) for c in candidates)
-    raise DatasetError(f"{spec.title}: no {what} folder found under --root {root} (looked in: {looked}).\n"
-                       f"  Get it from: {spec.source}\n  and point --root at the folder that holds it.")
+    raise DatasetError(
+        f"{spec.title}: no {what} folder found under --root {root} (looked in: {looked}).\n"
+        f"  Get it from: {spec.source}\n  and point --root at the folder that holds it."
+    )
 
 
 def _pair(lq_files: list[Path], gt_files: list[Path] | None, lq_suffix: str = "") -> tuple[list[Item], list[str]]:
@@ -225,8 +324,9 @@ def _pair(lq_files: list[Path], gt_files: list[Path] | None, lq_suffix: str = ""
     return [Item(k, lq[k], gt[k]) for k in sorted(set(lq) & set(gt))], problems
 
 
-def open_dataset(arg: str, *, root: str | os.PathLike | None = None, scale: float | None = None,
-                 allow_count_mismatch: bool = False) -> Dataset:
+def open_dataset(
+    arg: str, *, root: str | os.PathLike | None = None, scale: float | None = None, allow_count_mismatch: bool = False
+) -> Dataset:
     """Resolve ``arg`` (a name of `DATASETS`, ``folder:LQ[:GT]`` or ``synthetic:HQ[:PRESET[:SEED]]``).
 
     ``--root DIR`` is searched for each set's folder under any of its usual names (see ``lq_dirs``/``gt_dirs``;
@@ -239,7 +339,7 @@ def open_dataset(arg: str, *, root: str | os.PathLike | None = None, scale: floa
       ``numpy.random.default_rng([SEED, crc32(name)])``: the same LQ whatever the order, sharding or resume.
     """
     if arg.startswith("folder:"):
-        parts = arg[len("folder:"):].split(":")
+        parts = arg[len("folder:") :].split(":")
         if not parts[0] or len(parts) > 2:
             raise DatasetError(f"bad dataset {arg!r}: use folder:LQ_DIR or folder:LQ_DIR:GT_DIR")
         lq_dir = Path(parts[0]).expanduser()
@@ -249,16 +349,24 @@ def open_dataset(arg: str, *, root: str | os.PathLike | None = None, scale: floa
                 raise DatasetError(f"{what} folder {d} does not exist")
         lq_files, gt_files = _list(lq_dir), (_list(gt_dir) if gt_dir else None)
         # LQ names often carry a suffix (babyx4.png <-> baby.png): use the one that pairs the most files
-        items, problems = max((_pair(lq_files, gt_files, sfx) for sfx in _LQ_SUFFIXES),
-                              key=lambda r: (len(r[0]), -len(r[1])))
+        items, problems = max(
+            (_pair(lq_files, gt_files, sfx) for sfx in _LQ_SUFFIXES), key=lambda r: (len(r[0]), -len(r[1]))
+        )
         if scale is None:
             scale = _infer_scale(items) if gt_dir else 1.0
-        spec = DatasetSpec("folder", f"folder {lq_dir.name}", "custom", float(scale), None, (str(lq_dir),),
-                           (str(gt_dir),) if gt_dir else (),
-                           default_metrics=("psnr", "ssim", "niqe") if gt_dir else ("niqe",))
+        spec = DatasetSpec(
+            "folder",
+            f"folder {lq_dir.name}",
+            "custom",
+            float(scale),
+            None,
+            (str(lq_dir),),
+            (str(gt_dir),) if gt_dir else (),
+            default_metrics=("psnr", "ssim", "niqe") if gt_dir else ("niqe",),
+        )
         ds = Dataset(spec, items, lq_dir, gt_dir, arg=arg, notes=problems)
     elif arg.startswith("synthetic:"):
-        parts = arg[len("synthetic:"):].split(":")
+        parts = arg[len("synthetic:") :].split(":")
         if not parts[0] or len(parts) > 3:
             raise DatasetError(f"bad dataset {arg!r}: use synthetic:HQ_DIR[:PRESET[:SEED]]")
         hq = Path(parts[0]).expanduser()
@@ -277,18 +385,30 @@ def open_dataset(arg: str, *, root: str | os.PathLike | None = None, scale: floa
         items, problems = _pair(files, files)
         items = [Item(it.name, None, it.gt) for it in items]
         task = "bfr" if "face" in preset else "bsr"  # face presets degrade aligned faces
-        spec = DatasetSpec("synthetic", f"synthetic {hq.name} ({preset}, seed {seed})", task, 1.0, None,
-                           (), (str(hq),), default_metrics=("psnr", "ssim", "niqe"))
+        spec = DatasetSpec(
+            "synthetic",
+            f"synthetic {hq.name} ({preset}, seed {seed})",
+            task,
+            1.0,
+            None,
+            (),
+            (str(hq),),
+            default_metrics=("psnr", "ssim", "niqe"),
+        )
         ds = Dataset(spec, items, None, hq, SyntheticConfig(hq, preset, seed), arg=arg, notes=problems)
     else:
         key = arg.lower().replace("-", "").replace("_", "").replace(" ", "")
         if key not in _ALIASES:
-            raise DatasetError(f"unknown dataset {arg!r}; choose one of {', '.join(DATASETS)}, "
-                               "folder:LQ_DIR[:GT_DIR] or synthetic:HQ_DIR[:PRESET[:SEED]]")
+            raise DatasetError(
+                f"unknown dataset {arg!r}; choose one of {', '.join(DATASETS)}, "
+                "folder:LQ_DIR[:GT_DIR] or synthetic:HQ_DIR[:PRESET[:SEED]]"
+            )
         spec = DATASETS[_ALIASES[key]]
         if root is None:
-            raise DatasetError(f"{spec.title}: say where it is with --root DIR (the folder holding "
-                               f"{spec.lq_dirs[0]!r}).\n  Get it from: {spec.source}")
+            raise DatasetError(
+                f"{spec.title}: say where it is with --root DIR (the folder holding "
+                f"{spec.lq_dirs[0]!r}).\n  Get it from: {spec.source}"
+            )
         root = Path(root).expanduser()
         if not root.is_dir():
             raise DatasetError(f"--root {root} is not a folder")
@@ -327,9 +447,11 @@ def validate(ds: Dataset, *, check_sizes: bool = True) -> Dataset:
         problems.append("no usable images")
     if spec.expected is not None and len(ds.items) != spec.expected and not ds.allow_count_mismatch:
         where = ds.lq_dir if ds.lq_dir else ds.gt_dir
-        problems.append(f"{len(ds.items)} images at {where}, but {spec.title} has {spec.expected} "
-                        f"(incomplete download? get it from: {spec.source}; pass --allow-count-mismatch to "
-                        "evaluate what is there)")
+        problems.append(
+            f"{len(ds.items)} images at {where}, but {spec.title} has {spec.expected} "
+            f"(incomplete download? get it from: {spec.source}; pass --allow-count-mismatch to "
+            "evaluate what is there)"
+        )
     if check_sizes and not ds.has_gt and ds.synthetic is None:  # no pairs to compare: still read every header
         bad = []
         for it in ds.items:
@@ -351,8 +473,10 @@ def validate(ds: Dataset, *, check_sizes: bool = True) -> Dataset:
             if (gh, gw) != want:
                 bad.append(f"{it.name}: LQ {lh}x{lw} x{spec.scale:g} = {want[0]}x{want[1]} but GT is {gh}x{gw}")
         if bad:
-            problems.append(f"{len(bad)} LQ/GT size mismatch(es) (GT must be LQ size x scale {spec.scale:g}; "
-                            f"set --scale or crop the GT): " + "; ".join(bad[:5]))
+            problems.append(
+                f"{len(bad)} LQ/GT size mismatch(es) (GT must be LQ size x scale {spec.scale:g}; "
+                f"set --scale or crop the GT): " + "; ".join(bad[:5])
+            )
     if problems:
         raise DatasetError(f"dataset {ds.arg or spec.name} is not usable:\n  - " + "\n  - ".join(problems))
     return ds

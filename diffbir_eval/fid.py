@@ -13,6 +13,7 @@ Conventions follow clean-fid ("clean" mode, Parmar et al. 2022), as pyiqa's ``fi
 The network is pyiqa's own (``pyiqa.create_metric("fid").net.model``), built by `diffbir_eval.metrics.FIDMetric`;
 tests/test_eval_names.py checks our features and FID against pyiqa's ``get_folder_features`` / ``fid``.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,8 +48,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"FID statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
-                         f"sigma {s1.shape} vs {s2.shape}")
+        raise ValueError(f"FID statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
     if not (np.isfinite(s1).all() and np.isfinite(s2).all() and np.isfinite(mu1).all() and np.isfinite(mu2).all()):
         raise ValueError("FID statistics contain NaN or inf")
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
@@ -111,8 +111,9 @@ def clean_resize(rgb01: np.ndarray, size: int = 299) -> np.ndarray:
     from PIL import Image
 
     u8 = np.rint(np.clip(rgb01, 0, 1) * 255.0).astype(np.float32)
-    chans = [np.asarray(Image.fromarray(u8[..., c], mode="F").resize((size, size), resample=Image.BICUBIC))
-             for c in range(3)]
+    chans = [
+        np.asarray(Image.fromarray(u8[..., c], mode="F").resize((size, size), resample=Image.BICUBIC)) for c in range(3)
+    ]
     return np.clip(np.stack(chans, 0), 0, 255).astype(np.float32)
 
 

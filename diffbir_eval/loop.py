@@ -10,6 +10,7 @@ First, before any work: every metric weight file in ONE check (`resolve_run_file
 An interrupted run keeps every finished row; rerunning skips them and ends with the same ``metrics.csv``
 as an uninterrupted run. Asking for more metrics later computes only the missing ones.
 """
+
 from __future__ import annotations
 
 import os
@@ -68,8 +69,10 @@ def _fid_ref_arg(ds, opts: RunOptions) -> str | None:
         return None
     if ds.spec.fid_reference:
         return ds.spec.fid_reference
-    raise RunConfigError(f"FID needs a reference and {ds.spec.title} has no GT: pass --fid-ref GT_DIR, "
-                         f"--fid-ref STATS.npz (arrays mu, sigma) or --fid-ref {', '.join(METRIC_FILES)}")
+    raise RunConfigError(
+        f"FID needs a reference and {ds.spec.title} has no GT: pass --fid-ref GT_DIR, "
+        f"--fid-ref STATS.npz (arrays mu, sigma) or --fid-ref {', '.join(METRIC_FILES)}"
+    )
 
 
 def resolve_run_files(ds, opts: RunOptions) -> dict[str, Path]:
@@ -77,8 +80,9 @@ def resolve_run_files(ds, opts: RunOptions) -> dict[str, Path]:
     in ONE `resolve_metric_files` call: a run lacking several files fails once, listing all of them."""
     ref = _fid_ref_arg(ds, opts) if "fid" in opts.metrics else None
     extra = {ref: "the FID reference statistics (--fid-ref)"} if ref in METRIC_FILES else None
-    return resolve_metric_files(opts.metrics, weights_dir=opts.metric_weights, weight_paths=opts.weight_paths,
-                                extra=extra)
+    return resolve_metric_files(
+        opts.metrics, weights_dir=opts.metric_weights, weight_paths=opts.weight_paths, extra=extra
+    )
 
 
 def resolve_fid_reference(ds, opts: RunOptions, files: dict[str, Path] | None = None) -> dict:
@@ -88,8 +92,9 @@ def resolve_fid_reference(ds, opts: RunOptions, files: dict[str, Path] | None = 
     if ref is None:
         return {"kind": "folder", "path": str(ds.gt_dir), "what": "the dataset's GT images"}
     if ref in METRIC_FILES:
-        p = (files or {}).get(ref) or resolve_metric_file(ref, path=opts.weight_paths.get(ref),
-                                                          weights_dir=opts.metric_weights)
+        p = (files or {}).get(ref) or resolve_metric_file(
+            ref, path=opts.weight_paths.get(ref), weights_dir=opts.metric_weights
+        )
         return {"kind": "stats", "path": str(p), "what": METRIC_FILES[ref].description}
     p = Path(ref).expanduser()
     if p.is_dir():
@@ -99,8 +104,9 @@ def resolve_fid_reference(ds, opts: RunOptions, files: dict[str, Path] | None = 
     raise RunConfigError(f"--fid-ref {ref}: no such folder or statistics file")
 
 
-def run_eval(ds, method_arg: str, out_dir: str | os.PathLike, opts: RunOptions, *,
-             method: Method | None = None, state=None) -> dict | None:
+def run_eval(
+    ds, method_arg: str, out_dir: str | os.PathLike, opts: RunOptions, *, method: Method | None = None, state=None
+) -> dict | None:
     """Restore and score ``ds`` into ``out_dir``; returns the summary (main process) or None.
 
     ``method`` may be given directly (tests, notebooks); otherwise ``method_arg`` is resolved - only when
@@ -114,8 +120,9 @@ def run_eval(ds, method_arg: str, out_dir: str | os.PathLike, opts: RunOptions, 
         fr = [m for m in opts.metrics if METRICS[m].needs_gt]
         if fr:
             nr = ", ".join(k for k, s in METRICS.items() if s.kind == "nr")
-            raise RunConfigError(f"metric(s) {', '.join(fr)} need ground truth; {ds.spec.title} has none "
-                                 f"(no-reference metrics: {nr})")
+            raise RunConfigError(
+                f"metric(s) {', '.join(fr)} need ground truth; {ds.spec.title} has none (no-reference metrics: {nr})"
+            )
     # 0. before any work: every metric weight file in ONE check (`resolve_run_files`), then the --out folder
     if want_fid and _fid_ref_arg(ds, opts) not in METRIC_FILES:
         resolve_fid_reference(ds, opts)  # a bad --fid-ref folder / file is a configuration error: said first
@@ -139,10 +146,13 @@ def run_eval(ds, method_arg: str, out_dir: str | os.PathLike, opts: RunOptions, 
         return ms, want_fid and not (feat_dir / f"{it.name}.npy").is_file()
 
     todo = [it for it in items if any(missing(it))]
-    mine = todo[state.process_index:: state.num_processes]
+    mine = todo[state.process_index :: state.num_processes]
     if opts.verbose and state.is_main_process:
-        print(f"[eval] {ds.spec.title}: {len(items)} images, {len(items) - len(todo)} already done, "
-              f"{len(todo)} to do on {state.num_processes} process(es) -> {out_dir}", flush=True)
+        print(
+            f"[eval] {ds.spec.title}: {len(items)} images, {len(items) - len(todo)} already done, "
+            f"{len(todo)} to do on {state.num_processes} process(es) -> {out_dir}",
+            flush=True,
+        )
 
     if method is None and method_arg.startswith("outputs:"):
         method = resolve_method(method_arg, scale=ds.spec.scale, task=ds.spec.task)
@@ -154,15 +164,25 @@ def run_eval(ds, method_arg: str, out_dir: str | os.PathLike, opts: RunOptions, 
             except FileNotFoundError:
                 lost.append(it.name)
         if lost:
-            raise RunConfigError(f"{method_arg}: {len(lost)} of {len(todo)} images have no output file "
-                                 f"(NAME.png, NAME.jpg, ...), e.g. {lost[:5]}")
+            raise RunConfigError(
+                f"{method_arg}: {len(lost)} of {len(todo)} images have no output file "
+                f"(NAME.png, NAME.jpg, ...), e.g. {lost[:5]}"
+            )
     if mine:
         # 2. metrics first (a missing weight file fails before any restoration), then the method
-        metrics = {m: build_metric(m, crop_border=opts.crop_border, device=opts.device, files=files)
-                   for m in per_image + (["fid"] if want_fid else [])}
+        metrics = {
+            m: build_metric(m, crop_border=opts.crop_border, device=opts.device, files=files)
+            for m in per_image + (["fid"] if want_fid else [])
+        }
         if method is None:
-            method = resolve_method(method_arg, scale=ds.spec.scale * opts.lq_downscale, task=ds.spec.task,
-                                    device=opts.device, weights_dir=opts.weights_dir, seed=opts.seed)
+            method = resolve_method(
+                method_arg,
+                scale=ds.spec.scale * opts.lq_downscale,
+                task=ds.spec.task,
+                device=opts.device,
+                weights_dir=opts.weights_dir,
+                seed=opts.seed,
+            )
         img_dir = out_dir / "images"
         for k, it in enumerate(mine):
             need, need_feat = missing(it)
@@ -180,8 +200,15 @@ def run_eval(ds, method_arg: str, out_dir: str | os.PathLike, opts: RunOptions, 
                 lq_hw = list(lq.shape[:2])
                 t1 = time.perf_counter()
                 if opts.lq_downscale != 1.0:  # 1/F smaller input, F x larger method scale
-                    out = method.restore(resized(lq, (max(1, round(lq.shape[0] / opts.lq_downscale)),
-                                                       max(1, round(lq.shape[1] / opts.lq_downscale)))))
+                    out = method.restore(
+                        resized(
+                            lq,
+                            (
+                                max(1, round(lq.shape[0] / opts.lq_downscale)),
+                                max(1, round(lq.shape[1] / opts.lq_downscale)),
+                            ),
+                        )
+                    )
                 else:
                     out = method.restore(lq)
                 restore_s = time.perf_counter() - t1
@@ -199,8 +226,10 @@ def run_eval(ds, method_arg: str, out_dir: str | os.PathLike, opts: RunOptions, 
                 out = quantize(resized(out, want_hw))  # rounding of the shrunk size: back to the exact size
             if want_hw is not None and tuple(out.shape[:2]) != want_hw:
                 ref = "GT size" if gt is not None else "LQ x scale"
-                raise RuntimeError(f"{method_arg} gave a {out.shape[0]}x{out.shape[1]} image for {it.name}; "
-                                   f"expected {want_hw[0]}x{want_hw[1]} ({ref})")
+                raise RuntimeError(
+                    f"{method_arg} gave a {out.shape[0]}x{out.shape[1]} image for {it.name}; "
+                    f"expected {want_hw[0]}x{want_hw[1]} ({ref})"
+                )
             row["out_size"] = list(out.shape[:2])
             if opts.save_images and not saved.is_file():
                 save_image(saved, out)
@@ -213,8 +242,11 @@ def run_eval(ds, method_arg: str, out_dir: str | os.PathLike, opts: RunOptions, 
             if opts.verbose:
                 vals = " ".join(f"{c}={v:.4g}" for c, v in row["values"].items())
                 rs = f"restore {restore_s:.1f}s, " if restore_s is not None else ""
-                print(f"[eval{'' if state.num_processes == 1 else f' p{state.process_index}'}] "
-                      f"{k + 1}/{len(mine)} {it.name}: {rs}total {time.perf_counter() - t0:.1f}s {vals}", flush=True)
+                print(
+                    f"[eval{'' if state.num_processes == 1 else f' p{state.process_index}'}] "
+                    f"{k + 1}/{len(mine)} {it.name}: {rs}total {time.perf_counter() - t0:.1f}s {vals}",
+                    flush=True,
+                )
     state.wait_for_everyone()
     if not state.is_main_process:
         return None

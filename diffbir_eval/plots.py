@@ -6,6 +6,7 @@ method comparisons on one dataset. Files go next to the tables they illustrate.
 * `plot_comparison(title, runs, out_path)` -> one panel per metric: box plots of each method's per-image
   values, with lines joining the same image across methods when there are at most 60 images.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,7 +64,7 @@ def plot_run(run_dir: str | os.PathLike, rows: list[dict], columns: list[str]) -
         ax.axvline(v.mean(), color="#c44e52", lw=1.5, label=f"mean {v.mean():.4g}")
         ax.set_title(f"{c} (n={v.size})")
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(cols):]:
+    for ax in list(axes.flat)[len(cols) :]:
         ax.axis("off")
     fig.tight_layout()
     out = Path(run_dir) / "plots" / "distributions.png"
@@ -71,8 +72,9 @@ def plot_run(run_dir: str | os.PathLike, rows: list[dict], columns: list[str]) -
     return out
 
 
-def plot_comparison(title: str, runs: dict[str, dict[str, dict[str, float]]], columns: list[str],
-                    out_path: str | os.PathLike) -> Path | None:
+def plot_comparison(
+    title: str, runs: dict[str, dict[str, dict[str, float]]], columns: list[str], out_path: str | os.PathLike
+) -> Path | None:
     """Compare methods on one dataset.
 
     ``runs``: {method label: {image name: {column: value}}}. One panel per column: a box plot per method
@@ -96,7 +98,7 @@ def plot_comparison(title: str, runs: dict[str, dict[str, dict[str, float]]], co
                     ax.plot(range(1, len(labels) + 1), ys, color="0.6", lw=0.6, alpha=0.6, zorder=0)
         ax.set_title(c)
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
-    for ax in list(axes.flat)[len(cols):]:
+    for ax in list(axes.flat)[len(cols) :]:
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()

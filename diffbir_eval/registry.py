@@ -1,6 +1,7 @@
 """Dataset registry: where each test set comes from, how many files it has, and their sha256 checksums.
 
-One `SetRecord` per set of the paper's evaluation (paper arXiv 2308.15070, "Evaluation": RealSRSet, Real47, Set5, CelebA-Test,
+One `SetRecord` per set of the paper's evaluation (paper arXiv 2308.15070, "Evaluation": RealSRSet, Real47, Set5,
+CelebA-Test,
 LFW-Test, CelebChild-Test, WIDER-Test) and of the modern SR protocol (StableSR's RealSR, DRealSR and DIV2K-val
 crops, 128 -> 512, as used by OSEDiff's ``test_metrics.py``). For the sets we have, ``diffbir_eval/assets/checksums/
 NAME.tsv`` lists every file (path relative to the set's folder, bytes, sha256) - made by `checksum_list` from

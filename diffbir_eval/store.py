@@ -5,6 +5,7 @@ fsync'ed: an interrupted run keeps every finished row and a rerun skips them (a 
 ignored); later lines for the same image add or replace columns. ``run.json`` pins dataset, method, scale,
 seed, crop border and LQ downscale: a different run in the same folder is refused (`check_config`).
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -21,8 +22,16 @@ from diffbir_core.batch import describe_os_error
 
 from .provenance import git_info
 
-__all__ = ["RunConfigError", "RunOptions", "RowStore", "jsonable", "run_config", "read_run_json", "check_config",
-           "check_out_dir"]
+__all__ = [
+    "RunConfigError",
+    "RunOptions",
+    "RowStore",
+    "jsonable",
+    "run_config",
+    "read_run_json",
+    "check_config",
+    "check_out_dir",
+]
 
 
 class RunConfigError(ValueError):
@@ -126,9 +135,16 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
 def run_config(ds, method_arg: str, opts: RunOptions) -> dict:
     """What ``run.json`` pins: rows computed under another configuration never mix with these."""
     d = ds.describe()
-    return {"dataset": d["arg"] or d["name"], "dataset_name": d["name"], "scale": d["scale"],
-            "synthetic": d.get("synthetic"), "method": method_arg, "crop_border": opts.crop_border,
-            "seed": opts.seed, "lq_downscale": opts.lq_downscale}
+    return {
+        "dataset": d["arg"] or d["name"],
+        "dataset_name": d["name"],
+        "scale": d["scale"],
+        "synthetic": d.get("synthetic"),
+        "method": method_arg,
+        "crop_border": opts.crop_border,
+        "seed": opts.seed,
+        "lq_downscale": opts.lq_downscale,
+    }
 
 
 def read_run_json(out_dir: Path) -> dict:
@@ -144,10 +160,12 @@ def check_config(out_dir: Path, cfg: dict) -> None:
         diff = {k: (old.get(k), v) for k, v in cfg.items() if old.get(k) != v}
         if diff:
             what = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise RunConfigError(f"{out_dir} already holds a different run ({what}). "
-                                 "Use another --out (or delete that folder) - rows of different runs never mix.")
+            raise RunConfigError(
+                f"{out_dir} already holds a different run ({what}). "
+                "Use another --out (or delete that folder) - rows of different runs never mix."
+            )
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
-        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         started = {"git_at_start": git_info(), "started": now}
         write_text(f, json.dumps({**cfg, **started}, indent=2, sort_keys=True) + "\n")

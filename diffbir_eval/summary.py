@@ -6,6 +6,7 @@
        ``features/``), parameters, seed, timing, git commit (now and at start) and package versions;
     3. ``README.md`` (`run_markdown`) and ``plots/`` (`diffbir_eval.plots.plot_run`; never fatal).
 """
+
 from __future__ import annotations
 
 import csv
@@ -38,8 +39,15 @@ __all__ = ["finalize", "run_markdown", "num"]
 def _stats(vals: list[float]) -> dict:
     a = np.asarray(vals, np.float64)
     finite = a[np.isfinite(a)]
-    return {"mean": float(a.mean()), "std": float(a.std()), "median": float(np.median(a)),
-            "min": float(a.min()), "max": float(a.max()), "n": int(a.size), "n_finite": int(finite.size)}
+    return {
+        "mean": float(a.mean()),
+        "std": float(a.std()),
+        "median": float(np.median(a)),
+        "min": float(a.min()),
+        "max": float(a.max()),
+        "n": int(a.size),
+        "n_finite": int(finite.size),
+    }
 
 
 def _fmt(v: Any) -> str:
@@ -48,8 +56,17 @@ def _fmt(v: Any) -> str:
     return repr(float(v)) if isinstance(v, (float, int)) else str(v)
 
 
-def finalize(ds, method_arg: str, out_dir: str | os.PathLike, opts: RunOptions, *, method: Method | None = None,
-             fid_ref: dict | None = None, items=None, fid_net=None) -> dict:
+def finalize(
+    ds,
+    method_arg: str,
+    out_dir: str | os.PathLike,
+    opts: RunOptions,
+    *,
+    method: Method | None = None,
+    fid_ref: dict | None = None,
+    items=None,
+    fid_net=None,
+) -> dict:
     """Write metrics.csv, summary.json, README.md and plots from the rows present in ``out_dir``."""
     out_dir = Path(out_dir)
     items = items if items is not None else (ds.items[: opts.limit] if opts.limit else list(ds.items))
@@ -85,16 +102,17 @@ def finalize(ds, method_arg: str, out_dir: str | os.PathLike, opts: RunOptions, 
                 entry["reference_n"] = None
                 entry["value"] = frechet_distance(*feature_stats(feats), mu_r, sig_r)
             else:
-                ref_feats = _reference_features(Path(fid_ref["path"]), out_dir / "features" / "fid_ref", opts,
-                                                fid_net)
+                ref_feats = _reference_features(Path(fid_ref["path"]), out_dir / "features" / "fid_ref", opts, fid_net)
                 entry["reference_n"] = int(ref_feats.shape[0])
                 if min(len(feats), len(ref_feats)) <= feats.shape[1]:
                     entry["value"] = fid_from_features(feats, ref_feats)
                 else:
                     entry["value"] = frechet_distance(*feature_stats(feats), *feature_stats(ref_feats))
             if len(names) < 2048:
-                entry["note"] = (f"{len(names)} images < 2048 feature dimensions: the covariance is rank-deficient "
-                                 "and FID is biased upwards; compare only runs of the same size")
+                entry["note"] = (
+                    f"{len(names)} images < 2048 feature dimensions: the covariance is rank-deficient "
+                    "and FID is biased upwards; compare only runs of the same size"
+                )
         else:
             entry["value"] = None
             entry["note"] = "needs features of at least 2 images and a reference"
@@ -104,22 +122,35 @@ def finalize(ds, method_arg: str, out_dir: str | os.PathLike, opts: RunOptions, 
     summary = {
         "dataset": ds.describe(),
         "method": {"arg": method_arg, **({"kind": method.kind, **jsonable(method.info)} if method else {})},
-        "n_images": len(ordered), "n_complete": len(complete_rows), "n_expected": len(items),
-        "complete": len(complete_rows) == len(items) and all(
-            e.get("value") is not None for e in set_metrics.values()),
-        "metrics": summary_metrics, "set_metrics": set_metrics,
-        "directions": {c: ("higher" if d else "lower" if d is False else "info")
-                       for m in opts.metrics for c, d in METRICS[m].columns},
-        "parameters": {"crop_border": opts.crop_border, "scale": ds.spec.scale, "limit": opts.limit,
-                       "lq_downscale": opts.lq_downscale,
-                       "metrics": metric_params, "output_quantization": "8-bit levels (as a saved PNG)"},
+        "n_images": len(ordered),
+        "n_complete": len(complete_rows),
+        "n_expected": len(items),
+        "complete": len(complete_rows) == len(items) and all(e.get("value") is not None for e in set_metrics.values()),
+        "metrics": summary_metrics,
+        "set_metrics": set_metrics,
+        "directions": {
+            c: ("higher" if d else "lower" if d is False else "info")
+            for m in opts.metrics
+            for c, d in METRICS[m].columns
+        },
+        "parameters": {
+            "crop_border": opts.crop_border,
+            "scale": ds.spec.scale,
+            "limit": opts.limit,
+            "lq_downscale": opts.lq_downscale,
+            "metrics": metric_params,
+            "output_quantization": "8-bit levels (as a saved PNG)",
+        },
         "seed": opts.seed,
-        "timing": {"restore_s_mean": float(np.mean(timed)) if timed else None,
-                   "restore_s_total": float(np.sum(timed)) if timed else None, "n_timed": len(timed)},
+        "timing": {
+            "restore_s_mean": float(np.mean(timed)) if timed else None,
+            "restore_s_total": float(np.sum(timed)) if timed else None,
+            "n_timed": len(timed),
+        },
         "git": git_info(),  # when these tables were written
         "git_at_start": read_run_json(out_dir).get("git_at_start"),  # when the first row was computed
         "versions": versions(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "command": opts.command,
     }
     write_text(out_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=False) + "\n")
@@ -139,8 +170,9 @@ def _reference_features(folder: Path, cache: Path, opts: RunOptions, net=None) -
     for f in files:
         c = cache / f"{f.stem}.npy"
         if not c.is_file():
-            net = net or build_metric("fid", device=opts.device, weights_dir=opts.metric_weights,
-                                      weight_paths=opts.weight_paths)
+            net = net or build_metric(
+                "fid", device=opts.device, weights_dir=opts.metric_weights, weight_paths=opts.weight_paths
+            )
             with atomic_open(c, "wb") as fh:
                 np.save(fh, net.features(read_image(f).rgb))
         feats.append(np.load(c))
@@ -163,23 +195,31 @@ def run_markdown(summary: dict, rows: list[dict], columns: list[str]) -> str:
     g0 = summary.get("git_at_start") or {}
     started = ""
     if g0.get("code_sha256") and g0["code_sha256"] != g["code_sha256"]:
-        started = (f" - the run started at commit `{g0.get('commit')}`, code sha256 `{g0['code_sha256'][:12]}` "
-                   "(sources changed since; rows are never recomputed)")
-    lines = [f"# {ds['title']} - {m['arg']}", "",
-             f"- dataset: `{ds['arg'] or ds['name']}` ({ds['task']}, output x{ds['scale']:g}); "
-             f"{summary['n_images']}/{summary['n_expected']} images scored"
-             + ("" if summary["complete"] else " **(incomplete run)**"),
-             f"- commit: `{commit}`{' (uncommitted changes)' if g.get('dirty') else ''}; "
-             f"code sha256 `{g['code_sha256'][:12]}`{started}",
-             f"- seed: {summary['seed']}; crop border: {summary['parameters']['crop_border']}; created "
-             f"{summary['created']}"]
+        started = (
+            f" - the run started at commit `{g0.get('commit')}`, code sha256 `{g0['code_sha256'][:12]}` "
+            "(sources changed since; rows are never recomputed)"
+        )
+    lines = [
+        f"# {ds['title']} - {m['arg']}",
+        "",
+        f"- dataset: `{ds['arg'] or ds['name']}` ({ds['task']}, output x{ds['scale']:g}); "
+        f"{summary['n_images']}/{summary['n_expected']} images scored"
+        + ("" if summary["complete"] else " **(incomplete run)**"),
+        f"- commit: `{commit}`{' (uncommitted changes)' if g.get('dirty') else ''}; "
+        f"code sha256 `{g['code_sha256'][:12]}`{started}",
+        f"- seed: {summary['seed']}; crop border: {summary['parameters']['crop_border']}; created {summary['created']}",
+    ]
     down = summary["parameters"].get("lq_downscale", 1.0)
     if down and down != 1.0:
-        lines.append(f"- the LQ was shrunk by {down:g} (bicubic, antialiased) before restoring, and the method ran at "
-                     f"x{ds['scale'] * down:g} (`--lq-downscale {down:g}`)")
+        lines.append(
+            f"- the LQ was shrunk by {down:g} (bicubic, antialiased) before restoring, and the method ran at "
+            f"x{ds['scale'] * down:g} (`--lq-downscale {down:g}`)"
+        )
     if summary["timing"]["restore_s_mean"] is not None:
-        lines.append(f"- restore time: {summary['timing']['restore_s_mean']:.2f} s/image mean "
-                     f"({summary['timing']['n_timed']} timed)")
+        lines.append(
+            f"- restore time: {summary['timing']['restore_s_mean']:.2f} s/image mean "
+            f"({summary['timing']['n_timed']} timed)"
+        )
     lines += ["", "| metric | mean | std | median | n | better |", "|---|---|---|---|---|---|"]
     for c, s in summary["metrics"].items():
         d = summary["directions"].get(c, "info")
@@ -189,10 +229,12 @@ def run_markdown(summary: dict, rows: list[dict], columns: list[str]) -> str:
         if s.get("note"):
             lines.append(f"\n{c}: {s['note']}\n")
     if rows and len(rows) <= 100 and columns:
-        lines += ["", "## Per image", "", "| name | " + " | ".join(columns) + " |",
-                  "|---|" + "---|" * len(columns)]
+        lines += ["", "## Per image", "", "| name | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
         for r in rows:
             lines.append(f"| {r['name']} | " + " | ".join(num(r["values"].get(c)) for c in columns) + " |")
-    lines += ["", "Files: `metrics.csv` (per image), `summary.json` (means, parameters, versions), "
-                  "`plots/` (distributions).", ""]
+    lines += [
+        "",
+        "Files: `metrics.csv` (per image), `summary.json` (means, parameters, versions), `plots/` (distributions).",
+        "",
+    ]
     return "\n".join(lines)

@@ -17,6 +17,7 @@ processes; it needs ~7 GB free RAM (fp32 ControlLDM, 1.65 B parameters), so it i
 The OS page cache is not dropped (the files were just written): times are for files already in RAM when memory
 allows, i.e. a lower bound for the first start after a reboot.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -134,6 +135,7 @@ def _preimport() -> float:
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
 
     from diffbir_core.models import controlnet, ldm, text  # noqa: F401
+
     return time.perf_counter() - t0
 
 
@@ -168,8 +170,12 @@ def _wait_for_memory(need: int, max_wait_s: float) -> bool:
 def _run(mode: str, part: str, tmp: Path, need: int = 0, max_wait_s: float = 900) -> dict:
     if need and not _wait_for_memory(need, max_wait_s):
         return {f"{mode}_skipped": f"less than {need / 2**30:.1f} GiB free for {max_wait_s:.0f} s"}
-    r = subprocess.run([sys.executable, "-m", "experiments.bench_load_time", "--child", mode, part, str(tmp)],
-                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = subprocess.run(
+        [sys.executable, "-m", "experiments.bench_load_time", "--child", mode, part, str(tmp)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     if r.returncode != 0:
         raise RuntimeError(f"{mode} {part} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -209,12 +215,14 @@ def main(argv: list[str] | None = None) -> int:
 
     res = {
         "what": "full-size stage 2 (SD 2.1-base UNet + VAE + OpenCLIP text + control branch), fp32, random weights in "
-                "the official layouts; cold = convert official files, warm = read the cached safetensors",
-        "how": "python -m experiments.bench_load_time" + (" --end-to-end" if args.end_to_end else "")
-               + " (each number from a fresh process after importing diffusers/open_clip, reported as *_import_s; "
-               "torch threads 1; page cache not dropped; a shared 2-core machine with other jobs running)",
+        "the official layouts; cold = convert official files, warm = read the cached safetensors",
+        "how": "python -m experiments.bench_load_time"
+        + (" --end-to-end" if args.end_to_end else "")
+        + " (each number from a fresh process after importing diffusers/open_clip, reported as *_import_s; "
+        "torch threads 1; page cache not dropped; a shared 2-core machine with other jobs running)",
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
-        "parts": parts, "total": total,
+        "parts": parts,
+        "total": total,
         "speedup_cold_over_warm": total["cold_s"] / total["warm_s"] if total["complete"] else None,
         "end_to_end": e2e,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -7,6 +7,7 @@ collection hook below keeps them true: a test that uses `parity_dir` must be mar
 `e2e_dir` must be marked `e2e`, a test module that names a fixture folder itself must mark all its tests, and
 every `e2e` test is also `parity` (so `-m "not parity"` runs without ../shared/fixtures at all).
 """
+
 from __future__ import annotations
 
 import os

@@ -12,6 +12,7 @@ with tiny configs and random weights under the official file names. For every ru
     5. writes the PNG with our own `imageio.save_image`.
 Nothing about the particular runs is hard-coded: runs, sizes, steps and prompts come from meta.json / argv.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,7 @@ def run_names(meta: dict, ok: bool) -> list[str]:
 
 
 def code_flavor(run: dict) -> str:
-    """"head" or "v200" from the run's recorded code version."""
+    """ "head" or "v200" from the run's recorded code version."""
     return "v200" if "v2.0.0" in run["code"] else "head"
 
 
@@ -133,9 +134,25 @@ def official_to_ours(argv: list[str], flavor: str) -> list[str]:
     neg = a.neg_prompt if a.neg_prompt is not None else a._neg_default
     if a.n_samples != 1:
         raise NotTranslatable("--n_samples > 1 (our CLI writes one sample per input)")
-    out = [a.input, "--output", a.output, "--upscale", str(a.upscale), "--steps", str(a.steps),
-           "--cfg-scale", str(a.cfg_scale), "--pos-prompt", pos, "--neg-prompt", neg, "--seed", str(a.seed),
-           "--device", a.device]
+    out = [
+        a.input,
+        "--output",
+        a.output,
+        "--upscale",
+        str(a.upscale),
+        "--steps",
+        str(a.steps),
+        "--cfg-scale",
+        str(a.cfg_scale),
+        "--pos-prompt",
+        pos,
+        "--neg-prompt",
+        neg,
+        "--seed",
+        str(a.seed),
+        "--device",
+        a.device,
+    ]
     if flavor == "v200":
         task = {"sr": "sr", "dn": "denoise", "fr": "face", "fr_bg": "face"}[a.task]
         preset = {"v1": "v1-face" if task == "face" else "v1-general", "v2": "v2"}[a.version]
@@ -144,12 +161,30 @@ def official_to_ours(argv: list[str], flavor: str) -> list[str]:
         if a.better_start:
             out += ["--better-start"]
         if a.tiled:
-            out += ["--tiled-diffusion", "--latent-tile", str(a.tile_size // 8), "--latent-stride",
-                    str(a.tile_stride // 8)]
+            out += [
+                "--tiled-diffusion",
+                "--latent-tile",
+                str(a.tile_size // 8),
+                "--latent-stride",
+                str(a.tile_stride // 8),
+            ]
         if a.guidance:
-            out += ["--guidance-scale", str(a.g_scale), "--guidance-loss", {"mse": "mse", "w_mse": "wmse"}[a.g_loss],
-                    "--guidance-space", a.g_space, "--guidance-start", str(a.g_start), "--guidance-stop",
-                    str(a.g_stop), "--guidance-repeat", str(a.g_repeat), "--guidance-rule", "v2"]
+            out += [
+                "--guidance-scale",
+                str(a.g_scale),
+                "--guidance-loss",
+                {"mse": "mse", "w_mse": "wmse"}[a.g_loss],
+                "--guidance-space",
+                a.g_space,
+                "--guidance-start",
+                str(a.g_start),
+                "--guidance-stop",
+                str(a.g_stop),
+                "--guidance-repeat",
+                str(a.g_repeat),
+                "--guidance-rule",
+                "v2",
+            ]
         return out
     # HEAD: the official command line runs unchanged through our parser (underscore flags, --version, --input)
     return list(argv) + ["--edm-sigma-max", "official"]  # HEAD edm_sampler.py:90 overwrites abar[999] always
@@ -160,24 +195,60 @@ def official_to_ours_explicit(argv: list[str]) -> list[str]:
     a = official_parser("head").parse_args(argv)
     pos = a.pos_prompt if a.pos_prompt is not None else a._pos_default
     neg = a.neg_prompt if a.neg_prompt is not None else a._neg_default
-    out = [a.input, "--output", a.output, "--upscale", str(a.upscale), "--steps", str(a.steps),
-           "--cfg-scale", str(a.cfg_scale), "--pos-prompt", pos, "--neg-prompt", neg, "--seed", str(a.seed),
-           "--device", a.device]
+    out = [
+        a.input,
+        "--output",
+        a.output,
+        "--upscale",
+        str(a.upscale),
+        "--steps",
+        str(a.steps),
+        "--cfg-scale",
+        str(a.cfg_scale),
+        "--pos-prompt",
+        pos,
+        "--neg-prompt",
+        neg,
+        "--seed",
+        str(a.seed),
+        "--device",
+        a.device,
+    ]
     if a.version == "custom":
         raise NotTranslatable("--version custom")
     task = {"sr": "sr", "face": "face", "denoise": "denoise", "unaligned_face": "face"}[a.task]
     preset = {"v1": "v1-face" if task == "face" else "v1-general", "v2": "v2", "v2.1": "v2.1"}[a.version]
-    out += ["--preset", preset, "--task", task, "--sampler", a.sampler, "--strength", str(a.strength),
-            "--start-point", a.start_point_type, "--noise-aug", str(a.noise_aug),
-            "--edm-sigma-max", "official",  # HEAD edm_sampler.py:90 overwrites abar[999] for every schedule
-            "--precision", {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[a.precision],
-            "--captioner", a.captioner]
+    out += [
+        "--preset",
+        preset,
+        "--task",
+        task,
+        "--sampler",
+        a.sampler,
+        "--strength",
+        str(a.strength),
+        "--start-point",
+        a.start_point_type,
+        "--noise-aug",
+        str(a.noise_aug),
+        "--edm-sigma-max",
+        "official",  # HEAD edm_sampler.py:90 overwrites abar[999] for every schedule
+        "--precision",
+        {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[a.precision],
+        "--captioner",
+        a.captioner,
+    ]
     out += ["--aligned"] if a.task == "face" else (["--whole-photo"] if a.task == "unaligned_face" else [])
     if a.rescale_cfg:
         out += ["--rescale-cfg"]
     if a.cldm_tiled:
-        out += ["--tiled-diffusion", "--latent-tile", str(a.cldm_tile_size // 8), "--latent-stride",
-                str(a.cldm_tile_stride // 8)]
+        out += [
+            "--tiled-diffusion",
+            "--latent-tile",
+            str(a.cldm_tile_size // 8),
+            "--latent-stride",
+            str(a.cldm_tile_stride // 8),
+        ]
     if a.guidance:  # HEAD's parser has only these three (inference.py:248-263)
         out += ["--guidance-scale", str(a.g_scale), "--guidance-loss", {"mse": "mse", "w_mse": "wmse"}[a.g_loss]]
     return out
@@ -261,8 +332,9 @@ class ModelCache:
             from diffbir_core.models.ldm import Stage2Config, build_control_ldm
 
             cfg = Stage2Config.from_official(_yaml(config_dir(self.fixture, flavor) / "cldm.yaml")["params"])
-            self._cache[key] = build_control_ldm(cfg, sd=weight_file(self.fixture, s2.sd),
-                                                 control=weight_file(self.fixture, s2.control)).eval()
+            self._cache[key] = build_control_ldm(
+                cfg, sd=weight_file(self.fixture, s2.sd), control=weight_file(self.fixture, s2.control)
+            ).eval()
         return self._cache[key]
 
 
@@ -301,8 +373,7 @@ class _Observe:
             # the first call of each distinct text condition (cond, uncond): with tiled diffusion the CFG denoiser
             # runs every tile with cond before the first uncond call
             txt = cond["c_txt"]
-            if len(rec.model_conds) < 4 and not any(c.shape == txt.shape and torch.equal(c, txt)
-                                                    for c in rec._txt_ids):
+            if len(rec.model_conds) < 4 and not any(c.shape == txt.shape and torch.equal(c, txt) for c in rec._txt_ids):
                 rec._txt_ids.append(txt.detach().clone())
                 rec.model_conds.append({kk: v.detach().clone() for kk, v in cond.items()})
             rec.model_t.append([int(v) for v in t])
@@ -345,8 +416,16 @@ class Outcome:
     noise_left: int
 
 
-def run_ours(name: str, fixture: Path, models: ModelCache, out_dir: Path, *, meta: dict | None = None,
-             params_override: dict | None = None, callback=None) -> Outcome:
+def run_ours(
+    name: str,
+    fixture: Path,
+    models: ModelCache,
+    out_dir: Path,
+    *,
+    meta: dict | None = None,
+    params_override: dict | None = None,
+    callback=None,
+) -> Outcome:
     """Run our pipeline for the official run ``name`` and save its PNG with our own writer."""
     from PIL import Image
     from safetensors.torch import load_file
@@ -366,9 +445,12 @@ def run_ours(name: str, fixture: Path, models: ModelCache, out_dir: Path, *, met
         params = params.replace(**params_override)
     tensors = load_file(str(fixture / run["tensors_file"])) if run["status"].get("ok") else {}
     cleaner_name = params.cleaner_for_task()
-    pipe = DiffBIRPipeline(cleaners={cleaner_name: models.cleaner(cleaner_name, flavor)},
-                           ldm=models.ldm(params, flavor), device="cpu",
-                           speed=SpeedOptions(batched_cfg=False))
+    pipe = DiffBIRPipeline(
+        cleaners={cleaner_name: models.cleaner(cleaner_name, flavor)},
+        ldm=models.ldm(params, flavor),
+        device="cpu",
+        speed=SpeedOptions(batched_cfg=False),
+    )
     noise = ReplayNoise(replay_draws(run, tensors)) if run["status"].get("ok") else None
     rec = Recorded()
     keep: dict = {}
@@ -378,8 +460,9 @@ def run_ours(name: str, fixture: Path, models: ModelCache, out_dir: Path, *, met
     files = sorted(p for p in inp.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     assert len(files) == 1, files
     with _Observe(pipe._injected_ldm, rec):
-        res = api.restore(read_image(files[0]), params, pipe=FacePipeline(pipe), noise=noise, keep=keep,
-                          callback=callback)
+        res = api.restore(
+            read_image(files[0]), params, pipe=FacePipeline(pipe), noise=noise, keep=keep, callback=callback
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     png = save_image(out_dir / f"{files[0].stem}.png", res.image, res.alpha)
     img = np.asarray(Image.open(png).convert("RGB"))
@@ -407,8 +490,11 @@ def compare_run(name: str, out: Outcome, fixture: Path, meta: dict) -> dict[str,
     run = meta["runs"][name]
     ref = load_file(str(fixture / run["tensors_file"]))
     res: dict[str, tuple[float, float]] = {}
-    ours = {"stage1_out": out.keep.get("clean"), "decoded": out.keep.get("decoded_cropped"),
-            "colorfix_out": out.keep.get("colorfix_out")}
+    ours = {
+        "stage1_out": out.keep.get("clean"),
+        "decoded": out.keep.get("decoded_cropped"),
+        "colorfix_out": out.keep.get("colorfix_out"),
+    }
     for key, t in ours.items():
         full = run["image_tensor_stats_full"][key]["full"]
         assert t is not None, f"{key} not recorded"

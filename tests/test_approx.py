@@ -4,10 +4,8 @@ Known answers come from the exact model: DeepCache's full call IS the exact forw
 SAME input must reproduce it (the cached deep feature and residuals are then exactly what a full step computes),
 so the shallow path is checked layer for layer against diffusers' own UNet forward; int8 must stay close to fp32.
 """
-from __future__ import annotations
 
-import os
-from pathlib import Path
+from __future__ import annotations
 
 import pytest
 import torch
@@ -25,12 +23,14 @@ def tiny(e2e_dir):
     torch.manual_seed(0)
     ldm = build_control_ldm(Stage2Config.from_official(yaml.safe_load(TINY.read_text()))).eval()
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():                          # the paper's init zeroes the zero convs: make the control count
+    with torch.no_grad():  # the paper's init zeroes the zero convs: make the control count
         for p in ldm.controlnet.parameters():
             if not p.any():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     x = torch.randn(2, 4, 16, 16, generator=g)
-    cond = dict(c_txt=torch.randn(2, 77, ldm.cfg.unet.context_dim, generator=g), c_img=torch.randn(2, 4, 16, 16, generator=g))
+    cond = dict(
+        c_txt=torch.randn(2, 77, ldm.cfg.unet.context_dim, generator=g), c_img=torch.randn(2, 4, 16, 16, generator=g)
+    )
     return ldm, x, cond
 
 
@@ -69,7 +69,7 @@ def test_int8_close_to_fp32(tiny, backend):
     q = copy.deepcopy(ldm)
     note = quantize_linear_int8(q.unet, backend=backend)
     assert "int8" in note
-    if "torch.ao" in note:                                    # every Linear replaced by the dynamic int8 module
+    if "torch.ao" in note:  # every Linear replaced by the dynamic int8 module
         assert not any(type(m) is torch.nn.Linear for m in q.unet.modules())
     with torch.inference_mode():
         ref, got = ldm(x, t, cond), q(x, t, cond)

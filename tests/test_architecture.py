@@ -1,4 +1,5 @@
-"""The import graph of diffbir_core/, diffbir_eval/ and diffbir_demo/ against the agreed target layout (docs: LAYOUT, issue 12).
+"""The import graph of diffbir_core/, diffbir_eval/ and diffbir_demo/ against the agreed target layout (docs: LAYOUT,
+issue 12).
 
 Every .py file is parsed with `ast`; every import counts, including those inside functions and
 `importlib.import_module("...")` calls with a literal name; relative imports are resolved. Checked:
@@ -348,7 +349,14 @@ def test_cli_and_ui_only_in_entry_modules(graph):
     assert not bad, "modules mixing a CLI or UI with library code:\n  " + "\n  ".join(bad)
 
 
-EVAL_COMMANDS = ("table", "data", "report", "run_all", "bench", "bench_official")  # diffbir_eval packages: library + thin CLI
+EVAL_COMMANDS = (
+    "table",
+    "data",
+    "report",
+    "run_all",
+    "bench",
+    "bench_official",
+)  # diffbir_eval packages: library + thin CLI
 
 
 def test_eval_command_clis_are_thin():

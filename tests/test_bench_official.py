@@ -6,6 +6,7 @@ hence marker `parity`. Known answers come from the official model itself: our mo
 random state dict through our loaders, must give the official eps (plain and CFG), VAE encode and decode
 within 1e-4; the report JSON must carry the fields the issue asks for. Fails (never skips) without the code.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,9 @@ def test_identical_weights_and_eps(built):
     assert n_off == n_ours
     # the zero-initialised official tensors were filled, so the control residuals are not trivially zero
     assert all(p.any() for p in official.controlnet.zero_convs.parameters())
-    cases = bo.make_cases(off, official, ours, names=["plain_step", "cfg_step", "vae_encode_512", "vae_decode_512"],
-                          latent=8, seed=1)
+    cases = bo.make_cases(
+        off, official, ours, names=["plain_step", "cfg_step", "vae_encode_512", "vae_decode_512"], latent=8, seed=1
+    )
     with torch.inference_mode():
         for name, (f_off, f_ours) in cases.items():
             a, b = f_off(), f_ours()
@@ -61,9 +63,27 @@ def test_report_fields(built, tmp_path):
     from diffbir_eval.bench.__main__ import main as bench_main  # python -m diffbir_eval.bench --against-official
 
     bo = built[0]
-    rc = bench_main(["--against-official", str(OFFICIAL), "--deps", DEPS, "--cldm-config", str(TINY / "cldm.yaml"),
-                  "--cases", "plain_step", "vae_decode_512", "--rounds", "2", "--size", "64", "--threads", "1",
-                  "--out", str(tmp_path)])
+    rc = bench_main(
+        [
+            "--against-official",
+            str(OFFICIAL),
+            "--deps",
+            DEPS,
+            "--cldm-config",
+            str(TINY / "cldm.yaml"),
+            "--cases",
+            "plain_step",
+            "vae_decode_512",
+            "--rounds",
+            "2",
+            "--size",
+            "64",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     res = json.loads((tmp_path / "official.json").read_text())
     for k in bo.REQUIRED_FIELDS:
@@ -83,7 +103,7 @@ def test_allocator_roundtrip():
 
     with keep_freed_memory() as note:
         assert malloc_is_tuned() == note.startswith("allocator: glibc keeps")
-        x = torch.randn(64, 1024, 1024)                          # 256 MiB: above any mmap threshold
+        x = torch.randn(64, 1024, 1024)  # 256 MiB: above any mmap threshold
         y = (x * 2).sum()
     assert not malloc_is_tuned()
     assert torch.isclose(y, (x * 2).sum())

@@ -7,6 +7,7 @@ truncated downloads; they run on tiny inputs. Known answers: the cleaner's outpu
 pipeline semantics recomputed by hand (resize -> pad -> net -> crop for x1, net -> resize for x4), and our
 RRDBNet equals spandrel's independent ESRGAN implementation on the same file.
 """
+
 from __future__ import annotations
 
 import re
@@ -18,8 +19,14 @@ import torch.nn.functional as F
 from diffbir_core import imageio
 from diffbir_core.cleaners import CLEANERS, Cleaner, CleanerSpec, load_cleaner
 from diffbir_core.models.ncnn import offline_realesrgan_weights
-from diffbir_core.models.rrdbnet import (RRDBNET_CONFIGS, RRDBNet, RRDBNetConfig, detect_rrdbnet_config,
-                                         load_rrdbnet, to_basicsr_layout)
+from diffbir_core.models.rrdbnet import (
+    RRDBNET_CONFIGS,
+    RRDBNet,
+    RRDBNetConfig,
+    detect_rrdbnet_config,
+    load_rrdbnet,
+    to_basicsr_layout,
+)
 from diffbir_core.models.scunet import SCUNET_CONFIGS, SCUNetConfig, build_scunet, load_scunet
 from diffbir_core.weights import WEIGHTS, WeightsError
 
@@ -38,15 +45,25 @@ def _to_bsrgan_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for k, v in sd.items():
         m = re.match(r"body\.(\d+)\.rdb(\d)\.(.*)", k)
         k = f"RRDB_trunk.{m.group(1)}.RDB{m.group(2)}.{m.group(3)}" if m else k
-        k = (k.replace("conv_body.", "trunk_conv.").replace("conv_up1.", "upconv1.")
-             .replace("conv_up2.", "upconv2.").replace("conv_hr.", "HRconv."))
+        k = (
+            k.replace("conv_body.", "trunk_conv.")
+            .replace("conv_up1.", "upconv1.")
+            .replace("conv_up2.", "upconv2.")
+            .replace("conv_hr.", "HRconv.")
+        )
         out[k] = v
     return out
 
 
 def _to_old_esrgan_keys(sd: dict[str, torch.Tensor], nb: int) -> dict[str, torch.Tensor]:
-    fixed = {"conv_first": "model.0", "conv_body": f"model.1.sub.{nb}", "conv_up1": "model.3", "conv_up2": "model.6",
-             "conv_hr": "model.8", "conv_last": "model.10"}
+    fixed = {
+        "conv_first": "model.0",
+        "conv_body": f"model.1.sub.{nb}",
+        "conv_up1": "model.3",
+        "conv_up2": "model.6",
+        "conv_hr": "model.8",
+        "conv_last": "model.10",
+    }
     out = {}
     for k, v in sd.items():
         m = re.match(r"body\.(\d+)\.rdb(\d)\.(conv\d)\.(weight|bias)", k)
@@ -85,8 +102,15 @@ def full_files(tmp_path_factory):
 
 
 def test_registry():
-    assert set(CLEANERS) == {"offline", "swinir_general", "swinir_face", "swinir_realesrgan", "bsrnet", "scunet_psnr",
-                             "bicubic"}
+    assert set(CLEANERS) == {
+        "offline",
+        "swinir_general",
+        "swinir_face",
+        "swinir_realesrgan",
+        "bsrnet",
+        "scunet_psnr",
+        "bicubic",
+    }
     for spec in CLEANERS.values():
         assert spec.weight is None or spec.weight in WEIGHTS
         assert spec.scale == (4 if spec.kind == "rrdbnet" else 1)

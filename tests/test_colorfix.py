@@ -1,4 +1,5 @@
 """Colour fix (wavelet / AdaIN) and the official uint8 conversion vs the official fixtures and known answers."""
+
 from __future__ import annotations
 
 import pytest
@@ -50,11 +51,11 @@ def test_known_answers():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 32, 48, generator=g)
     high, low = wavelet_decomposition(x)
-    assert torch.allclose(high + low, x, atol=1e-6)              # telescoping sum
+    assert torch.allclose(high + low, x, atol=1e-6)  # telescoping sum
     assert torch.allclose(wavelet_reconstruction(x, x), x, atol=1e-6)
     flat = torch.full((1, 3, 16, 16), 0.25)
-    assert torch.allclose(wavelet_blur(flat, 4), flat)           # kernel sums to 1, replicate padding
-    assert float(low.std()) < float(x.std()) / 3                  # low-pass
+    assert torch.allclose(wavelet_blur(flat, 4), flat)  # kernel sums to 1, replicate padding
+    assert float(low.std()) < float(x.std()) / 3  # low-pass
     style = torch.rand(2, 3, 40, 40, generator=g) * 0.2 + 0.6
     y = adain_color_fix(x, style)
     assert torch.allclose(y.mean((2, 3)), style.mean((2, 3)), atol=1e-5)

@@ -4,6 +4,7 @@ The official CLI defaults (prompts, cfg scale) are read from the e2e fixtures: t
 with where a run did not pass the flag. Step counts are retyped from the official inference.py (no fixture run
 uses the default step count).
 """
+
 from __future__ import annotations
 
 import json
@@ -52,15 +53,18 @@ def test_nested_replace():
         RestoreParams.from_preset("v3")
 
 
-@pytest.mark.parametrize("kw, msg", [
-    (dict(steps=0), "steps must be >= 1"),
-    (dict(cfg_scale=-1.0), "cfg_scale must be >= 0"),
-    (dict(guidance__scale=-0.1), "guidance scale must be >= 0"),
-    (dict(guidance__repeat=0), "repeat must be >= 1"),
-    (dict(sampler="euler"), "unknown sampler"),
-    (dict(color_fix="magic"), "unknown color_fix"),
-    (dict(upscale=0.0), "upscale"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(steps=0), "steps must be >= 1"),
+        (dict(cfg_scale=-1.0), "cfg_scale must be >= 0"),
+        (dict(guidance__scale=-0.1), "guidance scale must be >= 0"),
+        (dict(guidance__repeat=0), "repeat must be >= 1"),
+        (dict(sampler="euler"), "unknown sampler"),
+        (dict(color_fix="magic"), "unknown color_fix"),
+        (dict(upscale=0.0), "upscale"),
+    ],
+)
 def test_invalid_values(kw, msg):
     with pytest.raises(ValueError, match=msg):
         RestoreParams.from_preset("v2", **kw).validate()
@@ -95,14 +99,41 @@ def test_one_sampler_list_and_cleaners_inside_the_presets():
 
 
 def test_from_flat_maps_every_name_once():
-    p = RestoreParams.from_flat({"preset": "v2", "cfg_scale": 3, "guidance_scale": 0.5, "guidance_start": 800,
-                                 "max_faces": 2, "face_backend": "dlib", "aligned": False, "tile_size": 256,
-                                 "latent_stride": 40, "max_memory": 6, "tiled": False, "seed": -1, "steps": 20.0,
-                                 "task": "face", "upscale": None})
+    p = RestoreParams.from_flat(
+        {
+            "preset": "v2",
+            "cfg_scale": 3,
+            "guidance_scale": 0.5,
+            "guidance_start": 800,
+            "max_faces": 2,
+            "face_backend": "dlib",
+            "aligned": False,
+            "tile_size": 256,
+            "latent_stride": 40,
+            "max_memory": 6,
+            "tiled": False,
+            "seed": -1,
+            "steps": 20.0,
+            "task": "face",
+            "upscale": None,
+        }
+    )
     assert p == RestoreParams.from_preset(
-        "v2", cfg_scale=3.0, guidance__scale=0.5, guidance__t_start=800, face__max_faces=2, face__backend="dlib",
-        face__aligned=False, tiles__cleaner_tile=256, tiles__latent_stride=40, tiles__max_memory_gb=6.0,
-        tiles__enabled=False, seed=None, steps=20, task="face")
+        "v2",
+        cfg_scale=3.0,
+        guidance__scale=0.5,
+        guidance__t_start=800,
+        face__max_faces=2,
+        face__backend="dlib",
+        face__aligned=False,
+        tiles__cleaner_tile=256,
+        tiles__latent_stride=40,
+        tiles__max_memory_gb=6.0,
+        tiles__enabled=False,
+        seed=None,
+        steps=20,
+        task="face",
+    )
     assert isinstance(p.steps, int) and isinstance(p.cfg_scale, float)
     assert RestoreParams.from_flat({}) == PRESETS["offline"]  # nothing given: the offline preset
     # every flat name reaches a real (nested) field
@@ -112,17 +143,20 @@ def test_from_flat_maps_every_name_once():
         assert hasattr(base, outer) and (not inner or hasattr(getattr(base, outer), inner)), name
 
 
-@pytest.mark.parametrize("values, msg", [
-    ({"cfg_scal": 2.0}, "unknown parameter name"),
-    ({"steps": "ten"}, "steps must be a number"),
-    ({"steps": 2.5}, "steps must be a whole number"),
-    ({"cfg_scale": True}, "cfg_scale must be a number"),
-    ({"rescale_cfg": 1}, "rescale_cfg must be true or false"),
-    ({"sampler": 3}, "sampler must be a string"),
-    ({"preset": "v2", "steps": 0}, "steps must be >= 1"),
-    ({"max_faces": 0}, "max_faces"),
-    ({"preset": "v9"}, "unknown preset"),
-])
+@pytest.mark.parametrize(
+    "values, msg",
+    [
+        ({"cfg_scal": 2.0}, "unknown parameter name"),
+        ({"steps": "ten"}, "steps must be a number"),
+        ({"steps": 2.5}, "steps must be a whole number"),
+        ({"cfg_scale": True}, "cfg_scale must be a number"),
+        ({"rescale_cfg": 1}, "rescale_cfg must be true or false"),
+        ({"sampler": 3}, "sampler must be a string"),
+        ({"preset": "v2", "steps": 0}, "steps must be >= 1"),
+        ({"max_faces": 0}, "max_faces"),
+        ({"preset": "v9"}, "unknown preset"),
+    ],
+)
 def test_from_flat_errors(values, msg):
     with pytest.raises(ValueError, match=msg):
         RestoreParams.from_flat(values)

@@ -4,6 +4,7 @@ Known answers: every drawn parameter lies in the Appendix A / CodeFormer ranges 
 same seed reproduces bit-exactly, kernels are normalised Gaussians with the requested covariance, the
 degraded image has the input's size and 8-bit levels, and heavier settings really degrade more.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,15 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from diffbir_core.degradation import (DEGRADATIONS, DegradationConfig, DegradationRound, degrade,
-                                      gaussian_kernel)
+from diffbir_core.degradation import DEGRADATIONS, DegradationConfig, DegradationRound, degrade, gaussian_kernel
 
 
 def _image(h: int = 64, w: int = 64, seed: int = 0) -> np.ndarray:
     """Smooth colour pattern with edges (so blur/JPEG have something to act on)."""
     y, x = np.mgrid[0:h, 0:w] / max(h, w)
     img = np.stack([0.5 + 0.4 * np.sin(9 * x + 2 * y), 0.5 + 0.4 * np.cos(7 * y), (x + y) / 2], -1)
-    img[h // 4: h // 2, w // 4: w // 2] = [0.9, 0.1, 0.2]
+    img[h // 4 : h // 2, w // 4 : w // 2] = [0.9, 0.1, 0.2]
     return np.clip(img + np.random.default_rng(seed).normal(0, 0.01, img.shape), 0, 1).astype(np.float32)
 
 
@@ -89,15 +89,33 @@ def test_params_stay_in_range_over_many_seeds(name):
 def test_paper_ranges_in_presets():
     """The Appendix A numbers, written out once more so a silent edit of a preset fails here."""
     r1, r2 = DEGRADATIONS["realesrgan_2nd_order"].rounds
-    assert (r1.kernel_size, r1.blur_sigma, r1.resize_scale, r1.gaussian_sigma, r1.poisson_scale, r1.jpeg_quality) \
-        == ((7, 21), (0.2, 3.0), (0.15, 1.5), (1.0, 30.0), (0.05, 3.0), (30, 95))
-    assert (r2.kernel_size, r2.blur_sigma, r2.resize_scale, r2.gaussian_sigma, r2.poisson_scale, r2.jpeg_quality) \
-        == ((7, 21), (0.2, 1.5), (0.3, 1.2), (1.0, 25.0), (0.05, 2.5), (30, 95))
+    assert (r1.kernel_size, r1.blur_sigma, r1.resize_scale, r1.gaussian_sigma, r1.poisson_scale, r1.jpeg_quality) == (
+        (7, 21),
+        (0.2, 3.0),
+        (0.15, 1.5),
+        (1.0, 30.0),
+        (0.05, 3.0),
+        (30, 95),
+    )
+    assert (r2.kernel_size, r2.blur_sigma, r2.resize_scale, r2.gaussian_sigma, r2.poisson_scale, r2.jpeg_quality) == (
+        (7, 21),
+        (0.2, 1.5),
+        (0.3, 1.2),
+        (1.0, 25.0),
+        (0.05, 2.5),
+        (30, 95),
+    )
     assert r1.kernel_kinds == ("iso", "aniso") and r1.kernel_probs == (0.5, 0.5)
     assert set(r1.resize_modes) == {"area", "bilinear", "bicubic"}
     (f,) = DEGRADATIONS["codeformer_face"].rounds
-    assert (f.kernel_size, f.blur_sigma, f.downsample, f.gaussian_sigma, f.jpeg_quality, f.kernel_probs) \
-        == ((41, 41), (0.1, 12.0), (1.0, 12.0), (0.0, 15.0), (30, 100), (0.5, 0.5))
+    assert (f.kernel_size, f.blur_sigma, f.downsample, f.gaussian_sigma, f.jpeg_quality, f.kernel_probs) == (
+        (41, 41),
+        (0.1, 12.0),
+        (1.0, 12.0),
+        (0.0, 15.0),
+        (30, 100),
+        (0.5, 0.5),
+    )
     (w,) = DEGRADATIONS["face_wide"].rounds
     assert (w.downsample, w.blur_sigma) == ((1.0, 12.0), (0.1, 12.0))
 
@@ -138,21 +156,30 @@ def test_severity_orders_the_damage():
     img = _image(64, 64)
 
     def only(**kw):
-        base = DegradationRound(blur_sigma=None, resize_scale=None, gaussian_sigma=None, poisson_scale=None,
-                                jpeg_quality=None)
+        base = DegradationRound(
+            blur_sigma=None, resize_scale=None, gaussian_sigma=None, poisson_scale=None, jpeg_quality=None
+        )
         return DegradationConfig("t", (replace(base, **kw),), quantize=False)
 
     def mse(cfg):
         return float(np.mean([np.mean((degrade(img, cfg, s)[0] - img) ** 2) for s in range(5)]))
 
-    assert mse(only(gaussian_prob=1.0, gaussian_sigma=(25.0, 25.0), gray_noise_prob=0.0)) > \
-        20 * mse(only(gaussian_prob=1.0, gaussian_sigma=(2.0, 2.0), gray_noise_prob=0.0))
+    assert mse(only(gaussian_prob=1.0, gaussian_sigma=(25.0, 25.0), gray_noise_prob=0.0)) > 20 * mse(
+        only(gaussian_prob=1.0, gaussian_sigma=(2.0, 2.0), gray_noise_prob=0.0)
+    )
     gauss = only(gaussian_prob=1.0, gaussian_sigma=(10.0, 10.0), gray_noise_prob=0.0)
     noise = degrade(img, gauss, 0)[0] - img
     assert abs(noise[16:48].std() * 255 - 10) < 1.0  # sigma is in 0-255 units
     assert mse(only(blur_sigma=(3.0, 3.0))) > 3 * mse(only(blur_sigma=(0.3, 0.3)))
-    nothing = DegradationConfig("none", (DegradationRound(blur_sigma=None, resize_scale=None, gaussian_sigma=None,
-                                                          poisson_scale=None, jpeg_quality=None),), quantize=False)
+    nothing = DegradationConfig(
+        "none",
+        (
+            DegradationRound(
+                blur_sigma=None, resize_scale=None, gaussian_sigma=None, poisson_scale=None, jpeg_quality=None
+            ),
+        ),
+        quantize=False,
+    )
     assert np.array_equal(degrade(img, nothing, 0)[0], img)
 
 
@@ -202,7 +229,7 @@ def test_dataset_deterministic_per_seed_index_epoch(tmp_path):
     top, left, _, _ = it["params"]["crop"]["box"]
     from diffbir_core.imageio import read_image
 
-    src = read_image(ds.files[0]).rgb[top:top + 32, left:left + 32]
+    src = read_image(ds.files[0]).rgb[top : top + 32, left : left + 32]
     if it["params"]["hflip"]:
         src = src[:, ::-1]
     assert np.array_equal(it["hq"].permute(1, 2, 0).numpy(), src)

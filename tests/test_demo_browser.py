@@ -7,6 +7,7 @@ stage-1 pane and no previews, and saves a screenshot as a test artefact: ``test-
 disabled and the reason rendered as Markdown (bold text, a list of the files, no literal ``**``, no paths).
 Needs ``/usr/bin/chromium``: ``apt-get install -y --no-install-recommends chromium``.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,16 +31,34 @@ WINDOW = (1280, 900)
 def _chromium(url: str, *mode: str) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
         return subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-             f"--user-data-dir={profile}", f"--window-size={WINDOW[0]},{WINDOW[1]}", "--virtual-time-budget=15000",
-             *mode, url], capture_output=True, text=True, timeout=180)
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                f"--user-data-dir={profile}",
+                f"--window-size={WINDOW[0]},{WINDOW[1]}",
+                "--virtual-time-budget=15000",
+                *mode,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
 
 
 def _need_chromium() -> None:
     if not Path(CHROMIUM).is_file():
-        pytest.fail("chromium is not installed; the browser check needs it: "
-                    "`apt-get install -y --no-install-recommends chromium` (Debian), then rerun.")
+        pytest.fail(
+            "chromium is not installed; the browser check needs it: "
+            "`apt-get install -y --no-install-recommends chromium` (Debian), then rerun."
+        )
 
 
 def _serve(**kw):
@@ -68,7 +87,7 @@ def _button(html: str, elem_id: str) -> str:
 def _section(html: str, elem_id: str) -> str:
     """The HTML of the element with ``elem_id`` (up to the next tab), for text checks."""
     i = html.index(f'id="{elem_id}"')
-    return html[i:i + 6000]
+    return html[i : i + 6000]
 
 
 def test_page_renders_tabs_and_controls():
@@ -80,9 +99,18 @@ def test_page_renders_tabs_and_controls():
         html = _rendered(dom.stdout)
         assert "<title>DiffBIR demo" in html, html[:1000]
         assert 'data-tab-id="general"' in html and 'data-tab-id="face"' in html
-        for text in ("Low-quality input", "Preset / model", "Super-resolution / general", "Upscale", "Restore",
-                     "Seed, cleaner, tiling, previews", "Before / after", "Restored (PNG)", "Download PNG",
-                     "Examples"):
+        for text in (
+            "Low-quality input",
+            "Preset / model",
+            "Super-resolution / general",
+            "Upscale",
+            "Restore",
+            "Seed, cleaner, tiling, previews",
+            "Before / after",
+            "Restored (PNG)",
+            "Download PNG",
+            "Examples",
+        ):
             assert text in html, f"{text!r} is not on the rendered page"
         # offline preset: no diffusion, so no stage-1 pane (it equals the result), no previews, no stage-2 knobs
         for text in ("Stage 1 (cleaner)", "Live preview", "Diffusion (stage 2)"):

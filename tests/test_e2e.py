@@ -6,6 +6,7 @@ and the PNG (max abs diff <= 2/255) and the recorded intermediates (within 1e-4 
 match. Runs the official code crashed on get a test of OUR behaviour for the same request instead.
 The folder must exist (the tests fail, never skip, without it).
 """
+
 from __future__ import annotations
 
 import e2e_support as E
@@ -20,7 +21,8 @@ META = E.load_meta(E.E2E_DIR) if (E.E2E_DIR / "meta.json").is_file() else {"runs
 @pytest.fixture(scope="module")
 def fixture_dir():
     assert (E.E2E_DIR / "meta.json").is_file(), (
-        f"e2e fixtures not found at {E.E2E_DIR}; set DIFFBIR_E2E_DIR to the diffbir_e2e folder")
+        f"e2e fixtures not found at {E.E2E_DIR}; set DIFFBIR_E2E_DIR to the diffbir_e2e folder"
+    )
     torch.set_num_threads(1)
     return E.E2E_DIR
 
@@ -41,8 +43,10 @@ def test_official_run(name, fixture_dir, models, tmp_path):
     res = E.compare_run(name, out, fixture_dir, META)
     bad = {k: v for k, v in res.items() if v[0] > v[1]}
     worst = max((k for k in res if k != "png"), key=lambda k: res[k][0] / max(res[k][1], 1e-30) if res[k][1] else 0)
-    print(f"\n{name}: png max diff {res['png'][0]:.0f}/255; worst tensor {worst} {res[worst][0]:.3g} "
-          f"(tol {res[worst][1]:.3g}); z_sampled {res['z_sampled'][0]:.3g} (tol {res['z_sampled'][1]:.3g})")
+    print(
+        f"\n{name}: png max diff {res['png'][0]:.0f}/255; worst tensor {worst} {res[worst][0]:.3g} "
+        f"(tol {res[worst][1]:.3g}); z_sampled {res['z_sampled'][0]:.3g} (tol {res['z_sampled'][1]:.3g})"
+    )
     assert not bad, f"{name}: {bad}\nour argv: {E.quote(out.argv)}"
 
 
@@ -86,8 +90,9 @@ def test_official_crash_runs_work_with_ours(name, fixture_dir, models, tmp_path)
         # HEAD's --guidance is dead (loop.py:98-114 reads flags its parser lacks); ours runs it with v2.1
         _, _, params = E.params_for(run, fixture_dir, tmp_path)
         assert params.guidance.enabled and params.preset == "v2.1"
-        out = E.run_ours(name, fixture_dir, models, tmp_path, meta=META, params_override={"steps": 2},
-                         callback=steps.append)
+        out = E.run_ours(
+            name, fixture_dir, models, tmp_path, meta=META, params_override={"steps": 2}, callback=steps.append
+        )
         guided = [s for s in steps if s.guidance is not None]
         assert guided and all(torch.isfinite(s.pred_x0_guided).all() for s in guided)
         assert any((s.pred_x0_guided - s.pred_x0).abs().max() > 0 for s in guided), "guidance changed nothing"
@@ -100,8 +105,9 @@ def test_official_crash_runs_work_with_ours(name, fixture_dir, models, tmp_path)
         mp.setattr(torch.cuda, "synchronize", no_cuda)
         mp.setattr(torch.cuda, "max_memory_allocated", no_cuda)
         try:
-            out = E.run_ours(name, fixture_dir, models, tmp_path, meta=META, params_override={"steps": 1},
-                             callback=steps.append)
+            out = E.run_ours(
+                name, fixture_dir, models, tmp_path, meta=META, params_override={"steps": 1}, callback=steps.append
+            )
         finally:
             mp.undo()
         assert out.params.device == "cpu"

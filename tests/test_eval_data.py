@@ -1,4 +1,5 @@
-"""diffbir_eval.registry / diffbir_eval.data: every set of the issue is registered with its provenance; the shipped sha256 lists
+"""diffbir_eval.registry / diffbir_eval.data: every set of the issue is registered with its provenance; the shipped
+sha256 lists
 match the copies in shared/data; `check` finds missing, extra and corrupted files; `fetch` verifies what it
 downloads and fails offline with a message saying what to do (the network is simulated, never used)."""
 
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from diffbir_eval.data import __main__ as cli
 from diffbir_eval import registry as R
+from diffbir_eval.data import __main__ as cli
 from diffbir_eval.datasets import DATASETS, open_dataset, validate
 
 ISSUE_SETS = [
@@ -92,7 +93,11 @@ def test_fetch_offline_says_what_to_do(tmp_path, monkeypatch):
         R.fetch("realsrset", tmp_path / "out")
     msg = str(e.value)
     assert "raw.githubusercontent.com/cszn/BSRGAN/5ce1a9c6ae292f30ccfce4b597ecb73c70401733/testsets/RealSRSet/" in msg
-    assert "0/20 files" in msg and "python -m diffbir_eval.data check realsrset" in msg and "run the same command again" in msg
+    assert (
+        "0/20 files" in msg
+        and "python -m diffbir_eval.data check realsrset" in msg
+        and "run the same command again" in msg
+    )
     with pytest.raises(R.DataError, match=r"(?s)cannot be downloaded directly.*GFPGAN project page.*check lfw_test"):
         R.fetch("lfw_test", tmp_path / "lfw")
     assert cli.main(["fetch", "wider_test", str(tmp_path / "w")]) == 2

@@ -1,4 +1,5 @@
 """diffbir_eval.datasets: named sets under --root, folder:/synthetic: specs, validation errors that say what to do."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,8 +17,14 @@ def _img(path: Path, h: int, w: int, seed: int = 0) -> Path:
 
 
 def test_registry_matches_the_paper():
-    expected = {"realsrset": 20, "real47": 47, "celeba_test": 3000, "lfw_test": 1711, "celebchild_test": 180,
-                "wider_test": 970}
+    expected = {
+        "realsrset": 20,
+        "real47": 47,
+        "celeba_test": 3000,
+        "lfw_test": 1711,
+        "celebchild_test": 180,
+        "wider_test": 970,
+    }
     for name, n in expected.items():
         assert DATASETS[name].expected == n
         assert DATASETS[name].source  # where to download it

@@ -1,6 +1,7 @@
 """diffbir_eval.fid: the Frechet distance against the closed form on Gaussian features, the statistics path, and FID
 through the runner with a real Inception-V3 graph (random weights) whose features must equal those of pyiqa's
 own FID Inception (`pyiqa.archs.inception.InceptionV3`, use_fid_inception=True) given the same weights."""
+
 from __future__ import annotations
 
 import warnings
@@ -70,7 +71,8 @@ def test_feature_statistics_path_converges_to_closed_form(tmp_path):
     # the low-rank path (features on both sides, N < D) is the same number
     g1, g2 = rng.normal(size=(7, 32)), rng.normal(size=(9, 32)) * 2 + 1
     assert fid_from_features(g1, g2) == pytest.approx(
-        frechet_distance(*feature_stats(g1), *feature_stats(g2)), rel=1e-7, abs=1e-7)
+        frechet_distance(*feature_stats(g1), *feature_stats(g2)), rel=1e-7, abs=1e-7
+    )
     assert fid_from_features(g1, g1) == pytest.approx(0.0, abs=1e-9)
     np.savez(tmp_path / "bad.npz", mean=mu1)
     with pytest.raises(ValueError, match="expected 'mu' and 'sigma'"):

@@ -1,5 +1,6 @@
 """The offline identity metric (dlib face descriptors): same-identity pairs of shared/data/identity_pairs
 must be closer than every pair of different people."""
+
 from __future__ import annotations
 
 import itertools

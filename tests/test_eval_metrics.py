@@ -1,6 +1,7 @@
 """diffbir_eval.metrics: PSNR/SSIM/NIQE against pyiqa's calibration file, closed-form checks, weight-file handling
 of LPIPS / MANIQA / FID / IDS (offline errors name the file and its source; loading works from a path).
 Library equality (lpips, pyiqa) is in tests/test_eval_names.py."""
+
 from __future__ import annotations
 
 import math
@@ -63,8 +64,9 @@ def test_y_channel_ssim_and_psnr_match_independent_implementations(calibration):
 
     dist, ref, _ = calibration
     for d, r in zip(dist[:3], ref[:3]):
-        sk = structural_similarity(rgb_to_y(d), rgb_to_y(r), gaussian_weights=True, sigma=1.5,
-                                   use_sample_covariance=False, data_range=255)
+        sk = structural_similarity(
+            rgb_to_y(d), rgb_to_y(r), gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255
+        )
         assert abs(ssim(d, r) - sk) < 1e-9
         t = [torch.from_numpy(x).permute(2, 0, 1)[None].double() for x in (d, r)]
         ref_psnr = float(pyiqa_psnr(t[0], t[1], test_y_channel=True, color_space="ycbcr", eps=0).item())
@@ -84,10 +86,10 @@ def test_psnr_closed_form_and_border_crop():
     rng = np.random.default_rng(0)
     gt = rng.integers(20, 200, (40, 48, 3)).astype(np.float32) / 255
     img = gt + np.float32(5 / 255)  # every value off by 5 levels -> MSE 25 on RGB
-    assert psnr(img, gt, channel="rgb") == pytest.approx(10 * math.log10(255 ** 2 / 25), abs=1e-4)
+    assert psnr(img, gt, channel="rgb") == pytest.approx(10 * math.log10(255**2 / 25), abs=1e-4)
     # on Y the offset is scaled by (65.481 + 128.553 + 24.966) / 255
     dy = 5 * (65.481 + 128.553 + 24.966) / 255
-    assert psnr(img, gt) == pytest.approx(10 * math.log10(255 ** 2 / dy ** 2), abs=1e-4)
+    assert psnr(img, gt) == pytest.approx(10 * math.log10(255**2 / dy**2), abs=1e-4)
     assert psnr(gt, gt) == math.inf
     edge = gt.copy()
     edge[:2] = 0  # only the top two rows differ
@@ -101,8 +103,10 @@ def test_ssim_identity_rgb_mean_and_small_input():
     gt = rng.random((32, 32, 3)).astype(np.float32)
     assert ssim(gt, gt) == pytest.approx(1.0) and ssim(gt, gt, channel="rgb") == pytest.approx(1.0)
     noisy = np.clip(gt + rng.normal(0, 0.1, gt.shape), 0, 1).astype(np.float32)
-    per_channel = [ssim(np.repeat(noisy[..., c:c + 1], 3, 2), np.repeat(gt[..., c:c + 1], 3, 2), channel="gray")
-                   for c in range(3)]
+    per_channel = [
+        ssim(np.repeat(noisy[..., c : c + 1], 3, 2), np.repeat(gt[..., c : c + 1], 3, 2), channel="gray")
+        for c in range(3)
+    ]
     assert 0 < ssim(noisy, gt, channel="rgb") < 1
     # rgb2gray of a grey image is the image itself (up to rounding to 8 bits), so this is the channel mean
     assert ssim(noisy, gt, channel="rgb") == pytest.approx(np.mean(per_channel), abs=2e-2)
@@ -130,12 +134,15 @@ def no_metric_caches(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize("metric, filename, source", [
-    ("lpips", "alexnet-owt-7be5be79.pth", "download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
-    ("maniqa", "ckpt_koniq10k.pt", "huggingface.co/chaofengc/IQA-PyTorch-Weights"),
-    ("fid", "pt_inception-2015-12-05-6726825d.pth", "github.com/mseitzer/pytorch-fid/releases"),
-    ("ids", "arcface_resnet18.pth", "github.com/TencentARC/GFPGAN/releases/download/v0.1.0/arcface_resnet18.pth"),
-])
+@pytest.mark.parametrize(
+    "metric, filename, source",
+    [
+        ("lpips", "alexnet-owt-7be5be79.pth", "download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
+        ("maniqa", "ckpt_koniq10k.pt", "huggingface.co/chaofengc/IQA-PyTorch-Weights"),
+        ("fid", "pt_inception-2015-12-05-6726825d.pth", "github.com/mseitzer/pytorch-fid/releases"),
+        ("ids", "arcface_resnet18.pth", "github.com/TencentARC/GFPGAN/releases/download/v0.1.0/arcface_resnet18.pth"),
+    ],
+)
 def test_offline_missing_weights_error_names_file_and_source(no_metric_caches, metric, filename, source):
     with pytest.raises(MetricWeightsError) as e:
         build_metric(metric)
@@ -169,8 +176,16 @@ def test_ids_arcface_layout_and_identity(tmp_path):
     sd = net.state_dict()
     # the key layout of GFPGAN's arcface_resnet18.pth (ResNetArcFace, IRBlock [2,2,2,2], no SE)
     assert tuple(sd["fc5.weight"].shape) == (512, 512 * 8 * 8)
-    for k in ("conv1.weight", "prelu.weight", "layer1.0.bn0.weight", "layer1.1.prelu.weight",
-              "layer2.0.downsample.0.weight", "layer2.0.downsample.1.running_mean", "bn4.weight", "bn5.running_var"):
+    for k in (
+        "conv1.weight",
+        "prelu.weight",
+        "layer1.0.bn0.weight",
+        "layer1.1.prelu.weight",
+        "layer2.0.downsample.0.weight",
+        "layer2.0.downsample.1.running_mean",
+        "bn4.weight",
+        "bn5.running_var",
+    ):
         assert k in sd
     assert "layer1.0.downsample.0.weight" not in sd
     f = tmp_path / "arcface_resnet18.pth"

@@ -1,5 +1,6 @@
 """diffbir_eval.run / diffbir_eval.report: interrupted runs resume to the same metrics.csv, outputs are complete, bad
 configurations are refused with clear errors, outputs:DIR scoring, accelerate data parallel (2 CPU processes)."""
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,9 @@ def test_interrupted_run_resumes_to_the_same_metrics_csv(pairs):
     assert summary["complete"] and summary["n_images"] == 3
     # a later run asking for one more metric computes only that one, for every image
     calls3: list = []
-    run_eval(ds, "bicubic", part, RunOptions(metrics=["psnr", "ssim", "psnr_rgb"], verbose=False),
-             method=_bicubic(calls3))
+    run_eval(
+        ds, "bicubic", part, RunOptions(metrics=["psnr", "ssim", "psnr_rgb"], verbose=False), method=_bicubic(calls3)
+    )
     assert len(calls3) == 3
     head = (part / "metrics.csv").read_text().splitlines()[0]
     assert head == "name,psnr,ssim,psnr_rgb"
@@ -95,23 +97,41 @@ run_eval(ds, "bicubic", sys.argv[2], RunOptions(metrics=["psnr", "ssim"], verbos
 def test_killed_run_resumes_to_the_same_metrics_csv(pairs):
     ds_arg = f"folder:{pairs / 'lq'}:{pairs / 'gt'}"
     out = pairs / "killed"
-    r = subprocess.run([sys.executable, "-c", KILLER, ds_arg, str(out)], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", KILLER, ds_arg, str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=600,
+    )
     assert r.returncode == -9, r.stderr[-2000:]
     assert len((out / "rows.jsonl").read_text().splitlines()) == 2 and not (out / "metrics.csv").exists()
-    assert main(["--dataset", ds_arg, "--method", "bicubic", "--metrics", "psnr,ssim", "--out", str(out),
-                 "--quiet"]) == 0
+    assert (
+        main(["--dataset", ds_arg, "--method", "bicubic", "--metrics", "psnr,ssim", "--out", str(out), "--quiet"]) == 0
+    )
     assert len((out / "rows.jsonl").read_text().splitlines()) == 3  # only the missing image was redone
     full = pairs / "uninterrupted"
-    assert main(["--dataset", ds_arg, "--method", "bicubic", "--metrics", "psnr,ssim", "--out", str(full),
-                 "--quiet"]) == 0
+    assert (
+        main(["--dataset", ds_arg, "--method", "bicubic", "--metrics", "psnr,ssim", "--out", str(full), "--quiet"]) == 0
+    )
     assert (out / "metrics.csv").read_text() == (full / "metrics.csv").read_text()
 
 
 def test_cli_writes_tables_summary_plots_and_report(pairs, capsys):
     out = pairs / "results" / "bic"
-    args = ["--dataset", f"folder:{pairs / 'lq'}:{pairs / 'gt'}", "--method", "bicubic", "--metrics", "psnr,ssim",
-            "--out", str(out), "--save-images", "--quiet"]
+    args = [
+        "--dataset",
+        f"folder:{pairs / 'lq'}:{pairs / 'gt'}",
+        "--method",
+        "bicubic",
+        "--metrics",
+        "psnr,ssim",
+        "--out",
+        str(out),
+        "--save-images",
+        "--quiet",
+    ]
     assert main(args) == 0
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0] == "name,psnr,ssim" and [r.split(",")[0] for r in rows[1:]] == ["im0", "im1", "im2"]
@@ -126,13 +146,39 @@ def test_cli_writes_tables_summary_plots_and_report(pairs, capsys):
 
     # the same images scored as another method's outputs give the same numbers
     out2 = pairs / "results" / "scored"
-    assert main(["--dataset", f"folder:{pairs / 'lq'}:{pairs / 'gt'}", "--method", f"outputs:{out / 'images'}",
-                 "--metrics", "psnr,ssim", "--out", str(out2), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "--dataset",
+                f"folder:{pairs / 'lq'}:{pairs / 'gt'}",
+                "--method",
+                f"outputs:{out / 'images'}",
+                "--metrics",
+                "psnr,ssim",
+                "--out",
+                str(out2),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert (out2 / "metrics.csv").read_text() == (out / "metrics.csv").read_text()
 
     # the same --out with another method is refused
-    assert main(["--dataset", f"folder:{pairs / 'lq'}:{pairs / 'gt'}", "--method", f"outputs:{pairs / 'gt'}",
-                 "--out", str(out), "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "--dataset",
+                f"folder:{pairs / 'lq'}:{pairs / 'gt'}",
+                "--method",
+                f"outputs:{pairs / 'gt'}",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "already holds a different run" in capsys.readouterr().err
 
     from diffbir_eval.report.__main__ import main as report_main
@@ -149,7 +195,7 @@ def test_cli_writes_tables_summary_plots_and_report(pairs, capsys):
 
     readme = pairs / "results" / "README.md"
     assert table_main(["metrics", "--results", str(pairs / "results"), "--write", str(readme)]) == 0
-    block = readme.read_text()[readme.read_text().index("<!-- diffbir_eval.table:metrics:begin -->"):]
+    block = readme.read_text()[readme.read_text().index("<!-- diffbir_eval.table:metrics:begin -->") :]
     assert block.rstrip().endswith("<!-- diffbir_eval.table:metrics:end -->") and "| `psnr` |" in block
     assert report_main(["--results", str(pairs / "results"), "--no-plots"]) == 0
     again = readme.read_text()
@@ -165,19 +211,32 @@ def test_clear_errors(pairs, capsys):
         run_eval(ds, "bicubic", pairs / "x", RunOptions(metrics=["psnr"], verbose=False))
     with pytest.raises(RunConfigError, match="FID needs a reference"):
         run_eval(ds, "bicubic", pairs / "x", RunOptions(metrics=["fid"], verbose=False))
-    assert main(["--dataset", "realsrset", "--root", str(pairs / "nope"), "--method", "bicubic",
-                 "--out", str(pairs / "y")]) == 2
+    assert (
+        main(
+            ["--dataset", "realsrset", "--root", str(pairs / "nope"), "--method", "bicubic", "--out", str(pairs / "y")]
+        )
+        == 2
+    )
     assert "is not a folder" in capsys.readouterr().err
     (pairs / "partial_outputs").mkdir()
     save_image(pairs / "partial_outputs" / "im0.png", np.zeros((48, 48, 3), np.float32))
     with pytest.raises(RunConfigError, match=r"2 of 3 images have no output file .*'im1', 'im2'"):
-        run_eval(validate(open_dataset(f"folder:{pairs / 'lq'}:{pairs / 'gt'}")),
-                 f"outputs:{pairs / 'partial_outputs'}", pairs / "w", RunOptions(metrics=["psnr"], verbose=False))
+        run_eval(
+            validate(open_dataset(f"folder:{pairs / 'lq'}:{pairs / 'gt'}")),
+            f"outputs:{pairs / 'partial_outputs'}",
+            pairs / "w",
+            RunOptions(metrics=["psnr"], verbose=False),
+        )
     # a method returning the wrong size is caught, not scored
     bad = Method("bad", "bicubic", lambda img: img)
     with pytest.raises(RuntimeError, match="gave a 12x12 image for im0; expected 48x48"):
-        run_eval(validate(open_dataset(f"folder:{pairs / 'lq'}:{pairs / 'gt'}")), "bad", pairs / "z",
-                 RunOptions(metrics=["psnr"], verbose=False), method=bad)
+        run_eval(
+            validate(open_dataset(f"folder:{pairs / 'lq'}:{pairs / 'gt'}")),
+            "bad",
+            pairs / "z",
+            RunOptions(metrics=["psnr"], verbose=False),
+            method=bad,
+        )
 
 
 def test_missing_metric_weights_fail_once_listing_every_file(pairs, monkeypatch, capsys):
@@ -190,19 +249,46 @@ def test_missing_metric_weights_fail_once_listing_every_file(pairs, monkeypatch,
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(pairs / "torch_hub"))
     (pairs / "empty").mkdir()
     out = pairs / "never"
-    assert main(["--dataset", f"folder:{pairs / 'lq'}:{pairs / 'gt'}", "--method", "bicubic", "--metrics",
-                 "psnr,lpips,dists,fid", "--metric-weights", str(pairs / "empty"), "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "--dataset",
+                f"folder:{pairs / 'lq'}:{pairs / 'gt'}",
+                "--method",
+                "bicubic",
+                "--metrics",
+                "psnr,lpips,dists,fid",
+                "--metric-weights",
+                str(pairs / "empty"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "Traceback" not in err and "4 file(s), 4 not found" in err
-    for f in ("alexnet-owt-7be5be79.pth", "vgg16-397923af.pth", "DISTS_weights-f5e65c96.pth",
-              "pt_inception-2015-12-05-6726825d.pth"):
+    for f in (
+        "alexnet-owt-7be5be79.pth",
+        "vgg16-397923af.pth",
+        "DISTS_weights-f5e65c96.pth",
+        "pt_inception-2015-12-05-6726825d.pth",
+    ):
         assert f in err
     assert not out.exists()  # nothing was started
     # no GT: the FID reference statistics named by --fid-ref are in the same single list
     with pytest.raises(MetricWeightsError) as e:
-        run_eval(validate(open_dataset(f"folder:{pairs / 'lq'}", scale=4)), "bicubic", out,
-                 RunOptions(metrics=["niqe_matlab", "fid"], fid_ref="fid_ffhq512", verbose=False,
-                            metric_weights=str(pairs / "empty")))
+        run_eval(
+            validate(open_dataset(f"folder:{pairs / 'lq'}", scale=4)),
+            "bicubic",
+            out,
+            RunOptions(
+                metrics=["niqe_matlab", "fid"],
+                fid_ref="fid_ffhq512",
+                verbose=False,
+                metric_weights=str(pairs / "empty"),
+            ),
+        )
     msg = str(e.value)
     assert "3 file(s), 3 not found" in msg and "ffhq_clean_trainval70k_512.npz" in msg
     assert "niqe_matlab_params.mat" in msg and "for the FID reference statistics (--fid-ref)" in msg
@@ -212,8 +298,10 @@ def test_missing_metric_weights_fail_once_listing_every_file(pairs, monkeypatch,
 def test_out_that_cannot_be_a_folder_is_one_line(pairs, monkeypatch, capsys):
     ds_arg = f"folder:{pairs / 'lq'}:{pairs / 'gt'}"
     (pairs / "a_file").write_text("x")
-    for out, says in ((pairs / "a_file", "exists and is not a folder"),
-                      (pairs / "a_file" / "run", "is a file, not a folder")):
+    for out, says in (
+        (pairs / "a_file", "exists and is not a folder"),
+        (pairs / "a_file" / "run", "is a file, not a folder"),
+    ):
         assert main(["--dataset", ds_arg, "--method", "bicubic", "--metrics", "psnr", "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: --out {out}") and says in err and len(err.strip().splitlines()) == 1
@@ -249,8 +337,23 @@ def test_finalize_a_stopped_run(pairs):
     out = pairs / "stopped"
     with pytest.raises(KeyboardInterrupt):
         run_eval(ds, "bicubic", out, RunOptions(metrics=["psnr"], verbose=False), method=_bicubic([], fail_at=2))
-    assert main(["--dataset", f"folder:{pairs / 'lq'}:{pairs / 'gt'}", "--method", "bicubic", "--metrics", "psnr",
-                 "--out", str(out), "--finalize", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "--dataset",
+                f"folder:{pairs / 'lq'}:{pairs / 'gt'}",
+                "--method",
+                "bicubic",
+                "--metrics",
+                "psnr",
+                "--out",
+                str(out),
+                "--finalize",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     s = json.loads((out / "summary.json").read_text())
     assert s["n_images"] == 1 and s["n_expected"] == 3 and not s["complete"]
     assert "incomplete run" in (out / "README.md").read_text()
@@ -267,16 +370,43 @@ def _free_port() -> int:
 def test_accelerate_two_cpu_processes(pairs):
     ds_arg = f"folder:{pairs / 'lq'}:{pairs / 'gt'}"
     single = pairs / "single"
-    assert main(["--dataset", ds_arg, "--method", "bicubic", "--metrics", "psnr,ssim", "--out", str(single),
-                 "--quiet"]) == 0
+    assert (
+        main(["--dataset", ds_arg, "--method", "bicubic", "--metrics", "psnr,ssim", "--out", str(single), "--quiet"])
+        == 0
+    )
     multi = pairs / "multi"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    # no GPU here: accelerate's multi-process launcher starts 2 processes, diffbir_eval.run joins them with gloo on the CPU
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()),
-           "-m", "diffbir_eval.run", "--dataset", ds_arg, "--method", "bicubic", "--metrics", "psnr,ssim",
-           "--out", str(multi), "--quiet", "--threads", "1"]
+    # no GPU here: accelerate's multi-process launcher starts 2 processes, diffbir_eval.run joins them with gloo on
+    # the CPU
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "diffbir_eval.run",
+        "--dataset",
+        ds_arg,
+        "--method",
+        "bicubic",
+        "--metrics",
+        "psnr,ssim",
+        "--out",
+        str(multi),
+        "--quiet",
+        "--threads",
+        "1",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (multi / "rows.jsonl").is_file() and (multi / "rows.rank1.jsonl").is_file()  # both processes worked

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from diffbir_eval import table as T
-from diffbir_eval.table.__main__ import main as table_main
 from diffbir_eval.published import PUBLISHED
+from diffbir_eval.table.__main__ import main as table_main
 
 
 def _run(
@@ -57,7 +57,14 @@ def _run(
 
 def test_modern_table_from_run_folders(tmp_path):
     res = tmp_path / "results"
-    _run(res, "realsr_v2", "realsr", "v2", {"psnr": 24.5, "ssim_pyiqa": 0.7, "lpips": 0.3, "maniqa-pipal": 0.61}, fid=130.25)
+    _run(
+        res,
+        "realsr_v2",
+        "realsr",
+        "v2",
+        {"psnr": 24.5, "ssim_pyiqa": 0.7, "lpips": 0.3, "maniqa-pipal": 0.61},
+        fid=130.25,
+    )
     _run(res, "realsr_bicubic", "realsr", "bicubic", {"psnr": 26.0})
     _run(res, "set5_v2", "set5", "v2", {"psnr": 30.0})  # another table's dataset: not in this one
     (res / "notarun").mkdir()
@@ -104,7 +111,9 @@ def test_bsr_and_bfr_tables_and_readme_block(tmp_path):
     for _ in range(2):  # writing twice replaces the block
         assert table_main(["bsr-paper", "--results", str(res), "--write", str(readme)]) == 0
     text = readme.read_text()
-    assert text.startswith("# Results\n\nkept text\n") and text.count("<!-- diffbir_eval.table:bsr-paper:begin -->") == 1
+    assert (
+        text.startswith("# Results\n\nkept text\n") and text.count("<!-- diffbir_eval.table:bsr-paper:begin -->") == 1
+    )
     assert "](results/realsrset_offline/README.md)" in text  # links relative to the README's folder
     with pytest.raises(ValueError, match="unknown table 'nope'"):
         T.build_table("nope", res)

@@ -4,6 +4,7 @@ Known answers: the PSNR pair on a constant offset d is 20 log10(1/d) (RGB) and 2
 Y, studio swing); the checkpoint method equals the SwinIR run by hand (reflect pad to its multiple, crop back,
 clamp) - the old scripts' own restore; evaluate and diagnose write their tables for a 2-step tiny run.
 """
+
 from __future__ import annotations
 
 import csv
@@ -51,8 +52,14 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
     for i, hw in enumerate([(40, 48), (48, 40)]):
         save_image(root / "hq" / f"{i}.png", _photo(*hw, seed=i))
     save_image(root / "heldout" / "butterfly.png", _photo(36, 44, seed=9))
-    cfg = replace(TRAIN_PRESETS["tiny_cpu_stage1"], data=str(root / "hq"), out_dir=str(root / "run"), max_steps=2,
-                  ckpt_every=1, log_every=1)
+    cfg = replace(
+        TRAIN_PRESETS["tiny_cpu_stage1"],
+        data=str(root / "hq"),
+        out_dir=str(root / "run"),
+        max_steps=2,
+        ckpt_every=1,
+        log_every=1,
+    )
     torch.set_num_threads(1)
     train(cfg)
     return root / "run", root / "heldout"
@@ -85,8 +92,22 @@ def test_evaluate_and_diagnose_write_their_tables(tiny_run, tmp_path):
     assert s["mean_gain_db"] == pytest.approx(np.mean([float(r["gain"]) for r in rows]), abs=1e-3)
     assert (out / "loss_curve.png").is_file() and (out / "example.png").is_file() and (out / "log.csv").is_file()
     (tmp_path / "list.txt").write_text(str(heldout / "butterfly.png") + "\n")
-    diagnose.main(["--run", str(run), "--checkpoint", "0000002", "--images", str(tmp_path / "list.txt"),
-                   "--train", str(tmp_path / "list.txt"), "--out", str(out), "--draws", "1"])
+    diagnose.main(
+        [
+            "--run",
+            str(run),
+            "--checkpoint",
+            "0000002",
+            "--images",
+            str(tmp_path / "list.txt"),
+            "--train",
+            str(tmp_path / "list.txt"),
+            "--out",
+            str(out),
+            "--draws",
+            "1",
+        ]
+    )
     with (out / "diagnostics.csv").open() as f:
         diag = list(csv.DictReader(f))
     assert len(diag) == 1 and diag[0]["image"] == "butterfly.png"

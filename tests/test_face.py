@@ -4,6 +4,7 @@ edge / rotated / no-face cases, backend errors, facexlib loading path (random we
 Known answers: similarity recovery on synthetic points; identity restorers must give the input back
 (warp -> inverse warp round trip); face counts in shared/data/faces/whole were checked by eye.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,19 +12,38 @@ import math
 import numpy as np
 import pytest
 
-from diffbir_core.face import align
-from diffbir_core.face.detect import (DetectedFace, DlibBackend, FaceBackendError, FacexlibBackend, FaceParser,
-                                      find_facexlib_file, load_backend)
 from diffbir_core.config import FaceOptions, RestoreParams
+from diffbir_core.face import align
+from diffbir_core.face.detect import (
+    DetectedFace,
+    DlibBackend,
+    FaceBackendError,
+    FaceParser,
+    FacexlibBackend,
+    find_facexlib_file,
+    load_backend,
+)
 from diffbir_core.face.pipeline import FacePipeline
-from diffbir_core.face.restorer import (FaceRestorer, bicubic_background, cleaner_background_fn, cleaner_face_fn,
-                                        looks_aligned, restore_faces)
+from diffbir_core.face.restorer import (
+    FaceRestorer,
+    bicubic_background,
+    cleaner_background_fn,
+    cleaner_face_fn,
+    looks_aligned,
+    restore_faces,
+)
 from diffbir_core.imageio import read_image
 
 # Faces per sample photo (counted by eye: every face a person would point at, none missed).
 WHOLE_FACES = {
-    "diffbir_01.jpg": 3, "diffbir_02.png": 2, "diffbir_Audrey_Hepburn.jpg": 1, "diffbir_Blake_Lively.jpg": 2,
-    "diffbir_Harry_Potter.jpg": 3, "diffbir_Queen.jpeg": 4, "diffbir_real47_1.jpg": 3, "gfpgan_00.jpg": 2,
+    "diffbir_01.jpg": 3,
+    "diffbir_02.png": 2,
+    "diffbir_Audrey_Hepburn.jpg": 1,
+    "diffbir_Blake_Lively.jpg": 2,
+    "diffbir_Harry_Potter.jpg": 3,
+    "diffbir_Queen.jpeg": 4,
+    "diffbir_real47_1.jpg": 3,
+    "gfpgan_00.jpg": 2,
     "gfpgan_10045.png": 3,
 }
 TEMPLATE_EYE_DIST = float(np.linalg.norm(align.FFHQ_512_TEMPLATE[1] - align.FFHQ_512_TEMPLATE[0]))  # ~126 px
@@ -97,8 +117,12 @@ def test_warp_and_paste_are_inverse_on_smooth_image():
     mask = align.feather_mask() * align.validity_mask(m, (h, w))
     assert mask[0].max() == 0 and mask[256, 256] == pytest.approx(1.0)
     back = align.paste_face(np.zeros_like(img), crop, m, np.ones((512, 512), np.float32))
-    inside = align.paste_face(np.zeros((h, w, 1), np.float32), np.ones((512, 512, 1), np.float32), m,
-                              align.feather_mask())[..., 0] > 0.999
+    inside = (
+        align.paste_face(np.zeros((h, w, 1), np.float32), np.ones((512, 512, 1), np.float32), m, align.feather_mask())[
+            ..., 0
+        ]
+        > 0.999
+    )
     assert inside.sum() > 10000
     assert np.abs(back - img)[inside].max() < 2e-3  # bicubic there and back on a smooth image
 
@@ -166,8 +190,9 @@ def test_face_cut_by_image_edge(dlib_backend, whole_photos):
     big = max(dlib_backend.detect(img), key=lambda f: f.eye_distance)
     cut = int(big.box[0] + 0.3 * (big.box[2] - big.box[0]))
     sub = np.ascontiguousarray(img[:, cut:])
-    res = restore_faces(sub, identity, bicubic_background, FaceOptions(aligned=False, mask="feather"),
-                        backend=dlib_backend)
+    res = restore_faces(
+        sub, identity, bicubic_background, FaceOptions(aligned=False, mask="feather"), backend=dlib_backend
+    )
     assert len(res.faces) >= 1
     f = min(res.faces, key=lambda f: f.box[0])
     assert f.box[0] < 0  # the detector's box reaches past the edge
@@ -190,13 +215,19 @@ def test_rotated_photo(dlib_backend, whole_photos):
     # the same faces given rotated: alignment undoes the rotation, crops match the upright ones
     w = img.shape[1]
     upright = dlib_backend.detect(img)
-    turned = [DetectedFace(box=f.box, score=f.score, kind=f.kind,
-                           landmarks=np.stack([f.landmarks[:, 1], w - 1 - f.landmarks[:, 0]], 1)) for f in upright]
+    turned = [
+        DetectedFace(
+            box=f.box, score=f.score, kind=f.kind, landmarks=np.stack([f.landmarks[:, 1], w - 1 - f.landmarks[:, 0]], 1)
+        )
+        for f in upright
+    ]
     params = FaceOptions(aligned=False, mask="feather")
     a = restore_faces(img, identity, None, params, backend=FixedBackend(upright))
     b = restore_faces(rot, identity, None, params, backend=FixedBackend(turned))
     assert len(b.faces) == len(upright) == 3
-    for fa, fb in zip(sorted(a.faces, key=lambda f: f.landmarks[0, 0]), sorted(b.faces, key=lambda f: -f.landmarks[0, 1])):
+    for fa, fb in zip(
+        sorted(a.faces, key=lambda f: f.landmarks[0, 0]), sorted(b.faces, key=lambda f: -f.landmarks[0, 1])
+    ):
         turn = (align.similarity_params(fb.affine)[1] - align.similarity_params(fa.affine)[1]) % 360
         assert turn == pytest.approx(90, abs=1e-3)
         assert np.abs(fa.cropped - fb.cropped).mean() < 2e-3
@@ -254,8 +285,13 @@ def test_aligned_mode_and_auto_decision(dlib_backend, data_dir, whole_photos):
 
 def test_face_fn_output_is_checked(dlib_backend, whole_photos):
     with pytest.raises(ValueError, match=r"face_fn returned an array of shape \(256, 256, 3\)"):
-        restore_faces(whole_photos["diffbir_Harry_Potter.jpg"], lambda f: f[::2, ::2], None,
-                      FaceOptions(aligned=False), backend=dlib_backend)
+        restore_faces(
+            whole_photos["diffbir_Harry_Potter.jpg"],
+            lambda f: f[::2, ::2],
+            None,
+            FaceOptions(aligned=False),
+            backend=dlib_backend,
+        )
     with pytest.raises(ValueError, match="HxWx3"):
         restore_faces(np.zeros((8, 8, 4), np.float32), identity)
 
@@ -293,8 +329,7 @@ def test_face_pipeline_wraps_the_general_pipeline_without_touching_it(dlib_backe
         scale = 1
 
         def __call__(self, x, out_size, clamp=True):
-            return 0.5 * torch.nn.functional.interpolate(x, size=tuple(out_size), mode="bilinear",
-                                                         align_corners=False)
+            return 0.5 * torch.nn.functional.interpolate(x, size=tuple(out_size), mode="bilinear", align_corners=False)
 
     cleaner = Halve()
     pipe = DiffBIRPipeline(cleaners={"offline": cleaner})
@@ -302,12 +337,23 @@ def test_face_pipeline_wraps_the_general_pipeline_without_touching_it(dlib_backe
     fp = FacePipeline(pipe)
     fp.models("dlib")._backend = dlib_backend  # the test's detector instance (avoids loading it twice)
     img = whole_photos["diffbir_Harry_Potter.jpg"]
-    params = RestoreParams.from_preset("offline", task="face", upscale=1.0, face__aligned=False,
-                                       face__backend="dlib", face__mask="feather", face__background="offline")
+    params = RestoreParams.from_preset(
+        "offline",
+        task="face",
+        upscale=1.0,
+        face__aligned=False,
+        face__backend="dlib",
+        face__mask="feather",
+        face__background="offline",
+    )
     res = fp.restore(img, params)
-    ref = restore_faces(img, cleaner_face_fn(cleaner), cleaner_background_fn(cleaner),
-                        FaceOptions(aligned=False, backend="dlib", mask="feather", background="offline"),
-                        backend=dlib_backend)
+    ref = restore_faces(
+        img,
+        cleaner_face_fn(cleaner),
+        cleaner_background_fn(cleaner),
+        FaceOptions(aligned=False, backend="dlib", mask="feather", background="offline"),
+        backend=dlib_backend,
+    )
     assert res.extra["face_mode"] == "whole" and len(res.extra["faces"]) == WHOLE_FACES["diffbir_Harry_Potter.jpg"]
     np.testing.assert_array_equal(res.image, ref.image)
     np.testing.assert_array_equal(res.stage1, ref.background)
@@ -327,9 +373,15 @@ def test_face_pipeline_wraps_the_general_pipeline_without_touching_it(dlib_backe
 def test_params_and_backend_errors_are_clear(tmp_path, monkeypatch):
     from diffbir_core.face import detect
 
-    for bad, msg in [(dict(max_faces=0), "max_faces"), (dict(max_faces=True), "max_faces"),
-                     (dict(backend="mtcnn"), "backend"), (dict(mask="box"), "mask"), (dict(aligned="yes"), "aligned"),
-                     (dict(background="sky"), "background"), (dict(min_eye_distance=-1.0), "min_eye_distance")]:
+    for bad, msg in [
+        (dict(max_faces=0), "max_faces"),
+        (dict(max_faces=True), "max_faces"),
+        (dict(backend="mtcnn"), "backend"),
+        (dict(mask="box"), "mask"),
+        (dict(aligned="yes"), "aligned"),
+        (dict(background="sky"), "background"),
+        (dict(min_eye_distance=-1.0), "min_eye_distance"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             FaceOptions(**bad)
     for bad in (0, -1.0, 17, float("nan"), True):
@@ -361,8 +413,11 @@ def test_params_and_backend_errors_are_clear(tmp_path, monkeypatch):
         find_facexlib_file("parsenet", tmp_path / "mine")
     # dlib landmark model: a wrong explicit path says where the file comes from
     real_find_spec = detect.importlib.util.find_spec
-    monkeypatch.setattr(detect.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "face_recognition_models" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        detect.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "face_recognition_models" else real_find_spec(name, *a),
+    )
     with pytest.raises(FaceBackendError, match="face-recognition-models") as e:
         DlibBackend(landmark_model=tmp_path / "nope.dat")
     assert "nope.dat" in str(e.value)
@@ -374,8 +429,13 @@ def test_parsing_falls_back_to_feather_with_notice(tmp_path, monkeypatch, dlib_b
     monkeypatch.setattr(detect, "facexlib_model_dir", lambda: tmp_path / "facexlib_home")
     monkeypatch.delenv("DIFFBIR_WEIGHTS_DIR", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    res = restore_faces(whole_photos["diffbir_real47_1.jpg"], identity, None,
-                        FaceOptions(aligned=False, mask="parsing"), backend=dlib_backend)
+    res = restore_faces(
+        whole_photos["diffbir_real47_1.jpg"],
+        identity,
+        None,
+        FaceOptions(aligned=False, mask="parsing"),
+        backend=dlib_backend,
+    )
     assert len(res.faces) == 3
     assert any("face parsing unavailable" in n and "parsing_parsenet.pth" in n for n in res.notices)
 

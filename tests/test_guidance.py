@@ -4,6 +4,7 @@ latent-space weighted-MSE fix, and "guidance pulls every sampler toward the targ
 The replay of the official guided runs (latent space, teacher-forced and end to end) is in
 test_schedule_samplers.py; runs that need the real VAE decoder VJP are in test_sampler_runs_parity.py.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -13,12 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from toys import GaussianDenoiser
 
 from diffbir_core.diffusion.guidance import GUIDANCE_SCALE_FACTOR, LatentImageGuidance, wmse_weight_map
 from diffbir_core.diffusion.noise import ReplayNoise
 from diffbir_core.diffusion.samplers import run_sampler
 from diffbir_core.diffusion.schedule import make_training_schedule
-from toys import GaussianDenoiser
 
 M = torch.tensor([[0.5, 0.2, -0.1], [0.1, 0.6, 0.2], [-0.3, 0.1, 0.4], [0.2, -0.2, 0.3]])  # toy "VAE" 3 <-> 4
 
@@ -83,8 +84,7 @@ def test_latent_mse_rule_v1_known_answer():
     g = torch.Generator().manual_seed(1)
     target = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
     x0 = torch.randn(1, 4, 4, 4, generator=g)
-    guid = LatentImageGuidance(target, 5.0, space="latent", repeat=3, rule="v1", encode=toy_encode,
-                               sample_target=False)
+    guid = LatentImageGuidance(target, 5.0, space="latent", repeat=3, rule="v1", encode=toy_encode, sample_target=False)
     out = guid(x0, t=10, x0_coef=0.1)  # v1 ignores the coefficient
     tl = toy_encode(target, None)
     expect, shift = x0, torch.zeros_like(x0)
@@ -192,8 +192,11 @@ def test_guidance_pulls_each_sampler_toward_target(preset, space, name):
     for s in (0.0, 0.003, 0.01, 0.03):
         g = LatentImageGuidance(target, s, space=space, encode=toy_encode, decode=toy_decode)
         z = run_sampler(name, den, x_T, tr, 10, guidance=g, seed=1)  # same noise for every s (s=0 draws too)
-        dist.append(float((z - toy_encode(target, None)).norm()) if space == "latent"
-                    else float((toy_decode(z) - target).norm()))
+        dist.append(
+            float((z - toy_encode(target, None)).norm())
+            if space == "latent"
+            else float((toy_decode(z) - target).norm())
+        )
     assert all(b < a for a, b in itertools.pairwise(dist)), f"{name}/{space}/{preset}: {dist}"
     assert dist[-1] < 0.5 * dist[0], dist
 

@@ -1,4 +1,5 @@
 """Image input handling: every odd file a user may drop in (issue: foundation, bad inputs)."""
+
 from __future__ import annotations
 
 import io
@@ -60,7 +61,7 @@ def test_16bit_png_keeps_precision(tmp_path):
 
 
 def test_16bit_grayscale_png(tmp_path):
-    arr = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    arr = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000
     p = tmp_path / "g16.png"
     Image.fromarray(arr).save(p)
     img = read_image(p)

@@ -4,6 +4,7 @@ Known answers come from numpy / Pillow themselves (``u8 / 255``, ``PIL.ImageOps.
 own output; the restore test checks that every input kind of the SAME pixels gives the same restored image with
 the real offline preset (Real-ESRGAN x4plus from the ncnn wheel) on a small crop.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,11 +37,17 @@ def test_every_kind_of_the_same_pixels_reads_the_same(u8, tmp_path):
     p = tmp_path / "crop.png"
     Image.fromarray(u8).save(p)
     kinds = {
-        "path": str(p), "Path": p, "PIL": Image.open(p), "PIL RGBA": Image.fromarray(u8).convert("RGBA"),
-        "uint16": u8.astype(np.uint16) * 257, "float64": ref, "float32 0-255": u8.astype(np.float32),
+        "path": str(p),
+        "Path": p,
+        "PIL": Image.open(p),
+        "PIL RGBA": Image.fromarray(u8).convert("RGBA"),
+        "uint16": u8.astype(np.uint16) * 257,
+        "float64": ref,
+        "float32 0-255": u8.astype(np.float32),
         "tensor CHW": torch.from_numpy(ref).permute(2, 0, 1).float(),
         "tensor NCHW": torch.from_numpy(ref).permute(2, 0, 1)[None].half(),
-        "tensor HWC": torch.from_numpy(ref).float(), "loaded": LoadedImage(rgb=ref.astype(np.float32)),
+        "tensor HWC": torch.from_numpy(ref).float(),
+        "loaded": LoadedImage(rgb=ref.astype(np.float32)),
     }
     for name, x in kinds.items():
         got = as_loaded_image(x)
@@ -72,7 +79,7 @@ def test_pil_exif_orientation_matches_pillow(u8, tmp_path):
 
 
 def test_pil_16bit_and_float_modes():
-    a16 = (np.arange(12 * 10, dtype=np.uint16).reshape(12, 10) * 500)
+    a16 = np.arange(12 * 10, dtype=np.uint16).reshape(12, 10) * 500
     im16 = Image.fromarray(a16)
     assert im16.mode.startswith("I;16")
     got = as_loaded_image(im16)
@@ -81,18 +88,21 @@ def test_pil_16bit_and_float_modes():
     np.testing.assert_allclose(as_loaded_image(Image.fromarray(f)).rgb[..., 1], f, atol=1e-7)
 
 
-@pytest.mark.parametrize("bad, err, words", [
-    (object(), TypeError, "builtins.object"),
-    ([[0, 1], [1, 0]], TypeError, "builtins.list"),
-    (np.zeros((3, 20, 20), np.uint8), ImageReadError, "channel-first"),
-    (np.zeros((20, 20, 5), np.uint8), ImageReadError, "shape"),
-    (np.zeros((2, 3, 8, 8)), ImageReadError, "shape"),
-    (torch.zeros(2, 3, 8, 8), ImageReadError, "batch of 2"),
-    (np.full((4, 4, 3), np.nan), ImageReadError, "NaN"),
-    (np.full((4, 4, 3), 70000.0), ImageReadError, "70000"),
-    (np.zeros((4, 4, 3), np.complex64), ImageReadError, "complex64"),
-    (np.zeros((0, 4, 3), np.uint8), ImageReadError, "no pixels"),
-])
+@pytest.mark.parametrize(
+    "bad, err, words",
+    [
+        (object(), TypeError, "builtins.object"),
+        ([[0, 1], [1, 0]], TypeError, "builtins.list"),
+        (np.zeros((3, 20, 20), np.uint8), ImageReadError, "channel-first"),
+        (np.zeros((20, 20, 5), np.uint8), ImageReadError, "shape"),
+        (np.zeros((2, 3, 8, 8)), ImageReadError, "shape"),
+        (torch.zeros(2, 3, 8, 8), ImageReadError, "batch of 2"),
+        (np.full((4, 4, 3), np.nan), ImageReadError, "NaN"),
+        (np.full((4, 4, 3), 70000.0), ImageReadError, "70000"),
+        (np.zeros((4, 4, 3), np.complex64), ImageReadError, "complex64"),
+        (np.zeros((0, 4, 3), np.uint8), ImageReadError, "no pixels"),
+    ],
+)
 def test_refused_with_a_clear_error(bad, err, words):
     with pytest.raises(err, match=words):
         as_loaded_image(bad)
@@ -106,9 +116,17 @@ def test_restore_gives_the_same_output_for_every_input_kind(u8, tmp_path):
     Image.fromarray(u8).save(p)
     params = RestoreParams.from_preset("offline", upscale=2.0)
     pipe = api.make_pipeline()
-    outs = {name: api.restore(x, params, pipe=pipe).image for name, x in {
-        "path": p, "PIL": Image.open(p), "uint8": u8, "uint16": u8.astype(np.uint16) * 257,
-        "float": u8 / 255.0, "tensor": torch.from_numpy(u8 / 255.0).permute(2, 0, 1).float()}.items()}
+    outs = {
+        name: api.restore(x, params, pipe=pipe).image
+        for name, x in {
+            "path": p,
+            "PIL": Image.open(p),
+            "uint8": u8,
+            "uint16": u8.astype(np.uint16) * 257,
+            "float": u8 / 255.0,
+            "tensor": torch.from_numpy(u8 / 255.0).permute(2, 0, 1).float(),
+        }.items()
+    }
     ref = outs["path"]
     assert ref.shape == (48, 48, 3)
     assert 0.05 < ref.mean() < 0.95  # not the all-white (or black) image of the bug

@@ -8,6 +8,7 @@
 4. the declared requirements (core and every extra) are satisfied by what is installed, checked with
    ``packaging`` against ``importlib.metadata`` of the installed wheel (pip's resolver rules, not our own).
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,16 @@ print(json.dumps({"extras": extras, "requires": dist.requires, "bad": bad,
 
 def _sources(dst: Path) -> None:
     """Copy what git would package (tracked + untracked-not-ignored files) to ``dst``."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
-                           capture_output=True, check=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for f in filter(None, files):
         src = ROOT / f
         if src.is_file():
@@ -64,14 +73,30 @@ def installed(tmp_path_factory):
     src, wheels, env_dir = base / "src", base / "wheels", base / "venv"
     _sources(src)
     run = dict(capture_output=True, text=True, timeout=600)
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
-                        "--no-index", "-w", str(wheels)], **run)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(src),
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(wheels),
+        ],
+        **run,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     (wheel,) = wheels.glob("diffbir_core-*.whl")
     venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
     py = env_dir / "bin" / "python"
-    own = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              **run).stdout.strip())
+    own = Path(
+        subprocess.run(
+            [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], **run
+        ).stdout.strip()
+    )
     deps = Path(sysconfig.get_paths()["purelib"])  # this interpreter's packages: torch, diffusers, ...
     assert not (deps / "diffbir_core").exists(), "the dependency environment already holds diffbir_core"
     (own / "zz_dependency_env.pth").write_text(f"{deps}\n")
@@ -85,8 +110,14 @@ def installed(tmp_path_factory):
 
 
 def _run(installed, *cmd, timeout=600):
-    return subprocess.run([str(c) for c in cmd], cwd=installed["work"], env=installed["env"], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [str(c) for c in cmd],
+        cwd=installed["work"],
+        env=installed["env"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_wheel_holds_every_module_and_the_data_files(installed):
@@ -103,11 +134,15 @@ def test_wheel_holds_every_module_and_the_data_files(installed):
 
 
 def test_imports_come_from_the_installed_package(installed):
-    r = _run(installed, installed["py"], "-c",
-             "import diffbir_core, diffbir_eval, diffbir_demo; from diffbir_core import DiffBIRPipeline, RestoreParams;"
-             "from importlib.resources import files;"
-             "print(diffbir_core.__file__); print(DiffBIRPipeline.__module__, RestoreParams.__module__);"
-             "print(files('diffbir_eval').joinpath('assets/niqe_pris_params.mat').is_file())")
+    r = _run(
+        installed,
+        installed["py"],
+        "-c",
+        "import diffbir_core, diffbir_eval, diffbir_demo; from diffbir_core import DiffBIRPipeline, RestoreParams;"
+        "from importlib.resources import files;"
+        "print(diffbir_core.__file__); print(DiffBIRPipeline.__module__, RestoreParams.__module__);"
+        "print(files('diffbir_eval').joinpath('assets/niqe_pris_params.mat').is_file())",
+    )
     assert r.returncode == 0, r.stderr
     path, mods, asset = r.stdout.split("\n")[:3]
     assert Path(path).resolve().is_relative_to(installed["venv"].resolve()), path
@@ -141,8 +176,18 @@ def test_console_scripts_run(installed):
 
 def test_restore_cli_from_outside_the_repository(installed):
     out = installed["work"] / "out"
-    r = _run(installed, installed["bin"] / "diffbir-restore", ROOT / "assets" / "samples" / "49.jpg", "-o", out,
-             "--preset", "offline", "--upscale", "1", "-q")
+    r = _run(
+        installed,
+        installed["bin"] / "diffbir-restore",
+        ROOT / "assets" / "samples" / "49.jpg",
+        "-o",
+        out,
+        "--preset",
+        "offline",
+        "--upscale",
+        "1",
+        "-q",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     from PIL import Image
 

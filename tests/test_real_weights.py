@@ -3,6 +3,7 @@
 These check what tiny fixtures cannot: the full-size checkpoints load strictly through our loaders and
 restore a real photo. Everything else about them (key maps, formulas) is covered by the parity tests.
 """
+
 from __future__ import annotations
 
 import os

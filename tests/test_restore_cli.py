@@ -1,4 +1,5 @@
 """The restore CLI end to end on the offline preset (real converted Real-ESRGAN x4plus)."""
+
 from __future__ import annotations
 
 import json
@@ -73,8 +74,13 @@ def test_python_m_diffbir_core_runs_the_cli(tmp_path):
 
     src = _img(tmp_path / "a.png")
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-m", "diffbir_core", str(src), "-o", str(tmp_path / "o"), "--upscale", "1",
-                        "-q"], cwd=root, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "diffbir_core", str(src), "-o", str(tmp_path / "o"), "--upscale", "1", "-q"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "restored 1" in r.stdout and Image.open(tmp_path / "o" / "a.png").size == (12, 10)
 
@@ -130,8 +136,23 @@ def test_face_task_whole_photo_offline(tmp_path, data_dir, capsys):
     it, the background is bicubic, and the output keeps the input size (upscale 1)."""
     src = data_dir / "faces" / "whole" / "diffbir_Audrey_Hepburn.jpg"
     out = tmp_path / "out"
-    rc = main([str(src), "-o", str(out), "--task", "face", "--whole-photo", "--upscale", "1",
-               "--background", "bicubic", "--face-backend", "dlib", "-q"])
+    rc = main(
+        [
+            str(src),
+            "-o",
+            str(out),
+            "--task",
+            "face",
+            "--whole-photo",
+            "--upscale",
+            "1",
+            "--background",
+            "bicubic",
+            "--face-backend",
+            "dlib",
+            "-q",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     res = np.asarray(Image.open(out / "diffbir_Audrey_Hepburn.png"), dtype=np.float32)
     inp = np.asarray(Image.open(src).convert("RGB"), dtype=np.float32)
@@ -139,7 +160,10 @@ def test_face_task_whole_photo_offline(tmp_path, data_dir, capsys):
     # the face region changed (restored), the corners (background, bicubic x1 = identity) did not
     h, w = inp.shape[:2]
     assert np.abs(res[:20, :20] - inp[:20, :20]).mean() < 2.0
-    assert np.abs(res[h // 4: 3 * h // 4, w // 4: 3 * w // 4] - inp[h // 4: 3 * h // 4, w // 4: 3 * w // 4]).mean() > 1.0
+    assert (
+        np.abs(res[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] - inp[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4]).mean()
+        > 1.0
+    )
 
 
 def test_gpu_only_speed_options_refused_on_cpu(tmp_path, capsys):
@@ -154,14 +178,50 @@ def test_flags_map_onto_restore_params():
     from diffbir_core.cli import build_parser, params_from_args
     from diffbir_core.config import RestoreParams
 
-    args = build_parser().parse_args(["x.png", "-o", "o", "--preset", "v2", "--cfg-scale", "3", "--steps", "20",
-                                      "--guidance-scale", "0.5", "--guidance-start", "800", "--whole-photo",
-                                      "--max-faces", "2", "--background", "bicubic", "--no-tiled", "--tile-size",
-                                      "256", "--seed", "-1", "--task", "face"])
+    args = build_parser().parse_args(
+        [
+            "x.png",
+            "-o",
+            "o",
+            "--preset",
+            "v2",
+            "--cfg-scale",
+            "3",
+            "--steps",
+            "20",
+            "--guidance-scale",
+            "0.5",
+            "--guidance-start",
+            "800",
+            "--whole-photo",
+            "--max-faces",
+            "2",
+            "--background",
+            "bicubic",
+            "--no-tiled",
+            "--tile-size",
+            "256",
+            "--seed",
+            "-1",
+            "--task",
+            "face",
+        ]
+    )
     assert params_from_args(args) == RestoreParams.from_preset(
-        "v2", cfg_scale=3.0, steps=20, guidance__scale=0.5, guidance__t_start=800, face__aligned=False,
-        face__max_faces=2, face__background="bicubic", tiles__enabled=False, tiles__cleaner_tile=256, seed=None,
-        task="face", device="cpu")
+        "v2",
+        cfg_scale=3.0,
+        steps=20,
+        guidance__scale=0.5,
+        guidance__t_start=800,
+        face__aligned=False,
+        face__max_faces=2,
+        face__background="bicubic",
+        tiles__enabled=False,
+        tiles__cleaner_tile=256,
+        seed=None,
+        task="face",
+        device="cpu",
+    )
     plain = params_from_args(build_parser().parse_args(["x.png", "-o", "o", "--preset", "v2.1"]))
     assert plain == RestoreParams.from_preset("v2.1")  # no flags: exactly the preset
 

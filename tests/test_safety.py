@@ -4,6 +4,7 @@ Known answers come from independent sources: hashlib for checksums, Pillow's own
 orientation, the values we wrote for float TIFFs, byte comparison for "untouched", the OS for signals.
 The CLI runs on the offline preset (the real converted Real-ESRGAN x4plus) on tiny images.
 """
+
 from __future__ import annotations
 
 import errno
@@ -73,7 +74,7 @@ def no_models(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------ interrupted batches
-_DRIVER = r'''
+_DRIVER = r"""
 import io, os, sys, time
 from pathlib import Path
 from PIL import Image, PngImagePlugin  # noqa: F401  (registers the PNG writer)
@@ -97,16 +98,30 @@ try:
 except ImportError:
     from diffbir_core.cli import main
 sys.exit(main(sys.argv[1:]))
-'''
+"""
 
 
 def _run_cli(tmp_path, args, slow_at=0, env_extra=None, **popen):
     driver = tmp_path / "driver.py"
     driver.write_text(_DRIVER)
-    env = dict(os.environ, WT_ROOT=str(ROOT), SLOW_AT=str(slow_at), SIGNAL_FILE=str(tmp_path / "writing.flag"),
-               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
-    return subprocess.Popen([sys.executable, str(driver), *args], cwd=str(tmp_path), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    env = dict(
+        os.environ,
+        WT_ROOT=str(ROOT),
+        SLOW_AT=str(slow_at),
+        SIGNAL_FILE=str(tmp_path / "writing.flag"),
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        **(env_extra or {}),
+    )
+    return subprocess.Popen(
+        [sys.executable, str(driver), *args],
+        cwd=str(tmp_path),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def _batch(tmp_path):
@@ -156,7 +171,7 @@ def test_invalid_existing_output_is_made_again(tmp_path, capsys):
     src = _img(tmp_path / "a.png")
     out = tmp_path / "out"
     out.mkdir()
-    good = (out / "ref.png")
+    good = out / "ref.png"
     _img(good)
     (out / "a.png").write_bytes(good.read_bytes()[:40])  # what a killed non-atomic writer leaves
     rc = _cli_main()([str(src), "-o", str(out), "--upscale", "1", "-q"])
@@ -228,10 +243,12 @@ def test_two_symlink_loop_finishes_in_seconds(tmp_path):
     (d / "l1").symlink_to(d, target_is_directory=True)
     (d / "l2").symlink_to(d, target_is_directory=True)
     (d / "sub" / "back").symlink_to(d, target_is_directory=True)
-    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from diffbir_core.batch import collect_inputs\n"
-            "import diffbir_core.imageio\n"  # (imports torch: not part of the timing)
-            f"t = time.time(); f, p = collect_inputs([{str(d / '**' / '*.png')!r}, {str(d / '**')!r}, {str(d)!r}])\n"
-            "print(sorted(x.name for x in f), time.time() - t)")
+    code = (
+        f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from diffbir_core.batch import collect_inputs\n"
+        "import diffbir_core.imageio\n"  # (imports torch: not part of the timing)
+        f"t = time.time(); f, p = collect_inputs([{str(d / '**' / '*.png')!r}, {str(d / '**')!r}, {str(d)!r}])\n"
+        "print(sorted(x.name for x in f), time.time() - t)"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     names, secs = res.stdout.rsplit("]", 1)
@@ -254,8 +271,17 @@ def test_collection_skips_output_folder_and_temp_files(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ clear messages, no traceback
-@pytest.mark.parametrize("flag, value", [("--cfg-scale", "nan"), ("--guidance-scale", "inf"), ("--strength", "nan"),
-                                         ("--max-memory", "nan"), ("--upscale", "inf"), ("--max-memory", "-1")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--cfg-scale", "nan"),
+        ("--guidance-scale", "inf"),
+        ("--strength", "nan"),
+        ("--max-memory", "nan"),
+        ("--upscale", "inf"),
+        ("--max-memory", "-1"),
+    ],
+)
 def test_nan_inf_rejected_before_models_load(tmp_path, capsys, no_models, flag, value):
     src = _img(tmp_path / "a.png")
     rc = _cli_main()([str(src), "-o", str(tmp_path / "o"), flag, value, "-q"])
@@ -264,21 +290,27 @@ def test_nan_inf_rejected_before_models_load(tmp_path, capsys, no_models, flag, 
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("kw, msg", [
-    (dict(cfg_scale=float("nan")), "cfg_scale must be a finite number"),
-    (dict(strength=float("inf")), "strength must be a finite number"),
-    (dict(guidance__scale=float("nan")), "guidance.scale must be a finite number"),
-    (dict(tiles__max_memory_gb=float("inf")), "tiles.max_memory_gb must be a finite number"),
-    (dict(tiles__max_memory_gb=0.0), "max memory must be > 0"),
-    (dict(tiles__cleaner_tile=0), "cleaner tile size"),
-    (dict(tiles__cleaner_overlap=512), "cleaner overlap"),
-    (dict(tiles__latent_tile=4), "latent tile size"),
-    (dict(tiles__latent_stride=0), "latent stride"),
-    (dict(tiles__latent_stride=65), "latent stride"),
-    (dict(face__max_faces=0), "max_faces"),
-    (dict(seed=-1), "seed"), (dict(seed=2**63), "seed"), (dict(seed=1.5), "seed"), (dict(seed=True), "seed"),
-    (dict(cleaner="nope"), "unknown cleaner"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(cfg_scale=float("nan")), "cfg_scale must be a finite number"),
+        (dict(strength=float("inf")), "strength must be a finite number"),
+        (dict(guidance__scale=float("nan")), "guidance.scale must be a finite number"),
+        (dict(tiles__max_memory_gb=float("inf")), "tiles.max_memory_gb must be a finite number"),
+        (dict(tiles__max_memory_gb=0.0), "max memory must be > 0"),
+        (dict(tiles__cleaner_tile=0), "cleaner tile size"),
+        (dict(tiles__cleaner_overlap=512), "cleaner overlap"),
+        (dict(tiles__latent_tile=4), "latent tile size"),
+        (dict(tiles__latent_stride=0), "latent stride"),
+        (dict(tiles__latent_stride=65), "latent stride"),
+        (dict(face__max_faces=0), "max_faces"),
+        (dict(seed=-1), "seed"),
+        (dict(seed=2**63), "seed"),
+        (dict(seed=1.5), "seed"),
+        (dict(seed=True), "seed"),
+        (dict(cleaner="nope"), "unknown cleaner"),
+    ],
+)
 def test_params_validate_rejects(kw, msg):
     with pytest.raises(ValueError, match=msg):
         RestoreParams.from_preset("v2", **kw).validate()
@@ -374,8 +406,9 @@ def test_other_write_error_is_one_line_and_the_batch_goes_on(tmp_path, capsys, m
     assert sorted(p.name for p in out.iterdir()) == ["b.json", "b.png"]
 
 
-@pytest.mark.parametrize("device, msg", [("foo", "unknown device 'foo'"), ("cuda:x", "unknown device"),
-                                         ("mps:0", "unknown device")])
+@pytest.mark.parametrize(
+    "device, msg", [("foo", "unknown device 'foo'"), ("cuda:x", "unknown device"), ("mps:0", "unknown device")]
+)
 def test_bad_device_one_line(tmp_path, capsys, no_models, device, msg):
     src = _img(tmp_path / "a.png")
     rc = _cli_main()([str(src), "-o", str(tmp_path / "o"), "--device", device, "-q"])
@@ -501,8 +534,17 @@ def _splice_build_payload(tmp_path) -> Path:
 
     evil = b""
     for k, (mod, name) in enumerate(_BUILD_TARGETS):  # GLOBAL, None, {k: True}, TUPLE2 (state, slotstate), BUILD
-        evil += (u(f"evil{k}") + f"c{mod}\n{name}\n".encode() + b"N" + b"}" + u("diffbir_pwned") + b"\x88" + b"s"
-                 + b"\x86" + b"b")
+        evil += (
+            u(f"evil{k}")
+            + f"c{mod}\n{name}\n".encode()
+            + b"N"
+            + b"}"
+            + u("diffbir_pwned")
+            + b"\x88"
+            + b"s"
+            + b"\x86"
+            + b"b"
+        )
     foreign = u("foreign") + b"c__main__\nForeignThing\n" + b")" + b"R"
     entries[pkl_name] = b"\x80\x02}(" + u("state_dict") + body + evil + foreign + b"u."
     dst = tmp_path / "build.pth"
@@ -625,8 +667,7 @@ def test_exif_orientation_on_16bit_png(tmp_path, orientation):
     g.write_bytes(_png_with_exif(buf.getvalue(), orientation))
     ch = Image.fromarray(gray)
     ch.info["exif"] = exif.tobytes()
-    np.testing.assert_allclose(read_image(g).rgb[..., 0], np.asarray(ImageOps.exif_transpose(ch)) / 65535.0,
-                               atol=1e-6)
+    np.testing.assert_allclose(read_image(g).rgb[..., 0], np.asarray(ImageOps.exif_transpose(ch)) / 65535.0, atol=1e-6)
 
 
 def test_pixel_limit_checked_before_decoding(tmp_path, monkeypatch):
@@ -634,7 +675,10 @@ def test_pixel_limit_checked_before_decoding(tmp_path, monkeypatch):
 
     def ihdr_png(w, h):
         ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-        chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+
+        def chunk(t, d):
+            return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+
         return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"\x78\x9c" + b"\x00" * 64)
 
     def no_decode(self, *a, **k):

@@ -9,6 +9,7 @@ Covers v2.0.0 spaced sampling (CFG, control strength, latent/rgb MSE and WMSE gu
 v2.1 spaced sampling (v-prediction, zero-SNR, rescaled CFG) and the v2.0.0 "better start".
 Tolerance: max|a-b| <= 1e-4 * max(1, max|ref|).
 """
+
 from __future__ import annotations
 
 import json
@@ -26,11 +27,25 @@ from diffbir_core.stage2 import better_start_x_T
 
 pytestmark = pytest.mark.parity
 
-RUNS = ["sampler_s4_cfg1", "sampler_s4_cfg4_neg", "sampler_s10_cfg1", "sampler_s10_cfg4_neg",
-        "sampler_s4_cfg4_neg_strength0.5", "guided_mse_latent_r1", "guided_mse_latent_r2",
-        "guided_mse_latent_r1_window", "guided_mse_latent_r1_s10", "guided_mse_rgb_r1", "guided_mse_rgb_r2",
-        "guided_wmse_rgb_r1", "guided_wmse_rgb_r2", "guided_wmse_rgb_r1_cfg1",
-        "v21_spaced_v_zsnr_s4_cfg1", "v21_spaced_v_zsnr_s4_cfg4_neg", "v21_spaced_v_zsnr_s10_cfg4_neg_rescalecfg"]
+RUNS = [
+    "sampler_s4_cfg1",
+    "sampler_s4_cfg4_neg",
+    "sampler_s10_cfg1",
+    "sampler_s10_cfg4_neg",
+    "sampler_s4_cfg4_neg_strength0.5",
+    "guided_mse_latent_r1",
+    "guided_mse_latent_r2",
+    "guided_mse_latent_r1_window",
+    "guided_mse_latent_r1_s10",
+    "guided_mse_rgb_r1",
+    "guided_mse_rgb_r2",
+    "guided_wmse_rgb_r1",
+    "guided_wmse_rgb_r2",
+    "guided_wmse_rgb_r1_cfg1",
+    "v21_spaced_v_zsnr_s4_cfg1",
+    "v21_spaced_v_zsnr_s4_cfg4_neg",
+    "v21_spaced_v_zsnr_s10_cfg4_neg_rescalecfg",
+]
 
 WORST: dict[str, float] = {}
 
@@ -52,8 +67,9 @@ def ldm(parity_dir):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: one thread is fastest (and is what the fixtures were made with)
     cfg = Stage2Config.from_official(yaml.safe_load((parity_dir / "configs" / "cldm_tiny.yaml").read_text()))
-    yield build_control_ldm(cfg, sd=parity_dir / "weights" / "sd_ldm.ckpt",
-                            control=parity_dir / "weights" / "controlnet.pth")
+    yield build_control_ldm(
+        cfg, sd=parity_dir / "weights" / "sd_ldm.ckpt", control=parity_dir / "weights" / "controlnet.pth"
+    )
     torch.set_num_threads(threads)
 
 
@@ -81,15 +97,27 @@ def build(run_name, run, ldm, conds, d, noise):
         calls.append((int(t[0]), cond is conds["cat"]))
         return ldm(x, t, cond, control_scales=strength)
 
-    den = CFGDenoiser(model, conds["cat"], conds["neg"] if run["cfg_scale"] != 1 else None, run["cfg_scale"],
-                      rescale=run.get("rescale_cfg", False))
+    den = CFGDenoiser(
+        model,
+        conds["cat"],
+        conds["neg"] if run["cfg_scale"] != 1 else None,
+        run["cfg_scale"],
+        rescale=run.get("rescale_cfg", False),
+    )
     g = run.get("guidance")
     guidance = None
     if g is not None:
         guidance = LatentImageGuidance(
-            d["guidance_target_rgb"], g["scale_arg"], t_start=g["t_start"], t_stop=g["t_stop"], space=g["space"],
-            repeat=g["repeat"], weighted=g["class"] == "WeightedMSEGuidance",
-            encode=lambda x, eps: ldm.vae_encode(x, sample=eps is not None, noise=eps), decode=ldm.vae_decode)
+            d["guidance_target_rgb"],
+            g["scale_arg"],
+            t_start=g["t_start"],
+            t_stop=g["t_stop"],
+            space=g["space"],
+            repeat=g["repeat"],
+            weighted=g["class"] == "WeightedMSEGuidance",
+            encode=lambda x, eps: ldm.vae_encode(x, sample=eps is not None, noise=eps),
+            decode=ldm.vae_decode,
+        )
     param = "v" if family == "v2.1" else "eps"
     sched = make_spaced_schedule(make_training_schedule("v2.1" if family == "v2.1" else "v2"), run["steps"])
     return family, den, guidance, param, sched, calls
@@ -112,8 +140,12 @@ def check_step(d, k, info, family, run):
     close(info.x_prev, d[p + "x_prev"], p + "x_prev", family)
     if "guidance" in run:
         assert info.guidance.applied == run["per_step"][k]["guidance_applied"]
-        close(info.pred_x0_guided if info.guidance.applied else info.pred_x0, d[p + "pred_x0_guided"],
-              p + "pred_x0_guided", family)
+        close(
+            info.pred_x0_guided if info.guidance.applied else info.pred_x0,
+            d[p + "pred_x0_guided"],
+            p + "pred_x0_guided",
+            family,
+        )
         for r, rec in enumerate(info.guidance.repeats):
             close(rec.pred_x0_in, d[f"{p}rep{r}.pred_x0_in"], f"{p}rep{r}.pred_x0_in", family)
             close(rec.delta, d[f"{p}rep{r}.delta_pred_x0"], f"{p}rep{r}.delta", family)
@@ -134,16 +166,25 @@ def test_official_run_with_real_model(parity_dir, ldm, conds, runs, run_name):
     family, den, guidance, param, sched, calls = build(run_name, run, ldm, conds, d, noise)
     with torch.no_grad():
         for k in range(run["steps"]):
-            info = spaced_step(den, d[f"step{k:02d}.x_t"], sched, run["steps"] - 1 - k, parameterization=param,
-                               guidance=guidance, noise=noise, step=k)
+            info = spaced_step(
+                den,
+                d[f"step{k:02d}.x_t"],
+                sched,
+                run["steps"] - 1 - k,
+                parameterization=param,
+                guidance=guidance,
+                noise=noise,
+                step=k,
+            )
             check_step(d, k, info, family, run)
     noise.assert_exhausted()
     recorded_calls = sum(1 for key in d if ".model_out_" in key)
     assert len(calls) == recorded_calls  # cond only where the official code ran cond only
     # 2. end to end from x_T; the recorded draws are also what TorchNoise(seed) produces natively
     native = TorchNoise(run["torch_manual_seed"])
-    assert all(torch.equal(native(tuple(d[k].shape), d[k]), d[k])
-               for k in sorted(k for k in d if k.startswith("noise.")))
+    assert all(
+        torch.equal(native(tuple(d[k].shape), d[k]), d[k]) for k in sorted(k for k in d if k.startswith("noise."))
+    )
     noise = ReplayNoise.from_tensors(d)
     family, den, guidance, param, sched, _ = build(run_name, run, ldm, conds, d, noise)
     with torch.no_grad():

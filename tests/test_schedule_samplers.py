@@ -6,6 +6,7 @@ the recorded noise draws, teacher-forced step by step and end to end. Cross-chec
 DPM-Solver++ samplers against diffusers' schedulers; all samplers on a Gaussian toy problem with the exact
 denoiser (known answer).
 """
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from toys import GaussianDenoiser
 
 from diffbir_core.diffusion.cfg import CFGDenoiser, rescaled_cfg_scale
 from diffbir_core.diffusion.guidance import GuidanceOutput, LatentImageGuidance
@@ -38,10 +40,15 @@ from diffbir_core.diffusion.schedule import (
     space_timesteps,
 )
 from diffbir_core.stage2 import better_start_x_T
-from toys import GaussianDenoiser
 
-SPACED_KEYS = ("posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-               "posterior_variance", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod")
+SPACED_KEYS = (
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "posterior_variance",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+)
 
 
 def tol(ref: torch.Tensor) -> float:
@@ -119,7 +126,7 @@ def test_space_timesteps_helper_and_one_step(parity_dir, meta):
     assert sorted(space_timesteps(1000, "ddim4")) == [0, 250, 500, 750]
     assert sorted(space_timesteps(1000, "1")) == [0]  # the helper itself allows one step (t = 0 only) ...
     assert "IndexError" in meta[0]["make_schedule_1_step"]  # ... the official make_schedule then crashes
-    with pytest.raises(ValueError, match=">= 2"):           # ... we refuse it with a clear message
+    with pytest.raises(ValueError, match=">= 2"):  # ... we refuse it with a clear message
         make_spaced_schedule(make_training_schedule("v2"), 1)
     with pytest.raises(ValueError, match="exceeds"):
         make_spaced_schedule(make_training_schedule("v2"), 1001)
@@ -176,7 +183,7 @@ class CountingModel:
 
     def __call__(self, x, t, cond):
         self.calls.append((x.shape[0], cond["c_txt"][:, 0, 0].tolist()))
-        a = cond["c_txt"][:, :1, :1].unsqueeze(-1)                   # [B,1,1,1]
+        a = cond["c_txt"][:, :1, :1].unsqueeze(-1)  # [B,1,1,1]
         return torch.tanh(a * x) + t.view(-1, 1, 1, 1) / 1000.0 * cond["c_img"]
 
 
@@ -233,11 +240,25 @@ def test_noise_sources(parity_dir, meta):
 # ------------------------------------------------------------------------------------------------
 # replay of the official sampler runs
 # ------------------------------------------------------------------------------------------------
-RUNS = ["sampler_s4_cfg1", "sampler_s4_cfg4_neg", "sampler_s10_cfg1", "sampler_s10_cfg4_neg",
-        "sampler_s4_cfg4_neg_strength0.5", "guided_mse_latent_r1", "guided_mse_latent_r2",
-        "guided_mse_latent_r1_window", "guided_mse_latent_r1_s10", "guided_mse_rgb_r1", "guided_mse_rgb_r2",
-        "guided_wmse_rgb_r1", "guided_wmse_rgb_r2", "guided_wmse_rgb_r1_cfg1",
-        "v21_spaced_v_zsnr_s4_cfg1", "v21_spaced_v_zsnr_s4_cfg4_neg", "v21_spaced_v_zsnr_s10_cfg4_neg_rescalecfg"]
+RUNS = [
+    "sampler_s4_cfg1",
+    "sampler_s4_cfg4_neg",
+    "sampler_s10_cfg1",
+    "sampler_s10_cfg4_neg",
+    "sampler_s4_cfg4_neg_strength0.5",
+    "guided_mse_latent_r1",
+    "guided_mse_latent_r2",
+    "guided_mse_latent_r1_window",
+    "guided_mse_latent_r1_s10",
+    "guided_mse_rgb_r1",
+    "guided_mse_rgb_r2",
+    "guided_wmse_rgb_r1",
+    "guided_wmse_rgb_r2",
+    "guided_wmse_rgb_r1_cfg1",
+    "v21_spaced_v_zsnr_s4_cfg1",
+    "v21_spaced_v_zsnr_s4_cfg4_neg",
+    "v21_spaced_v_zsnr_s10_cfg4_neg_rescalecfg",
+]
 
 
 class ReplayModel:
@@ -288,9 +309,16 @@ def make_guidance(d, run, noise):
         state["i"] += 1
         return z
 
-    return LatentImageGuidance(d["guidance_target_rgb"], g["scale_arg"], t_start=g["t_start"], t_stop=g["t_stop"],
-                               space="latent", repeat=g["repeat"], weighted=g["class"] == "WeightedMSEGuidance",
-                               encode=encode)
+    return LatentImageGuidance(
+        d["guidance_target_rgb"],
+        g["scale_arg"],
+        t_start=g["t_start"],
+        t_stop=g["t_stop"],
+        space="latent",
+        repeat=g["repeat"],
+        weighted=g["class"] == "WeightedMSEGuidance",
+        encode=encode,
+    )
 
 
 def setup_run(parity_dir, run_name, runs):
@@ -299,14 +327,24 @@ def setup_run(parity_dir, run_name, runs):
     v21 = run_name.startswith("v21")
     sched = make_spaced_schedule(make_training_schedule("v2.1" if v21 else "v2"), run["steps"])
     model = ReplayModel(d, run)
-    den = CFGDenoiser(model, "cond", "uncond" if run["cfg_scale"] != 1 else None, run["cfg_scale"],
-                      rescale=run.get("rescale_cfg", False))
+    den = CFGDenoiser(
+        model,
+        "cond",
+        "uncond" if run["cfg_scale"] != 1 else None,
+        run["cfg_scale"],
+        rescale=run.get("rescale_cfg", False),
+    )
     return d, run, sched, model, den, ("v" if v21 else "eps")
 
 
 def step_checks(d, k, info, v21, guided):
-    pairs = [("pred_x0", info.pred_x0), ("model_mean", info.mean), ("x_prev", info.x_prev),
-             ("model_variance", info.variance), ("model_output_v" if v21 else "eps", info.model_output)]
+    pairs = [
+        ("pred_x0", info.pred_x0),
+        ("model_mean", info.mean),
+        ("x_prev", info.x_prev),
+        ("model_variance", info.variance),
+        ("model_output_v" if v21 else "eps", info.model_output),
+    ]
     if guided:
         pairs.append(("pred_x0_guided", info.pred_x0_guided if info.guidance.applied else info.pred_x0))
     return max(assert_close(v, d[f"step{k:02d}.{key}"], f"step{k}.{key}") for key, v in pairs)
@@ -321,8 +359,16 @@ def test_replayed_run_teacher_forced_and_end_to_end(parity_dir, meta, run_name):
     noise = ReplayNoise.from_tensors(d)
     guidance = make_guidance(d, run, noise)
     for k in range(run["steps"]):
-        info = spaced_step(den, d[f"step{k:02d}.x_t"], sched, run["steps"] - 1 - k, parameterization=param,
-                           guidance=guidance, noise=noise, step=k)
+        info = spaced_step(
+            den,
+            d[f"step{k:02d}.x_t"],
+            sched,
+            run["steps"] - 1 - k,
+            parameterization=param,
+            guidance=guidance,
+            noise=noise,
+            step=k,
+        )
         assert info.t == run["per_step"][k]["t_model"] and info.index == run["per_step"][k]["index"]
         step_checks(d, k, info, param == "v", guided)
         if guided:
@@ -331,8 +377,9 @@ def test_replayed_run_teacher_forced_and_end_to_end(parity_dir, meta, run_name):
                 for r, rec in enumerate(info.guidance.repeats):
                     assert_close(rec.delta, d[f"step{k:02d}.rep{r}.delta_pred_x0"], f"step{k}.rep{r}.delta")
                     assert rec.loss == pytest.approx(float(d[f"step{k:02d}.rep{r}.loss"]), rel=1e-5)
-                assert info.guidance.loss == pytest.approx(run["per_step"][k]["guidance_loss_mean_over_repeats"],
-                                                           rel=1e-5)
+                assert info.guidance.loss == pytest.approx(
+                    run["per_step"][k]["guidance_loss_mean_over_repeats"], rel=1e-5
+                )
     noise.assert_exhausted()
     # which branches ran: cond always, uncond only where recorded (cfg 1 / rescaled scale 1 -> cond only)
     expected = sorted((int(key[4:6]), key.rsplit("_", 1)[1]) for key in d if ".model_out_" in key)
@@ -342,8 +389,15 @@ def test_replayed_run_teacher_forced_and_end_to_end(parity_dir, meta, run_name):
     # end to end from x_T with the replayed model outputs and noise
     noise = ReplayNoise.from_tensors(d)
     infos = []
-    z = sample_spaced(den, d["x_T"], sched, parameterization=param, guidance=make_guidance(d, run, noise),
-                      noise=noise, callback=infos.append)
+    z = sample_spaced(
+        den,
+        d["x_T"],
+        sched,
+        parameterization=param,
+        guidance=make_guidance(d, run, noise),
+        noise=noise,
+        callback=infos.append,
+    )
     noise.assert_exhausted()
     assert [i.step for i in infos] == list(range(run["steps"]))
     for k, info in enumerate(infos):
@@ -366,9 +420,15 @@ def test_ddim_matches_diffusers(param, eta):
 
     tr = make_training_schedule("v2")
     steps = 10
-    ref_s = DDIMScheduler(num_train_timesteps=1000, trained_betas=tr.betas, clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
-                          prediction_type="epsilon" if param == "eps" else "v_prediction")
+    ref_s = DDIMScheduler(
+        num_train_timesteps=1000,
+        trained_betas=tr.betas,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon" if param == "eps" else "v_prediction",
+    )
     ref_s.set_timesteps(steps)
     ours = make_ddim_schedule(tr, steps, eta=eta)
     assert ref_s.timesteps.tolist() == ours.timesteps.flip(0).tolist()
@@ -383,8 +443,10 @@ def test_ddim_matches_diffusers(param, eta):
 
 def _edm_from_table(tr, ts):
     ac = tr.alphas_cumprod[ts]
-    return EDMSchedule(sigmas=torch.tensor(np.append(((1 - ac) / ac) ** 0.5, 0.0), dtype=torch.float32),
-                       timesteps=torch.tensor(np.append(ts, 0), dtype=torch.long))
+    return EDMSchedule(
+        sigmas=torch.tensor(np.append(((1 - ac) / ac) ** 0.5, 0.0), dtype=torch.float32),
+        timesteps=torch.tensor(np.append(ts, 0), dtype=torch.long),
+    )
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 copy-keyword notice inside diffusers
@@ -395,8 +457,12 @@ def test_dpmpp_matches_diffusers(which):
     tr = make_training_schedule("v2")
     ts = [999, 899, 749, 599, 449, 299, 149] if which != "3m_sde" else [999, 499]
     sched = _edm_from_table(tr, np.array(ts))
-    kw = {"num_train_timesteps": 1000, "trained_betas": tr.betas, "final_sigmas_type": "zero",
-          "lower_order_final": False}
+    kw = {
+        "num_train_timesteps": 1000,
+        "trained_betas": tr.betas,
+        "final_sigmas_type": "zero",
+        "lower_order_final": False,
+    }
     if which == "2m":
         ref_s = DPMSolverMultistepScheduler(solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint", **kw)
     elif which == "3m_ode":

@@ -3,6 +3,7 @@
 Tiny random components on CPU (no downloads); the full SD 2.1-base size is built on the meta device
 (parameter counts, official key layout), and once for real in a `slow` test (one denoiser step).
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,14 @@ from diffbir_core.models.ldm import STAGE2_CONFIGS, Stage2Config, TextConfig, UN
 from diffbir_core.weights import WeightsError
 
 TINY = Stage2Config(
-    unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,),
-                    num_head_channels=16, context_dim=32),
+    unet=UNetConfig(
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(1,),
+        num_head_channels=16,
+        context_dim=32,
+    ),
     vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1),  # 32 -> 64 channels: exercises nin_shortcut
     text=TextConfig(width=32, heads=2, layers=2, vocab_size=49408, layer="penultimate"),
 )
@@ -42,12 +49,15 @@ def tiny_model():
 def _inputs(batch: int = 1, hw: int = 8):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 4, hw, hw, generator=g)
-    cond = {"c_txt": torch.randn(batch, 77, TINY.unet.context_dim, generator=g),
-            "c_img": torch.randn(batch, 4, hw, hw, generator=g)}
+    cond = {
+        "c_txt": torch.randn(batch, 77, TINY.unet.context_dim, generator=g),
+        "c_img": torch.randn(batch, 4, hw, hw, generator=g),
+    }
     return x, cond
 
 
 # ------------------------------------------------------------------------------- full size (meta)
+
 
 def test_full_size_parameter_counts_and_official_layout():
     from diffbir_core.models.convert import export_control_official, keymap_for, to_official
@@ -76,24 +86,51 @@ def test_full_size_parameter_counts_and_official_layout():
     assert tuple(off["middle_block_out.0.weight"].shape) == (1280, 1280, 1, 1)
     assert "input_blocks.11.1.norm.weight" not in off and "input_blocks.8.1.proj_in.weight" in off
     unet_off = to_official(unet, keymap_for(unet))
-    assert {"output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight", "output_blocks.8.2.conv.weight",
-            "out.2.weight", "middle_block.1.proj_out.weight"} <= set(unet_off)
+    assert {
+        "output_blocks.2.1.conv.weight",
+        "output_blocks.5.2.conv.weight",
+        "output_blocks.8.2.conv.weight",
+        "out.2.weight",
+        "middle_block.1.proj_out.weight",
+    } <= set(unet_off)
     vae_off = to_official(vae, keymap_for(vae))
     assert tuple(vae_off["encoder.mid.attn_1.q.weight"].shape) == (512, 512, 1, 1)
     # channel-changing blocks (the SD checkpoint's nin_shortcut keys): encoder 128->256->512, decoder 512->256->128
     assert {k for k in vae_off if "nin_shortcut.weight" in k} == {
-        "encoder.down.1.block.0.nin_shortcut.weight", "encoder.down.2.block.0.nin_shortcut.weight",
-        "decoder.up.1.block.0.nin_shortcut.weight", "decoder.up.0.block.0.nin_shortcut.weight"}
+        "encoder.down.1.block.0.nin_shortcut.weight",
+        "encoder.down.2.block.0.nin_shortcut.weight",
+        "decoder.up.1.block.0.nin_shortcut.weight",
+        "decoder.up.0.block.0.nin_shortcut.weight",
+    }
 
 
 def test_config_from_official_rejects_mismatch():
-    base = {"latent_scale_factor": 0.18215,
-            "unet_cfg": {"in_channels": 4, "out_channels": 4, "model_channels": 32, "attention_resolutions": [1],
-                         "num_res_blocks": 1, "channel_mult": [1, 2], "num_head_channels": 16,
-                         "use_spatial_transformer": True, "use_linear_in_transformer": True, "context_dim": 32},
-            "vae_cfg": {"embed_dim": 4, "ddconfig": {"z_channels": 4, "ch": 32, "ch_mult": [1, 2, 2, 2],
-                                                      "num_res_blocks": 1, "attn_resolutions": []}},
-            "clip_cfg": {"text_cfg": {"width": 32, "heads": 2, "layers": 2}, "layer": "penultimate"}}
+    base = {
+        "latent_scale_factor": 0.18215,
+        "unet_cfg": {
+            "in_channels": 4,
+            "out_channels": 4,
+            "model_channels": 32,
+            "attention_resolutions": [1],
+            "num_res_blocks": 1,
+            "channel_mult": [1, 2],
+            "num_head_channels": 16,
+            "use_spatial_transformer": True,
+            "use_linear_in_transformer": True,
+            "context_dim": 32,
+        },
+        "vae_cfg": {
+            "embed_dim": 4,
+            "ddconfig": {
+                "z_channels": 4,
+                "ch": 32,
+                "ch_mult": [1, 2, 2, 2],
+                "num_res_blocks": 1,
+                "attn_resolutions": [],
+            },
+        },
+        "clip_cfg": {"text_cfg": {"width": 32, "heads": 2, "layers": 2}, "layer": "penultimate"},
+    }
     good = {**base, "controlnet_cfg": {**base["unet_cfg"], "hint_channels": 4}}
     assert Stage2Config.from_official(good) == TINY
     with pytest.raises(ValueError, match="different network"):
@@ -104,6 +141,7 @@ def test_config_from_official_rejects_mismatch():
 
 
 # ------------------------------------------------------------------------------- control branch
+
 
 @torch.no_grad()
 def test_from_unet_init_has_no_effect(tiny_model):
@@ -125,8 +163,14 @@ def test_from_unet_init_has_no_effect(tiny_model):
 def test_control_scales_and_timesteps(tiny_model):
     from diffbir_core.models.ldm import ControlLDM
 
-    m = ControlLDM(tiny_model.unet, _randomize(type(tiny_model.controlnet).from_unet(tiny_model.unet), 3),
-                   tiny_model.vae, tiny_model.text, TINY.latent_scale_factor, TINY).eval()
+    m = ControlLDM(
+        tiny_model.unet,
+        _randomize(type(tiny_model.controlnet).from_unet(tiny_model.unet), 3),
+        tiny_model.vae,
+        tiny_model.text,
+        TINY.latent_scale_factor,
+        TINY,
+    ).eval()
     x, cond = _inputs()
     t = torch.tensor([500])
     res = m.control(x, t, cond)
@@ -141,6 +185,7 @@ def test_control_scales_and_timesteps(tiny_model):
 
 
 # ------------------------------------------------------------------------------- loaders
+
 
 def test_control_file_with_wrong_key_raises(tiny_model):
     from diffbir_core.models.convert import export_control_official
@@ -178,9 +223,12 @@ def test_sd_ldm_loader_unused_keys(tiny_model, tmp_path):
     from diffbir_core.models.ldm import load_sd_ldm
 
     sd = _official_sd(tiny_model)
-    extra = {"model_ema.decay": torch.tensor(0.9999), "betas": torch.zeros(1000),
-             "cond_stage_model.model.text_projection": torch.zeros(32, 32),
-             "cond_stage_model.model.transformer.resblocks.1.ln_1.weight": torch.ones(32)}
+    extra = {
+        "model_ema.decay": torch.tensor(0.9999),
+        "betas": torch.zeros(1000),
+        "cond_stage_model.model.text_projection": torch.zeros(32, 32),
+        "cond_stage_model.model.transformer.resblocks.1.ln_1.weight": torch.ones(32),
+    }
     torch.save({"state_dict": {**sd, **extra}}, tmp_path / "sd.ckpt")
     unet, vae, text, reports = load_sd_ldm(tmp_path / "sd.ckpt", TINY, return_reports=True)
     assert sorted(reports[-1].unexpected) == sorted(extra)
@@ -201,8 +249,13 @@ def test_full_v1_checkpoint(tiny_model):
     ctrl = _randomize(type(tiny_model.controlnet).from_unet(tiny_model.unet), 5)
     sd = _official_sd(tiny_model)
     sd.update(export_control_official(ctrl, prefix=CONTROL_PREFIX_V1_FULL))
-    sd.update({"cond_encoder." + k[len("first_stage_model."):]: v.clone() for k, v in sd.items()
-               if k.startswith(("first_stage_model.encoder.", "first_stage_model.quant_conv."))})
+    sd.update(
+        {
+            "cond_encoder." + k[len("first_stage_model.") :]: v.clone()
+            for k, v in sd.items()
+            if k.startswith(("first_stage_model.encoder.", "first_stage_model.quant_conv."))
+        }
+    )
     sd["preprocess_model.conv_first.weight"] = torch.zeros(3)  # the stage-1 SwinIR rides along
     m = load_full_v1(sd, TINY)
     assert _equal_modules(m.controlnet, ctrl) and _equal_modules(m.unet, tiny_model.unet)
@@ -220,9 +273,18 @@ def test_diffusers_folder(tiny_model, tmp_path):
     tiny_model.unet.save_pretrained(tmp_path / "unet")
     tiny_model.vae.save_pretrained(tmp_path / "vae")
     torch.manual_seed(7)
-    hf = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu",
-                                      layer_norm_eps=1e-5)).eval()
+    hf = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            layer_norm_eps=1e-5,
+        )
+    ).eval()
     hf.save_pretrained(tmp_path / "text_encoder")
     *_, reports = load_sd_diffusers(tmp_path, TINY, return_reports=True)
     assert reports[-1].unexpected and all(".layers.1." in k for k in reports[-1].unexpected)  # 2nd layer unused
@@ -240,8 +302,14 @@ def test_diffusers_folder(tiny_model, tmp_path):
 def test_own_safetensors_round_trip(tiny_model, tmp_path):
     from diffbir_core.models.ldm import ControlLDM, load_control_ldm_safetensors, save_control_ldm_safetensors
 
-    m = ControlLDM(tiny_model.unet, _randomize(type(tiny_model.controlnet).from_unet(tiny_model.unet), 9),
-                   tiny_model.vae, tiny_model.text, TINY.latent_scale_factor, TINY)
+    m = ControlLDM(
+        tiny_model.unet,
+        _randomize(type(tiny_model.controlnet).from_unet(tiny_model.unet), 9),
+        tiny_model.vae,
+        tiny_model.text,
+        TINY.latent_scale_factor,
+        TINY,
+    )
     path = save_control_ldm_safetensors(m, tmp_path / "cldm.safetensors")
     back = load_control_ldm_safetensors(path)
     for name in ("unet", "controlnet", "vae", "text"):
@@ -254,6 +322,7 @@ def test_own_safetensors_round_trip(tiny_model, tmp_path):
 
 
 # ------------------------------------------------------------------------------- VAE / text API
+
 
 @torch.no_grad()
 def test_vae_encode_sampling(tiny_model):
@@ -288,6 +357,7 @@ def test_prompt_length_limit(tiny_model):
 
 # ------------------------------------------------------------------------------- slow: full size, real
 
+
 @pytest.mark.slow
 @torch.no_grad()
 def test_full_size_denoiser_step_cpu():
@@ -306,8 +376,10 @@ def test_full_size_denoiser_step_cpu():
     eps = m(x, torch.tensor([999]), cond)
     t_step, c_step = time.perf_counter() - t0, time.process_time() - c0
     assert eps.shape == x.shape and torch.isfinite(eps).all()
-    print(f"\nfull-size build {t_build:.1f}s; one ControlLDM step at 64x64 latent: {t_step:.1f}s wall, "
-          f"{c_step:.1f}s CPU (2 threads)")
+    print(
+        f"\nfull-size build {t_build:.1f}s; one ControlLDM step at 64x64 latent: {t_step:.1f}s wall, "
+        f"{c_step:.1f}s CPU (2 threads)"
+    )
 
 
 def test_pretrained_load_caches_the_conversion(tiny_model, tmp_path, monkeypatch):

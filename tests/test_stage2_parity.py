@@ -5,6 +5,7 @@ the model is built from ``configs/cldm_tiny.yaml`` and filled from the official-
 ``weights/sd_ldm.ckpt`` and ``weights/controlnet.pth`` through our real loaders.
 Tolerance: max|a-b| <= 1e-4 * max(1, max|ref|).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -12,8 +13,11 @@ import torch
 
 pytestmark = pytest.mark.parity
 
-PROMPTS = {"empty": "", "cat": "a photo of a cat",
-           "neg": "low quality, blurry, low-resolution, noisy, unsharp, weird textures"}
+PROMPTS = {
+    "empty": "",
+    "cat": "a photo of a cat",
+    "neg": "low quality, blurry, low-resolution, noisy, unsharp, weird textures",
+}
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor, name: str) -> float:
@@ -53,9 +57,9 @@ def model(parity_dir, cfg):
 def test_config_from_official_yaml(cfg, parity_dir):
     import json
 
-    from diffbir_core.models.ldm import STAGE2_CONFIGS, Stage2Config
-
     import yaml
+
+    from diffbir_core.models.ldm import STAGE2_CONFIGS, Stage2Config
 
     # residuals of the official ControlNet, from the fixture's own config: input conv + num_res_blocks per level
     # + one downsample between levels + the middle block (official ControlNet.input_blocks / middle_block_out)
@@ -133,8 +137,12 @@ def test_denoiser(model, tensors):
     # per-residual scales (official list of 13) and precomputed residuals give the same result
     eps = model(x, t500, cond, control_scales=[0.5] * len(residuals), control=residuals)
     _close(eps, ref["eps_t500_strength0.5"], "eps_t500 with list scales + precomputed residuals")
-    dev_eps = max(dev_eps, _close(model(x, t500, cond, control=None), ref["eps_unet_only_no_control_t500"],
-                                  "eps_unet_only_no_control_t500"))
+    dev_eps = max(
+        dev_eps,
+        _close(
+            model(x, t500, cond, control=None), ref["eps_unet_only_no_control_t500"], "eps_unet_only_no_control_t500"
+        ),
+    )
     print(f"control residual max|diff|: {dev_res:.3g}; eps max|diff|: {dev_eps:.3g}")
 
 

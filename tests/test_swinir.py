@@ -6,6 +6,7 @@ tensors/swinir.safetensors is reproduced from the matching input of tensors/inpu
 Non-parity: key map / strict-loading errors, config parsing, padding behaviour and the full-size
 parameter count against an independent formula - all with micro configs on CPU.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,9 +37,22 @@ def _tiny_cfg(parity_dir) -> SwinIRConfig:
 
 def _micro_cfg(**kw) -> SwinIRConfig:
     """A very small model (16x16 image -> 8x8 tokens, 2x2 windows of 4, one shifted block)."""
-    base = dict(img_size=8, patch_size=1, in_chans=3, embed_dim=8, depths=(1, 2), num_heads=(2, 2), window_size=4,
-                mlp_ratio=2.0, sf=2, img_range=1.0, upsampler="nearest+conv", resi_connection="1conv",
-                unshuffle=True, unshuffle_scale=2)
+    base = dict(
+        img_size=8,
+        patch_size=1,
+        in_chans=3,
+        embed_dim=8,
+        depths=(1, 2),
+        num_heads=(2, 2),
+        window_size=4,
+        mlp_ratio=2.0,
+        sf=2,
+        img_range=1.0,
+        upsampler="nearest+conv",
+        resi_connection="1conv",
+        unshuffle=True,
+        unshuffle_scale=2,
+    )
     return SwinIRConfig(**{**base, **kw})
 
 
@@ -56,7 +70,7 @@ def _output_pairs(parity_dir) -> list[tuple[str, str]]:
     pairs = []
     for k in sorted(refs):
         assert k.startswith("swinir_out"), f"unexpected reference key {k} in swinir.safetensors"
-        pairs.append(("lq" + k[len("swinir_out"):], k))
+        pairs.append(("lq" + k[len("swinir_out") :], k))
     return pairs
 
 
@@ -166,7 +180,7 @@ def _expected_param_count(cfg: SwinIRConfig) -> int:
     def conv(cin: int, cout: int, k: int = 3) -> int:
         return cin * cout * k * k + cout
 
-    in_ch = cfg.in_chans * cfg.unshuffle_scale ** 2
+    in_ch = cfg.in_chans * cfg.unshuffle_scale**2
     ws = min(cfg.window_size, cfg.token_grid)
     total = conv(in_ch, c) + 2 * c  # conv_first + patch_embed.norm
     for depth, heads in zip(cfg.depths, cfg.num_heads):

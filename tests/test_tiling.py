@@ -10,6 +10,7 @@ Seams: the GroupNorm-synchronised VAE equals the untiled VAE everywhere (float r
 blend tiles do not; a Gaussian-fused tiled denoiser / cleaner around a LOCAL network equals the untiled one away
 from tile borders, and the seam difference near borders is bounded by the tiny Gaussian weights there.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,9 @@ from torch import nn
 from diffbir_core import speed
 from diffbir_core.cleaners import CLEANERS, Cleaner
 from diffbir_core.config import RestoreParams, TileOptions
+from diffbir_core.diffusion.cfg import CFGDenoiser
 from diffbir_core.models import text, vae_runner
 from diffbir_core.models.ldm import Stage2Config, build_control_ldm
-from diffbir_core.diffusion.cfg import CFGDenoiser
 from diffbir_core.tiling import cleaner as tcleaner
 from diffbir_core.tiling import denoiser as tdenoiser
 from diffbir_core.tiling import plan as tplan
@@ -43,8 +44,9 @@ def _tol(ref: torch.Tensor) -> float:
 
 def _build_tiny(parity_dir):
     cfg = Stage2Config.from_official(yaml.safe_load((parity_dir / "configs" / "cldm_tiny.yaml").read_text()))
-    return build_control_ldm(cfg, sd=parity_dir / "weights" / "sd_ldm.ckpt",
-                             control=parity_dir / "weights" / "controlnet.pth")
+    return build_control_ldm(
+        cfg, sd=parity_dir / "weights" / "sd_ldm.ckpt", control=parity_dir / "weights" / "controlnet.pth"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +120,7 @@ def test_predict_noise_tiled_matches_official(tiny, ref, prompts, batched, tile_
         c = {"c_txt": tiny.encode_text([prompts["cat"]]), "c_img": ref["tiled_c_img"]}
         u = {"c_txt": tiny.encode_text([prompts["neg"]]), "c_img": ref["tiled_c_img"]}
         t = torch.tensor([500])
+
         def model(x, tt, cc):
             return tiny(x, tt, cc)
 
@@ -149,8 +152,10 @@ def test_synced_vae_matches_untiled_everywhere(tiny):
             m, lv = vae_sync.vae_posterior_synced(tiny, img, core=8, store_bytes=store)
             d = vae_sync.vae_decode_synced(tiny, z, core=8, store_bytes=store)
             errs[store] = (_rel(m, mean), _rel(lv, logvar), _rel(d, dec))
-        blend = (_rel(vae_blend.vae_posterior_tiled(tiny, img, 64, 48)[0], mean),
-                 _rel(vae_blend.vae_decode_tiled(tiny, z, 8, 6), dec))
+        blend = (
+            _rel(vae_blend.vae_posterior_tiled(tiny, img, 64, 48)[0], mean),
+            _rel(vae_blend.vae_decode_tiled(tiny, z, 8, 6), dec),
+        )
     for e in errs.values():
         assert max(e) < 2e-5, errs
     assert min(blend) > 1000 * max(max(e) for e in errs.values()), (blend, errs)
@@ -214,13 +219,13 @@ def _interior_mask(hw, windows, rf):
     for h0, h1, w0, w1 in windows:
         bad = torch.zeros(hw, dtype=torch.bool)
         if h0 > 0:
-            bad[h0:h0 + rf, w0:w1] = True
+            bad[h0 : h0 + rf, w0:w1] = True
         if h1 < h:
-            bad[h1 - rf:h1, w0:w1] = True
+            bad[h1 - rf : h1, w0:w1] = True
         if w0 > 0:
-            bad[h0:h1, w0:w0 + rf] = True
+            bad[h0:h1, w0 : w0 + rf] = True
         if w1 < w:
-            bad[h0:h1, w1 - rf:w1] = True
+            bad[h0:h1, w1 - rf : w1] = True
         ok &= ~bad
     return ok
 
@@ -251,19 +256,27 @@ def test_tiled_denoiser_seams_are_bounded(stride):
         den = tdenoiser.TiledModel(model, tile=16, stride=stride)
         tiled = CFGDenoiser(den, cond, uncond, 3.0, batched=True)(x, t)
         crop = tdenoiser.crop_cond
-        own = torch.cat([CFGDenoiser(model, crop(cond, (40, 56), w), crop(uncond, (40, 56), w),
-                                     3.0)(x[..., w[0]:w[1], w[2]:w[3]], t).abs().amax().reshape(1)
-                         for w in den.windows((40, 56))])
+        own = torch.cat(
+            [
+                CFGDenoiser(model, crop(cond, (40, 56), w), crop(uncond, (40, 56), w), 3.0)(
+                    x[..., w[0] : w[1], w[2] : w[3]], t
+                )
+                .abs()
+                .amax()
+                .reshape(1)
+                for w in den.windows((40, 56))
+            ]
+        )
     diff = (tiled - full).abs()[0].amax(0)
     wins = den.windows((40, 56))
     mask = _interior_mask((40, 56), wins, rf=2)
     assert mask.float().mean() > 0.3
-    assert diff[mask].max().item() < 1e-5                    # away from tile borders: the untiled result
+    assert diff[mask].max().item() < 1e-5  # away from tile borders: the untiled result
     # near borders: |tiled - full| <= (weight share of the tiles that are wrong there) x (|tile out| + |full out|)
     bound = _seam_bound((40, 56), wins, 2, twindows.gaussian_weights(16, 16)) * (own.max() + full.abs().max())
     assert (diff <= bound.float() + 1e-5).all()
-    assert diff.max().item() > 1e-7                           # (tiles do see different padding there)
-    if stride == 8:                                           # half-tile overlap: the seams nearly vanish
+    assert diff.max().item() > 1e-7  # (tiles do see different padding there)
+    if stride == 8:  # half-tile overlap: the seams nearly vanish
         assert diff.max().item() < 0.02 * full.abs().max().item()
 
 
@@ -291,7 +304,7 @@ def test_tiled_cleaner_matches_untiled_away_from_borders():
     diff = (ours - full).abs()[0].amax(0)
     assert diff[mask].max().item() < 1e-5
     assert diff.max().item() < 1e-3
-    big = tcleaner.TiledCleaner(base, tile=128, overlap=8)     # one tile: the plain network
+    big = tcleaner.TiledCleaner(base, tile=128, overlap=8)  # one tile: the plain network
     assert torch.equal(big(x), full)
 
 
@@ -310,8 +323,14 @@ def test_tiled_cleaner_with_swinir(parity_dir):
 
 # ------------------------------------------------------------------------------- stage 2 with tiling + guidance
 def _params(**kw) -> RestoreParams:
-    base = {"steps": 2, "sampler": "spaced", "cfg_scale": 4.0, "pos_prompt": "a photo of a cat",
-            "neg_prompt": "blurry", "color_fix": "none"}
+    base = {
+        "steps": 2,
+        "sampler": "spaced",
+        "cfg_scale": 4.0,
+        "pos_prompt": "a photo of a cat",
+        "neg_prompt": "blurry",
+        "color_fix": "none",
+    }
     base.update(kw)
     return RestoreParams.from_preset("v2", **base).validate()
 
@@ -321,9 +340,13 @@ def test_sample_latent_tiled_with_cfg_and_guidance(tiny):
     from diffbir_core.stage2 import sample_latent
 
     clean = (_image(128, 128, seed=9) + 1) / 2
-    plan = tplan.TilingPlan(diffusion=True, latent_tile=8, latent_stride=8,
-                             vae_encoder=vae_runner.VAETiling("sync", tile=8),
-                             vae_decoder=vae_runner.VAETiling("blend", tile=8, stride=8))
+    plan = tplan.TilingPlan(
+        diffusion=True,
+        latent_tile=8,
+        latent_stride=8,
+        vae_encoder=vae_runner.VAETiling("sync", tile=8),
+        vae_decoder=vae_runner.VAETiling("blend", tile=8, stride=8),
+    )
     events = []
     runner = vae_runner.VAERunner(tiny, plan.vae_encoder, plan.vae_decoder, progress=events.append)
     outs = {}
@@ -338,8 +361,9 @@ def test_sample_latent_tiled_with_cfg_and_guidance(tiny):
     # a plan whose tile covers the latent (and an untiled runner) gives the untiled sampler's result
     p = _params()
     z_plain = sample_latent(tiny, clean, p, seed=3)
-    z_one = sample_latent(tiny, clean, p, seed=3, plan=tplan.TilingPlan(diffusion=True, latent_tile=16),
-                          vae=vae_runner.VAERunner(tiny))
+    z_one = sample_latent(
+        tiny, clean, p, seed=3, plan=tplan.TilingPlan(diffusion=True, latent_tile=16), vae=vae_runner.VAERunner(tiny)
+    )
     assert (z_one - z_plain).abs().max().item() <= _tol(z_plain)
 
 
@@ -352,12 +376,13 @@ def test_pipeline_stage2_with_synced_vae_matches_untiled(tiny):
     p = _params(cfg_scale=1.0, color_fix="wavelet")
     keep_a, keep_b = {}, {}
     a = pipe.run_stage2(clean, p, seed=1, keep=keep_a, plan=tplan.TilingPlan())
-    sync = tplan.TilingPlan(vae_encoder=vae_runner.VAETiling("sync", tile=8),
-                            vae_decoder=vae_runner.VAETiling("sync", tile=8))
+    sync = tplan.TilingPlan(
+        vae_encoder=vae_runner.VAETiling("sync", tile=8), vae_decoder=vae_runner.VAETiling("sync", tile=8)
+    )
     b = pipe.run_stage2(clean, p, seed=1, keep=keep_b, plan=sync)
     assert (keep_a["z_final"] - keep_b["z_final"]).abs().max().item() <= _tol(keep_a["z_final"])
     assert (a - b).abs().max().item() <= 1e-4
-    assert pipe._text_caches[id(tiny)].misses == 1   # one prompt (cfg 1: no negative), encoded once for both runs
+    assert pipe._text_caches[id(tiny)].misses == 1  # one prompt (cfg 1: no negative), encoded once for both runs
 
 
 # ------------------------------------------------------------------------------------------- automatic plan
@@ -368,7 +393,7 @@ def test_auto_tiling_decisions():
     assert not small.any
     big = tplan.auto_tiling(p, (2048, 2048), "cpu", weights_bytes=int(6.7 * gib), budget_bytes=9 * gib)
     assert big.cleaner and big.diffusion and big.vae_encoder.mode == "sync" and big.vae_decoder.mode == "sync"
-    assert big.vae_decoder.cost is not None and big.vae_decoder.cost <= 5.0   # 2 x max_sync_cost at most
+    assert big.vae_decoder.cost is not None and big.vae_decoder.cost <= 5.0  # 2 x max_sync_cost at most
     assert big.vae_decoder.store_gb < 9 - 6.7
     roomy = tplan.auto_tiling(p, (2048, 2048), "cpu", weights_bytes=int(6.7 * gib), budget_bytes=14 * gib)
     assert roomy.vae_decoder.mode == "sync" and roomy.vae_decoder.stats_fraction == 1.0
@@ -382,38 +407,53 @@ def test_auto_tiling_decisions():
     assert enc.vae_decoder.mode == "none" and not enc.cleaner
     small = tplan.auto_tiling(p.replace(tiles__vae_encoder=True), (128, 128), "cpu", budget_bytes=64 * gib)
     assert small.vae_encoder.mode == "none"  # HEAD pipeline.py:106-111: a tiny input is not tiled
-    cl = tplan.auto_tiling(p.replace(tiles__cleaner=True, tiles__enabled=False), (2048, 2048), "cpu",
-                           budget_bytes=64 * gib)
+    cl = tplan.auto_tiling(
+        p.replace(tiles__cleaner=True, tiles__enabled=False), (2048, 2048), "cpu", budget_bytes=64 * gib
+    )
     assert cl.cleaner and not cl.diffusion  # the per-stage switch wins over enabled=False
     off = tplan.auto_tiling(p.replace(tiles__enabled=False), (4096, 4096), "cpu", budget_bytes=gib)
     assert not off.any
     on = tplan.auto_tiling(p.replace(tiles__enabled=True), (1024, 1024), "cpu", budget_bytes=64 * gib)
     assert on.cleaner and on.diffusion and on.vae_encoder.mode == on.vae_decoder.mode == "sync"
-    blend = tplan.auto_tiling(p.replace(tiles__enabled=True), (1024, 1024), "cpu", budget_bytes=64 * gib,
-                               vae_mode="blend")
+    blend = tplan.auto_tiling(
+        p.replace(tiles__enabled=True), (1024, 1024), "cpu", budget_bytes=64 * gib, vae_mode="blend"
+    )
     assert blend.vae_decoder.mode == "blend"
     tiny_budget = tplan.auto_tiling(p, (2048, 2048), "cpu", weights_bytes=int(6.7 * gib), budget_bytes=7 * gib)
     assert tiny_budget.notes and tiny_budget.latent_tile <= 64
     none = tplan.auto_tiling(RestoreParams.from_preset("offline"), (4096, 4096), "cpu", budget_bytes=gib)
     assert none.cleaner and not none.diffusion and none.vae_decoder.mode == "none"
-    assert tplan.estimate_stage_bytes("vae_decoder", 2 * 512 * 512) > tplan.estimate_stage_bytes("vae_decoder",
-                                                                                                     512 * 512)
+    assert tplan.estimate_stage_bytes("vae_decoder", 2 * 512 * 512) > tplan.estimate_stage_bytes(
+        "vae_decoder", 512 * 512
+    )
     with pytest.raises(ValueError, match="max memory"):
         tplan.memory_budget_bytes("cpu", -1)
     assert tplan.memory_budget_bytes("cpu", 3.0) == 3 * gib
     with pytest.raises(ValueError, match="unknown stage"):
         tplan.estimate_stage_bytes("unet", 10)
-    d, opts = tplan.TilingPlan(), TileOptions()                          # one source for the tile defaults
-    assert (d.latent_tile, d.latent_stride, d.cleaner_tile, d.cleaner_overlap) == \
-        (opts.latent_tile, opts.latent_stride, opts.cleaner_tile, opts.cleaner_overlap)
+    d, opts = tplan.TilingPlan(), TileOptions()  # one source for the tile defaults
+    assert (d.latent_tile, d.latent_stride, d.cleaner_tile, d.cleaner_overlap) == (
+        opts.latent_tile,
+        opts.latent_stride,
+        opts.cleaner_tile,
+        opts.cleaner_overlap,
+    )
 
 
 def test_vae_runner_imports_before_tiling():
     """models.vae_runner uses tiling.* and tiling.plan uses models.vae_runner: no import cycle either way."""
-    code = ("import diffbir_core.models.vae_runner as r, diffbir_core.tiling.plan as p; "
-            "assert p.TilingPlan().vae_decoder == r.VAETiling()")
-    res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                         text=True, timeout=300, check=False)
+    code = (
+        "import diffbir_core.models.vae_runner as r, diffbir_core.tiling.plan as p; "
+        "assert p.TilingPlan().vae_decoder == r.VAETiling()"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
 
 
@@ -454,11 +494,11 @@ def test_attention_kinds_and_offload_agree(parity_dir, ref, prompts):
         a = ldm(ref["tiled_x"], t, c)
         notes = speed.apply_speed_options(ldm, speed.SpeedOptions(channels_last=True), "cpu")
         b = ldm(ref["tiled_x"], t, c)
-        speed.offload(ldm, torch.device("cpu"), "model")               # accelerate hooks, CPU as the "GPU"
+        speed.offload(ldm, torch.device("cpu"), "model")  # accelerate hooks, CPU as the "GPU"
         d = ldm(ref["tiled_x"], t, c)
     assert n > 0 and any("sdpa" in s for s in notes)
     assert (a - b).abs().max().item() <= _tol(a) and (a - d).abs().max().item() <= _tol(a)
-    with speed.autocast_for("cpu", torch.bfloat16)():                   # ops on autocast's list run in bf16
+    with speed.autocast_for("cpu", torch.bfloat16)():  # ops on autocast's list run in bf16
         assert (ref["tiled_x"][0, 0] @ ref["tiled_x"][0, 0]).dtype == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16), speed.autocast_for("cpu", torch.float32)():
         assert (ref["tiled_x"][0, 0] @ ref["tiled_x"][0, 0]).dtype == torch.float32  # float32 turns autocast off
@@ -475,8 +515,8 @@ def test_text_and_posterior_caches(tiny):
     cache = text.TextEmbeddingCache(enc, max_entries=2)
     a = cache(["x", "y", "x"])
     assert a.shape[0] == 3 and torch.equal(a[0], a[2]) and calls == [["x"], ["y"]]
-    cache(["z"])                                                          # evicts "y" (least recently used)
-    cache(["x"])                                                          # still cached
+    cache(["z"])  # evicts "y" (least recently used)
+    cache(["x"])  # still cached
     assert calls[-1] == ["z"] and cache.misses == 3
     img = _image(64, 64)
     n_calls = []

@@ -5,6 +5,7 @@ reproduces the uninterrupted run's next losses bit-exactly, gradient accumulatio
 checkpoints are official-layout state dicts that `load_swinir` loads strictly, configs come from
 TOML/JSON/flags with clear errors.
 """
+
 from __future__ import annotations
 
 import json
@@ -104,12 +105,20 @@ def test_gradient_accumulation_matches_big_batch(hq_dir, tmp_path):
 
 def test_config_from_toml_json_and_flags(tmp_path, hq_dir):
     toml = tmp_path / "c.toml"
-    toml.write_text('preset = "tiny_cpu_stage1"\nmax_steps = 7\nlr = 0.01\n'
-                    'swinir_overrides = { embed_dim = 8, depths = [1], num_heads = [2], '
-                    'window_size = 4, img_size = 4 }\n')
+    toml.write_text(
+        'preset = "tiny_cpu_stage1"\nmax_steps = 7\nlr = 0.01\n'
+        "swinir_overrides = { embed_dim = 8, depths = [1], num_heads = [2], "
+        "window_size = 4, img_size = 4 }\n"
+    )
     cfg = load_config(toml, overrides={"batch_size": "3", "val_data": "none", "face_aligned": "true"})
-    assert (cfg.max_steps, cfg.lr, cfg.batch_size, cfg.crop, cfg.val_data, cfg.face_aligned) == \
-        (7, 0.01, 3, 32, None, True)
+    assert (cfg.max_steps, cfg.lr, cfg.batch_size, cfg.crop, cfg.val_data, cfg.face_aligned) == (
+        7,
+        0.01,
+        3,
+        32,
+        None,
+        True,
+    )
     assert cfg.swinir_overrides["embed_dim"] == 8
     js = tmp_path / "c.json"
     js.write_text(json.dumps({"stage": "stage1", "crop": 64, "swinir_overrides": {"embed_dim": 12}}))
@@ -124,8 +133,21 @@ def test_config_from_toml_json_and_flags(tmp_path, hq_dir):
         TrainConfig(degradation="nope")
     # the CLI: flags over the file; a bad value is a clean exit code 2
     out = tmp_path / "cli"
-    rc = main(["stage1", "--config", str(toml), "--data", str(hq_dir), "--out-dir", str(out), "--max-steps", "2",
-               "--ckpt-every", "2"])
+    rc = main(
+        [
+            "stage1",
+            "--config",
+            str(toml),
+            "--data",
+            str(hq_dir),
+            "--out-dir",
+            str(out),
+            "--max-steps",
+            "2",
+            "--ckpt-every",
+            "2",
+        ]
+    )
     assert rc == 0 and (out / "checkpoints" / "0000002" / "train_state.pt").is_file()
     assert json.loads((out / "config.json").read_text())["lr"] == 0.01
     assert main(["stage1", "--crop", "abc"]) == 2
@@ -146,8 +168,7 @@ def test_lr_schedule_warmup_cosine(hq_dir, tmp_path):
     with pytest.raises(ValueError, match="lr_min"):
         TrainConfig(lr=1e-4, lr_min=1e-3)
     # the optimiser follows it step by step, also across a resume (logged lr = the step's lr)
-    run = _tiny(hq_dir, tmp_path / "cos", max_steps=4, ckpt_every=2, lr_schedule="cosine", warmup_steps=2,
-                lr_min=1e-4)
+    run = _tiny(hq_dir, tmp_path / "cos", max_steps=4, ckpt_every=2, lr_schedule="cosine", warmup_steps=2, lr_min=1e-4)
     train(replace(run, max_steps=2))
     train(replace(run, resume="latest"))
     rows = (tmp_path / "cos" / "log.csv").read_text().splitlines()[1:]
@@ -167,11 +188,27 @@ def test_bad_crop_and_resume_errors(hq_dir, tmp_path):
 def _stage2_cfg(parity_dir: Path, hq_dir: Path, out: Path, **kw) -> TrainConfig:
     c = parity_dir / "configs"
     w = parity_dir / "weights"
-    values = dict(stage="stage2", data=str(hq_dir), out_dir=str(out), crop=64, batch_size=1, max_steps=1,
-                  num_workers=0, lr=1e-3, log_every=1, ckpt_every=1, val_every=1, val_images=0,
-                  stage2=str(c / "cldm_tiny.yaml"), sd_checkpoint=str(w / "sd_ldm.ckpt"),
-                  cleaner=str(c / "swinir_tiny.yaml"), cleaner_checkpoint=str(w / "swinir.pth"),
-                  prompt="a photo", prompt_dropout=0.5, seed=0)
+    values = dict(
+        stage="stage2",
+        data=str(hq_dir),
+        out_dir=str(out),
+        crop=64,
+        batch_size=1,
+        max_steps=1,
+        num_workers=0,
+        lr=1e-3,
+        log_every=1,
+        ckpt_every=1,
+        val_every=1,
+        val_images=0,
+        stage2=str(c / "cldm_tiny.yaml"),
+        sd_checkpoint=str(w / "sd_ldm.ckpt"),
+        cleaner=str(c / "swinir_tiny.yaml"),
+        cleaner_checkpoint=str(w / "swinir.pth"),
+        prompt="a photo",
+        prompt_dropout=0.5,
+        seed=0,
+    )
     values.update(kw)
     return load_config(overrides=values)
 
@@ -192,9 +229,16 @@ def test_stage2_step_changes_only_the_control_branch(parity_dir, hq64_dir, tmp_p
     from diffbir_core.models.ldm import ControlNet, build_control_ldm, load_control
     from diffbir_core.train.config import stage2_config
 
-    cfg = _stage2_cfg(parity_dir, hq64_dir, tmp_path / "s2", prediction=prediction,
-                      diffusion="v2.1" if prediction == "v" else "v2", max_steps=2, ckpt_every=1,
-                      noise_aug_timestep=100 if prediction == "v" else 0)
+    cfg = _stage2_cfg(
+        parity_dir,
+        hq64_dir,
+        tmp_path / "s2",
+        prediction=prediction,
+        diffusion="v2.1" if prediction == "v" else "v2",
+        max_steps=2,
+        ckpt_every=1,
+        noise_aug_timestep=100 if prediction == "v" else 0,
+    )
     s2 = stage2_config(cfg.stage2)
     ref = build_control_ldm(s2, sd=cfg.sd_checkpoint)  # frozen parts as loaded + the paper's control init
     summary = train(cfg)
@@ -244,10 +288,29 @@ def test_sigterm_writes_a_checkpoint_and_exits(hq_dir, tmp_path):
 
     out = tmp_path / "sig"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "diffbir_core.train", "stage1", "--preset", "tiny_cpu_stage1",
-                             "--data", str(hq_dir), "--out-dir", str(out), "--max-steps", "100000",
-                             "--ckpt-every", "100000", "--val-every", "100000"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "diffbir_core.train",
+            "stage1",
+            "--preset",
+            "tiny_cpu_stage1",
+            "--data",
+            str(hq_dir),
+            "--out-dir",
+            str(out),
+            "--max-steps",
+            "100000",
+            "--ckpt-every",
+            "100000",
+            "--val-every",
+            "100000",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline:

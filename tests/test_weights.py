@@ -1,5 +1,8 @@
 """weights.py: resolution order, loud failures, unwrapping and strict loading."""
+
 from __future__ import annotations
+
+import pickle
 
 import pytest
 import torch
@@ -10,10 +13,22 @@ from diffbir_core import weights as W
 
 def test_table_names_every_official_checkpoint():
     files = {s.filename for s in W.WEIGHTS.values()}
-    for f in ["v2-1_512-ema-pruned.ckpt", "sd2.1-base-zsnr-laionaes5.ckpt", "v1_general.pth", "v1_face.pth",
-              "v2.pth", "DiffBIR_v2.1.pt", "general_swinir_v1.ckpt", "face_swinir_v1.ckpt",
-              "realesrgan_s4_swinir_100k.pth", "codeformer_swinir.ckpt", "BSRNet.pth",
-              "scunet_color_real_psnr.pth", "general_full_v1.ckpt", "face_full_v1.ckpt"]:
+    for f in [
+        "v2-1_512-ema-pruned.ckpt",
+        "sd2.1-base-zsnr-laionaes5.ckpt",
+        "v1_general.pth",
+        "v1_face.pth",
+        "v2.pth",
+        "DiffBIR_v2.1.pt",
+        "general_swinir_v1.ckpt",
+        "face_swinir_v1.ckpt",
+        "realesrgan_s4_swinir_100k.pth",
+        "codeformer_swinir.ckpt",
+        "BSRNet.pth",
+        "scunet_color_real_psnr.pth",
+        "general_full_v1.ckpt",
+        "face_full_v1.ckpt",
+    ]:
         assert f in files, f
     # SD 2.1 base: community mirrors are tried before the withdrawn stabilityai repo
     repos = [s.repo_id for s in W.WEIGHTS["sd_v2.1"].sources]
@@ -71,8 +86,12 @@ def test_load_state_dict_unwraps(tmp_path, wrap):
     if wrap == "safetensors":
         p = W.save_safetensors(sd, tmp_path / "w.safetensors")
     else:
-        obj = {"plain": sd, "state_dict": {"state_dict": sd, "epoch": 3}, "params_ema": {"params_ema": sd},
-               "module": {f"module.{k}": v for k, v in sd.items()}}[wrap]
+        obj = {
+            "plain": sd,
+            "state_dict": {"state_dict": sd, "epoch": 3},
+            "params_ema": {"params_ema": sd},
+            "module": {f"module.{k}": v for k, v in sd.items()},
+        }[wrap]
         p = tmp_path / "w.pth"
         torch.save(obj, p)
     got = W.load_state_dict(p)
@@ -115,7 +134,7 @@ def test_lightning_style_checkpoint_with_foreign_objects(tmp_path):
     sd = _Net().state_dict()
     p = tmp_path / "lightning.ckpt"
     torch.save({"state_dict": sd, "callbacks": {"cb": _TrainerState()}, "epoch": 7}, p)
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.UnpicklingError):
         torch.load(p, weights_only=True)  # what plain weights_only loading does
     # refused by default, naming the offending global; read with inert stubs only when trusted
     with pytest.raises(W.UnsafeCheckpointError, match=r"_TrainerState"):

@@ -1,4 +1,5 @@
 """Known-answer toy denoisers shared by the sampler and guidance tests."""
+
 from __future__ import annotations
 
 import torch
@@ -14,9 +15,9 @@ class GaussianDenoiser:
     def __call__(self, x, t):
         a = self.ac[t].view(-1, 1, 1, 1)
         xd = x.double()
-        denom = a * self.s ** 2 + 1 - a
+        denom = a * self.s**2 + 1 - a
         eps = (1 - a).sqrt() * (xd - a.sqrt() * self.mu) / denom
         if self.p == "eps":
             return eps.float()
-        x0 = self.mu + a.sqrt() * self.s ** 2 * (xd - a.sqrt() * self.mu) / denom
+        x0 = self.mu + a.sqrt() * self.s**2 * (xd - a.sqrt() * self.mu) / denom
         return (a.sqrt() * eps - (1 - a).sqrt() * x0).float()

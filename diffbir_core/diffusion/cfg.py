@@ -9,6 +9,7 @@ Mirrors
       s(t) = 1 + s (1 - cos(pi ((1000 - t) / 1000)^5)) / 2 (exactly 1 at t = 999, so only the
       conditional branch runs there).
 """
+
 from __future__ import annotations
 
 import math
@@ -37,9 +38,17 @@ class CFGDenoiser:
     (values of the two dicts are concatenated key by key; same numbers up to float rounding).
     """
 
-    def __init__(self, model: Callable[[Tensor, Tensor, Any], Tensor], cond: Any, uncond: Any = None,
-                 scale: float = 1.0, *, rescale: bool = False, batched: bool = False,
-                 num_timesteps: int = 1000) -> None:
+    def __init__(
+        self,
+        model: Callable[[Tensor, Tensor, Any], Tensor],
+        cond: Any,
+        uncond: Any = None,
+        scale: float = 1.0,
+        *,
+        rescale: bool = False,
+        batched: bool = False,
+        num_timesteps: int = 1000,
+    ) -> None:
         self.model, self.cond, self.uncond = model, cond, uncond
         self.scale, self.rescale, self.batched = float(scale), rescale, batched
         self.num_timesteps = num_timesteps

@@ -13,6 +13,7 @@ Mirrors
       0.5 delta to the already computed update. Window: runs iff t_stop < t + 1 < t_start.
     Deviation: latent-space WMSE (crashes officially, 3- vs 4-channel) pools the RGB weight map to the latent.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -45,9 +46,9 @@ class RepeatRecord:
 
 @dataclass(frozen=True)
 class GuidanceOutput:
-    pred_x0: Tensor                 # guided z0_hat after all repeats (== input when not applied)
-    update_pred_x0: Tensor          # z0_hat the sampler update must use (v2: guided, v1: unguided input)
-    state_shift: Tensor | None   # added to the sampler update (v1: 0.5 * sum delta), else None
+    pred_x0: Tensor  # guided z0_hat after all repeats (== input when not applied)
+    update_pred_x0: Tensor  # z0_hat the sampler update must use (v2: guided, v1: unguided input)
+    state_shift: Tensor | None  # added to the sampler update (v1: 0.5 * sum delta), else None
     applied: bool
     repeats: tuple[RepeatRecord, ...] = ()
 
@@ -73,15 +74,15 @@ def wmse_weight_map(img01: Tensor, block_size: int = 2) -> Tensor:
     if h % block_size or w % block_size:
         raise ValueError(f"weighted MSE needs H and W divisible by {block_size}, got {h}x{w}; pad the image first")
     k = torch.tensor(_GRAY, dtype=img01.dtype, device=img01.device).view(1, 3, 1, 1)
-    gray = torch.sum(img01 * k, dim=1, keepdim=True)                      # [B,1,H,W]
+    gray = torch.sum(img01 * k, dim=1, keepdim=True)  # [B,1,H,W]
     gx = [[1, 0, -1], [2, 0, -2], [1, 0, -1]]
     gy = [[1, 2, 1], [0, 0, 0], [-1, -2, -1]]
     sobel = torch.tensor([[gx], [gy]], dtype=img01.dtype, device=img01.device)  # [2,1,3,3]
     grad = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), sobel)  # [B,2,H,W]
-    mag = grad.pow(2).sum(dim=1, keepdim=True).sqrt()                     # [B,1,H,W]
+    mag = grad.pow(2).sum(dim=1, keepdim=True).sqrt()  # [B,1,H,W]
     b = block_size
     blocks = mag.view(n, 1, h // b, b, w // b, b).permute(0, 1, 2, 4, 3, 5).contiguous()
-    block_sum = blocks.sum(dim=(-2, -1)).tanh()                           # [B,1,H/b,W/b]
+    block_sum = blocks.sum(dim=(-2, -1)).tanh()  # [B,1,H/b,W/b]
     return 1 - block_sum.repeat_interleave(b, dim=2).repeat_interleave(b, dim=3)
 
 
@@ -113,10 +114,21 @@ class LatentImageGuidance:
             once (deterministic, no draws).
     """
 
-    def __init__(self, target_rgb_m11: Tensor, scale: float, *, t_start: int = 1001, t_stop: int = -1,
-                 space: Literal["latent", "rgb"] = "latent", repeat: int = 1, weighted: bool = False,
-                 rule: Literal["v2", "v1"] = "v2", encode: EncodeFn | None = None,
-                 decode: DecodeFn | None = None, sample_target: bool = True) -> None:
+    def __init__(
+        self,
+        target_rgb_m11: Tensor,
+        scale: float,
+        *,
+        t_start: int = 1001,
+        t_stop: int = -1,
+        space: Literal["latent", "rgb"] = "latent",
+        repeat: int = 1,
+        weighted: bool = False,
+        rule: Literal["v2", "v1"] = "v2",
+        encode: EncodeFn | None = None,
+        decode: DecodeFn | None = None,
+        sample_target: bool = True,
+    ) -> None:
         if target_rgb_m11.ndim != 4 or target_rgb_m11.shape[1] != 3:
             raise ValueError(f"target must be an RGB batch [B,3,H,W] in [-1,1], got {tuple(target_rgb_m11.shape)}")
         if space not in ("latent", "rgb"):
@@ -148,7 +160,7 @@ class LatentImageGuidance:
         if self._weight_rgb is None:
             return None
         w = self._weight_rgb.to(device=like.device, dtype=like.dtype)
-        if w.shape[-2:] != like.shape[-2:]:                           # latent space: pool to [B,1,h,w]
+        if w.shape[-2:] != like.shape[-2:]:  # latent space: pool to [B,1,h,w]
             w = F.adaptive_avg_pool2d(w, like.shape[-2:])
         return w
 
@@ -171,17 +183,18 @@ class LatentImageGuidance:
             return self._target_mode
         if noise is None:
             raise ValueError("latent guidance with sample_target=True needs the sampler's noise source")
-        eps = noise(tuple(like.shape), like)                                # [B,4,h,w] posterior sample noise
+        eps = noise(tuple(like.shape), like)  # [B,4,h,w] posterior sample noise
         return self.encode(target, eps).detach()
 
-    def __call__(self, pred_x0: Tensor, *, t: int, x0_coef: Tensor | float,
-                 noise: NoiseFn | None = None) -> GuidanceOutput:
+    def __call__(
+        self, pred_x0: Tensor, *, t: int, x0_coef: Tensor | float, noise: NoiseFn | None = None
+    ) -> GuidanceOutput:
         if not self.is_active(t):  # note: scale 0 still runs (and draws noise), as the official code
             return not_applied(pred_x0)
         x0 = pred_x0.detach()
         if self.rule == "v2":
             coef = torch.as_tensor(x0_coef, dtype=x0.dtype, device=x0.device)
-            rescale = 1 / coef                                               # official grad_rescale (float32)
+            rescale = 1 / coef  # official grad_rescale (float32)
         shift = torch.zeros_like(x0) if self.rule == "v1" else None
         records = []
         for _ in range(self.repeat):
@@ -192,12 +205,12 @@ class LatentImageGuidance:
             else:
                 with torch.enable_grad():
                     z = x0.detach().clone().requires_grad_(True)
-                    img = self.decode(z)                                     # [B,3,H,W] in [-1,1]
+                    img = self.decode(z)  # [B,3,H,W] in [-1,1]
                     target = self.target.to(device=img.device, dtype=img.dtype)
                     if img.shape != target.shape:
                         raise ValueError(f"decoded shape {tuple(img.shape)} != target shape {tuple(target.shape)}")
                     g, loss = self._loss_grad(img, target, self._weight(img))
-                    delta = torch.autograd.grad(img, z, grad_outputs=g)[0]   # VJP of the decoder
+                    delta = torch.autograd.grad(img, z, grad_outputs=g)[0]  # VJP of the decoder
             records.append(RepeatRecord(pred_x0_in=x0, delta=delta, loss=loss, target_latent=target_latent))
             if self.rule == "v2":
                 x0 = x0 + delta * rescale
@@ -205,7 +218,7 @@ class LatentImageGuidance:
                 x0 = x0 + delta
                 shift = shift + 0.5 * delta
         if self.rule == "v2":
-            return GuidanceOutput(pred_x0=x0, update_pred_x0=x0, state_shift=None, applied=True,
-                                  repeats=tuple(records))
-        return GuidanceOutput(pred_x0=x0, update_pred_x0=pred_x0, state_shift=shift, applied=True,
-                              repeats=tuple(records))
+            return GuidanceOutput(pred_x0=x0, update_pred_x0=x0, state_shift=None, applied=True, repeats=tuple(records))
+        return GuidanceOutput(
+            pred_x0=x0, update_pred_x0=pred_x0, state_shift=shift, applied=True, repeats=tuple(records)
+        )

@@ -13,6 +13,7 @@ for the 1e-8 overwrite). dpm++_m2: ``dpms_sampler.py:17-101`` + ``dpm_solver_pyt
 "discrete", multistep order 2, time_uniform, lower_order_final); it feeds the model FLOAT timesteps.
 The official EDM / DPM-Solver samplers have no restoration guidance; the hook here is our extension.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -49,7 +50,12 @@ Tensor = torch.Tensor
 
 # HEAD inference.py:205-240 (argparse defaults, used by every official run)
 OFFICIAL_KNOB_DEFAULTS: dict[str, float | int] = {
-    "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 300.0, "s_noise": 1.0, "eta": 1.0, "order": 1,
+    "s_churn": 0.0,
+    "s_tmin": 0.0,
+    "s_tmax": 300.0,
+    "s_noise": 1.0,
+    "eta": 1.0,
+    "order": 1,
 }
 
 
@@ -73,14 +79,14 @@ def get_ancestral_step(sigma_from: Tensor, sigma_to: Tensor, eta: float = 1.0):
     """(sigma_down, sigma_up) of an ancestral step (k_diffusion.py:56-63)."""
     if not eta:
         return sigma_to, 0.0
-    sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
-    sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
+    sigma_up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+    sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
     return sigma_down, sigma_up
 
 
 def _churn_gamma(sig: Tensor, i: int, s_churn: float, s_tmin: float, s_tmax: float) -> float:
     """Karras et al. 2022 Alg. 2 gamma_i (k_diffusion.py:128): min(S_churn / N, sqrt2 - 1) inside [S_tmin, S_tmax]."""
-    return min(s_churn / (len(sig) - 1), 2 ** 0.5 - 1) if s_tmin <= sig[i] <= s_tmax else 0.0
+    return min(s_churn / (len(sig) - 1), 2**0.5 - 1) if s_tmin <= sig[i] <= s_tmax else 0.0
 
 
 class _Increments:
@@ -90,7 +96,7 @@ class _Increments:
     def __init__(self, noise: NoiseFn, sig: Tensor) -> None:
         self.noise = noise
         pos = sig[sig > 0]
-        self.sigma_min, self.sigma_max = pos.min(), sig.max()      # k_diffusion.py:550, 622, 664
+        self.sigma_min, self.sigma_max = pos.min(), sig.max()  # k_diffusion.py:550, 622, 664
 
     def __call__(self, sigma: Tensor, sigma_next: Tensor, x: Tensor) -> Tensor:
         interval = getattr(self.noise, "interval", None)
@@ -121,8 +127,20 @@ def _finish(x_new: Tensor, g) -> Tensor:
 
 def _report(callback, i, t, x, out, d, x_new, g, sigma) -> None:
     if callback is not None:
-        callback(StepInfo(step=i, index=i, t=t, x_t=x, model_output=out, pred_x0=d, x_prev=x_new,
-                          pred_x0_guided=g.pred_x0 if g else None, sigma=float(sigma), guidance=g))
+        callback(
+            StepInfo(
+                step=i,
+                index=i,
+                t=t,
+                x_t=x,
+                model_output=out,
+                pred_x0=d,
+                x_prev=x_new,
+                pred_x0_guided=g.pred_x0 if g else None,
+                sigma=float(sigma),
+                guidance=g,
+            )
+        )
 
 
 def _setup(x_T: Tensor, schedule: EDMSchedule, parameterization: Parameterization, noise, seed):
@@ -133,9 +151,22 @@ def _setup(x_T: Tensor, schedule: EDMSchedule, parameterization: Parameterizatio
 # ----------------------------------------------------------------------------------------------
 # Karras et al. (2022) Algorithm 2 family: euler, heun, dpm_2 (s_churn, s_tmin, s_tmax, s_noise)
 # ----------------------------------------------------------------------------------------------
-def _churn_sampler(method: str, denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, *,
-                   parameterization: Parameterization, s_churn: float, s_tmin: float, s_tmax: float,
-                   s_noise: float, guidance, noise, seed, callback) -> Tensor:
+def _churn_sampler(
+    method: str,
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: EDMSchedule,
+    *,
+    parameterization: Parameterization,
+    s_churn: float,
+    s_tmin: float,
+    s_tmax: float,
+    s_noise: float,
+    guidance,
+    noise,
+    seed,
+    callback,
+) -> Tensor:
     _check_knobs(s_noise=s_noise, s_churn=s_churn)
     noise, sig, x = _setup(x_T, schedule, parameterization, noise, seed)
     p = parameterization
@@ -145,11 +176,11 @@ def _churn_sampler(method: str, denoiser: Denoiser, x_T: Tensor, schedule: EDMSc
         eps = noise(tuple(x.shape), x) * s_noise
         sigma_hat = sig[i] * (gamma + 1)
         if gamma > 0:
-            x = x + eps * (sigma_hat ** 2 - sig[i] ** 2) ** 0.5
+            x = x + eps * (sigma_hat**2 - sig[i] ** 2) ** 0.5
         # 2. clean prediction at sigma_hat (model t = nearest schedule sigma), guidance on it
         d, out, t = _denoise(denoiser, x, sigma_hat, schedule, p)
         d_used, g = _guided(guidance, d, t, 1 - sig[i + 1] / sigma_hat, noise)
-        deriv = (x - d_used) / sigma_hat                                 # to_d: Karras ODE derivative
+        deriv = (x - d_used) / sigma_hat  # to_d: Karras ODE derivative
         # 3. step to sigma_{i+1}
         if method == "euler" or sig[i + 1] == 0:
             x_new = x + deriv * (sig[i + 1] - sigma_hat)
@@ -158,7 +189,7 @@ def _churn_sampler(method: str, denoiser: Denoiser, x_T: Tensor, schedule: EDMSc
             x_2 = x + deriv * dt
             d_2, _, _ = _denoise(denoiser, x_2, sig[i + 1], schedule, p)
             x_new = x + (deriv + (x_2 - d_2) / sig[i + 1]) / 2 * dt
-        else:                                                            # dpm_2: midpoint in log sigma
+        else:  # dpm_2: midpoint in log sigma
             sigma_mid = sigma_hat.log().lerp(sig[i + 1].log(), 0.5).exp()
             x_2 = x + deriv * (sigma_mid - sigma_hat)
             d_2, _, _ = _denoise(denoiser, x_2, sigma_mid, schedule, p)
@@ -170,44 +201,124 @@ def _churn_sampler(method: str, denoiser: Denoiser, x_T: Tensor, schedule: EDMSc
 
 
 @torch.no_grad()
-def sample_euler(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, *,
-                 parameterization: Parameterization = "eps", s_churn: float = 0.0, s_tmin: float = 0.0,
-                 s_tmax: float = 300.0, s_noise: float = 1.0, guidance: Guidance | None = None,
-                 noise: NoiseFn | None = None, seed: int | None = None, callback: Callback | None = None) -> Tensor:
+def sample_euler(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: EDMSchedule,
+    *,
+    parameterization: Parameterization = "eps",
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = 300.0,
+    s_noise: float = 1.0,
+    guidance: Guidance | None = None,
+    noise: NoiseFn | None = None,
+    seed: int | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
     """Euler (Karras Alg. 2 without the 2nd-order correction), HEAD "edm_euler" (k_diffusion.py:122-140)."""
-    return _churn_sampler("euler", denoiser, x_T, schedule, parameterization=parameterization, s_churn=s_churn,
-                          s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, guidance=guidance, noise=noise, seed=seed,
-                          callback=callback)
+    return _churn_sampler(
+        "euler",
+        denoiser,
+        x_T,
+        schedule,
+        parameterization=parameterization,
+        s_churn=s_churn,
+        s_tmin=s_tmin,
+        s_tmax=s_tmax,
+        s_noise=s_noise,
+        guidance=guidance,
+        noise=noise,
+        seed=seed,
+        callback=callback,
+    )
 
 
 @torch.no_grad()
-def sample_heun(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, *,
-                parameterization: Parameterization = "eps", s_churn: float = 0.0, s_tmin: float = 0.0,
-                s_tmax: float = 300.0, s_noise: float = 1.0, guidance: Guidance | None = None,
-                noise: NoiseFn | None = None, seed: int | None = None, callback: Callback | None = None) -> Tensor:
+def sample_heun(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: EDMSchedule,
+    *,
+    parameterization: Parameterization = "eps",
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = 300.0,
+    s_noise: float = 1.0,
+    guidance: Guidance | None = None,
+    noise: NoiseFn | None = None,
+    seed: int | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
     """Heun (Karras Alg. 2; Euler on the last step), HEAD "edm_heun" (k_diffusion.py:163-189). 2 NFE per step."""
-    return _churn_sampler("heun", denoiser, x_T, schedule, parameterization=parameterization, s_churn=s_churn,
-                          s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, guidance=guidance, noise=noise, seed=seed,
-                          callback=callback)
+    return _churn_sampler(
+        "heun",
+        denoiser,
+        x_T,
+        schedule,
+        parameterization=parameterization,
+        s_churn=s_churn,
+        s_tmin=s_tmin,
+        s_tmax=s_tmax,
+        s_noise=s_noise,
+        guidance=guidance,
+        noise=noise,
+        seed=seed,
+        callback=callback,
+    )
 
 
 @torch.no_grad()
-def sample_dpm_2(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, *,
-                 parameterization: Parameterization = "eps", s_churn: float = 0.0, s_tmin: float = 0.0,
-                 s_tmax: float = 300.0, s_noise: float = 1.0, guidance: Guidance | None = None,
-                 noise: NoiseFn | None = None, seed: int | None = None, callback: Callback | None = None) -> Tensor:
+def sample_dpm_2(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: EDMSchedule,
+    *,
+    parameterization: Parameterization = "eps",
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = 300.0,
+    s_noise: float = 1.0,
+    guidance: Guidance | None = None,
+    noise: NoiseFn | None = None,
+    seed: int | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
     """DPM-Solver-2 style midpoint steps with churn, HEAD "edm_dpm_2" (k_diffusion.py:192-220). 2 NFE per step."""
-    return _churn_sampler("dpm_2", denoiser, x_T, schedule, parameterization=parameterization, s_churn=s_churn,
-                          s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, guidance=guidance, noise=noise, seed=seed,
-                          callback=callback)
+    return _churn_sampler(
+        "dpm_2",
+        denoiser,
+        x_T,
+        schedule,
+        parameterization=parameterization,
+        s_churn=s_churn,
+        s_tmin=s_tmin,
+        s_tmax=s_tmax,
+        s_noise=s_noise,
+        guidance=guidance,
+        noise=noise,
+        seed=seed,
+        callback=callback,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # ancestral samplers: euler_a, dpm_2_a, dpm++_2s_a (eta, s_noise)
 # ----------------------------------------------------------------------------------------------
-def _ancestral_sampler(method: str, denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, *,
-                       parameterization: Parameterization, eta: float, s_noise: float, guidance, noise, seed,
-                       callback) -> Tensor:
+def _ancestral_sampler(
+    method: str,
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: EDMSchedule,
+    *,
+    parameterization: Parameterization,
+    eta: float,
+    s_noise: float,
+    guidance,
+    noise,
+    seed,
+    callback,
+) -> Tensor:
     _check_knobs(s_noise=s_noise, eta=eta)
     noise, sig, x = _setup(x_T, schedule, parameterization, noise, seed)
     inc = _Increments(noise, sig)
@@ -225,7 +336,7 @@ def _ancestral_sampler(method: str, denoiser: Denoiser, x_T: Tensor, schedule: E
             x_2 = x + (x - d_used) / sig[i] * (sigma_mid - sig[i])
             d_2, _, _ = _denoise(denoiser, x_2, sigma_mid, schedule, p)
             x_new = x + (x_2 - d_2) / sigma_mid * (sigma_down - sig[i])
-        else:                                                            # dpm++_2s_a: DPM-Solver++(2S), r = 1/2
+        else:  # dpm++_2s_a: DPM-Solver++(2S), r = 1/2
             t_cur, t_next = sig[i].log().neg(), sigma_down.log().neg()
             h = t_next - t_cur
             s = t_cur + h / 2
@@ -242,33 +353,93 @@ def _ancestral_sampler(method: str, denoiser: Denoiser, x_T: Tensor, schedule: E
 
 
 @torch.no_grad()
-def sample_euler_ancestral(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, *,
-                           parameterization: Parameterization = "eps", eta: float = 1.0, s_noise: float = 1.0,
-                           guidance: Guidance | None = None, noise: NoiseFn | None = None, seed: int | None = None,
-                           callback: Callback | None = None) -> Tensor:
+def sample_euler_ancestral(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: EDMSchedule,
+    *,
+    parameterization: Parameterization = "eps",
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    guidance: Guidance | None = None,
+    noise: NoiseFn | None = None,
+    seed: int | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
     """Ancestral Euler, HEAD "edm_euler_a" (k_diffusion.py:143-160)."""
-    return _ancestral_sampler("euler_a", denoiser, x_T, schedule, parameterization=parameterization, eta=eta,
-                              s_noise=s_noise, guidance=guidance, noise=noise, seed=seed, callback=callback)
+    return _ancestral_sampler(
+        "euler_a",
+        denoiser,
+        x_T,
+        schedule,
+        parameterization=parameterization,
+        eta=eta,
+        s_noise=s_noise,
+        guidance=guidance,
+        noise=noise,
+        seed=seed,
+        callback=callback,
+    )
 
 
 @torch.no_grad()
-def sample_dpm_2_ancestral(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, *,
-                           parameterization: Parameterization = "eps", eta: float = 1.0, s_noise: float = 1.0,
-                           guidance: Guidance | None = None, noise: NoiseFn | None = None, seed: int | None = None,
-                           callback: Callback | None = None) -> Tensor:
+def sample_dpm_2_ancestral(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: EDMSchedule,
+    *,
+    parameterization: Parameterization = "eps",
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    guidance: Guidance | None = None,
+    noise: NoiseFn | None = None,
+    seed: int | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
     """Ancestral DPM-Solver-2, HEAD "edm_dpm_2_a" (k_diffusion.py:223-249). 2 NFE per step (1 on the last)."""
-    return _ancestral_sampler("dpm_2_a", denoiser, x_T, schedule, parameterization=parameterization, eta=eta,
-                              s_noise=s_noise, guidance=guidance, noise=noise, seed=seed, callback=callback)
+    return _ancestral_sampler(
+        "dpm_2_a",
+        denoiser,
+        x_T,
+        schedule,
+        parameterization=parameterization,
+        eta=eta,
+        s_noise=s_noise,
+        guidance=guidance,
+        noise=noise,
+        seed=seed,
+        callback=callback,
+    )
 
 
 @torch.no_grad()
-def sample_dpmpp_2s_ancestral(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, *,
-                              parameterization: Parameterization = "eps", eta: float = 1.0, s_noise: float = 1.0,
-                              guidance: Guidance | None = None, noise: NoiseFn | None = None,
-                              seed: int | None = None, callback: Callback | None = None) -> Tensor:
+def sample_dpmpp_2s_ancestral(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: EDMSchedule,
+    *,
+    parameterization: Parameterization = "eps",
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    guidance: Guidance | None = None,
+    noise: NoiseFn | None = None,
+    seed: int | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
     """Ancestral DPM-Solver++(2S), HEAD "edm_dpm++_2s_a" (k_diffusion.py:513-544). 2 NFE per step."""
-    return _ancestral_sampler("dpm++_2s_a", denoiser, x_T, schedule, parameterization=parameterization, eta=eta,
-                              s_noise=s_noise, guidance=guidance, noise=noise, seed=seed, callback=callback)
+    return _ancestral_sampler(
+        "dpm++_2s_a",
+        denoiser,
+        x_T,
+        schedule,
+        parameterization=parameterization,
+        eta=eta,
+        s_noise=s_noise,
+        guidance=guidance,
+        noise=noise,
+        seed=seed,
+        callback=callback,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,9 +464,18 @@ def lms_coefficient(order: int, sigmas: np.ndarray, i: int, j: int) -> float:
 
 
 @torch.no_grad()
-def sample_lms(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, *,
-               parameterization: Parameterization = "eps", order: int = 1, guidance: Guidance | None = None,
-               noise: NoiseFn | None = None, seed: int | None = None, callback: Callback | None = None) -> Tensor:
+def sample_lms(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: EDMSchedule,
+    *,
+    parameterization: Parameterization = "eps",
+    order: int = 1,
+    guidance: Guidance | None = None,
+    noise: NoiseFn | None = None,
+    seed: int | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
     """Linear multistep in sigma, HEAD "edm_lms" (k_diffusion.py:265-282); official CLI order = 1 (= Euler),
     k-diffusion's own default 4. The first steps use order min(i + 1, order). Deterministic."""
     if not isinstance(order, (int, np.integer)) or order < 1:
@@ -307,7 +487,7 @@ def sample_lms(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, *,
         d, out, t = _denoise(denoiser, x, sig[i], schedule, parameterization)
         cur = min(i + 1, order)
         coeffs = [lms_coefficient(cur, sig_np, i, j) for j in range(cur)]
-        d_used, g = _guided(guidance, d, t, -coeffs[0] / sig[i], noise)   # x += c_0 (x - D) / sigma_i + ...
+        d_used, g = _guided(guidance, d, t, -coeffs[0] / sig[i], noise)  # x += c_0 (x - D) / sigma_i + ...
         ds.append((x - d_used) / sig[i])
         if len(ds) > order:
             ds.pop(0)
@@ -321,10 +501,20 @@ def sample_lms(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, *,
 # DPM-Solver++ SDE family: dpm++_sde, dpm++_2m_sde, dpm++_3m_sde (eta, s_noise; Brownian-tree noise)
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_dpmpp_sde(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, *,
-                     parameterization: Parameterization = "eps", eta: float = 1.0, s_noise: float = 1.0,
-                     r: float = 0.5, guidance: Guidance | None = None, noise: NoiseFn | None = None,
-                     seed: int | None = None, callback: Callback | None = None) -> Tensor:
+def sample_dpmpp_sde(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: EDMSchedule,
+    *,
+    parameterization: Parameterization = "eps",
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    r: float = 0.5,
+    guidance: Guidance | None = None,
+    noise: NoiseFn | None = None,
+    seed: int | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
     """Stochastic DPM-Solver++ (2 NFE per step, half step at r), HEAD "edm_dpm++_sde" (k_diffusion.py:547-586).
 
     Noise: ``BrownianTreeNoise`` gives the official Brownian increments (it queries the path at the half step
@@ -341,7 +531,7 @@ def sample_dpmpp_sde(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, *,
 
     for i in range(schedule.num_steps):
         d, out, t = _denoise(denoiser, x, sig[i], schedule, parameterization)
-        if sig[i + 1] == 0:                                              # Euler to sigma = 0
+        if sig[i + 1] == 0:  # Euler to sigma = 0
             d_used, g = _guided(guidance, d, t, 1.0, noise)
             x_new = x + (x - d_used) / sig[i] * (sig[i + 1] - sig[i])
         else:
@@ -370,10 +560,20 @@ def sample_dpmpp_sde(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, *,
 
 
 @torch.no_grad()
-def sample_dpmpp_2m_sde(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, *,
-                        parameterization: Parameterization = "eps", eta: float = 1.0, s_noise: float = 1.0,
-                        solver_type: str = "midpoint", guidance: Guidance | None = None, noise: NoiseFn | None = None,
-                        seed: int | None = None, callback: Callback | None = None) -> Tensor:
+def sample_dpmpp_2m_sde(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: EDMSchedule,
+    *,
+    parameterization: Parameterization = "eps",
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    solver_type: str = "midpoint",
+    guidance: Guidance | None = None,
+    noise: NoiseFn | None = None,
+    seed: int | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
     """DPM-Solver++(2M) SDE, HEAD "edm_dpm++_2m_sde" (k_diffusion.py:615-657; HEAD uses solver_type "midpoint").
     eta = 0 is the deterministic DPM-Solver++(2M) (not bitwise: k-diffusion's 2M uses a different formula)."""
     if solver_type not in ("heun", "midpoint"):
@@ -385,7 +585,7 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, 
     for i in range(schedule.num_steps):
         d, out, t = _denoise(denoiser, x, sig[i], schedule, parameterization)
         h = None
-        if sig[i + 1] == 0:                                              # denoising step
+        if sig[i + 1] == 0:  # denoising step
             d_used, g = _guided(guidance, d, t, 1.0, noise)
             x_new = d_used
         else:
@@ -410,10 +610,19 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, 
 
 
 @torch.no_grad()
-def sample_dpmpp_3m_sde(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, *,
-                        parameterization: Parameterization = "eps", eta: float = 1.0, s_noise: float = 1.0,
-                        guidance: Guidance | None = None, noise: NoiseFn | None = None,
-                        seed: int | None = None, callback: Callback | None = None) -> Tensor:
+def sample_dpmpp_3m_sde(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: EDMSchedule,
+    *,
+    parameterization: Parameterization = "eps",
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    guidance: Guidance | None = None,
+    noise: NoiseFn | None = None,
+    seed: int | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
     """DPM-Solver++(3M) SDE, HEAD default "edm_dpm++_3m_sde" (k_diffusion.py:660-707).
 
     Same numbers as ``samplers.sample_dpmpp_3m_sde`` for a plain noise source (one draw per stochastic step);
@@ -425,7 +634,7 @@ def sample_dpmpp_3m_sde(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, 
     for i in range(schedule.num_steps):
         d, out, t = _denoise(denoiser, x, sig[i], schedule, parameterization)
         h = None
-        if sig[i + 1] == 0:                                              # denoising step
+        if sig[i + 1] == 0:  # denoising step
             d_used, g = _guided(guidance, d, t, 1.0, noise)
             x_new = d_used
         else:
@@ -493,7 +702,7 @@ def make_dpm_solver_schedule(training: TrainingSchedule | np.ndarray, num_steps:
     betas = training.betas if isinstance(training, TrainingSchedule) else np.asarray(training, np.float64)
     if not isinstance(num_steps, (int, np.integer)) or num_steps < 2:
         raise ValueError(f"dpm++_m2 needs an integer num_steps >= 2 (multistep order 2), got {num_steps!r}")
-    b = torch.tensor(betas, dtype=torch.float32)                       # dpms_sampler.py:39 registers float32
+    b = torch.tensor(betas, dtype=torch.float32)  # dpms_sampler.py:39 registers float32
     log_alphas = 0.5 * torch.log(1 - b).cumsum(dim=0)
     # numerical_clip_alpha: drop the tail where lambda < -5.1
     lambs = log_alphas - 0.5 * torch.log(1.0 - torch.exp(2.0 * log_alphas))
@@ -505,16 +714,27 @@ def make_dpm_solver_schedule(training: TrainingSchedule | np.ndarray, num_steps:
     t = torch.linspace(1.0, 1.0 / total_n, num_steps + 1)
     lmc = _interp(t, t_array, log_alphas)
     return DPMSolverSchedule(
-        t=t, model_t=(t - 1.0 / total_n) * 1000.0, alpha=torch.exp(lmc),
-        sigma=torch.sqrt(1.0 - torch.exp(2.0 * lmc)), lam=lmc - 0.5 * torch.log(1.0 - torch.exp(2.0 * lmc)),
-        total_N=total_n)
+        t=t,
+        model_t=(t - 1.0 / total_n) * 1000.0,
+        alpha=torch.exp(lmc),
+        sigma=torch.sqrt(1.0 - torch.exp(2.0 * lmc)),
+        lam=lmc - 0.5 * torch.log(1.0 - torch.exp(2.0 * lmc)),
+        total_N=total_n,
+    )
 
 
 @torch.no_grad()
-def sample_dpmpp_m2(denoiser: Denoiser, x_T: Tensor, schedule: DPMSolverSchedule, *,
-                    parameterization: Parameterization = "eps", guidance: Guidance | None = None,
-                    noise: NoiseFn | None = None, seed: int | None = None,
-                    callback: Callback | None = None) -> Tensor:
+def sample_dpmpp_m2(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: DPMSolverSchedule,
+    *,
+    parameterization: Parameterization = "eps",
+    guidance: Guidance | None = None,
+    noise: NoiseFn | None = None,
+    seed: int | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
     """HEAD "dpm++_m2": DPM-Solver++ (data prediction), multistep, order 2, solver_type "dpmsolver", time_uniform,
     lower_order_final (dpms_sampler.py:88-98, dpm_solver_pytorch.py:1159-1191 with :565-610 and :814-870).
 
@@ -528,10 +748,10 @@ def sample_dpmpp_m2(denoiser: Denoiser, x_T: Tensor, schedule: DPMSolverSchedule
     al, sg, lam = (v.to(dev) for v in (schedule.alpha, schedule.sigma, schedule.lam))
 
     def data_pred(x: Tensor, i: int):
-        tt = schedule.model_t[i].to(dev).expand(x.shape[0])               # float timesteps [B]
+        tt = schedule.model_t[i].to(dev).expand(x.shape[0])  # float timesteps [B]
         out = denoiser(x, tt)
         eps = out if parameterization == "eps" else al[i] * out + sg[i] * x  # model_wrapper "v" (:292-294)
-        return (x - sg[i] * eps) / al[i], out                              # data_prediction_fn (:451-460)
+        return (x - sg[i] * eps) / al[i], out  # data_prediction_fn (:451-460)
 
     x = x_T
     m_prev: list[Tensor] = []
@@ -545,16 +765,28 @@ def sample_dpmpp_m2(denoiser: Denoiser, x_T: Tensor, schedule: DPMSolverSchedule
         m_prev = (m_prev + [d_used])[-2:]
         # 2. order: 1 at the first step and (N < 10) the last step, else 2
         order = 1 if i == 0 else (min(2, n - i) if n < 10 else 2)
-        if order == 1:                                                    # dpm_solver_first_update (:583-592)
+        if order == 1:  # dpm_solver_first_update (:583-592)
             x_new = sg[i + 1] / sg[i] * x - al[i + 1] * phi_1 * d_used
-        else:                                                             # multistep second update (:834-848)
+        else:  # multistep second update (:834-848)
             r0 = (lam[i] - lam[i - 1]) / h
             d1_0 = (1.0 / r0) * (m_prev[-1] - m_prev[-2])
             x_new = (sg[i + 1] / sg[i]) * x - (al[i + 1] * phi_1) * m_prev[-1] - 0.5 * (al[i + 1] * phi_1) * d1_0
         x_new = _finish(x_new, g)
         if callback is not None:
-            callback(StepInfo(step=i, index=i, t=t_int, x_t=x, model_output=out, pred_x0=d, x_prev=x_new,
-                              pred_x0_guided=g.pred_x0 if g else None, sigma=float(sg[i] / al[i]), guidance=g))
+            callback(
+                StepInfo(
+                    step=i,
+                    index=i,
+                    t=t_int,
+                    x_t=x,
+                    model_output=out,
+                    pred_x0=d,
+                    x_prev=x_new,
+                    pred_x0_guided=g.pred_x0 if g else None,
+                    sigma=float(sg[i] / al[i]),
+                    guidance=g,
+                )
+            )
         x = x_new
     return x
 
@@ -597,9 +829,20 @@ SAMPLER_KNOBS: dict[str, tuple[str, ...]] = {
 OFFICIAL_SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLER_KNOBS)
 
 
-def run_k_sampler(name: str, denoiser: Denoiser, x_T: Tensor, training: TrainingSchedule, steps: int, *,
-                  guidance: Guidance | None = None, noise: NoiseFn | None = None, seed: int | None = None,
-                  callback: Callback | None = None, official_sigma_max: bool = False, **knobs: Any) -> Tensor:
+def run_k_sampler(
+    name: str,
+    denoiser: Denoiser,
+    x_T: Tensor,
+    training: TrainingSchedule,
+    steps: int,
+    *,
+    guidance: Guidance | None = None,
+    noise: NoiseFn | None = None,
+    seed: int | None = None,
+    callback: Callback | None = None,
+    official_sigma_max: bool = False,
+    **knobs: Any,
+) -> Tensor:
     """Any of the 14 official names with the official schedule; ``knobs`` = the official knobs (missing ones take
     ``OFFICIAL_KNOB_DEFAULTS``; a knob the sampler does not read is refused). spaced/ddim/edm_dpm++_2m run the
     functions of ``samplers``; ``ddim`` also accepts ``eta`` (our extension; the official pipeline fixes 0)."""
@@ -610,13 +853,19 @@ def run_k_sampler(name: str, denoiser: Denoiser, x_T: Tensor, training: Training
     if bad:
         raise ValueError(f"sampler {name!r} does not use {bad}; it reads {list(allowed) or 'no knobs'}")
     kw = {k: knobs.get(k, OFFICIAL_KNOB_DEFAULTS[k]) for k in SAMPLER_KNOBS[name]}
-    common = {"parameterization": training.parameterization, "guidance": guidance, "noise": noise, "seed": seed,
-              "callback": callback}
+    common = {
+        "parameterization": training.parameterization,
+        "guidance": guidance,
+        "noise": noise,
+        "seed": seed,
+        "callback": callback,
+    }
     if name == "spaced":
         return sample_spaced(denoiser, x_T, make_spaced_schedule(training, steps), **common)
     if name == "ddim":
-        return sample_ddim(denoiser, x_T, make_ddim_schedule(training, steps, eta=float(knobs.get("eta", 0.0))),
-                           **common)
+        return sample_ddim(
+            denoiser, x_T, make_ddim_schedule(training, steps, eta=float(knobs.get("eta", 0.0))), **common
+        )
     if name == "dpm++_m2":
         return sample_dpmpp_m2(denoiser, x_T, make_dpm_solver_schedule(training, steps), **common)
     sched = make_edm_schedule(training, steps, official_sigma_max=official_sigma_max)

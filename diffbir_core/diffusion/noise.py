@@ -8,6 +8,7 @@ draw for draw (`ReplayNoise.from_tensors(fixture)` + `assert_exhausted()`).
 Mirrors: ``torch.manual_seed(seed)`` + ``torch.randn`` / ``randn_like`` of the official samplers on CPU
 (v2.0.0 utils/sampler.py:292 in p_sample, :322 x_T in sample; HEAD diffbir/sampler/*.py).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
@@ -22,8 +23,15 @@ except ImportError:  # pragma: no cover - depends on the environment
 Tensor = torch.Tensor
 NoiseFn = Callable[[tuple, Tensor], Tensor]  # (shape, like) -> N(0, 1) tensor on like's device / dtype
 
-__all__ = ["NoiseFn", "TorchNoise", "ReplayNoise", "NoiseReplayError", "noise_source", "BrownianTreeNoise",
-           "official_tree_seed"]
+__all__ = [
+    "NoiseFn",
+    "TorchNoise",
+    "ReplayNoise",
+    "NoiseReplayError",
+    "noise_source",
+    "BrownianTreeNoise",
+    "official_tree_seed",
+]
 
 
 class TorchNoise:
@@ -63,7 +71,7 @@ class ReplayNoise:
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, Tensor], prefix: str = "noise.") -> ReplayNoise:
         """All ``prefix``NNN entries of a fixture file, sorted by their number."""
-        keys = sorted((k for k in tensors if k.startswith(prefix)), key=lambda k: int(k[len(prefix):]))
+        keys = sorted((k for k in tensors if k.startswith(prefix)), key=lambda k: int(k[len(prefix) :]))
         return cls([tensors[k] for k in keys])
 
     @property
@@ -72,12 +80,15 @@ class ReplayNoise:
 
     def __call__(self, shape: tuple, like: Tensor) -> Tensor:
         if self.used >= len(self._draws):
-            raise NoiseReplayError(f"noise replay exhausted: draw #{self.used} requested but only "
-                                   f"{len(self._draws)} were recorded (the sampler draws more than the reference)")
+            raise NoiseReplayError(
+                f"noise replay exhausted: draw #{self.used} requested but only "
+                f"{len(self._draws)} were recorded (the sampler draws more than the reference)"
+            )
         n = self._draws[self.used]
         if tuple(n.shape) != tuple(shape):
-            raise NoiseReplayError(f"noise replay draw #{self.used}: recorded shape {tuple(n.shape)} "
-                                   f"!= requested {tuple(shape)}")
+            raise NoiseReplayError(
+                f"noise replay draw #{self.used}: recorded shape {tuple(n.shape)} != requested {tuple(shape)}"
+            )
         self.used += 1
         return n.to(device=like.device, dtype=like.dtype)
 
@@ -104,7 +115,7 @@ def noise_source(noise: NoiseFn | None, seed: int | None) -> NoiseFn:
 def official_tree_seed(generator: torch.Generator | None = None) -> int:
     """The seed official k-diffusion draws for its Brownian tree (k_diffusion.py:77), from ``generator``
     (None: the global torch RNG, exactly as the official code)."""
-    return int(torch.randint(0, 2 ** 63 - 1, [], generator=generator).item())
+    return int(torch.randint(0, 2**63 - 1, [], generator=generator).item())
 
 
 class BrownianTreeNoise:
@@ -146,7 +157,7 @@ class BrownianTreeNoise:
         lo, hi = torch.as_tensor(sigma_min), torch.as_tensor(sigma_max)
         if not float(lo) > 0:
             raise ValueError(f"sigma_min must be > 0 for a Brownian tree, got {float(lo)}")
-        t0, t1, self._sign = (lo, hi, 1) if lo < hi else (hi, lo, -1)        # BatchedBrownianTree.sort
+        t0, t1, self._sign = (lo, hi, 1) if lo < hi else (hi, lo, -1)  # BatchedBrownianTree.sort
         w0 = torch.zeros_like(like)
         if self.batched:
             if len(self.seeds) != like.shape[0]:
@@ -155,17 +166,31 @@ class BrownianTreeNoise:
         self._trees = [self._torchsde.BrownianTree(t0, w0, t1, entropy=s) for s in self.seeds]
         self._key = (tuple(like.shape), like.dtype, like.device, float(lo), float(hi))
 
-    def interval(self, sigma: Tensor | float, sigma_next: Tensor | float, like: Tensor, *,
-                 sigma_min: Tensor | float, sigma_max: Tensor | float) -> Tensor:
+    def interval(
+        self,
+        sigma: Tensor | float,
+        sigma_next: Tensor | float,
+        like: Tensor,
+        *,
+        sigma_min: Tensor | float,
+        sigma_max: Tensor | float,
+    ) -> Tensor:
         """(W(sigma_next) - W(sigma)) / sqrt|sigma_next - sigma|, shaped like ``like`` (official
         ``BrownianTreeNoiseSampler.__call__``)."""
-        key = (tuple(like.shape), like.dtype, like.device, float(torch.as_tensor(sigma_min)),
-               float(torch.as_tensor(sigma_max)))
+        key = (
+            tuple(like.shape),
+            like.dtype,
+            like.device,
+            float(torch.as_tensor(sigma_min)),
+            float(torch.as_tensor(sigma_max)),
+        )
         if self._trees is None:
             self._build(like, sigma_min, sigma_max)
         elif key != self._key:
-            raise ValueError(f"BrownianTreeNoise was built for {self._key} and cannot serve {key}; "
-                             "use one noise object per sampler run")
+            raise ValueError(
+                f"BrownianTreeNoise was built for {self._key} and cannot serve {key}; "
+                "use one noise object per sampler run"
+            )
         self.count += 1
         a, b = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
         lo, hi, sign = (a, b, 1) if a < b else (b, a, -1)

@@ -8,6 +8,7 @@ gives the SDE samplers (edm_dpm++_sde / 2m_sde / 3m_sde) the official torchsde B
 noise source at the sampler's start as the official code seeds it from the global RNG (k_diffusion.py:76-77).
 Mirrors: HEAD diffbir/pipeline.py:176-215 (sampler by name), diffbir/sampler/edm_sampler.py.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -24,8 +25,10 @@ SDE_SAMPLERS = ("edm_dpm++_sde", "edm_dpm++_2m_sde", "edm_dpm++_3m_sde")  # Brow
 KNOB_NAMES = tuple(OFFICIAL_KNOB_DEFAULTS)  # s_churn, s_tmin, s_tmax, s_noise, eta, order
 
 if tuple(sorted(SAMPLER_KNOBS)) != tuple(sorted(SAMPLER_NAMES)):  # pragma: no cover - a programming error
-    raise ImportError(f"config.SAMPLER_NAMES {SAMPLER_NAMES} and the implemented samplers {tuple(SAMPLER_KNOBS)} "
-                      "differ: keep the one list in config.py in step with diffusion.k_samplers")
+    raise ImportError(
+        f"config.SAMPLER_NAMES {SAMPLER_NAMES} and the implemented samplers {tuple(SAMPLER_KNOBS)} "
+        "differ: keep the one list in config.py in step with diffusion.k_samplers"
+    )
 
 
 def sampler_knobs(name: str) -> tuple[str, ...]:
@@ -35,12 +38,26 @@ def sampler_knobs(name: str) -> tuple[str, ...]:
     return SAMPLER_KNOBS[name]
 
 
-def run_sampler(name: str, denoiser: Denoiser, x_T, training: TrainingSchedule, steps: int, *,
-                guidance: Guidance | None = None, noise: NoiseFn | None = None, seed: int | None = None,
-                callback: Callback | None = None, edm_official_sigma_max: bool = False,
-                sde_noise: Literal["torch", "brownian"] = "torch", eta: float | None = None,
-                s_noise: float | None = None, s_churn: float | None = None, s_tmin: float | None = None,
-                s_tmax: float | None = None, order: int | None = None):
+def run_sampler(
+    name: str,
+    denoiser: Denoiser,
+    x_T,
+    training: TrainingSchedule,
+    steps: int,
+    *,
+    guidance: Guidance | None = None,
+    noise: NoiseFn | None = None,
+    seed: int | None = None,
+    callback: Callback | None = None,
+    edm_official_sigma_max: bool = False,
+    sde_noise: Literal["torch", "brownian"] = "torch",
+    eta: float | None = None,
+    s_noise: float | None = None,
+    s_churn: float | None = None,
+    s_tmin: float | None = None,
+    s_tmax: float | None = None,
+    order: int | None = None,
+):
     """Build the schedule for ``name`` from ``training`` and run it (parameterization from ``training``).
 
     Knobs left None take the official defaults; a knob the sampler does not read is dropped (``ddim`` runs with
@@ -53,8 +70,22 @@ def run_sampler(name: str, denoiser: Denoiser, x_T, training: TrainingSchedule, 
         raise ValueError(f"sde_noise must be 'torch' or 'brownian', got {sde_noise!r}")
     if sde_noise == "brownian" and name in SDE_SAMPLERS:
         base = noise if noise is not None else TorchNoise(seed)
-        noise = BrownianTreeNoise.from_noise(base) if isinstance(base, TorchNoise) else BrownianTreeNoise(
-            seed if seed is not None else 0, fallback=base)
+        noise = (
+            BrownianTreeNoise.from_noise(base)
+            if isinstance(base, TorchNoise)
+            else BrownianTreeNoise(seed if seed is not None else 0, fallback=base)
+        )
         seed = None
-    return run_k_sampler(name, denoiser, x_T, training, steps, guidance=guidance, noise=noise, seed=seed,
-                         callback=callback, official_sigma_max=edm_official_sigma_max, **knobs)
+    return run_k_sampler(
+        name,
+        denoiser,
+        x_T,
+        training,
+        steps,
+        guidance=guidance,
+        noise=noise,
+        seed=seed,
+        callback=callback,
+        official_sigma_max=edm_official_sigma_max,
+        **knobs,
+    )

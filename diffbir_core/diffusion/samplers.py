@@ -13,6 +13,7 @@ Mirrors
       preconditioning for eps / v, state x = z / alpha). Deviations: sigma_max via `make_edm_schedule`; SDE
       noise from the noise source instead of torchsde's Brownian tree; no NameError for a 1-step 3M-SDE run.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -30,12 +31,21 @@ from .schedule import (
 )
 
 Tensor = torch.Tensor
-Denoiser = Callable[[Tensor, Tensor], Tensor]            # (x [B,C,h,w], t int64 [B]) -> eps or v
+Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x [B,C,h,w], t int64 [B]) -> eps or v
 Callback = Callable[["StepInfo"], None]
-Guidance = Callable[..., GuidanceOutput]                 # (pred_x0, *, t, x0_coef, noise) -> GuidanceOutput
+Guidance = Callable[..., GuidanceOutput]  # (pred_x0, *, t, x0_coef, noise) -> GuidanceOutput
 
-__all__ = ["StepInfo", "sample_spaced", "sample_ddim", "sample_dpmpp_2m",
-           "sample_dpmpp_3m_sde", "spaced_step", "ddim_step", "edm_denoise", "pred_x0_eps"]
+__all__ = [
+    "StepInfo",
+    "sample_spaced",
+    "sample_ddim",
+    "sample_dpmpp_2m",
+    "sample_dpmpp_3m_sde",
+    "spaced_step",
+    "ddim_step",
+    "edm_denoise",
+    "pred_x0_eps",
+]
 
 
 @dataclass
@@ -45,12 +55,12 @@ class StepInfo:
     For the EDM samplers ``x_t``/``x_prev`` are the sigma-space states and ``pred_x0`` is "denoised".
     """
 
-    step: int                       # 0 .. N-1 in sampling order
-    index: int                      # schedule index of the coefficients (spaced/DDIM: N-1-step)
-    t: int                          # original timestep fed to the model
+    step: int  # 0 .. N-1 in sampling order
+    index: int  # schedule index of the coefficients (spaced/DDIM: N-1-step)
+    t: int  # original timestep fed to the model
     x_t: Tensor
-    model_output: Tensor            # after CFG (eps or v)
-    pred_x0: Tensor                 # before guidance
+    model_output: Tensor  # after CFG (eps or v)
+    pred_x0: Tensor  # before guidance
     x_prev: Tensor
     eps: Tensor | None = None
     pred_x0_guided: Tensor | None = None
@@ -75,8 +85,9 @@ def _check_param(p: str) -> None:
         raise ValueError(f"parameterization must be 'eps' or 'v', got {p!r}")
 
 
-def _apply_guidance(guidance: Guidance | None, pred_x0: Tensor, t: int, coef: Tensor | float,
-                    noise: NoiseFn) -> GuidanceOutput | None:
+def _apply_guidance(
+    guidance: Guidance | None, pred_x0: Tensor, t: int, coef: Tensor | float, noise: NoiseFn
+) -> GuidanceOutput | None:
     if guidance is None:
         return None
     return guidance(pred_x0, t=t, x0_coef=coef, noise=noise)
@@ -85,22 +96,33 @@ def _apply_guidance(guidance: Guidance | None, pred_x0: Tensor, t: int, coef: Te
 # ----------------------------------------------------------------------------------------------
 # spaced DDPM (official default of v1/v2)
 # ----------------------------------------------------------------------------------------------
-def pred_x0_eps(schedule: SpacedSchedule, index: int, x_t: Tensor, model_output: Tensor,
-                parameterization: Parameterization = "eps") -> tuple[Tensor, Tensor]:
+def pred_x0_eps(
+    schedule: SpacedSchedule, index: int, x_t: Tensor, model_output: Tensor, parameterization: Parameterization = "eps"
+) -> tuple[Tensor, Tensor]:
     """(z0_hat, eps) from the model output at respaced index ``index`` (eq. 5; official coefficient order)."""
     _check_param(parameterization)
     if parameterization == "eps":
-        x0 = _pick(schedule.sqrt_recip_alphas_cumprod, index, x_t) * x_t \
+        x0 = (
+            _pick(schedule.sqrt_recip_alphas_cumprod, index, x_t) * x_t
             - _pick(schedule.sqrt_recipm1_alphas_cumprod, index, x_t) * model_output
+        )
         return x0, model_output
     a = _pick(schedule.sqrt_alphas_cumprod, index, x_t)
     s = _pick(schedule.sqrt_one_minus_alphas_cumprod, index, x_t)
     return a * x_t - s * model_output, a * model_output + s * x_t
 
 
-def spaced_step(denoiser: Denoiser, x_t: Tensor, schedule: SpacedSchedule, index: int, *,
-                parameterization: Parameterization = "eps", guidance: Guidance | None = None,
-                noise: NoiseFn, step: int | None = None) -> StepInfo:
+def spaced_step(
+    denoiser: Denoiser,
+    x_t: Tensor,
+    schedule: SpacedSchedule,
+    index: int,
+    *,
+    parameterization: Parameterization = "eps",
+    guidance: Guidance | None = None,
+    noise: NoiseFn,
+    step: int | None = None,
+) -> StepInfo:
     """One official ``p_sample`` at respaced index ``index`` (steps 1-5 of the fixture README)."""
     t = int(schedule.timesteps[index])
     # 1. model output (CFG inside the denoiser), original timestep t
@@ -114,28 +136,48 @@ def spaced_step(denoiser: Denoiser, x_t: Tensor, schedule: SpacedSchedule, index
     # 4. posterior mean / fixed-small variance
     mean = coef1 * x0_used + _pick(schedule.posterior_mean_coef2, index, x_t) * x_t
     if g is not None and g.state_shift is not None:
-        mean = mean + g.state_shift                                    # rule v1: mean += 0.5 sum delta
+        mean = mean + g.state_shift  # rule v1: mean += 0.5 sum delta
     var = _pick(schedule.posterior_variance, index, x_t)
     # 5. noise drawn at every step, used only if index != 0
     n = noise(tuple(x_t.shape), x_t)
     nonzero = torch.full((x_t.shape[0],), float(index != 0), device=x_t.device).view(-1, *([1] * (x_t.ndim - 1)))
     x_prev = mean + nonzero * torch.sqrt(var) * n
-    return StepInfo(step=schedule.num_steps - 1 - index if step is None else step, index=index, t=t, x_t=x_t,
-                    model_output=out, eps=eps, pred_x0=x0, pred_x0_guided=g.pred_x0 if g else None,
-                    mean=mean, variance=var, x_prev=x_prev, guidance=g)
+    return StepInfo(
+        step=schedule.num_steps - 1 - index if step is None else step,
+        index=index,
+        t=t,
+        x_t=x_t,
+        model_output=out,
+        eps=eps,
+        pred_x0=x0,
+        pred_x0_guided=g.pred_x0 if g else None,
+        mean=mean,
+        variance=var,
+        x_prev=x_prev,
+        guidance=g,
+    )
 
 
-def _run_steps(step_fn, denoiser: Denoiser, x_T: Tensor, schedule, parameterization: Parameterization,
-               guidance: Guidance | None, noise: NoiseFn | None, seed: int | None,
-               callback: Callback | None) -> Tensor:
+def _run_steps(
+    step_fn,
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule,
+    parameterization: Parameterization,
+    guidance: Guidance | None,
+    noise: NoiseFn | None,
+    seed: int | None,
+    callback: Callback | None,
+) -> Tensor:
     """Shared loop of the index-stepping samplers (spaced DDPM, DDIM): step k uses index N-1-k."""
     _check_param(parameterization)
     noise = noise_source(noise, seed)
     x = x_T
     n = schedule.num_steps
     for k in range(n):
-        info = step_fn(denoiser, x, schedule, n - 1 - k, parameterization=parameterization,
-                       guidance=guidance, noise=noise, step=k)
+        info = step_fn(
+            denoiser, x, schedule, n - 1 - k, parameterization=parameterization, guidance=guidance, noise=noise, step=k
+        )
         if callback is not None:
             callback(info)
         x = info.x_prev
@@ -143,10 +185,17 @@ def _run_steps(step_fn, denoiser: Denoiser, x_T: Tensor, schedule, parameterizat
 
 
 @torch.no_grad()
-def sample_spaced(denoiser: Denoiser, x_T: Tensor, schedule: SpacedSchedule, *,
-                  parameterization: Parameterization = "eps", guidance: Guidance | None = None,
-                  noise: NoiseFn | None = None, seed: int | None = None,
-                  callback: Callback | None = None) -> Tensor:
+def sample_spaced(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: SpacedSchedule,
+    *,
+    parameterization: Parameterization = "eps",
+    guidance: Guidance | None = None,
+    noise: NoiseFn | None = None,
+    seed: int | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
     """Official v2.0.0 / HEAD ``SpacedSampler.sample`` from ``x_T``; returns the final latent z_0."""
     return _run_steps(spaced_step, denoiser, x_T, schedule, parameterization, guidance, noise, seed, callback)
 
@@ -154,21 +203,29 @@ def sample_spaced(denoiser: Denoiser, x_T: Tensor, schedule: SpacedSchedule, *,
 # ----------------------------------------------------------------------------------------------
 # DDIM (HEAD ddim_sampler.py)
 # ----------------------------------------------------------------------------------------------
-def ddim_step(denoiser: Denoiser, x_t: Tensor, schedule: DDIMSchedule, index: int, *,
-              parameterization: Parameterization = "eps", guidance: Guidance | None = None,
-              noise: NoiseFn, step: int | None = None) -> StepInfo:
+def ddim_step(
+    denoiser: Denoiser,
+    x_t: Tensor,
+    schedule: DDIMSchedule,
+    index: int,
+    *,
+    parameterization: Parameterization = "eps",
+    guidance: Guidance | None = None,
+    noise: NoiseFn,
+    step: int | None = None,
+) -> StepInfo:
     t = int(schedule.timesteps[index])
     out = denoiser(x_t, _tvec(t, x_t))
     if parameterization == "eps":
         e_t = out
-    else:                                                          # predict_eps_from_z_and_v
+    else:  # predict_eps_from_z_and_v
         e_t = _pick(schedule.sqrt_alphas, index, x_t) * out + _pick(schedule.sqrt_one_minus_alphas, index, x_t) * x_t
     a_t = _pick(schedule.alphas, index, x_t)
     a_prev = _pick(schedule.alphas_prev, index, x_t)
     sigma_t = _pick(schedule.sigmas, index, x_t)
     sqrt_one_minus_at = _pick(schedule.sqrt_one_minus_alphas, index, x_t)
     x0 = (x_t - sqrt_one_minus_at * e_t) / a_t.sqrt()
-    dir_coef = (1.0 - a_prev - sigma_t ** 2).sqrt()
+    dir_coef = (1.0 - a_prev - sigma_t**2).sqrt()
     g = None
     if guidance is not None:
         coef = a_prev.sqrt() - dir_coef * a_t.sqrt() / sqrt_one_minus_at
@@ -176,22 +233,38 @@ def ddim_step(denoiser: Denoiser, x_t: Tensor, schedule: DDIMSchedule, index: in
     x0_used = x0
     if g is not None and g.applied:
         x0_used = g.update_pred_x0
-        e_t = (x_t - a_t.sqrt() * x0_used) / sqrt_one_minus_at        # eps consistent with the guided z0_hat
+        e_t = (x_t - a_t.sqrt() * x0_used) / sqrt_one_minus_at  # eps consistent with the guided z0_hat
     dir_xt = dir_coef * e_t
-    n = sigma_t * noise(tuple(x_t.shape), x_t)                      # drawn every step (official)
+    n = sigma_t * noise(tuple(x_t.shape), x_t)  # drawn every step (official)
     x_prev = a_prev.sqrt() * x0_used + dir_xt + n
     if g is not None and g.state_shift is not None:
         x_prev = x_prev + g.state_shift
-    return StepInfo(step=schedule.num_steps - 1 - index if step is None else step, index=index, t=t, x_t=x_t,
-                    model_output=out, eps=e_t, pred_x0=x0, pred_x0_guided=g.pred_x0 if g else None,
-                    x_prev=x_prev, guidance=g)
+    return StepInfo(
+        step=schedule.num_steps - 1 - index if step is None else step,
+        index=index,
+        t=t,
+        x_t=x_t,
+        model_output=out,
+        eps=e_t,
+        pred_x0=x0,
+        pred_x0_guided=g.pred_x0 if g else None,
+        x_prev=x_prev,
+        guidance=g,
+    )
 
 
 @torch.no_grad()
-def sample_ddim(denoiser: Denoiser, x_T: Tensor, schedule: DDIMSchedule, *,
-                parameterization: Parameterization = "eps", guidance: Guidance | None = None,
-                noise: NoiseFn | None = None, seed: int | None = None,
-                callback: Callback | None = None) -> Tensor:
+def sample_ddim(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: DDIMSchedule,
+    *,
+    parameterization: Parameterization = "eps",
+    guidance: Guidance | None = None,
+    noise: NoiseFn | None = None,
+    seed: int | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
     """HEAD ``DDIMSampler.sample`` (eta is part of the schedule, see ``make_ddim_schedule``)."""
     return _run_steps(ddim_step, denoiser, x_T, schedule, parameterization, guidance, noise, seed, callback)
 
@@ -199,8 +272,9 @@ def sample_ddim(denoiser: Denoiser, x_T: Tensor, schedule: DDIMSchedule, *,
 # ----------------------------------------------------------------------------------------------
 # EDM / k-diffusion samplers (v2.1 default: edm_dpm++_3m_sde)
 # ----------------------------------------------------------------------------------------------
-def edm_denoise(denoiser: Denoiser, x: Tensor, sigma: Tensor, t: int,
-                parameterization: Parameterization = "eps") -> tuple[Tensor, Tensor]:
+def edm_denoise(
+    denoiser: Denoiser, x: Tensor, sigma: Tensor, t: int, parameterization: Parameterization = "eps"
+) -> tuple[Tensor, Tensor]:
     """(denoised, model_output) with HEAD ``EDMSampler.convert_to_denoiser`` preconditioning.
 
     eps: c_skip = 1, c_out = -sigma, c_in = 1/sqrt(sigma^2+1); v: c_skip = 1/(sigma^2+1),
@@ -211,8 +285,8 @@ def edm_denoise(denoiser: Denoiser, x: Tensor, sigma: Tensor, t: int,
     if parameterization == "eps":
         c_skip, c_out = torch.ones_like(s), -s
     else:
-        c_skip, c_out = 1.0 / (s ** 2 + 1.0), -s / (s ** 2 + 1.0) ** 0.5
-    c_in = 1 / (s ** 2 + 1.0) ** 0.5
+        c_skip, c_out = 1.0 / (s**2 + 1.0), -s / (s**2 + 1.0) ** 0.5
+    c_in = 1 / (s**2 + 1.0) ** 0.5
     out = denoiser(x * c_in.view(view), _tvec(t, x))
     return out * c_out.view(view) + x * c_skip.view(view), out
 
@@ -222,10 +296,17 @@ def _edm_start(x_T: Tensor, schedule: EDMSchedule) -> Tensor:
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, *,
-                    parameterization: Parameterization = "eps", guidance: Guidance | None = None,
-                    noise: NoiseFn | None = None, seed: int | None = None,
-                    callback: Callback | None = None) -> Tensor:
+def sample_dpmpp_2m(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: EDMSchedule,
+    *,
+    parameterization: Parameterization = "eps",
+    guidance: Guidance | None = None,
+    noise: NoiseFn | None = None,
+    seed: int | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
     """DPM-Solver++(2M) (k-diffusion ``sample_dpmpp_2m``, HEAD "edm_dpm++_2m"). Deterministic; ``noise`` is only
     used by latent-space guidance with sampled targets."""
     _check_param(parameterization)
@@ -238,9 +319,9 @@ def sample_dpmpp_2m(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, *,
         d, out = edm_denoise(denoiser, x, sig[i], t, parameterization)
         t_cur, t_next = -sig[i].log(), -sig[i + 1].log()
         h = t_next - t_cur
-        g = _apply_guidance(guidance, d, t, -(-h).expm1(), noise)      # first-order coefficient of denoised
+        g = _apply_guidance(guidance, d, t, -(-h).expm1(), noise)  # first-order coefficient of denoised
         d_used = g.update_pred_x0 if g is not None else d
-        ratio = (-t_next).exp() / (-t_cur).exp()                        # sigma_fn(t_next) / sigma_fn(t)
+        ratio = (-t_next).exp() / (-t_cur).exp()  # sigma_fn(t_next) / sigma_fn(t)
         if old is None or sig[i + 1] == 0:
             x_new = ratio * x - (-h).expm1() * d_used
         else:
@@ -250,18 +331,39 @@ def sample_dpmpp_2m(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, *,
         if g is not None and g.state_shift is not None:
             x_new = x_new + g.state_shift
         if callback is not None:
-            callback(StepInfo(step=i, index=i, t=t, x_t=x, model_output=out, pred_x0=d, x_prev=x_new,
-                              pred_x0_guided=g.pred_x0 if g else None, sigma=float(sig[i]), guidance=g))
+            callback(
+                StepInfo(
+                    step=i,
+                    index=i,
+                    t=t,
+                    x_t=x,
+                    model_output=out,
+                    pred_x0=d,
+                    x_prev=x_new,
+                    pred_x0_guided=g.pred_x0 if g else None,
+                    sigma=float(sig[i]),
+                    guidance=g,
+                )
+            )
         old = d_used
         x = x_new
     return x
 
 
 @torch.no_grad()
-def sample_dpmpp_3m_sde(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, *,
-                        parameterization: Parameterization = "eps", eta: float = 1.0, s_noise: float = 1.0,
-                        guidance: Guidance | None = None, noise: NoiseFn | None = None,
-                        seed: int | None = None, callback: Callback | None = None) -> Tensor:
+def sample_dpmpp_3m_sde(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: EDMSchedule,
+    *,
+    parameterization: Parameterization = "eps",
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    guidance: Guidance | None = None,
+    noise: NoiseFn | None = None,
+    seed: int | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
     """DPM-Solver++(3M) SDE (k-diffusion ``sample_dpmpp_3m_sde``, HEAD default "edm_dpm++_3m_sde", eta=1,
     s_noise=1). eta = 0 gives the deterministic DPM-Solver++(3M). One noise draw per step with sigma_next > 0
     when eta != 0."""
@@ -279,7 +381,7 @@ def sample_dpmpp_3m_sde(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, 
         if sig[i + 1] == 0:
             g = _apply_guidance(guidance, d, t, 1.0, noise)
             d_used = g.update_pred_x0 if g is not None else d
-            x_new = d_used                                              # denoising step
+            x_new = d_used  # denoising step
         else:
             h = (-sig[i + 1].log()) - (-sig[i].log())
             h_eta = h * (eta + 1)
@@ -304,8 +406,20 @@ def sample_dpmpp_3m_sde(denoiser: Denoiser, x_T: Tensor, schedule: EDMSchedule, 
         if g is not None and g.state_shift is not None:
             x_new = x_new + g.state_shift
         if callback is not None:
-            callback(StepInfo(step=i, index=i, t=t, x_t=x, model_output=out, pred_x0=d, x_prev=x_new,
-                              pred_x0_guided=g.pred_x0 if g else None, sigma=float(sig[i]), guidance=g))
+            callback(
+                StepInfo(
+                    step=i,
+                    index=i,
+                    t=t,
+                    x_t=x,
+                    model_output=out,
+                    pred_x0=d,
+                    x_prev=x_new,
+                    pred_x0_guided=g.pred_x0 if g else None,
+                    sigma=float(sig[i]),
+                    guidance=g,
+                )
+            )
         d_1, d_2 = d_used, d_1
         h_1, h_2 = h, h_1
         x = x_new

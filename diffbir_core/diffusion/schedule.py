@@ -13,6 +13,7 @@ Mirrors
     step would keep only t = 0); ``make_edm_schedule`` clamps abar_{T-1} >= 1e-8 instead of overwriting it
     (identical for zero-SNR v2.1; ``official_sigma_max=True`` restores the overwrite).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -42,8 +43,7 @@ class DiffusionConfig:
         if self.timesteps < 2:
             raise ValueError(f"timesteps must be >= 2, got {self.timesteps}")
         if not 0.0 < self.linear_start < self.linear_end < 1.0:
-            raise ValueError(
-                f"need 0 < linear_start < linear_end < 1, got {self.linear_start}, {self.linear_end}")
+            raise ValueError(f"need 0 < linear_start < linear_end < 1, got {self.linear_start}, {self.linear_end}")
         if self.parameterization not in ("eps", "v"):
             raise ValueError(f"parameterization must be 'eps' or 'v', got {self.parameterization!r}")
 
@@ -74,7 +74,7 @@ DIFFUSION_PRESETS: dict[str, DiffusionConfig] = {
 # ----------------------------------------------------------------------------------------------
 def linear_betas(timesteps: int = 1000, linear_start: float = 0.00085, linear_end: float = 0.012) -> np.ndarray:
     """beta_i = linspace(sqrt(start), sqrt(end), T)_i ** 2 in float64 (SD's "linear" schedule)."""
-    return np.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=np.float64) ** 2
+    return np.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=np.float64) ** 2
 
 
 def enforce_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
@@ -87,7 +87,7 @@ def enforce_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     sqrt_ab = (1.0 - b).cumprod(0).sqrt()
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
     sqrt_ab = (sqrt_ab - last) * (first / (first - last))
-    ab = sqrt_ab ** 2
+    ab = sqrt_ab**2
     alphas = torch.cat([ab[0:1], ab[1:] / ab[:-1]])
     return (1.0 - alphas).numpy()
 
@@ -96,9 +96,9 @@ def enforce_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 class TrainingSchedule:
     """The T-step training schedule. ``betas``/``alphas_cumprod`` float64 numpy, sqrt buffers float32."""
 
-    betas: np.ndarray                           # [T] float64
-    alphas_cumprod: np.ndarray                  # [T] float64
-    sqrt_alphas_cumprod: torch.Tensor           # [T] float32 (official Diffusion buffer)
+    betas: np.ndarray  # [T] float64
+    alphas_cumprod: np.ndarray  # [T] float64
+    sqrt_alphas_cumprod: torch.Tensor  # [T] float32 (official Diffusion buffer)
     sqrt_one_minus_alphas_cumprod: torch.Tensor  # [T] float32
     parameterization: Parameterization = "eps"
 
@@ -152,7 +152,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
         section_counts = [section_counts]
     elif isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
-            desired = int(section_counts[len("ddim"):])
+            desired = int(section_counts[len("ddim") :])
             for i in range(1, num_timesteps):
                 if len(range(0, num_timesteps, i)) == desired:
                     return set(range(0, num_timesteps, i))
@@ -185,7 +185,7 @@ class SpacedSchedule:
     last index for a zero-terminal-SNR schedule (unused with v-prediction, as in the official code).
     """
 
-    timesteps: torch.Tensor                      # [N] int64, ascending original timesteps
+    timesteps: torch.Tensor  # [N] int64, ascending original timesteps
     betas: np.ndarray
     alphas_cumprod: np.ndarray
     alphas_cumprod_prev: np.ndarray
@@ -211,7 +211,8 @@ def make_spaced_schedule(betas: np.ndarray | TrainingSchedule, num_steps: int) -
     if not isinstance(num_steps, (int, np.integer)) or num_steps < 2:
         raise ValueError(
             f"num_steps must be an integer >= 2, got {num_steps!r}: the official respacing with one step "
-            "keeps only t=0 (and crashes with IndexError); use 2 or more steps")
+            "keeps only t=0 (and crashes with IndexError); use 2 or more steps"
+        )
     if num_steps > len(betas):
         raise ValueError(f"num_steps={num_steps} exceeds the {len(betas)} training timesteps")
     used = sorted(space_timesteps(len(betas), str(num_steps)))
@@ -242,7 +243,9 @@ def make_spaced_schedule(betas: np.ndarray | TrainingSchedule, num_steps: int) -
 
     return SpacedSchedule(
         timesteps=torch.tensor(used, dtype=torch.long),
-        betas=b, alphas_cumprod=ac, alphas_cumprod_prev=ac_prev,
+        betas=b,
+        alphas_cumprod=ac,
+        alphas_cumprod_prev=ac_prev,
         sqrt_alphas_cumprod=f32(np.sqrt(ac)),
         sqrt_one_minus_alphas_cumprod=f32(np.sqrt(1.0 - ac)),
         sqrt_recip_alphas_cumprod=f32(sqrt_recip),
@@ -267,11 +270,11 @@ class DDIMSchedule:
     alpha "before" the first step is abar_0 (not 1).
     """
 
-    timesteps: torch.Tensor          # [M] int64 ascending, the t fed to the model
-    alphas: torch.Tensor             # [M] float32, abar at timesteps
-    alphas_prev: torch.Tensor        # [M] float32
-    sigmas: torch.Tensor             # [M] float32, eta * sqrt((1-a_prev)/(1-a) * (1 - a/a_prev))
-    sqrt_alphas: torch.Tensor        # [M] float32
+    timesteps: torch.Tensor  # [M] int64 ascending, the t fed to the model
+    alphas: torch.Tensor  # [M] float32, abar at timesteps
+    alphas_prev: torch.Tensor  # [M] float32
+    sigmas: torch.Tensor  # [M] float32, eta * sqrt((1-a_prev)/(1-a) * (1 - a/a_prev))
+    sqrt_alphas: torch.Tensor  # [M] float32
     sqrt_one_minus_alphas: torch.Tensor  # [M] float32
     eta: float
 
@@ -280,8 +283,12 @@ class DDIMSchedule:
         return int(self.timesteps.shape[0])
 
 
-def make_ddim_schedule(training: TrainingSchedule | np.ndarray, num_steps: int, eta: float = 0.0,
-                       discretize: Literal["uniform", "quad"] = "uniform") -> DDIMSchedule:
+def make_ddim_schedule(
+    training: TrainingSchedule | np.ndarray,
+    num_steps: int,
+    eta: float = 0.0,
+    discretize: Literal["uniform", "quad"] = "uniform",
+) -> DDIMSchedule:
     """DDIM timesteps and buffers exactly as HEAD ``make_ddim_timesteps``/``make_ddim_sampling_parameters``."""
     ac = training.alphas_cumprod if isinstance(training, TrainingSchedule) else np.asarray(training, np.float64)
     T = len(ac)
@@ -300,8 +307,10 @@ def make_ddim_schedule(training: TrainingSchedule | np.ndarray, num_steps: int, 
         raise ValueError(f"discretize must be 'uniform' or 'quad', got {discretize!r}")
     ts = ts + 1
     if ts.max() >= T:
-        raise ValueError(f"DDIM with {num_steps} steps would use timestep {ts.max()} >= T={T} (the official "
-                         "'+1' offset runs past the schedule and crashes); choose another number of steps")
+        raise ValueError(
+            f"DDIM with {num_steps} steps would use timestep {ts.max()} >= T={T} (the official "
+            "'+1' offset runs past the schedule and crashes); choose another number of steps"
+        )
     a = ac[ts]
     a_prev = np.asarray([ac[0]] + ac[ts[:-1]].tolist())
     sig = eta * np.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
@@ -309,9 +318,15 @@ def make_ddim_schedule(training: TrainingSchedule | np.ndarray, num_steps: int, 
     def f32(v: np.ndarray) -> torch.Tensor:
         return torch.tensor(v, dtype=torch.float32)
 
-    return DDIMSchedule(timesteps=torch.tensor(ts, dtype=torch.long), alphas=f32(a), alphas_prev=f32(a_prev),
-                        sigmas=f32(sig), sqrt_alphas=f32(np.sqrt(a)), sqrt_one_minus_alphas=f32(np.sqrt(1.0 - a)),
-                        eta=float(eta))
+    return DDIMSchedule(
+        timesteps=torch.tensor(ts, dtype=torch.long),
+        alphas=f32(a),
+        alphas_prev=f32(a_prev),
+        sigmas=f32(sig),
+        sqrt_alphas=f32(np.sqrt(a)),
+        sqrt_one_minus_alphas=f32(np.sqrt(1.0 - a)),
+        eta=float(eta),
+    )
 
 
 @dataclass(frozen=True)
@@ -331,9 +346,13 @@ class EDMSchedule:
         return int(self.sigmas.shape[0]) - 1
 
 
-def make_edm_schedule(training: TrainingSchedule | np.ndarray, num_steps: int,
-                      kind: Literal["diffbir", "karras"] = "diffbir", rho: float = 7.0,
-                      official_sigma_max: bool = False) -> EDMSchedule:
+def make_edm_schedule(
+    training: TrainingSchedule | np.ndarray,
+    num_steps: int,
+    kind: Literal["diffbir", "karras"] = "diffbir",
+    rho: float = 7.0,
+    official_sigma_max: bool = False,
+) -> EDMSchedule:
     """Sigmas for the EDM samplers.
 
     "diffbir" (official HEAD ``EDMSampler.make_schedule``): t = linspace(T-1, 0, N, endpoint=False) cast to
@@ -360,7 +379,7 @@ def make_edm_schedule(training: TrainingSchedule | np.ndarray, num_steps: int,
     elif kind == "karras":
         a = ac.copy()
         a[-1] = 1e-8 if official_sigma_max else max(a[-1], 1e-8)
-        train_sig = ((1 - a) / a) ** 0.5                      # ascending in t
+        train_sig = ((1 - a) / a) ** 0.5  # ascending in t
         smin, smax = train_sig[0], train_sig[-1]
         ramp = np.linspace(0, 1, num_steps)
         sig = (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho

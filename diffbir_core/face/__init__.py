@@ -8,8 +8,17 @@
               this package file does not, so the plain face tools stay light).
 Options: `diffbir_core.config.FaceOptions`. dlib and facexlib are imported on first use (optional backends).
 """
+
 from .detect import DetectedFace, FaceBackendError, load_backend
 from .restorer import FaceInfo, FaceModels, FaceRestorer, FaceResult, restore_faces
 
-__all__ = ["FaceRestorer", "FaceModels", "FaceResult", "FaceInfo", "restore_faces", "load_backend",
-           "DetectedFace", "FaceBackendError"]
+__all__ = [
+    "FaceRestorer",
+    "FaceModels",
+    "FaceResult",
+    "FaceInfo",
+    "restore_faces",
+    "load_backend",
+    "DetectedFace",
+    "FaceBackendError",
+]

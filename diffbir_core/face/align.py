@@ -18,6 +18,7 @@ Conventions (all in this module):
   the paste mask fades to zero where the crop saw pixels outside the image (no grey seams at the
   image edge).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,17 +26,37 @@ import math
 import numpy as np
 
 __all__ = [
-    "FACE_SIZE", "FFHQ_512_TEMPLATE", "FFHQ_512_DLIB5_TEMPLATE", "TEMPLATES", "BORDER_VALUE",
-    "template_for", "estimate_similarity", "similarity_params", "transform_points", "warp_face",
-    "invert", "feather_mask", "validity_mask", "paste_face", "alignment_error",
+    "FACE_SIZE",
+    "FFHQ_512_TEMPLATE",
+    "FFHQ_512_DLIB5_TEMPLATE",
+    "TEMPLATES",
+    "BORDER_VALUE",
+    "template_for",
+    "estimate_similarity",
+    "similarity_params",
+    "transform_points",
+    "warp_face",
+    "invert",
+    "feather_mask",
+    "validity_mask",
+    "paste_face",
+    "alignment_error",
 ]
 
 FACE_SIZE = 512
 
 # facexlib / GFPGAN FFHQ-512 template, RetinaFace point order: image-left eye, image-right eye,
 # nose tip, image-left mouth corner, image-right mouth corner.
-FFHQ_512_TEMPLATE = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
-                              [201.26117, 371.41043], [313.08905, 371.15118]], dtype=np.float64)
+FFHQ_512_TEMPLATE = np.array(
+    [
+        [192.98138, 239.94708],
+        [318.90277, 240.1936],
+        [256.63416, 314.01935],
+        [201.26117, 371.41043],
+        [313.08905, 371.15118],
+    ],
+    dtype=np.float64,
+)
 
 # dlib 5-point order (shape_predictor_5_face_landmarks): image-right eye outer corner, image-right eye
 # inner corner, image-left eye outer corner, image-left eye inner corner, nose bottom (subnasale).
@@ -43,9 +64,19 @@ FFHQ_512_TEMPLATE = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [25
 # those FFHQ-aligned crops average within 3 px of it (tests/test_face.py). Eye-corner midpoints sit
 # ~5 px below the RetinaFace eye centres and the nose bottom ~25 px below the nose tip, which is why
 # dlib points are mapped onto this template rather than onto FFHQ_512_TEMPLATE's eyes + nose.
-FFHQ_512_DLIB5_TEMPLATE = np.array([[686.77227723, 488.62376238], [586.77227723, 493.59405941],
-                                    [337.91089109, 488.38613861], [437.95049505, 493.51485149],
-                                    [513.58415842, 678.5049505]], dtype=np.float64) / 2.0
+FFHQ_512_DLIB5_TEMPLATE = (
+    np.array(
+        [
+            [686.77227723, 488.62376238],
+            [586.77227723, 493.59405941],
+            [337.91089109, 488.38613861],
+            [437.95049505, 493.51485149],
+            [513.58415842, 678.5049505],
+        ],
+        dtype=np.float64,
+    )
+    / 2.0
+)
 
 TEMPLATES = {"retinaface5": FFHQ_512_TEMPLATE, "dlib5": FFHQ_512_DLIB5_TEMPLATE}
 
@@ -64,7 +95,7 @@ def _umeyama(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Closed-form least-squares similarity src -> dst (Umeyama 1991, no reflection). Returns 2x3."""
     mu_s, mu_d = src.mean(0), dst.mean(0)
     s, d = src - mu_s, dst - mu_d
-    var_s = (s ** 2).sum() / len(src)
+    var_s = (s**2).sum() / len(src)
     if var_s <= 1e-12:
         raise ValueError("landmarks are degenerate (all points coincide): cannot estimate a similarity")
     cov = d.T @ s / len(src)  # 2x2
@@ -124,15 +155,21 @@ def warp_face(img: np.ndarray, m: np.ndarray, size: int = FACE_SIZE) -> np.ndarr
     """Crop the aligned ``size`` x ``size`` face: out(p) = img(invert(m) p), grey outside the image."""
     import cv2
 
-    out = cv2.warpAffine(np.ascontiguousarray(img, dtype=np.float32), m, (size, size), flags=cv2.INTER_CUBIC,
-                         borderMode=cv2.BORDER_CONSTANT, borderValue=BORDER_VALUE)
+    out = cv2.warpAffine(
+        np.ascontiguousarray(img, dtype=np.float32),
+        m,
+        (size, size),
+        flags=cv2.INTER_CUBIC,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=BORDER_VALUE,
+    )
     return np.clip(out, 0.0, 1.0)
 
 
 def alignment_error(m: np.ndarray, landmarks: np.ndarray, kind: str, size: int = FACE_SIZE) -> float:
     """RMS distance (crop pixels) between the warped landmarks and their template points."""
     d = transform_points(m, landmarks) - template_for(kind, size)
-    return float(np.sqrt((d ** 2).sum(1).mean()))
+    return float(np.sqrt((d**2).sum(1).mean()))
 
 
 def feather_mask(size: int = FACE_SIZE, inset: float = 0.02, ramp: float = 0.06) -> np.ndarray:
@@ -149,8 +186,9 @@ def feather_mask(size: int = FACE_SIZE, inset: float = 0.02, ramp: float = 0.06)
     return np.minimum(r[:, None], r[None, :]).astype(np.float32)
 
 
-def validity_mask(m: np.ndarray, image_hw: tuple[int, int], size: int = FACE_SIZE,
-                  inset: float = 2.0, ramp: float = 3.0) -> np.ndarray:
+def validity_mask(
+    m: np.ndarray, image_hw: tuple[int, int], size: int = FACE_SIZE, inset: float = 2.0, ramp: float = 3.0
+) -> np.ndarray:
     """Per crop pixel: 1 where its source lies well inside the image, 0 where it saw the grey border.
 
     The source point of crop pixel p is invert(m) p; its distance to the nearest image edge (in image
@@ -188,10 +226,17 @@ def paste_face(canvas: np.ndarray, face: np.ndarray, m: np.ndarray, mask: np.nda
     roi = inv.copy()
     roi[:, 2] -= (x0, y0)  # same map, expressed in the ROI's coordinates
     size = (x1 - x0, y1 - y0)
-    fw = cv2.warpAffine(np.ascontiguousarray(face, dtype=np.float32), roi, size, flags=cv2.INTER_CUBIC,
-                        borderMode=cv2.BORDER_REPLICATE)
-    mw = cv2.warpAffine(np.ascontiguousarray(mask, dtype=np.float32), roi, size, flags=cv2.INTER_LINEAR,
-                        borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    fw = cv2.warpAffine(
+        np.ascontiguousarray(face, dtype=np.float32), roi, size, flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE
+    )
+    mw = cv2.warpAffine(
+        np.ascontiguousarray(mask, dtype=np.float32),
+        roi,
+        size,
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0.0,
+    )
     mw = np.clip(mw, 0.0, 1.0)[..., None]  # h x w x 1
     region = out[y0:y1, x0:x1]
     fw = np.clip(fw, 0.0, 1.0).reshape(region.shape)  # OpenCV drops a single channel axis

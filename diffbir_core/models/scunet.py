@@ -13,11 +13,12 @@ unexpected / shape report) - no key conversion involved. We never use spandrel's
 so what is built is always what `SCUNetConfig` says; a file of another shape fails loudly. spandrel is
 imported only when a model is built.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ class SCUNetConfig:
     input_resolution: int = 256  # only decides whether a stage is too small for shifted windows
 
     @classmethod
-    def from_official(cls, params: Mapping[str, object]) -> "SCUNetConfig":
+    def from_official(cls, params: Mapping[str, object]) -> SCUNetConfig:
         """From the ``params`` of an official yaml (e.g. DiffBIR ``configs/inference/scunet.yaml``)."""
         known = {"in_nc", "config", "dim", "input_resolution", "drop_path_rate"}
         extra = set(params) - known
@@ -62,23 +63,31 @@ def build_scunet(cfg: SCUNetConfig = SCUNetConfig()) -> nn.Module:
         raise ValueError(f"SCUNet config needs 7 stage depths, got {cfg.config}")
     from spandrel.architectures.SCUNet import SCUNet
 
-    return SCUNet(in_nc=cfg.in_nc, config=list(cfg.config), dim=cfg.dim, drop_path_rate=0.0,
-                  input_resolution=cfg.input_resolution)
+    return SCUNet(
+        in_nc=cfg.in_nc, config=list(cfg.config), dim=cfg.dim, drop_path_rate=0.0, input_resolution=cfg.input_resolution
+    )
 
 
-def load_scunet(source: str | Mapping[str, torch.Tensor], cfg: SCUNetConfig = SCUNetConfig(), *,
-                what: str = "SCUNet") -> nn.Module:
+def load_scunet(
+    source: str | Mapping[str, torch.Tensor], cfg: SCUNetConfig = SCUNetConfig(), *, what: str = "SCUNet"
+) -> nn.Module:
     """Build an SCUNet and load an official checkpoint (path or state dict) strictly; eval mode, no grads."""
     sd = load_state_dict(source) if not isinstance(source, Mapping) else dict(source)
     if "m_head.0.weight" not in sd or "m_tail.0.weight" not in sd:
-        raise WeightsError(f"{what}: not an SCUNet checkpoint (no m_head.0.weight / m_tail.0.weight); "
-                           f"the file has {len(sd)} tensors, e.g. {', '.join(list(sd)[:5])}")
-    depths = tuple(1 + max((int(m.group(1)) for k in sd if (m := re.match(rf"^{s}\.(\d+)\.", k))), default=-1)
-                   for s in ("m_down1", "m_down2", "m_down3", "m_body", "m_up3", "m_up2", "m_up1"))
+        raise WeightsError(
+            f"{what}: not an SCUNet checkpoint (no m_head.0.weight / m_tail.0.weight); "
+            f"the file has {len(sd)} tensors, e.g. {', '.join(list(sd)[:5])}"
+        )
+    depths = tuple(
+        1 + max((int(m.group(1)) for k in sd if (m := re.match(rf"^{s}\.(\d+)\.", k))), default=-1)
+        for s in ("m_down1", "m_down2", "m_down3", "m_body", "m_up3", "m_up2", "m_up1")
+    )
     found = (sd["m_head.0.weight"].shape[0], tuple(d - 1 if i != 3 else d for i, d in enumerate(depths)))
     if found != (cfg.dim, cfg.config):
-        raise WeightsError(f"{what}: the checkpoint is an SCUNet with dim {found[0]} and stage depths {found[1]}, "
-                           f"but dim {cfg.dim} / {cfg.config} was expected - is this the right file?")
+        raise WeightsError(
+            f"{what}: the checkpoint is an SCUNet with dim {found[0]} and stage depths {found[1]}, "
+            f"but dim {cfg.dim} / {cfg.config} was expected - is this the right file?"
+        )
     net = build_scunet(cfg)
     load_into(net, sd, what=what)
     return net.eval().requires_grad_(False)

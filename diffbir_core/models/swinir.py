@@ -20,6 +20,7 @@ This mirrors, number for number, the official ``SwinIR`` of XPixelGroup/DiffBIR 
 Only the configuration DiffBIR uses for its tail is implemented (``upsampler="nearest+conv"``); other
 official upsamplers are rejected with a clear error. DropPath / dropout act only in train mode.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,7 @@ from diffbir_core.weights import WeightsError, load_into, load_state_dict
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SwinIRConfig", "SWINIR_CONFIGS", "SWINIR_WEIGHT_NAMES", "SwinIR", "load_swinir",
-           "map_official_swinir_keys"]
+__all__ = ["SwinIRConfig", "SWINIR_CONFIGS", "SWINIR_WEIGHT_NAMES", "SwinIR", "load_swinir", "map_official_swinir_keys"]
 
 # Official per-channel RGB mean subtracted before the network (``rgb_mean`` in the official class).
 _RGB_MEAN = (0.4488, 0.4371, 0.4040)
@@ -50,10 +50,28 @@ _RGB_MEAN = (0.4488, 0.4371, 0.4040)
 # The official constructor's defaults, used by `SwinIRConfig.from_official` for keys a params dict
 # leaves out (so a partial official yaml means what it means to the official code).
 _OFFICIAL_DEFAULTS: dict[str, Any] = dict(
-    img_size=64, patch_size=1, in_chans=3, embed_dim=96, depths=(6, 6, 6, 6), num_heads=(6, 6, 6, 6),
-    window_size=7, mlp_ratio=4.0, qkv_bias=True, qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0,
-    drop_path_rate=0.1, ape=False, patch_norm=True, use_checkpoint=False, sf=4, img_range=1.0,
-    upsampler="", resi_connection="1conv", unshuffle=False, unshuffle_scale=None,
+    img_size=64,
+    patch_size=1,
+    in_chans=3,
+    embed_dim=96,
+    depths=(6, 6, 6, 6),
+    num_heads=(6, 6, 6, 6),
+    window_size=7,
+    mlp_ratio=4.0,
+    qkv_bias=True,
+    qk_scale=None,
+    drop_rate=0.0,
+    attn_drop_rate=0.0,
+    drop_path_rate=0.1,
+    ape=False,
+    patch_norm=True,
+    use_checkpoint=False,
+    sf=4,
+    img_range=1.0,
+    upsampler="",
+    resi_connection="1conv",
+    unshuffle=False,
+    unshuffle_scale=None,
 )
 # Official constructor arguments that only configure Lightning training (v1): accepted, not used.
 _TRAINING_ONLY_KEYS = frozenset({"hq_key", "lq_key", "learning_rate", "weight_decay"})
@@ -100,16 +118,20 @@ class SwinIRConfig:
             if h <= 0 or self.embed_dim % h:
                 bad.append(f"embed_dim {self.embed_dim} must be divisible by every num_heads entry (got {h})")
         if self.upsampler != "nearest+conv":
-            bad.append(f"upsampler {self.upsampler!r} is not implemented: only 'nearest+conv' (the DiffBIR "
-                       "stage-1 configuration) is")
+            bad.append(
+                f"upsampler {self.upsampler!r} is not implemented: only 'nearest+conv' (the DiffBIR "
+                "stage-1 configuration) is"
+            )
         if self.sf not in (2, 4, 8):
             bad.append(f"sf must be 2, 4 or 8 for upsampler 'nearest+conv' (got {self.sf})")
         if self.resi_connection not in ("1conv", "3conv"):
             bad.append(f"resi_connection must be '1conv' or '3conv' (got {self.resi_connection!r})")
         if self.unshuffle and self.unshuffle_scale != self.sf:
             # official: PixelUnshuffle(sf) but conv_first input channels in_chans * unshuffle_scale**2
-            bad.append(f"unshuffle=True needs unshuffle_scale == sf (got {self.unshuffle_scale} vs {self.sf}); "
-                       "the official model cannot run otherwise")
+            bad.append(
+                f"unshuffle=True needs unshuffle_scale == sf (got {self.unshuffle_scale} vs {self.sf}); "
+                "the official model cannot run otherwise"
+            )
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "window_size"):
             if int(getattr(self, name)) <= 0:
                 bad.append(f"{name} must be positive (got {getattr(self, name)})")
@@ -142,7 +164,8 @@ class SwinIRConfig:
         if unknown:
             raise ValueError(
                 f"unknown SwinIR config key(s) {unknown}; known: {sorted(known)} "
-                f"(plus training-only {sorted(_TRAINING_ONLY_KEYS)}). Is this a SwinIR config?")
+                f"(plus training-only {sorted(_TRAINING_ONLY_KEYS)}). Is this a SwinIR config?"
+            )
         merged = {**_OFFICIAL_DEFAULTS, **{k: v for k, v in params.items() if k in known}}
         return cls(**merged)
 
@@ -155,9 +178,22 @@ class SwinIRConfig:
 
 def _diffbir_swinir() -> SwinIRConfig:
     # XPixelGroup/DiffBIR configs/inference/swinir.yaml (identical at v2.0.0 and HEAD/v2.1)
-    return SwinIRConfig(img_size=64, patch_size=1, in_chans=3, embed_dim=180, depths=(6,) * 8,
-                        num_heads=(6,) * 8, window_size=8, mlp_ratio=2.0, sf=8, img_range=1.0,
-                        upsampler="nearest+conv", resi_connection="1conv", unshuffle=True, unshuffle_scale=8)
+    return SwinIRConfig(
+        img_size=64,
+        patch_size=1,
+        in_chans=3,
+        embed_dim=180,
+        depths=(6,) * 8,
+        num_heads=(6,) * 8,
+        window_size=8,
+        mlp_ratio=2.0,
+        sf=8,
+        img_range=1.0,
+        upsampler="nearest+conv",
+        resi_connection="1conv",
+        unshuffle=True,
+        unshuffle_scale=8,
+    )
 
 
 # All official DiffBIR SwinIR checkpoints share ONE architecture: v1/v2 load general_swinir_v1.ckpt and
@@ -249,8 +285,16 @@ def _shift_window_mask(h: int, w: int, ws: int, shift: int) -> torch.Tensor:
 class _WindowAttention(nn.Module):
     """Window multi-head self-attention with a learned relative position bias (W-MSA / SW-MSA)."""
 
-    def __init__(self, dim: int, ws: int, num_heads: int, qkv_bias: bool, qk_scale: float | None,
-                 attn_drop: float, proj_drop: float) -> None:
+    def __init__(
+        self,
+        dim: int,
+        ws: int,
+        num_heads: int,
+        qkv_bias: bool,
+        qk_scale: float | None,
+        attn_drop: float,
+        proj_drop: float,
+    ) -> None:
         super().__init__()
         self.ws, self.num_heads = ws, num_heads
         self.scale = qk_scale or (dim // num_heads) ** -0.5
@@ -281,16 +325,23 @@ class _WindowAttention(nn.Module):
 class _SwinBlock(nn.Module):
     """Pre-LN Swin block: x += WMSA(LN(x)) (cyclically shifted for odd blocks); x += MLP(LN(x))."""
 
-    def __init__(self, dim: int, input_resolution: tuple[int, int], num_heads: int, ws: int, shift: int,
-                 cfg: SwinIRConfig, drop_path: float) -> None:
+    def __init__(
+        self,
+        dim: int,
+        input_resolution: tuple[int, int],
+        num_heads: int,
+        ws: int,
+        shift: int,
+        cfg: SwinIRConfig,
+        drop_path: float,
+    ) -> None:
         super().__init__()
         self.input_resolution = input_resolution
         if min(input_resolution) <= ws:  # official: no partition/shift when the grid fits one window
             shift, ws = 0, min(input_resolution)
         self.ws, self.shift = ws, shift
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = _WindowAttention(dim, ws, num_heads, cfg.qkv_bias, cfg.qk_scale, cfg.attn_drop_rate,
-                                     cfg.drop_rate)
+        self.attn = _WindowAttention(dim, ws, num_heads, cfg.qkv_bias, cfg.qk_scale, cfg.attn_drop_rate, cfg.drop_rate)
         self.drop_path = _DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = _Mlp(dim, int(dim * cfg.mlp_ratio), cfg.drop_rate)
@@ -304,7 +355,8 @@ class _SwinBlock(nn.Module):
         if h % ws or w % ws:
             raise ValueError(
                 f"SwinIR token grid {h}x{w} is not a multiple of the window size {ws}; pad the image to a "
-                f"multiple of window_size x unshuffle_scale (64 for DiffBIR) before calling the model")
+                f"multiple of window_size x unshuffle_scale (64 for DiffBIR) before calling the model"
+            )
         shortcut = x
         x = self.norm1(x).view(b, h, w, c)
         if s > 0:
@@ -329,14 +381,31 @@ class _SwinBlock(nn.Module):
 class _BasicLayer(nn.Module):
     """``depth`` Swin blocks; odd blocks are shifted by window_size // 2."""
 
-    def __init__(self, dim: int, input_resolution: tuple[int, int], depth: int, num_heads: int,
-                 cfg: SwinIRConfig, drop_path: list[float]) -> None:
+    def __init__(
+        self,
+        dim: int,
+        input_resolution: tuple[int, int],
+        depth: int,
+        num_heads: int,
+        cfg: SwinIRConfig,
+        drop_path: list[float],
+    ) -> None:
         super().__init__()
         self.use_checkpoint = cfg.use_checkpoint
-        self.blocks = nn.ModuleList([
-            _SwinBlock(dim, input_resolution, num_heads, cfg.window_size,
-                       0 if i % 2 == 0 else cfg.window_size // 2, cfg, drop_path[i])
-            for i in range(depth)])
+        self.blocks = nn.ModuleList(
+            [
+                _SwinBlock(
+                    dim,
+                    input_resolution,
+                    num_heads,
+                    cfg.window_size,
+                    0 if i % 2 == 0 else cfg.window_size // 2,
+                    cfg,
+                    drop_path[i],
+                )
+                for i in range(depth)
+            ]
+        )
 
     def forward(self, x: torch.Tensor, x_size: tuple[int, int]) -> torch.Tensor:
         for blk in self.blocks:
@@ -353,9 +422,13 @@ def _resi_conv(dim: int, kind: str) -> nn.Module:
     """The conv block before a residual connection ('1conv' or the parameter-saving '3conv')."""
     if kind == "1conv":
         return nn.Conv2d(dim, dim, 3, 1, 1)
-    return nn.Sequential(nn.Conv2d(dim, dim // 4, 3, 1, 1), nn.LeakyReLU(0.2, inplace=True),
-                         nn.Conv2d(dim // 4, dim // 4, 1, 1, 0), nn.LeakyReLU(0.2, inplace=True),
-                         nn.Conv2d(dim // 4, dim, 3, 1, 1))
+    return nn.Sequential(
+        nn.Conv2d(dim, dim // 4, 3, 1, 1),
+        nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(dim // 4, dim // 4, 1, 1, 0),
+        nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(dim // 4, dim, 3, 1, 1),
+    )
 
 
 def _tokens_to_map(x: torch.Tensor, x_size: tuple[int, int]) -> torch.Tensor:
@@ -367,8 +440,15 @@ def _tokens_to_map(x: torch.Tensor, x_size: tuple[int, int]) -> torch.Tensor:
 class _RSTB(nn.Module):
     """Residual Swin Transformer Block: x + tokens(conv(map(SwinBlocks(x))))."""
 
-    def __init__(self, dim: int, input_resolution: tuple[int, int], depth: int, num_heads: int,
-                 cfg: SwinIRConfig, drop_path: list[float]) -> None:
+    def __init__(
+        self,
+        dim: int,
+        input_resolution: tuple[int, int],
+        depth: int,
+        num_heads: int,
+        cfg: SwinIRConfig,
+        drop_path: list[float],
+    ) -> None:
         super().__init__()
         self.residual_group = _BasicLayer(dim, input_resolution, depth, num_heads, cfg, drop_path)
         self.conv = _resi_conv(dim, cfg.resi_connection)
@@ -407,7 +487,7 @@ class SwinIR(nn.Module):
         self.cfg = cfg
         c = cfg.embed_dim
         num_feat = 64
-        in_ch = cfg.in_chans * cfg.unshuffle_scale ** 2 if cfg.unshuffle else cfg.in_chans
+        in_ch = cfg.in_chans * cfg.unshuffle_scale**2 if cfg.unshuffle else cfg.in_chans
         mean = torch.tensor(_RGB_MEAN).view(1, 3, 1, 1) if cfg.in_chans == 3 else torch.zeros(1, 1, 1, 1)
         self.register_buffer("mean", mean, persistent=False)  # a plain attribute in the official class
 
@@ -427,7 +507,7 @@ class SwinIR(nn.Module):
         self.layers = nn.ModuleList()
         for i, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads)):
             start = sum(cfg.depths[:i])
-            self.layers.append(_RSTB(c, res, depth, heads, cfg, dpr[start:start + depth]))
+            self.layers.append(_RSTB(c, res, depth, heads, cfg, dpr[start : start + depth]))
         self.norm = nn.LayerNorm(c)
         self.conv_after_body = _resi_conv(c, cfg.resi_connection)
         # 3. reconstruction: nearest+conv
@@ -513,11 +593,16 @@ def map_official_swinir_keys(sd: Mapping[str, torch.Tensor], *, what: str = "Swi
     out = dict(sd)
     if any(k.startswith(_V1_FULL_PREFIX) for k in out):
         n_other = sum(not k.startswith(_V1_FULL_PREFIX) for k in out)
-        out = {k[len(_V1_FULL_PREFIX):]: v for k, v in out.items() if k.startswith(_V1_FULL_PREFIX)}
-        log.info("%s: v1 full checkpoint - took %d '%s*' tensors, ignored %d others (UNet/VAE/control)",
-                 what, len(out), _V1_FULL_PREFIX, n_other)
+        out = {k[len(_V1_FULL_PREFIX) :]: v for k, v in out.items() if k.startswith(_V1_FULL_PREFIX)}
+        log.info(
+            "%s: v1 full checkpoint - took %d '%s*' tensors, ignored %d others (UNet/VAE/control)",
+            what,
+            len(out),
+            _V1_FULL_PREFIX,
+            n_other,
+        )
     if out and all(k.startswith("module.") for k in out):
-        out = {k[len("module."):]: v for k, v in out.items()}
+        out = {k[len("module.") :]: v for k, v in out.items()}
         log.info("%s: stripped 'module.' from every key", what)
     dropped = [k for k in out if k.startswith(_V1_TRAINING_PREFIXES)]
     if dropped:
@@ -537,19 +622,35 @@ def _fill_constructor_buffers(model: SwinIR, sd: dict[str, torch.Tensor], what: 
     buffer_keys = [k for k in own if k.endswith((".relative_position_index", ".attn_mask"))]
     missing = [k for k in buffer_keys if k not in sd]
     if missing:
-        log.warning("%s: file lacks %d constructor buffers (e.g. %s); using the values computed from the "
-                    "config (identical to the official constructor's)", what, len(missing), missing[:3])
+        log.warning(
+            "%s: file lacks %d constructor buffers (e.g. %s); using the values computed from the "
+            "config (identical to the official constructor's)",
+            what,
+            len(missing),
+            missing[:3],
+        )
         sd = {**sd, **{k: own[k] for k in missing}}
-    differing = [k for k in buffer_keys if k not in missing and tuple(sd[k].shape) == tuple(own[k].shape)
-                 and not torch.equal(sd[k].to(own[k].dtype), own[k])]
+    differing = [
+        k
+        for k in buffer_keys
+        if k not in missing
+        and tuple(sd[k].shape) == tuple(own[k].shape)
+        and not torch.equal(sd[k].to(own[k].dtype), own[k])
+    ]
     if differing:
-        log.warning("%s: %d stored buffers differ from the values the config implies (e.g. %s); using the "
-                    "file's values as the official code does", what, len(differing), differing[:3])
+        log.warning(
+            "%s: %d stored buffers differ from the values the config implies (e.g. %s); using the "
+            "file's values as the official code does",
+            what,
+            len(differing),
+            differing[:3],
+        )
     return sd
 
 
-def load_swinir(source: str | os.PathLike | Mapping[str, torch.Tensor], cfg: SwinIRConfig | None = None, *,
-                what: str = "SwinIR") -> SwinIR:
+def load_swinir(
+    source: str | os.PathLike | Mapping[str, torch.Tensor], cfg: SwinIRConfig | None = None, *, what: str = "SwinIR"
+) -> SwinIR:
     """Build a `SwinIR` (default config: ``SWINIR_CONFIGS["general_v1"]``) and load an official checkpoint
     strictly: ``source`` is a file (read by `weights.load_state_dict`) or a state dict. The key map is
     `map_official_swinir_keys`; missing constructor buffers are filled (see `_fill_constructor_buffers`);
@@ -563,7 +664,9 @@ def load_swinir(source: str | os.PathLike | Mapping[str, torch.Tensor], cfg: Swi
         sd = load_state_dict(source)
         origin = str(source)
     if not sd:
-        raise WeightsError(f"{what}: {origin} holds no tensors (pass a checkpoint path or a flat {{key: tensor}} state dict)")
+        raise WeightsError(
+            f"{what}: {origin} holds no tensors (pass a checkpoint path or a flat {{key: tensor}} state dict)"
+        )
     sd = map_official_swinir_keys(sd, what=what)
     model = SwinIR(cfg)
     sd = _fill_constructor_buffers(model, sd, what)

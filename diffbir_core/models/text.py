@@ -20,6 +20,7 @@ A prompt longer than the context is truncated exactly as the official tokenizer 
 ``diffbir/model/open_clip/tokenizer.py:183-185``: keep the first 77 ids, force the last to EOT), with a
 `PromptTruncatedWarning` saying how many tokens were dropped.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,8 +29,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["OpenCLIPTextEncoder", "PromptTooLongError", "PromptTruncatedWarning", "count_tokens", "tokenize",
-           "TEXT_LAYERS"]
+__all__ = [
+    "OpenCLIPTextEncoder",
+    "PromptTooLongError",
+    "PromptTruncatedWarning",
+    "count_tokens",
+    "tokenize",
+    "TEXT_LAYERS",
+]
 
 # name of the output layer -> how many of the last blocks are skipped (official ``layer_idx``)
 TEXT_LAYERS = {"last": 0, "penultimate": 1}
@@ -79,7 +86,10 @@ def tokenize(prompts: Sequence[str], context_length: int = 77) -> torch.Tensor:
     if too_long:
         warnings.warn(
             f"prompt truncated to the text encoder's {context_length} tokens (including start/end), as the "
-            "official tokenizer does: " + "; ".join(too_long), PromptTruncatedWarning, stacklevel=2)
+            "official tokenizer does: " + "; ".join(too_long),
+            PromptTruncatedWarning,
+            stacklevel=2,
+        )
     return out
 
 
@@ -90,8 +100,15 @@ class OpenCLIPTextEncoder(nn.Module):
     ``ln_final.*`` (identical to the official ``cond_stage_model.model.*`` keys).
     """
 
-    def __init__(self, width: int = 1024, heads: int = 16, layers: int = 24, context_length: int = 77,
-                 vocab_size: int = 49408, layer: str = "penultimate"):
+    def __init__(
+        self,
+        width: int = 1024,
+        heads: int = 16,
+        layers: int = 24,
+        context_length: int = 77,
+        vocab_size: int = 49408,
+        layer: str = "penultimate",
+    ):
         super().__init__()
         from open_clip.transformer import LayerNorm, Transformer
 
@@ -102,8 +119,15 @@ class OpenCLIPTextEncoder(nn.Module):
         self.blocks_run = layers - TEXT_LAYERS[layer]
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        self.transformer = Transformer(width=width, layers=self.blocks_run, heads=heads, mlp_ratio=4.0,
-                                       act_layer=nn.GELU, norm_layer=LayerNorm, batch_first=True)
+        self.transformer = Transformer(
+            width=width,
+            layers=self.blocks_run,
+            heads=heads,
+            mlp_ratio=4.0,
+            act_layer=nn.GELU,
+            norm_layer=LayerNorm,
+            batch_first=True,
+        )
         self.ln_final = LayerNorm(width)  # eps 1e-5
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
@@ -144,7 +168,7 @@ class TextEmbeddingCache:
         out = []
         for p in prompts:
             if p in self._cache:
-                self._cache[p] = self._cache.pop(p)                      # most recently used last
+                self._cache[p] = self._cache.pop(p)  # most recently used last
             else:
                 self.misses += 1
                 with torch.no_grad():

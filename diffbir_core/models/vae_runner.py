@@ -10,6 +10,7 @@ Mirrors: v2.0.0 model/cldm.py:92-120 (vae_encode / vae_encode_tiled / vae_decode
 HEAD diffbir/model/cldm.py:92-140 (vae_encode / vae_decode with tiled=...), v2.0.0 utils/sampler.py:183
 (the guidance target re-encoded every repeat). Tilings: `tiling.vae_blend`, `tiling.vae_sync`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -68,8 +69,15 @@ class VAERunner:
     ``decode_grad(z)`` is a differentiable decode for rgb guidance (tile by tile when tiled).
     """
 
-    def __init__(self, ldm, encoder: VAETiling = VAETiling(), decoder: VAETiling = VAETiling(), *,
-                 amp: Callable[[], Any] | None = None, progress: Progress | None = None) -> None:
+    def __init__(
+        self,
+        ldm,
+        encoder: VAETiling = VAETiling(),
+        decoder: VAETiling = VAETiling(),
+        *,
+        amp: Callable[[], Any] | None = None,
+        progress: Progress | None = None,
+    ) -> None:
         self.ldm, self.encoder, self.decoder = ldm, encoder, decoder
         self.amp = amp or _null_context
         self.progress = progress
@@ -82,8 +90,14 @@ class VAERunner:
             elif e.mode == "blend":
                 mean, logvar = vae_posterior_tiled(self.ldm, x, 8 * e.tile, 8 * e.stride, progress=self.progress)
             else:
-                mean, logvar = vae_posterior_synced(self.ldm, x, core=e.tile, store_bytes=e.store_bytes,
-                                                    stats_fraction=e.stats_fraction, progress=self.progress)
+                mean, logvar = vae_posterior_synced(
+                    self.ldm,
+                    x,
+                    core=e.tile,
+                    store_bytes=e.store_bytes,
+                    stats_fraction=e.stats_fraction,
+                    progress=self.progress,
+                )
         return mean.float(), logvar.float()
 
     def encode(self, x: Tensor, sample: bool = False, noise: Tensor | None = None) -> Tensor:
@@ -98,8 +112,14 @@ class VAERunner:
             elif d.mode == "blend":
                 out = vae_decode_tiled(self.ldm, z, d.tile, d.stride, progress=self.progress)
             else:
-                out = vae_decode_synced(self.ldm, z, core=d.tile, store_bytes=d.store_bytes,
-                                        stats_fraction=d.stats_fraction, progress=self.progress)
+                out = vae_decode_synced(
+                    self.ldm,
+                    z,
+                    core=d.tile,
+                    store_bytes=d.store_bytes,
+                    stats_fraction=d.stats_fraction,
+                    progress=self.progress,
+                )
         return out.float()
 
     def decode_grad(self, z: Tensor) -> Tensor:
@@ -137,10 +157,10 @@ class _TiledDecodeFn(torch.autograd.Function):
         wt = gaussian_weights(tw * 8, th * 8).to(device=g.device, dtype=torch.float32)[None, None]
         count = torch.zeros((1, 1, h * 8, w * 8), dtype=torch.float32, device=g.device)
         for h0, h1, w0, w1 in wins:
-            count[..., h0 * 8:h1 * 8, w0 * 8:w1 * 8] += wt
+            count[..., h0 * 8 : h1 * 8, w0 * 8 : w1 * 8] += wt
         gz = torch.zeros_like(z)
         for k, (h0, h1, w0, w1) in enumerate(wins):
-            gt = g[..., h0 * 8:h1 * 8, w0 * 8:w1 * 8] * wt / count[..., h0 * 8:h1 * 8, w0 * 8:w1 * 8]
+            gt = g[..., h0 * 8 : h1 * 8, w0 * 8 : w1 * 8] * wt / count[..., h0 * 8 : h1 * 8, w0 * 8 : w1 * 8]
             with torch.enable_grad():
                 zt = z[..., h0:h1, w0:w1].detach().requires_grad_(True)
                 with runner.amp():
@@ -180,5 +200,3 @@ class PosteriorCache:
         if eps.shape != mean.shape:
             raise ValueError(f"noise shape {tuple(eps.shape)} != latent shape {tuple(mean.shape)}")
         return (mean + torch.exp(0.5 * logvar) * eps) * self.scale_factor
-
-

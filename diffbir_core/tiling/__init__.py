@@ -9,6 +9,7 @@ The public names of these submodules are exported lazily (module ``__getattr__``
 nothing, so `models.vae_runner` (uses windows / vae_blend / vae_sync) and `plan` (uses
 `models.vae_runner.VAETiling`) do not form an import cycle.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -16,15 +17,36 @@ from typing import Any
 
 _SUBMODULES = ("windows", "cleaner", "vae_blend", "vae_sync", "denoiser", "plan")
 _EXPORTS = {
-    ".windows": ("Window", "Progress", "sliding_windows", "rect_windows", "gaussian_weights", "blend_tiles",
-                 "TileEvent", "StopTiles"),
+    ".windows": (
+        "Window",
+        "Progress",
+        "sliding_windows",
+        "rect_windows",
+        "gaussian_weights",
+        "blend_tiles",
+        "TileEvent",
+        "StopTiles",
+    ),
     ".cleaner": ("tiled_net", "TiledCleaner"),
-    ".vae_blend": ("vae_posterior_tiled", "vae_encode_tiled", "vae_decode_tiled", "posterior_to_latent",
-                   "check_vae_image"),
+    ".vae_blend": (
+        "vae_posterior_tiled",
+        "vae_encode_tiled",
+        "vae_decode_tiled",
+        "posterior_to_latent",
+        "check_vae_image",
+    ),
     ".vae_sync": ("VAEOp", "encoder_ops", "decoder_ops", "synced_cost", "vae_posterior_synced", "vae_decode_synced"),
     ".denoiser": ("TiledModel", "crop_cond"),
-    ".plan": ("STAGE_BYTES_PER_PIXEL", "STAGE_OVERHEAD", "RUNTIME_BYTES_CPU", "estimate_stage_bytes", "model_bytes",
-              "memory_budget_bytes", "TilingPlan", "auto_tiling"),
+    ".plan": (
+        "STAGE_BYTES_PER_PIXEL",
+        "STAGE_OVERHEAD",
+        "RUNTIME_BYTES_CPU",
+        "estimate_stage_bytes",
+        "model_bytes",
+        "memory_budget_bytes",
+        "TilingPlan",
+        "auto_tiling",
+    ),
 }
 
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -7,6 +7,7 @@ resize, padding and clamping and only replaces its ``_run_net``.
 Mirrors: HEAD diffbir/pipeline.py:67 (apply_cleaner with tiled / tile_size / tile_stride),
 HEAD diffbir/utils/common.py:172 (make_tiled_fn with scale_type "up").
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -21,8 +22,16 @@ Tensor = torch.Tensor
 __all__ = ["TiledCleaner", "tiled_net"]
 
 
-def tiled_net(net: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: int, *, scale: int = 1,
-              multiple: int = 1, progress: Progress | None = None) -> Tensor:
+def tiled_net(
+    net: Callable[[Tensor], Tensor],
+    x: Tensor,
+    tile: int,
+    overlap: int,
+    *,
+    scale: int = 1,
+    multiple: int = 1,
+    progress: Progress | None = None,
+) -> Tensor:
     """``net`` on overlapping ``tile`` x ``tile`` input tiles (``overlap`` pixels shared), outputs (``scale`` x
     the tile) fused with Gaussian weights. ``x`` is already padded to ``multiple``; ``tile`` is rounded down to
     a multiple of it (SwinIR: 64)."""
@@ -57,7 +66,6 @@ class TiledCleaner(Cleaner):
         h, w = x.shape[-2:]
         if h <= self.tile and w <= self.tile:
             return self.net(x)
-        return tiled_net(self.net, x, self.tile, self.overlap, scale=self.scale, multiple=self.multiple,
-                         progress=self.progress)
-
-
+        return tiled_net(
+            self.net, x, self.tile, self.overlap, scale=self.scale, multiple=self.multiple, progress=self.progress
+        )

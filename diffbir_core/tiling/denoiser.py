@@ -11,6 +11,7 @@ Mirrors: HEAD diffbir/sampler/spaced_sampler.py:204-218 (model.forward replaced 
 c_img; CFG around it at :153-158); v2.0.0 utils/sampler.py:231 (predict_noise_tiled, CFG inside each tile).
 Deviation: the official v2.0.0 refuses guidance while tiled (utils/sampler.py:289).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
@@ -40,8 +41,10 @@ def crop_cond(cond: Any, hw: tuple[int, int], win: Window) -> Any:
     if not isinstance(cond, Mapping):
         raise ValueError("tiled denoising needs cond as a dict of tensors")
     h0, h1, w0, w1 = win
-    return {k: (v[..., h0:h1, w0:w1] if torch.is_tensor(v) and v.ndim == 4 and tuple(v.shape[-2:]) == tuple(hw) else v)
-            for k, v in cond.items()}
+    return {
+        k: (v[..., h0:h1, w0:w1] if torch.is_tensor(v) and v.ndim == 4 and tuple(v.shape[-2:]) == tuple(hw) else v)
+        for k, v in cond.items()
+    }
 
 
 def _cat_cond(conds: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
@@ -57,8 +60,15 @@ class TiledModel:
     forward with the uncovered positions zero (timing probes only: the result is then invalid).
     """
 
-    def __init__(self, model: Callable[[Tensor, Tensor, Any], Tensor], *, tile: int, stride: int,
-                 tile_batch: int = 1, progress: Progress | None = None) -> None:
+    def __init__(
+        self,
+        model: Callable[[Tensor, Tensor, Any], Tensor],
+        *,
+        tile: int,
+        stride: int,
+        tile_batch: int = 1,
+        progress: Progress | None = None,
+    ) -> None:
         if tile < 8 or tile % 8:
             raise ValueError(f"latent tile must be a positive multiple of 8 (UNet downsampling), got {tile}")
         if not 1 <= stride <= tile:
@@ -84,13 +94,13 @@ class TiledModel:
         if self.progress is not None:
             self.progress(TileEvent("diffusion", -1, len(wins)))
         for g0 in range(0, len(wins), self.tile_batch):
-            group = wins[g0:g0 + self.tile_batch]
-            xs = torch.cat([x[..., h0:h1, w0:w1] for h0, h1, w0, w1 in group])         # [n*B,C,th,tw]
+            group = wins[g0 : g0 + self.tile_batch]
+            xs = torch.cat([x[..., h0:h1, w0:w1] for h0, h1, w0, w1 in group])  # [n*B,C,th,tw]
             cs = _cat_cond([crop_cond(cond, hw, win) for win in group]) if cond is not None else None
-            y = self.model(xs, t.repeat(len(group)), cs)                               # [n*B,C,th,tw]
+            y = self.model(xs, t.repeat(len(group)), cs)  # [n*B,C,th,tw]
             stopped = False
             for j, (h0, h1, w0, w1) in enumerate(group):
-                out[..., h0:h1, w0:w1] += y[j * b:(j + 1) * b].float() * wt
+                out[..., h0:h1, w0:w1] += y[j * b : (j + 1) * b].float() * wt
                 count[..., h0:h1, w0:w1] += wt
                 if self.progress is not None:
                     try:

@@ -9,6 +9,7 @@ forces tiling on / off. The VAE prefers seam-free "sync" tiles (cost from `vae_s
 Mirrors: nothing official (the official CLI takes --*_tiled / tile sizes by hand: HEAD inference.py:128-160,
 HEAD diffbir/pipeline.py:99-141 for the size checks it applies).
 """
+
 from __future__ import annotations
 
 import os
@@ -144,10 +145,18 @@ def _vae_ops_for_planning(vae: nn.Module | None) -> tuple[list[VAEOp], list[VAEO
     return encoder_ops(vae), decoder_ops(vae)
 
 
-def auto_tiling(params, image_hw: tuple[int, int], device: str | torch.device = "cpu", *,
-                weights_bytes: int | None = None, budget_bytes: int | None = None, dtype_bytes: int = 4,
-                vae_mode: Literal["sync", "blend"] = "sync", vae: nn.Module | None = None,
-                max_sync_cost: float = 2.5) -> TilingPlan:
+def auto_tiling(
+    params,
+    image_hw: tuple[int, int],
+    device: str | torch.device = "cpu",
+    *,
+    weights_bytes: int | None = None,
+    budget_bytes: int | None = None,
+    dtype_bytes: int = 4,
+    vae_mode: Literal["sync", "blend"] = "sync",
+    vae: nn.Module | None = None,
+    max_sync_cost: float = 2.5,
+) -> TilingPlan:
     """Decide tiling per stage for a ``params`` restore whose working (stage-1 output) size is ``image_hw``.
 
     ``params.tiles.enabled``: True tiles every stage larger than one tile, False none, None decides per stage:
@@ -160,7 +169,7 @@ def auto_tiling(params, image_hw: tuple[int, int], device: str | torch.device = 
     """
     opts = params.tiles
     h, w = int(image_hw[0]), int(image_hw[1])
-    hp, wp = -(-h // 64) * 64, -(-w // 64) * 64                          # stage 2 works on the x64 padded image
+    hp, wp = -(-h // 64) * 64, -(-w // 64) * 64  # stage 2 works on the x64 padded image
     lh, lw = hp // 8, wp // 8
     budget = budget_bytes if budget_bytes is not None else memory_budget_bytes(device, opts.max_memory_gb)
     if weights_bytes is None:
@@ -168,8 +177,10 @@ def auto_tiling(params, image_hw: tuple[int, int], device: str | torch.device = 
     free = budget - weights_bytes - (RUNTIME_BYTES_CPU if torch.device(device).type == "cpu" else 0)
     notes: list[str] = []
     if free <= 0:
-        notes.append(f"the weights ({weights_bytes / 2**30:.1f} GiB) alone exceed the budget "
-                     f"({budget / 2**30:.1f} GiB): tiling everything with the smallest tiles")
+        notes.append(
+            f"the weights ({weights_bytes / 2**30:.1f} GiB) alone exceed the budget "
+            f"({budget / 2**30:.1f} GiB): tiling everything with the smallest tiles"
+        )
     forced = opts.enabled
     gib = 2**30
     est = {
@@ -193,6 +204,7 @@ def auto_tiling(params, image_hw: tuple[int, int], device: str | torch.device = 
             ctile //= 2
         if ctile != opts.cleaner_tile:
             notes.append(f"cleaner tile reduced to {ctile} px to fit the budget")
+
     # 2./4. VAE: "sync" (seam-free) with the cheapest (core, statistics fraction) whose tile fits in 60% of what
     # is free, the rest holding the walk's stored full-image tensors; exact statistics (fraction 1) unless that
     # costs more than max_sync_cost x an untiled pass. "blend" (official) when asked for or nothing is affordable.
@@ -221,22 +233,33 @@ def auto_tiling(params, image_hw: tuple[int, int], device: str | torch.device = 
                 if tile_ws > 0.6 * max(free, 0):
                     continue
                 store = max(0.0, free - tile_ws)
-                cost = synced_cost(ops, (lh, lw), in_res, in_ch, core=core, store_bytes=store, stats_fraction=frac,
-                                   elem=dtype_bytes)["factor"]
+                cost = synced_cost(
+                    ops, (lh, lw), in_res, in_ch, core=core, store_bytes=store, stats_fraction=frac, elem=dtype_bytes
+                )["factor"]
                 if best is None or cost < best[0]:
                     best = (cost, core, frac, store)
             if best is not None and best[0] <= max_sync_cost:
                 break
         if best is None or best[0] > 2 * max_sync_cost:
-            notes.append(f"{stage}: the budget leaves too little room for seam-free tiling at {h}x{w}; using the "
-                         "official Gaussian-blend tiles (seams possible) - raise --max-memory to avoid them")
+            notes.append(
+                f"{stage}: the budget leaves too little room for seam-free tiling at {h}x{w}; using the "
+                "official Gaussian-blend tiles (seams possible) - raise --max-memory to avoid them"
+            )
             return VAETiling("blend", tile=32, stride=24)
         cost, core, frac, store = best
         if frac < 1:
-            notes.append(f"{stage}: GroupNorm statistics from {frac:.0%} of the tiles (exact ones would cost "
-                         f"more than {max_sync_cost}x an untiled pass within the budget); still seam-free")
-        return VAETiling("sync", tile=core, stride=max(8, core * 3 // 4), store_gb=round(store / gib, 3),
-                         stats_fraction=frac, cost=round(cost, 2))
+            notes.append(
+                f"{stage}: GroupNorm statistics from {frac:.0%} of the tiles (exact ones would cost "
+                f"more than {max_sync_cost}x an untiled pass within the budget); still seam-free"
+            )
+        return VAETiling(
+            "sync",
+            tile=core,
+            stride=max(8, core * 3 // 4),
+            store_gb=round(store / gib, 3),
+            stats_fraction=frac,
+            cost=round(cost, 2),
+        )
 
     enc = vae_plan("vae_encoder")
     dec = vae_plan("vae_decoder")
@@ -252,10 +275,17 @@ def auto_tiling(params, image_hw: tuple[int, int], device: str | torch.device = 
             lstride = min(lstride, ltile)
         if ltile != opts.latent_tile:
             notes.append(f"latent tile reduced to {ltile} to fit the budget")
-    return TilingPlan(cleaner=cleaner, cleaner_tile=ctile, cleaner_overlap=int(opts.cleaner_overlap),
-                      vae_encoder=enc, vae_decoder=dec, diffusion=diffusion, latent_tile=ltile,
-                      latent_stride=lstride, budget_gb=round(budget / gib, 3),
-                      weights_gb=round(weights_bytes / gib, 3),
-                      estimates_gb={k: round(v, 3) for k, v in est.items()}, notes=tuple(notes))
-
-
+    return TilingPlan(
+        cleaner=cleaner,
+        cleaner_tile=ctile,
+        cleaner_overlap=int(opts.cleaner_overlap),
+        vae_encoder=enc,
+        vae_decoder=dec,
+        diffusion=diffusion,
+        latent_tile=ltile,
+        latent_stride=lstride,
+        budget_gb=round(budget / gib, 3),
+        weights_gb=round(weights_bytes / gib, 3),
+        estimates_gb={k: round(v, 3) for k, v in est.items()},
+        notes=tuple(notes),
+    )

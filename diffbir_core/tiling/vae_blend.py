@@ -9,6 +9,7 @@ Mirrors: v2.0.0 model/cldm.py:98 (vae_encode_tiled), :116 (vae_decode_tiled).
 Deviation: ``sample=True`` draws ONE posterior sample from the blended posterior (the official code blends
 per-tile samples, which shrinks the noise where tiles overlap).
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,9 @@ def check_vae_image(x: Tensor, what: str) -> None:
         raise ValueError(f"{what}: image must be [B,C,H,W] with H and W multiples of 8, got {tuple(x.shape)}")
 
 
-def vae_posterior_tiled(ldm, image: Tensor, tile_size: int, tile_stride: int, *,
-                        progress: Progress | None = None) -> tuple[Tensor, Tensor]:
+def vae_posterior_tiled(
+    ldm, image: Tensor, tile_size: int, tile_stride: int, *, progress: Progress | None = None
+) -> tuple[Tensor, Tensor]:
     """(mean, logvar) of the VAE posterior, tiles of ``tile_size`` / ``tile_stride`` image pixels (multiples of
     8) blended with ``gaussian_weights(tile/8, tile/8)`` in latent space (official ``vae_encode_tiled``)."""
     check_vae_image(image, "vae_posterior_tiled")
@@ -37,15 +39,23 @@ def vae_posterior_tiled(ldm, image: Tensor, tile_size: int, tile_stride: int, *,
 
     def run(win: Window) -> Tensor:
         h0, h1, w0, w1 = win
-        mean, logvar = ldm.vae_posterior(image[..., h0 * 8:h1 * 8, w0 * 8:w1 * 8])
+        mean, logvar = ldm.vae_posterior(image[..., h0 * 8 : h1 * 8, w0 * 8 : w1 * 8])
         return torch.cat([mean, logvar], 1)  # [B,2z,th,tw]
 
     moments = blend_tiles(run, (h, w), tile_size // 8, tile_stride // 8, stage="vae_encoder", progress=progress)
     return moments.chunk(2, dim=1)
 
 
-def vae_encode_tiled(ldm, image: Tensor, tile_size: int, tile_stride: int, sample: bool = False,
-                     noise: Tensor | None = None, *, progress: Progress | None = None) -> Tensor:
+def vae_encode_tiled(
+    ldm,
+    image: Tensor,
+    tile_size: int,
+    tile_stride: int,
+    sample: bool = False,
+    noise: Tensor | None = None,
+    *,
+    progress: Progress | None = None,
+) -> Tensor:
     """Official ``vae_encode_tiled(image, tile_size, tile_stride, sample)`` (image pixels). ``sample=True`` draws
     ONE posterior sample from the blended posterior (the official code blends per-tile samples, which shrinks
     the noise where tiles overlap); ``noise`` is that draw (default ``torch.randn``)."""
@@ -73,7 +83,6 @@ def vae_decode_tiled(ldm, z: Tensor, tile_size: int, tile_stride: int, *, progre
         h0, h1, w0, w1 = win
         return ldm.vae_decode(z[..., h0:h1, w0:w1])
 
-    return blend_tiles(run, tuple(z.shape[-2:]), tile_size, tile_stride, out_scale=8, stage="vae_decoder",
-                       progress=progress)
-
-
+    return blend_tiles(
+        run, tuple(z.shape[-2:]), tile_size, tile_stride, out_scale=8, stage="vae_decoder", progress=progress
+    )

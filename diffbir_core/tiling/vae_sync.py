@@ -11,6 +11,7 @@ the whole image. Mirrors (the idea, not the code): HEAD diffbir/utils/tilevae/ti
 GroupNorm statistics are estimated (:400 estimate_group_norm) instead of exact; diffusers ResnetBlock2D / Attention
 (the blocks re-run here); the untiled reference is ``ControlLDM.vae_posterior`` / ``vae_decode``.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,7 +51,7 @@ def _attention(attn: nn.Module, x: Tensor, norm: NormFn) -> Tensor:
     """diffusers ``Attention`` of the VAE mid-block (spatial self-attention, GroupNorm inside, residual)."""
     b, c, h, w = x.shape
     y = norm(attn.group_norm, x) if attn.group_norm is not None else x
-    y = y.reshape(b, c, h * w).transpose(1, 2)                      # [B,N,C]
+    y = y.reshape(b, c, h * w).transpose(1, 2)  # [B,N,C]
     q, k, v = attn.to_q(y), attn.to_k(y), attn.to_v(y)
     d = q.shape[-1] // attn.heads
     q, k, v = (t.reshape(b, -1, attn.heads, d).transpose(1, 2) for t in (q, k, v))  # [B,heads,N,d]
@@ -76,14 +77,19 @@ def _check_vae_blocks(vae: nn.Module) -> None:
             if m.norm is not None or m.use_conv_transpose or not m.use_conv or not m.interpolate:
                 bad = "norm / transposed conv / no interpolation in an upsampler"
         elif isinstance(m, Attention):
-            if m.spatial_norm is not None or m.norm_q is not None or m.norm_k is not None \
-                    or abs(m.scale - (m.inner_dim // m.heads) ** -0.5) > 1e-12:
+            if (
+                m.spatial_norm is not None
+                or m.norm_q is not None
+                or m.norm_k is not None
+                or abs(m.scale - (m.inner_dim // m.heads) ** -0.5) > 1e-12
+            ):
                 bad = "spatial norm / qk norm / custom scale in attention"
         elif kind in ("SpatialNorm", "ResnetBlockCondNorm2D"):
             bad = "spatial normalisation"
         if bad:
-            raise NotImplementedError(f"synced tiled VAE: unsupported module {name} ({kind}): {bad}; "
-                                      "use mode 'blend' or no VAE tiling")
+            raise NotImplementedError(
+                f"synced tiled VAE: unsupported module {name} ({kind}): {bad}; use mode 'blend' or no VAE tiling"
+            )
 
 
 @dataclass(frozen=True)
@@ -117,8 +123,18 @@ def _mid_ops(mid: nn.Module) -> list[VAEOp]:
     for attn, res in zip(mid.attentions, mid.resnets[1:]):
         if attn is not None:
             c = attn.to_out[0].out_features
-            ops.append(VAEOp(lambda x, n, a=attn: _attention(a, x, n), 0, 1, c,
-                           int(attn.group_norm is not None), attn.group_norm, whole=True, macs=4.0 * c * c))
+            ops.append(
+                VAEOp(
+                    lambda x, n, a=attn: _attention(a, x, n),
+                    0,
+                    1,
+                    c,
+                    int(attn.group_norm is not None),
+                    attn.group_norm,
+                    whole=True,
+                    macs=4.0 * c * c,
+                )
+            )
         ops.append(_resnet_op(res))
     return ops
 
@@ -130,10 +146,17 @@ def encoder_ops(vae: nn.Module) -> list[VAEOp]:
     ops = [VAEOp(lambda x, n: enc.conv_in(x), 1, 1, enc.conv_in.out_channels, macs=_conv_macs(enc.conv_in))]
     for blk in enc.down_blocks:
         ops += [_resnet_op(r) for r in blk.resnets]
-        for ds in (blk.downsamplers or []):
+        for ds in blk.downsamplers or []:
             pad = ds.padding == 0
-            ops.append(VAEOp(lambda x, n, d=ds, p=pad: d.conv(F.pad(x, (0, 1, 0, 1)) if p else x), 2, 0.5,
-                           ds.conv.out_channels, macs=_conv_macs(ds.conv)))
+            ops.append(
+                VAEOp(
+                    lambda x, n, d=ds, p=pad: d.conv(F.pad(x, (0, 1, 0, 1)) if p else x),
+                    2,
+                    0.5,
+                    ds.conv.out_channels,
+                    macs=_conv_macs(ds.conv),
+                )
+            )
     ops += _mid_ops(enc.mid_block)
     quant = vae.quant_conv
 
@@ -141,8 +164,17 @@ def encoder_ops(vae: nn.Module) -> list[VAEOp]:
         x = enc.conv_out(enc.conv_act(n(enc.conv_norm_out, x)))
         return quant(x) if quant is not None else x
 
-    ops.append(VAEOp(out, 2, 1, quant.out_channels if quant is not None else enc.conv_out.out_channels, 1,
-                   enc.conv_norm_out, macs=_conv_macs(enc.conv_out) + (_conv_macs(quant) if quant is not None else 0)))
+    ops.append(
+        VAEOp(
+            out,
+            2,
+            1,
+            quant.out_channels if quant is not None else enc.conv_out.out_channels,
+            1,
+            enc.conv_norm_out,
+            macs=_conv_macs(enc.conv_out) + (_conv_macs(quant) if quant is not None else 0),
+        )
+    )
     return ops
 
 
@@ -154,11 +186,27 @@ def decoder_ops(vae: nn.Module) -> list[VAEOp]:
     ops += _mid_ops(dec.mid_block)
     for blk in dec.up_blocks:
         ops += [_resnet_op(r) for r in blk.resnets]
-        for us in (blk.upsamplers or []):
-            ops.append(VAEOp(lambda x, n, u=us: u.conv(F.interpolate(x, scale_factor=2.0, mode="nearest")), 1, 2,
-                           us.conv.out_channels, macs=_conv_macs(us.conv)))
-    ops.append(VAEOp(lambda x, n: dec.conv_out(dec.conv_act(n(dec.conv_norm_out, x))), 1, 1,
-                   dec.conv_out.out_channels, 1, dec.conv_norm_out, macs=_conv_macs(dec.conv_out)))
+        for us in blk.upsamplers or []:
+            ops.append(
+                VAEOp(
+                    lambda x, n, u=us: u.conv(F.interpolate(x, scale_factor=2.0, mode="nearest")),
+                    1,
+                    2,
+                    us.conv.out_channels,
+                    macs=_conv_macs(us.conv),
+                )
+            )
+    ops.append(
+        VAEOp(
+            lambda x, n: dec.conv_out(dec.conv_act(n(dec.conv_norm_out, x))),
+            1,
+            1,
+            dec.conv_out.out_channels,
+            1,
+            dec.conv_norm_out,
+            macs=_conv_macs(dec.conv_out),
+        )
+    )
     return ops
 
 
@@ -176,22 +224,22 @@ def _group_stats(gn: nn.GroupNorm, x: Tensor) -> tuple[Tensor, Tensor]:
     s2 = torch.zeros((b, c), dtype=torch.float64, device=x.device)
     step = max(1, c // 8)
     for c0 in range(0, c, step):
-        v = x[:, c0:c0 + step].double()
-        s1[:, c0:c0 + step] = v.sum((-2, -1))
-        s2[:, c0:c0 + step] = v.square().sum((-2, -1))
+        v = x[:, c0 : c0 + step].double()
+        s1[:, c0 : c0 + step] = v.sum((-2, -1))
+        s2[:, c0 : c0 + step] = v.square().sum((-2, -1))
     g = gn.num_groups
     return s1.reshape(b, g, c // g).sum(-1), s2.reshape(b, g, c // g).sum(-1)
 
 
 def _finish_stats(s1: Tensor, s2: Tensor, n: float) -> tuple[Tensor, Tensor]:
     mean = s1 / n
-    return mean, (s2 / n - mean.square()).clamp_min(0)                # biased variance, as GroupNorm
+    return mean, (s2 / n - mean.square()).clamp_min(0)  # biased variance, as GroupNorm
 
 
 def _normalise(gn: nn.GroupNorm, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
     """GroupNorm of ``x`` with given per-(batch, group) float64 statistics, folded into one scale and shift."""
     rep = x.shape[1] // gn.num_groups
-    rstd = torch.rsqrt(var + gn.eps).repeat_interleave(rep, dim=1)     # [B,C]
+    rstd = torch.rsqrt(var + gn.eps).repeat_interleave(rep, dim=1)  # [B,C]
     mu = mean.repeat_interleave(rep, dim=1)
     scale = rstd * gn.weight.double() if gn.weight is not None else rstd
     shift = (gn.bias.double() if gn.bias is not None else 0.0) - mu * scale
@@ -215,7 +263,7 @@ class _SharedNorm:
         k = self.k
         self.k += 1
         if k == self.target:
-            s = x.shape[-2] / self.tile_h                                # pixels per latent pixel here
+            s = x.shape[-2] / self.tile_h  # pixels per latent pixel here
             y0, y1, x0, x1 = (round(v * s) for v in self.core_px)
             s1, s2 = _group_stats(gn, x[..., y0:y1, x0:x1])
             n = (x.shape[1] // gn.num_groups) * (y1 - y0) * (x1 - x0)
@@ -242,8 +290,9 @@ class _Round:
     g: int = -1
 
 
-def _walk_rounds(ops: Sequence[VAEOp], in_bytes: float, out_bytes: Sequence[float],
-                 store_bytes: float | None) -> list[_Round]:
+def _walk_rounds(
+    ops: Sequence[VAEOp], in_bytes: float, out_bytes: Sequence[float], store_bytes: float | None
+) -> list[_Round]:
     """The schedule of `_synced_walk` (see there); ``out_bytes[i]`` = bytes of op i's full output."""
     rounds: list[_Round] = []
     first = 0
@@ -285,22 +334,33 @@ def _walk_geometry(ops: Sequence[VAEOp], grid_hw: tuple[int, int], in_res: float
     cores = [(a, b, c, d) for a, b in _split(gh, core) for c, d in _split(gw, core)]
 
     def tiles_for(c: int, end: int) -> list[tuple[Window, Window]]:
-        rad = sum(ops[j].radius / res[j] for j in range(c, end))       # latent pixels
+        rad = sum(ops[j].radius / res[j] for j in range(c, end))  # latent pixels
         halo = math.ceil(rad) + 1
-        return [((max(0, a - halo), min(gh, b + halo), max(0, cc - halo), min(gw, d + halo)), (a, b, cc, d))
-                for a, b, cc, d in cores]
+        return [
+            ((max(0, a - halo), min(gh, b + halo), max(0, cc - halo), min(gw, d + halo)), (a, b, cc, d))
+            for a, b, cc, d in cores
+        ]
 
     return res, first_norm, cores, tiles_for
 
 
-def synced_cost(ops: Sequence[VAEOp], grid_hw: tuple[int, int], in_res: float, in_channels: int, *, core: int,
-                store_bytes: float | None, stats_fraction: float = 1.0, elem: int = 4) -> dict[str, float]:
+def synced_cost(
+    ops: Sequence[VAEOp],
+    grid_hw: tuple[int, int],
+    in_res: float,
+    in_channels: int,
+    *,
+    core: int,
+    store_bytes: float | None,
+    stats_fraction: float = 1.0,
+    elem: int = 4,
+) -> dict[str, float]:
     """Cost model of a synced walk without running it: multiply-accumulates relative to one untiled pass
     (``factor``), and the largest pair of stored full-image tensors (``store_peak_bytes``)."""
     gh, gw = grid_hw
     res, first_norm, _, tiles_for = _walk_geometry(ops, grid_hw, in_res, core)
     out_bytes = [op.out_channels * gh * gw * res[i + 1] ** 2 * elem for i, op in enumerate(ops)]
-    rounds = _walk_rounds(ops, in_channels * gh * gw * in_res ** 2 * elem, out_bytes, store_bytes)
+    rounds = _walk_rounds(ops, in_channels * gh * gw * in_res**2 * elem, out_bytes, store_bytes)
     n_tok = gh * gw
 
     def op_cost(j: int, area: float, frac: float = 1.0) -> float:
@@ -308,7 +368,7 @@ def synced_cost(ops: Sequence[VAEOp], grid_hw: tuple[int, int], in_res: float, i
         return (ops[j].macs + extra) * area * res[j + 1] ** 2 * frac
 
     untiled = sum(op_cost(j, gh * gw) for j in range(len(ops)))
-    total, x_bytes, peak = 0.0, in_channels * gh * gw * in_res ** 2 * elem, 0.0
+    total, x_bytes, peak = 0.0, in_channels * gh * gw * in_res**2 * elem, 0.0
     for r in rounds:
         if r.kind == "direct":
             continue
@@ -330,9 +390,18 @@ def synced_cost(ops: Sequence[VAEOp], grid_hw: tuple[int, int], in_res: float, i
     return {"factor": total / untiled, "store_peak_bytes": peak, "rounds": len(rounds)}
 
 
-def _synced_walk(ops: Sequence[VAEOp], x: Tensor, grid_hw: tuple[int, int], in_res: int, *, core: int,
-                 store_bytes: float | None = None, stats_fraction: float = 1.0, stage: str = "vae",
-                 progress: Progress | None = None) -> Tensor:
+def _synced_walk(
+    ops: Sequence[VAEOp],
+    x: Tensor,
+    grid_hw: tuple[int, int],
+    in_res: int,
+    *,
+    core: int,
+    store_bytes: float | None = None,
+    stats_fraction: float = 1.0,
+    stage: str = "vae",
+    progress: Progress | None = None,
+) -> Tensor:
     """Run ``ops`` on ``x`` (``in_res`` pixels per latent pixel) tile by tile with EXACT whole-image GroupNorm
     statistics; returns the full output.
 
@@ -375,7 +444,7 @@ def _synced_walk(ops: Sequence[VAEOp], x: Tensor, grid_hw: tuple[int, int], in_r
             norm = _SharedNorm(stats, first_norm[c], target, acc)
             norm.tile_h = tile[1] - tile[0]
             norm.core_px = (cr[0] - tile[0], cr[1] - tile[0], cr[2] - tile[2], cr[3] - tile[2])
-            y = X[..., int(tile[0] * rc):int(tile[1] * rc), int(tile[2] * rc):int(tile[3] * rc)]
+            y = X[..., int(tile[0] * rc) : int(tile[1] * rc), int(tile[2] * rc) : int(tile[3] * rc)]
             try:
                 for op in ops[c:end]:
                     y = op.fn(y, norm)
@@ -387,19 +456,21 @@ def _synced_walk(ops: Sequence[VAEOp], x: Tensor, grid_hw: tuple[int, int], in_r
                 ro = res[end]
                 if out is None:
                     out = torch.empty((bsz, y.shape[1], int(gh * ro), int(gw * ro)), dtype=y.dtype, device=y.device)
-                out[..., int(cr[0] * ro):int(cr[1] * ro), int(cr[2] * ro):int(cr[3] * ro)] = \
-                    y[..., int((cr[0] - tile[0]) * ro):int((cr[1] - tile[0]) * ro),
-                      int((cr[2] - tile[2]) * ro):int((cr[3] - tile[2]) * ro)]
+                out[..., int(cr[0] * ro) : int(cr[1] * ro), int(cr[2] * ro) : int(cr[3] * ro)] = y[
+                    ...,
+                    int((cr[0] - tile[0]) * ro) : int((cr[1] - tile[0]) * ro),
+                    int((cr[2] - tile[2]) * ro) : int((cr[3] - tile[2]) * ro),
+                ]
             done = k + 1
             if progress is not None:
                 try:
                     progress(TileEvent(stage, k, len(tl), k_round, len(schedule)))
-                except StopTiles:                                       # timing probe: zero the other cores
+                except StopTiles:  # timing probe: zero the other cores
                     break
         if target is None and out is not None and done < len(tl):
             ro = res[end]
             for _, cr in tl[done:]:
-                out[..., int(cr[0] * ro):int(cr[1] * ro), int(cr[2] * ro):int(cr[3] * ro)] = 0
+                out[..., int(cr[0] * ro) : int(cr[1] * ro), int(cr[2] * ro) : int(cr[3] * ro)] = 0
         return out if target is None else acc
 
     for k_round, r in enumerate(schedule):
@@ -410,7 +481,7 @@ def _synced_walk(ops: Sequence[VAEOp], x: Tensor, grid_hw: tuple[int, int], in_r
             stats[r.g] = _finish_stats(s1, s2, n)
         elif r.kind == "store":
             X = run_round(k_round, r.c, r.end, None)
-        else:                                                           # whole-image op (self-attention)
+        else:  # whole-image op (self-attention)
             op = ops[r.c]
             if progress is not None:
                 progress(TileEvent(stage, -1, 1, k_round, len(schedule)))
@@ -425,27 +496,57 @@ def _synced_walk(ops: Sequence[VAEOp], x: Tensor, grid_hw: tuple[int, int], in_r
     return X
 
 
-def vae_posterior_synced(ldm, image: Tensor, *, core: int = 64, store_bytes: float | None = None,
-                         stats_fraction: float = 1.0, progress: Progress | None = None) -> tuple[Tensor, Tensor]:
+def vae_posterior_synced(
+    ldm,
+    image: Tensor,
+    *,
+    core: int = 64,
+    store_bytes: float | None = None,
+    stats_fraction: float = 1.0,
+    progress: Progress | None = None,
+) -> tuple[Tensor, Tensor]:
     """(mean, logvar clamped to [-30, 20]) of the VAE posterior, tile by tile (``core`` latent pixels per tile
     core) with exact whole-image GroupNorm statistics; equals the untiled ``vae_posterior`` up to float rounding."""
     check_vae_image(image, "vae_posterior_synced")
     _check_vae_blocks(ldm.vae)
     grid = (image.shape[-2] // 8, image.shape[-1] // 8)
-    moments = _synced_walk(encoder_ops(ldm.vae), image, grid, 8, core=core, store_bytes=store_bytes,
-                           stats_fraction=stats_fraction, stage="vae_encoder", progress=progress)
+    moments = _synced_walk(
+        encoder_ops(ldm.vae),
+        image,
+        grid,
+        8,
+        core=core,
+        store_bytes=store_bytes,
+        stats_fraction=stats_fraction,
+        stage="vae_encoder",
+        progress=progress,
+    )
     mean, logvar = moments.chunk(2, dim=1)
     return mean, logvar.clamp(-30.0, 20.0)
 
 
-def vae_decode_synced(ldm, z: Tensor, *, core: int = 64, store_bytes: float | None = None,
-                      stats_fraction: float = 1.0, progress: Progress | None = None) -> Tensor:
+def vae_decode_synced(
+    ldm,
+    z: Tensor,
+    *,
+    core: int = 64,
+    store_bytes: float | None = None,
+    stats_fraction: float = 1.0,
+    progress: Progress | None = None,
+) -> Tensor:
     """``ldm.vae_decode(z)`` tile by tile with exact whole-image GroupNorm statistics (no seams)."""
     _check_vae_blocks(ldm.vae)
     x = z / ldm.scale_factor
     if ldm.vae.post_quant_conv is not None:
-        x = ldm.vae.post_quant_conv(x)                                   # 1x1: pointwise, untiled
-    return _synced_walk(decoder_ops(ldm.vae), x, tuple(z.shape[-2:]), 1, core=core, store_bytes=store_bytes,
-                        stats_fraction=stats_fraction, stage="vae_decoder", progress=progress)
-
-
+        x = ldm.vae.post_quant_conv(x)  # 1x1: pointwise, untiled
+    return _synced_walk(
+        decoder_ops(ldm.vae),
+        x,
+        tuple(z.shape[-2:]),
+        1,
+        core=core,
+        store_bytes=store_bytes,
+        stats_fraction=stats_fraction,
+        stage="vae_decoder",
+        progress=progress,
+    )

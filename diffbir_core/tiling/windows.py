@@ -9,6 +9,7 @@ midpoints ((W-1)/2 across, H/2 down); ``blend_tiles`` fuses overlapping tiles,
 Mirrors: v2.0.0 utils/common.py:112 (sliding_windows), :129 (gaussian_weights);
 HEAD diffbir/utils/common.py:172 (make_tiled_fn, the blend loop).
 """
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,8 @@ def gaussian_weights(tile_width: int, tile_height: int) -> Tensor:
     j = torch.arange(tile_width, dtype=torch.float64)
     i = torch.arange(tile_height, dtype=torch.float64)
     norm = math.sqrt(2 * math.pi * var)
-    x = torch.exp(-((j - (tile_width - 1) / 2) ** 2) / tile_width ** 2 / (2 * var)) / norm
-    y = torch.exp(-((i - tile_height / 2) ** 2) / tile_height ** 2 / (2 * var)) / norm
+    x = torch.exp(-((j - (tile_width - 1) / 2) ** 2) / tile_width**2 / (2 * var)) / norm
+    y = torch.exp(-((i - tile_height / 2) ** 2) / tile_height**2 / (2 * var)) / norm
     return y[:, None] * x[None, :]  # [H, W]
 
 
@@ -88,9 +89,16 @@ class TileEvent:
     passes: int = 1
 
 
-def blend_tiles(fn: Callable[[Window], Tensor], grid_hw: tuple[int, int], tile: int | tuple[int, int],
-                stride: int | tuple[int, int], *, out_scale: int = 1, stage: str = "tiles",
-                progress: Progress | None = None) -> Tensor:
+def blend_tiles(
+    fn: Callable[[Window], Tensor],
+    grid_hw: tuple[int, int],
+    tile: int | tuple[int, int],
+    stride: int | tuple[int, int],
+    *,
+    out_scale: int = 1,
+    stage: str = "tiles",
+    progress: Progress | None = None,
+) -> Tensor:
     """``sum_k W_k * fn(window_k) / sum_k W_k`` over `sliding_windows` of a ``grid_hw`` grid.
 
     ``fn(window)`` returns the output of one window, ``out_scale`` output pixels per grid unit; the weights are
@@ -119,8 +127,8 @@ def blend_tiles(fn: Callable[[Window], Tensor], grid_hw: tuple[int, int], tile: 
             wt = gaussian_weights(tw * s, th * s).to(device=y.device, dtype=torch.float32)[None, None]
         if y.shape[-2:] != wt.shape[-2:]:
             raise RuntimeError(f"tile function returned {tuple(y.shape[-2:])}, expected {tuple(wt.shape[-2:])}")
-        out[..., h0 * s:h1 * s, w0 * s:w1 * s] += y.float() * wt
-        count[..., h0 * s:h1 * s, w0 * s:w1 * s] += wt
+        out[..., h0 * s : h1 * s, w0 * s : w1 * s] += y.float() * wt
+        count[..., h0 * s : h1 * s, w0 * s : w1 * s] += wt
         if progress is not None:
             try:
                 progress(TileEvent(stage, k, len(wins)))
@@ -129,5 +137,3 @@ def blend_tiles(fn: Callable[[Window], Tensor], grid_hw: tuple[int, int], tile: 
                 break
     out.div_(count)
     return (out.nan_to_num_(0.0) if stopped else out).to(dtype)
-
-

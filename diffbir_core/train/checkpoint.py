@@ -6,6 +6,7 @@ SwinIR and `load_swinir`; ``control.pth`` by the official ControlNet and our con
 last; every file goes through `diffbir_core.atomic` (complete or absent), so a folder without
 ``train_state.pt`` is incomplete and never resumed from.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,9 @@ def find_checkpoint(spec: str, out_dir: str | os.PathLike) -> Path:
         root = checkpoints_dir(out_dir)
         done = sorted(p for p in root.glob("*") if (p / "train_state.pt").is_file()) if root.is_dir() else []
         if not done:
-            raise FileNotFoundError(f"resume='latest' but {root} holds no complete checkpoint (a folder with "
-                                    "train_state.pt)")
+            raise FileNotFoundError(
+                f"resume='latest' but {root} holds no complete checkpoint (a folder with train_state.pt)"
+            )
         return done[-1]
     p = Path(spec)
     if p.is_file() and p.name == "train_state.pt":
@@ -52,8 +54,13 @@ def save_checkpoint(task, opt, accelerator, cfg: TrainConfig, step: int) -> Path
     with atomic_path(ckpt / f"{task.weights_name}.pth") as tmp:
         torch.save(sd, tmp)  # official plain state dict
     save_safetensors(sd, ckpt / f"{task.weights_name}.safetensors")
-    state = {"format": CKPT_FORMAT, "stage": cfg.stage, "step": step, "optimizer": opt.state_dict(),
-             "config": json.dumps(cfg.to_dict())}
+    state = {
+        "format": CKPT_FORMAT,
+        "stage": cfg.stage,
+        "step": step,
+        "optimizer": opt.state_dict(),
+        "config": json.dumps(cfg.to_dict()),
+    }
     if getattr(accelerator, "scaler", None) is not None:
         state["scaler"] = accelerator.scaler.state_dict()
     with atomic_path(ckpt / "train_state.pt") as tmp:
@@ -64,8 +71,10 @@ def save_checkpoint(task, opt, accelerator, cfg: TrainConfig, step: int) -> Path
 def load_checkpoint(task, opt, accelerator, cfg: TrainConfig, ckpt: Path) -> int:
     state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
     if state.get("format") != CKPT_FORMAT or state.get("stage") != cfg.stage:
-        raise ValueError(f"{ckpt}: checkpoint is format {state.get('format')} / {state.get('stage')}, expected "
-                         f"format {CKPT_FORMAT} / {cfg.stage}")
+        raise ValueError(
+            f"{ckpt}: checkpoint is format {state.get('format')} / {state.get('stage')}, expected "
+            f"format {CKPT_FORMAT} / {cfg.stage}"
+        )
     task.load_official(ckpt / f"{task.weights_name}.pth")
     opt.load_state_dict(state["optimizer"])
     if "scaler" in state and getattr(accelerator, "scaler", None) is not None:

@@ -4,15 +4,17 @@ Precedence: preset < file (TOML or JSON of field values; may name ``preset``) < 
 values are coerced to each field's type with clear errors, unknown keys are refused. No class paths:
 the networks are named presets (`SWINIR_CONFIGS`, `STAGE2_CONFIGS`) or official yaml/json config files.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import tomllib
 import typing
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -20,8 +22,15 @@ from diffbir_core.degradation import DEGRADATIONS
 from diffbir_core.models.ldm import STAGE2_CONFIGS, Stage2Config
 from diffbir_core.models.swinir import SWINIR_CONFIGS, SwinIRConfig
 
-__all__ = ["TrainConfig", "TRAIN_PRESETS", "STAGES", "load_config", "swinir_config_for", "stage2_config",
-           "read_official"]
+__all__ = [
+    "TrainConfig",
+    "TRAIN_PRESETS",
+    "STAGES",
+    "load_config",
+    "swinir_config_for",
+    "stage2_config",
+    "read_official",
+]
 
 STAGES = ("stage1", "stage2")
 LR_SCHEDULES = ("constant", "cosine")
@@ -110,31 +119,85 @@ class TrainConfig:
         return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(self).items()}
 
 
-_TINY_SWINIR = {"img_size": 4, "embed_dim": 16, "depths": [1], "num_heads": [2], "window_size": 4,
-                "mlp_ratio": 2.0, "drop_path_rate": 0.0}
+_TINY_SWINIR = {
+    "img_size": 4,
+    "embed_dim": 16,
+    "depths": [1],
+    "num_heads": [2],
+    "window_size": 4,
+    "mlp_ratio": 2.0,
+    "drop_path_rate": 0.0,
+}
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     # paper: batch 96, 150k iterations (stage 1); 8 GPUs -> 12 per GPU
-    "paper_stage1": TrainConfig(stage="stage1", crop=512, batch_size=12, max_steps=150_000, lr=1e-4,
-                                swinir="general_v1", mixed_precision="no"),
-    "paper_face_stage1": TrainConfig(stage="stage1", crop=512, batch_size=12, max_steps=150_000, lr=1e-4,
-                                     swinir="face_v1", degradation="codeformer_face", face_aligned=True),
+    "paper_stage1": TrainConfig(
+        stage="stage1", crop=512, batch_size=12, max_steps=150_000, lr=1e-4, swinir="general_v1", mixed_precision="no"
+    ),
+    "paper_face_stage1": TrainConfig(
+        stage="stage1",
+        crop=512,
+        batch_size=12,
+        max_steps=150_000,
+        lr=1e-4,
+        swinir="face_v1",
+        degradation="codeformer_face",
+        face_aligned=True,
+    ),
     # paper: SD 2.1-base, 25k iterations, batch 192, Adam lr 1e-4, 8 x A100 -> 24 per GPU
-    "paper_stage2": TrainConfig(stage="stage2", crop=512, batch_size=24, max_steps=25_000, lr=1e-4,
-                                stage2="sd21_base", sd_checkpoint="sd_v2.1", cleaner_checkpoint="swinir_general",
-                                mixed_precision="fp16", prediction="eps"),
+    "paper_stage2": TrainConfig(
+        stage="stage2",
+        crop=512,
+        batch_size=24,
+        max_steps=25_000,
+        lr=1e-4,
+        stage2="sd21_base",
+        sd_checkpoint="sd_v2.1",
+        cleaner_checkpoint="swinir_general",
+        mixed_precision="fp16",
+        prediction="eps",
+    ),
     # a few seconds on a laptop CPU: 32 px crops, one-block SwinIR
-    "tiny_cpu_stage1": TrainConfig(stage="stage1", crop=32, batch_size=2, max_steps=10, lr=2e-3, num_workers=0,
-                                   log_every=1, ckpt_every=5, val_every=5, val_images=2, swinir="general_v1",
-                                   swinir_overrides=_TINY_SWINIR, seed=0),
+    "tiny_cpu_stage1": TrainConfig(
+        stage="stage1",
+        crop=32,
+        batch_size=2,
+        max_steps=10,
+        lr=2e-3,
+        num_workers=0,
+        log_every=1,
+        ckpt_every=5,
+        val_every=5,
+        val_images=2,
+        swinir="general_v1",
+        swinir_overrides=_TINY_SWINIR,
+        seed=0,
+    ),
     # the small real CPU run of results/train_stage1 (embed_dim 60, 2 RSTB x 4 layers, 128 px crops)
-    "small_cpu_stage1": TrainConfig(stage="stage1", crop=128, batch_size=4, max_steps=1400, lr=3e-4,
-                                    num_workers=0, cache_images=True, log_every=10, ckpt_every=200,
-                                    val_every=200, val_images=4, swinir="general_v1",
-                                    swinir_overrides={"img_size": 16, "embed_dim": 60, "depths": [4, 4],
-                                                      "num_heads": [6, 6], "window_size": 8, "mlp_ratio": 2.0,
-                                                      "drop_path_rate": 0.0},
-                                    seed=0),
+    "small_cpu_stage1": TrainConfig(
+        stage="stage1",
+        crop=128,
+        batch_size=4,
+        max_steps=1400,
+        lr=3e-4,
+        num_workers=0,
+        cache_images=True,
+        log_every=10,
+        ckpt_every=200,
+        val_every=200,
+        val_images=4,
+        swinir="general_v1",
+        swinir_overrides={
+            "img_size": 16,
+            "embed_dim": 60,
+            "depths": [4, 4],
+            "num_heads": [6, 6],
+            "window_size": 8,
+            "mlp_ratio": 2.0,
+            "drop_path_rate": 0.0,
+        },
+        seed=0,
+    ),
 }
 
 
@@ -180,8 +243,9 @@ def _coerce(name: str, value: Any) -> Any:
     return str(value)
 
 
-def load_config(path: str | os.PathLike | None = None, preset: str | None = None,
-                overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+def load_config(
+    path: str | os.PathLike | None = None, preset: str | None = None, overrides: Mapping[str, Any] | None = None
+) -> TrainConfig:
     """preset (default: the dataclass defaults) < file (TOML or JSON of field values; may name ``preset``)
     < overrides. Unknown keys are errors."""
     values: dict[str, Any] = {}

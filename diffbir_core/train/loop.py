@@ -8,6 +8,7 @@ torch from (seed, micro-step, rank): a resumed run repeats exactly what an unint
 SIGTERM / SIGINT write a checkpoint and return. Logs: ``log.csv`` (train), ``val.csv`` (validation),
 TensorBoard when installed, validation images ``val/<step>.png``. Tasks: `tasks`, checkpoints: `checkpoint`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -18,8 +19,9 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,7 +86,8 @@ class _CsvLog:
     def write(self, row: Mapping[str, Any]) -> None:
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.columns).writerow(
-                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+            )
             f.flush()
 
 
@@ -137,7 +140,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise ValueError("TrainConfig.data is empty: give a folder or file list of HQ training images")
     mp = cfg.mixed_precision
     if mp != "no" and not torch.cuda.is_available():
-        warnings.warn(f"mixed_precision={mp!r} needs a GPU; training on CPU in fp32")
+        warnings.warn(f"mixed_precision={mp!r} needs a GPU; training on CPU in fp32", stacklevel=2)
         mp = "no"
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -162,17 +165,36 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         task.model = accelerator.unwrap_model(train_model)
 
     # 2. data: one deterministic stream, this process's slice, resumed where the checkpoint stopped
-    ds = PairedDegradationDataset(cfg.data, crop=cfg.crop, cfg=cfg.degradation, seed=cfg.seed,
-                                  face_aligned=cfg.face_aligned, cache_images=cfg.cache_images)
-    sampler = EpochSampler(len(ds), cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
-                           start_micro_step=start * cfg.grad_accum)
-    loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                        collate_fn=collate_pairs, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=cfg.num_workers > 0)
+    ds = PairedDegradationDataset(
+        cfg.data,
+        crop=cfg.crop,
+        cfg=cfg.degradation,
+        seed=cfg.seed,
+        face_aligned=cfg.face_aligned,
+        cache_images=cfg.cache_images,
+    )
+    sampler = EpochSampler(
+        len(ds), cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world, start_micro_step=start * cfg.grad_accum
+    )
+    loader = DataLoader(
+        ds,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        collate_fn=collate_pairs,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=cfg.num_workers > 0,
+    )
     val_batch = None
     if cfg.val_data and cfg.val_images > 0:
-        vds = PairedDegradationDataset(cfg.val_data, crop=cfg.crop, cfg=cfg.degradation, seed=cfg.seed + 1,
-                                       face_aligned=cfg.face_aligned, flip=False)
+        vds = PairedDegradationDataset(
+            cfg.val_data,
+            crop=cfg.crop,
+            cfg=cfg.degradation,
+            seed=cfg.seed + 1,
+            face_aligned=cfg.face_aligned,
+            flip=False,
+        )
         val_batch = collate_pairs([vds[(i, 0)] for i in range(min(cfg.val_images, len(vds)))])
 
     # 3. logs
@@ -180,8 +202,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if accelerator.is_main_process:
         keep = start if cfg.resume else None
         tlog = _CsvLog(out_dir / "log.csv", ["step", "loss", "lr", "samples_per_s", "elapsed_s"], keep)
-        vcols = ["step", "val_loss", "psnr_lq", "psnr_pred", "psnr_gain"] if cfg.stage == "stage1" else \
-            ["step", "val_loss", "val_loss_t10", "val_loss_t50", "val_loss_t90", "psnr_x0_t50"]
+        vcols = (
+            ["step", "val_loss", "psnr_lq", "psnr_pred", "psnr_gain"]
+            if cfg.stage == "stage1"
+            else ["step", "val_loss", "val_loss_t10", "val_loss_t50", "val_loss_t90", "psnr_x0_t50"]
+        )
         vlog = _CsvLog(out_dir / "val.csv", vcols, keep)
         tb = _tensorboard(out_dir)
 
@@ -204,8 +229,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 gen = torch.Generator().manual_seed(seed)
                 with accelerator.accumulate(train_model):
                     with accelerator.autocast():
-                        loss = task.loss(train_model, batch, device) if cfg.stage == "stage1" else \
-                            task.loss(train_model, batch, device, gen)
+                        loss = (
+                            task.loss(train_model, batch, device)
+                            if cfg.stage == "stage1"
+                            else task.loss(train_model, batch, device, gen)
+                        )
                     accelerator.backward(loss)
                     if cfg.grad_clip and accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(task.trainable(), cfg.grad_clip)
@@ -221,9 +249,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             window_loss, window_n = window_loss + last_loss, window_n + 1
             if accelerator.is_main_process and (step % cfg.log_every == 0 or step == cfg.max_steps):
                 el = time.time() - t0
-                row = {"step": step, "loss": window_loss / window_n, "lr": opt.param_groups[0]["lr"],
-                       "samples_per_s": (step - start) * cfg.batch_size * world * cfg.grad_accum / max(el, 1e-9),
-                       "elapsed_s": el}
+                row = {
+                    "step": step,
+                    "loss": window_loss / window_n,
+                    "lr": opt.param_groups[0]["lr"],
+                    "samples_per_s": (step - start) * cfg.batch_size * world * cfg.grad_accum / max(el, 1e-9),
+                    "elapsed_s": el,
+                }
                 tlog.write(row)
                 if tb:
                     tb.add_scalar("train/loss", row["loss"], step)
@@ -251,5 +283,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         stop.restore()
     if tb:
         tb.close()
-    return {"step": step, "last_loss": last_loss, "losses": history, "checkpoint": last_ckpt,
-            "out_dir": out_dir, "model": task.model}
+    return {
+        "step": step,
+        "last_loss": last_loss,
+        "losses": history,
+        "checkpoint": last_ckpt,
+        "out_dir": out_dir,
+        "model": task.model,
+    }

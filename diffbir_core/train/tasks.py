@@ -11,6 +11,7 @@ cleaner stay frozen; per step (as the official ``train_stage2.py``):
 The control branch starts as a copy of the UNet encoder + middle block with its 4 new condition input
 channels zeroed (`ControlNet.from_unet`), or from ``control_init``. Weights go out in the official layout.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -22,11 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffbir_core.diffusion.schedule import DIFFUSION_PRESETS, make_training_schedule
 from diffbir_core.imageio import crop_to, pad_to_multiple
 from diffbir_core.models import ldm
 from diffbir_core.models.ldm import export_control_official, load_control
 from diffbir_core.models.swinir import SwinIR, load_swinir
-from diffbir_core.diffusion.schedule import DIFFUSION_PRESETS, make_training_schedule
 from diffbir_core.weights import WEIGHTS, resolve
 
 from .config import TrainConfig, stage2_config, swinir_config_for
@@ -49,8 +50,10 @@ class Stage1Task:
         self.cfg = cfg
         self.swinir_cfg = swinir_config_for(cfg.swinir, cfg.swinir_overrides)
         if cfg.crop % self.swinir_cfg.pad_multiple:
-            raise ValueError(f"crop {cfg.crop} must be a multiple of {self.swinir_cfg.pad_multiple} (SwinIR "
-                             "window_size x unshuffle_scale) so the output has the input's size")
+            raise ValueError(
+                f"crop {cfg.crop} must be a multiple of {self.swinir_cfg.pad_multiple} (SwinIR "
+                "window_size x unshuffle_scale) so the output has the input's size"
+            )
         torch.manual_seed(cfg.seed)
         self.model = SwinIR(self.swinir_cfg)
 
@@ -78,8 +81,11 @@ class Stage1Task:
         lq, hq = batch["lq"].to(device), batch["hq"].to(device)
         pred = self.model(lq).clamp(0, 1)
         self.model.train()
-        metrics = {"val_loss": F.mse_loss(pred, hq).item(), "psnr_lq": batch_psnr(lq, hq).mean().item(),
-                   "psnr_pred": batch_psnr(pred, hq).mean().item()}
+        metrics = {
+            "val_loss": F.mse_loss(pred, hq).item(),
+            "psnr_lq": batch_psnr(lq, hq).mean().item(),
+            "psnr_pred": batch_psnr(pred, hq).mean().item(),
+        }
         metrics["psnr_gain"] = metrics["psnr_pred"] - metrics["psnr_lq"]
         return metrics, [lq, pred, hq]
 
@@ -95,10 +101,12 @@ class Stage2Task:
         torch.manual_seed(cfg.seed)
         # 1. frozen SD (UNet, VAE, text) + control branch (from the UNet: copied weights, zero new inputs)
         if not cfg.sd_checkpoint:
-            warnings.warn("stage 2 without sd_checkpoint: Stable Diffusion is RANDOM (tests only)")
+            warnings.warn("stage 2 without sd_checkpoint: Stable Diffusion is RANDOM (tests only)", stacklevel=2)
         self.model = ldm.build_control_ldm(
-            self.stage2_cfg, sd=resolve_weights(cfg.sd_checkpoint) if cfg.sd_checkpoint else None,
-            control=resolve_weights(cfg.control_init) if cfg.control_init else None)
+            self.stage2_cfg,
+            sd=resolve_weights(cfg.sd_checkpoint) if cfg.sd_checkpoint else None,
+            control=resolve_weights(cfg.control_init) if cfg.control_init else None,
+        )
         for name in ("unet", "vae", "text"):
             getattr(self.model, name).requires_grad_(False).eval()
         self.model.controlnet.requires_grad_(True).train()
@@ -107,15 +115,18 @@ class Stage2Task:
         if cfg.cleaner_checkpoint:
             self.cleaner = load_swinir(resolve_weights(cfg.cleaner_checkpoint), cleaner_cfg, what="stage-1 cleaner")
         else:
-            warnings.warn("stage 2 without cleaner_checkpoint: the cleaner is a RANDOM SwinIR (tests only)")
+            warnings.warn(
+                "stage 2 without cleaner_checkpoint: the cleaner is a RANDOM SwinIR (tests only)", stacklevel=2
+            )
             self.cleaner = SwinIR(cleaner_cfg)
         self.cleaner.requires_grad_(False).eval()
         self.cleaner_pad = cleaner_cfg.pad_multiple
         # 3. training schedule (betas; zero-SNR for v2.1) with the chosen target
         if cfg.diffusion not in DIFFUSION_PRESETS:
             raise ValueError(f"unknown diffusion preset {cfg.diffusion!r}; choose from {sorted(DIFFUSION_PRESETS)}")
-        self.schedule = make_training_schedule(replace(DIFFUSION_PRESETS[cfg.diffusion],
-                                                       parameterization=cfg.prediction))
+        self.schedule = make_training_schedule(
+            replace(DIFFUSION_PRESETS[cfg.diffusion], parameterization=cfg.prediction)
+        )
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return list(self.model.controlnet.parameters())
@@ -147,8 +158,14 @@ class Stage2Task:
         s = self.schedule.sqrt_one_minus_alphas_cumprod.to(z0.device)[t].view(-1, 1, 1, 1)
         return a * eps - s * z0  # v = sqrt(abar) eps - sqrt(1 - abar) z0
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, Any], device, gen: torch.Generator | None = None,
-             t: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, Any],
+        device,
+        gen: torch.Generator | None = None,
+        t: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         gen = gen if gen is not None else torch.Generator().manual_seed(0)
         z0, cond, _ = self._condition(batch, device, gen)
         if t is None:  # 4. t ~ U[0, T), eps ~ N(0, I), z_t from the forward process
@@ -171,9 +188,16 @@ class Stage2Task:
         """Loss at fixed timesteps and noise, and a one-step z0 prediction at t = T/2 (eq. 5), decoded."""
         self.model.controlnet.eval()
         T = self.schedule.num_timesteps
-        losses = [self.loss(self.model, batch, device, torch.Generator().manual_seed(self.cfg.seed),
-                            torch.full((len(batch["lq"]),), int(f * (T - 1)), dtype=torch.long)).item()
-                  for f in (0.1, 0.5, 0.9)]
+        losses = [
+            self.loss(
+                self.model,
+                batch,
+                device,
+                torch.Generator().manual_seed(self.cfg.seed),
+                torch.full((len(batch["lq"]),), int(f * (T - 1)), dtype=torch.long),
+            ).item()
+            for f in (0.1, 0.5, 0.9)
+        ]
         gen = torch.Generator().manual_seed(self.cfg.seed)
         z0, cond, clean = self._condition(batch, device, gen)
         t = torch.full((z0.shape[0],), T // 2, dtype=torch.long, device=device)
@@ -185,8 +209,13 @@ class Stage2Task:
         x0_hat = ((self.model.vae_decode(z0_hat) + 1) / 2).clamp(0, 1)
         self.model.controlnet.train()
         hq = batch["hq"].to(device)
-        metrics = {"val_loss": float(np.mean(losses)), "val_loss_t10": losses[0], "val_loss_t50": losses[1],
-                   "val_loss_t90": losses[2], "psnr_x0_t50": batch_psnr(x0_hat, hq).mean().item()}
+        metrics = {
+            "val_loss": float(np.mean(losses)),
+            "val_loss_t10": losses[0],
+            "val_loss_t50": losses[1],
+            "val_loss_t90": losses[2],
+            "psnr_x0_t50": batch_psnr(x0_hat, hq).mean().item(),
+        }
         return metrics, [batch["lq"].to(device), clean, x0_hat, hq]
 
 

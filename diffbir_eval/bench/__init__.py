@@ -6,9 +6,11 @@
 Library of the command (its CLI: ``bench/__main__.py``): `run_parent` runs one child process per output size
 (``python -m diffbir_eval.bench --child SIZE``, `run_child`) and writes the tables; what is measured and how is
 in `run_parent`'s docstring. Full-size models with RANDOM weights (nothing is downloaded); stage 2 runs through
-`diffbir_core.stage2.run`, timed by its stage and step callbacks. No official counterpart (paper arXiv 2308.15070, "Known
+`diffbir_core.stage2.run`, timed by its stage and step callbacks. No official counterpart (paper arXiv 2308.15070,
+"Known
 weaknesses": memory and minutes per image). A benchmark, not a test: tens of minutes on a 2-core CPU.
 """
+
 from __future__ import annotations
 
 import gc
@@ -69,10 +71,10 @@ class MemoryMonitor:
             self.peaks[self.label] = max(self.peaks.get(self.label, 0.0), rss)
             time.sleep(self.interval)
 
-    def start(self) -> "MemoryMonitor":
+    def start(self) -> MemoryMonitor:
         try:
             with open("/proc/self/clear_refs", "w") as f:  # a kernel control file, not an output
-                f.write("5")                                             # reset VmHWM to the current RSS
+                f.write("5")  # reset VmHWM to the current RSS
         except OSError:
             pass
         if self._thread is not None:
@@ -141,8 +143,9 @@ def _lq_image(side: int):
 
     g = torch.Generator().manual_seed(7)
     y, x = torch.meshgrid(torch.linspace(0, 1, side), torch.linspace(0, 1, side), indexing="ij")
-    img = torch.stack([0.5 + 0.4 * torch.sin(6 * x + 2 * y), 0.5 + 0.4 * torch.cos(5 * y - x),
-                       0.5 + 0.3 * torch.sin(9 * x * y)])[None]
+    img = torch.stack(
+        [0.5 + 0.4 * torch.sin(6 * x + 2 * y), 0.5 + 0.4 * torch.cos(5 * y - x), 0.5 + 0.3 * torch.sin(9 * x * y)]
+    )[None]
     return (img + 0.05 * torch.randn(img.shape, generator=g)).clamp(0, 1)
 
 
@@ -165,10 +168,19 @@ def _run_config(name: str, size: int, ldm, cleaner_base, args, weights_bytes: in
 
     device = args.device
     params = RestoreParams.from_preset(
-        "v2", cleaner="swinir_general", upscale=4.0, steps=args.steps, sampler="spaced", cfg_scale=4.0,
-        pos_prompt=PROMPT, neg_prompt=OFFICIAL_NEGATIVE_PROMPT, device=device,
-        tiles=TileOptions(max_memory_gb=args.max_memory, latent_tile=args.latent_tile,
-                          latent_stride=args.latent_stride)).validate()
+        "v2",
+        cleaner="swinir_general",
+        upscale=4.0,
+        steps=args.steps,
+        sampler="spaced",
+        cfg_scale=4.0,
+        pos_prompt=PROMPT,
+        neg_prompt=OFFICIAL_NEGATIVE_PROMPT,
+        device=device,
+        tiles=TileOptions(
+            max_memory_gb=args.max_memory, latent_tile=args.latent_tile, latent_stride=args.latent_stride
+        ),
+    ).validate()
     _reset_models(ldm)
     if name == "baseline":
         speed = SpeedOptions(attention="math", channels_last=False, batched_cfg=False)
@@ -179,8 +191,11 @@ def _run_config(name: str, size: int, ldm, cleaner_base, args, weights_bytes: in
         plan = auto_tiling(params, (size, size), device, weights_bytes=weights_bytes, budget_bytes=budget)
     notes = apply_speed_options(ldm, speed, device)
     probe = Probe(args.probe_tiles if plan.any else None)
-    cleaner = TiledCleaner(cleaner_base, plan.cleaner_tile, plan.cleaner_overlap, progress=probe) \
-        if plan.cleaner else cleaner_base
+    cleaner = (
+        TiledCleaner(cleaner_base, plan.cleaner_tile, plan.cleaner_overlap, progress=probe)
+        if plan.cleaner
+        else cleaner_base
+    )
     times: dict[str, float] = {}
     est: dict[str, float] = {}
     probed: list[str] = []
@@ -211,19 +226,29 @@ def _run_config(name: str, size: int, ldm, cleaner_base, args, weights_bytes: in
     tiled_prefix = {"vae_encode": "vae_encoder", "vae_decode": "vae_decoder"}
 
     def on_stage(stage: str, seconds: float | None) -> None:
-        if seconds is None:                                              # a stage starts
+        if seconds is None:  # a stage starts
             mon.stage(stage)
             if stage == "sampling":
                 sampling_start[0] = time.perf_counter()
-        elif stage != "sampling":                                        # steps are timed by on_step
+        elif stage != "sampling":  # steps are timed by on_step
             record(stage, seconds, tiled_prefix.get(stage))
 
     def on_step(step) -> None:
         step_marks.append(time.perf_counter())
 
     encode_text = TextEmbeddingCache(ldm.encode_text) if name != "baseline" else ldm.encode_text
-    out = stage2.run(ldm, clean, params, seed=0, callback=on_step, on_stage=on_stage, plan=plan, speed=speed,
-                     encode_text=encode_text, progress=probe)
+    out = stage2.run(
+        ldm,
+        clean,
+        params,
+        seed=0,
+        callback=on_step,
+        on_stage=on_stage,
+        plan=plan,
+        speed=speed,
+        encode_text=encode_text,
+        progress=probe,
+    )
     step_times = [b - a for a, b in zip(sampling_start + step_marks[:-1], step_marks)]
     meas, extr, nrounds, stopped = probe.take("diffusion")
     step_est = [s - meas / max(1, nrounds) + extr / max(1, nrounds) for s in step_times] if nrounds else step_times
@@ -235,16 +260,26 @@ def _run_config(name: str, size: int, ldm, cleaner_base, args, weights_bytes: in
     mean_step = sum(step_est) / len(step_est)
     fixed = sum(est.get(k, 0.0) for k in ("cleaner", "text", "vae_encode", "vae_decode", "colorfix"))
     return dict(
-        config=name, size=size, pixels=size * size, steps_run=len(step_times),
-        speed=speed.__dict__, speed_notes=notes, plan=plan.summary(),
+        config=name,
+        size=size,
+        pixels=size * size,
+        steps_run=len(step_times),
+        speed=speed.__dict__,
+        speed_notes=notes,
+        plan=plan.summary(),
         stage_wall_s={k: round(v, 2) for k, v in times.items()},
         stage_estimated_s={k: round(v, 2) for k, v in est.items()},
-        step_wall_s=[round(s, 2) for s in step_times], step_estimated_s=[round(s, 2) for s in step_est],
-        step_s=round(mean_step, 2), total_wall_s=round(total_wall, 2),
+        step_wall_s=[round(s, 2) for s in step_times],
+        step_estimated_s=[round(s, 2) for s in step_est],
+        step_s=round(mean_step, 2),
+        total_wall_s=round(total_wall, 2),
         total_50_steps_extrapolated_s=round(fixed + 50 * mean_step, 1),
-        probed_stages=probed, probe_tiles=args.probe_tiles if probed else 0,
-        stage_peak_rss_gb=peaks, peak_gb=mon.process_peak_gb(),
-        finite=bool(torch.isfinite(out).all()) if not probed else None)
+        probed_stages=probed,
+        probe_tiles=args.probe_tiles if probed else 0,
+        stage_peak_rss_gb=peaks,
+        peak_gb=mon.process_peak_gb(),
+        finite=bool(torch.isfinite(out).all()) if not probed else None,
+    )
 
 
 def run_child(args) -> dict:
@@ -261,7 +296,7 @@ def run_child(args) -> dict:
 
     t0 = time.perf_counter()
     with torch.no_grad():
-        if args.tiny_dir:                                                # smoke test: the fixture's tiny configs
+        if args.tiny_dir:  # smoke test: the fixture's tiny configs
             import yaml
 
             from diffbir_core.models.ldm import Stage2Config
@@ -279,13 +314,21 @@ def run_child(args) -> dict:
     build_s = time.perf_counter() - t0
     _trim()
     weights = model_bytes(ldm, swinir)
-    res = dict(size=args.child, build_s=round(build_s, 1), weights_gb=round(weights / 2**30, 3),
-               rss_after_build_gb=round(_status_kb("VmRSS") / 2**20, 3), runs=[])
+    res = dict(
+        size=args.child,
+        build_s=round(build_s, 1),
+        weights_gb=round(weights / 2**30, 3),
+        rss_after_build_gb=round(_status_kb("VmRSS") / 2**20, 3),
+        runs=[],
+    )
     for name in args.configs:
         print(f"[bench {args.child}] {name} ...", flush=True)
         r = _run_config(name, args.child, ldm, cleaner, args, weights)
-        print(f"[bench {args.child}] {name}: step {r['step_s']} s, peak {r['peak_gb']} GB, "
-              f"50-step total (extrapolated) {r['total_50_steps_extrapolated_s']} s", flush=True)
+        print(
+            f"[bench {args.child}] {name}: step {r['step_s']} s, peak {r['peak_gb']} GB, "
+            f"50-step total (extrapolated) {r['total_50_steps_extrapolated_s']} s",
+            flush=True,
+        )
         res["runs"].append(r)
         _trim()
     return res
@@ -306,8 +349,10 @@ def _baseline_estimate_gb(size: int, weights_gb: float) -> dict:
         "diffusion": (estimate_stage_bytes("diffusion", lat) / 2 + 2 * 5 * lat * lat * 4) / gib,  # batch 1, 5 heads
         "vae_decode": (estimate_stage_bytes("vae_decoder", px) + 2 * lat * lat * 4) / gib,
     }
-    return dict(peak_gb=round(weights_gb + RUNTIME_BYTES_CPU / gib + max(stages.values()), 2),
-                stages_gb={k: round(v, 2) for k, v in stages.items()})
+    return dict(
+        peak_gb=round(weights_gb + RUNTIME_BYTES_CPU / gib + max(stages.values()), 2),
+        stages_gb={k: round(v, 2) for k, v in stages.items()},
+    )
 
 
 def _fit(xs: list[float], ys: list[float]) -> dict:
@@ -321,17 +366,27 @@ def _fit(xs: list[float], ys: list[float]) -> dict:
     a = my - b * mx
     ss_res = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys))
     ss_tot = sum((y - my) ** 2 for y in ys)
-    return dict(intercept=a, slope_per_pixel=b, slope_per_megapixel=b * 1e6,
-                r2=1 - ss_res / ss_tot if ss_tot else 1.0,
-                rel_residuals=[round((y - a - b * x) / y, 4) for x, y in zip(xs, ys)])
+    return dict(
+        intercept=a,
+        slope_per_pixel=b,
+        slope_per_megapixel=b * 1e6,
+        r2=1 - ss_res / ss_tot if ss_tot else 1.0,
+        rel_residuals=[round((y - a - b * x) / y, 4) for x, y in zip(xs, ys)],
+    )
 
 
 def _machine(device: str, threads: int) -> dict:
     import torch
 
-    info = dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
-                cpu_count=os.cpu_count(), threads=threads, device=device,
-                load_average=os.getloadavg() if hasattr(os, "getloadavg") else None)
+    info = dict(
+        platform=platform.platform(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        cpu_count=os.cpu_count(),
+        threads=threads,
+        device=device,
+        load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+    )
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
@@ -349,26 +404,41 @@ def _machine(device: str, threads: int) -> dict:
 
 def _write_report(out: Path, summary: dict) -> None:
     rows = []
-    hdr = ("| size | config | tiling | cleaner s | VAE enc s | step s | VAE dec s | 50-step total s (extrap.) "
-           "| peak RSS GB | notes |")
+    hdr = (
+        "| size | config | tiling | cleaner s | VAE enc s | step s | VAE dec s | 50-step total s (extrap.) "
+        "| peak RSS GB | notes |"
+    )
     rows.append(hdr)
     rows.append("|" + "---|" * 10)
     for r in summary["rows"]:
         if r.get("not_run"):
-            rows.append(f"| {r['size']} | {r['config']} | none | - | - | - | - | not run | "
-                        f"~{r['peak_gb']} (estimate) | {r['why']} |")
+            rows.append(
+                f"| {r['size']} | {r['config']} | none | - | - | - | - | not run | "
+                f"~{r['peak_gb']} (estimate) | {r['why']} |"
+            )
             continue
         st = r["stage_estimated_s"]
         plan = r["plan"]
-        tiles = [k for k, v in (("cleaner", plan["cleaner"]), ("enc:" + plan["vae_encoder"]["mode"],
-                                                                plan["vae_encoder"]["mode"] != "none"),
-                                ("dec:" + plan["vae_decoder"]["mode"], plan["vae_decoder"]["mode"] != "none"),
-                                (f"diffusion {plan['latent_tile']}/{plan['latent_stride']}", plan["diffusion"])) if v]
-        note = f"probe {r['probe_tiles']} tile(s)/round: {', '.join(r['probed_stages'])}" if r["probed_stages"] \
+        tiles = [
+            k
+            for k, v in (
+                ("cleaner", plan["cleaner"]),
+                ("enc:" + plan["vae_encoder"]["mode"], plan["vae_encoder"]["mode"] != "none"),
+                ("dec:" + plan["vae_decoder"]["mode"], plan["vae_decoder"]["mode"] != "none"),
+                (f"diffusion {plan['latent_tile']}/{plan['latent_stride']}", plan["diffusion"]),
+            )
+            if v
+        ]
+        note = (
+            f"probe {r['probe_tiles']} tile(s)/round: {', '.join(r['probed_stages'])}"
+            if r["probed_stages"]
             else f"{r['steps_run']} steps measured"
-        rows.append(f"| {r['size']} | {r['config']} | {', '.join(tiles) or 'none'} | {st.get('cleaner', 0):.1f} | "
-                    f"{st.get('vae_encode', 0):.1f} | {r['step_s']:.1f} | {st.get('vae_decode', 0):.1f} | "
-                    f"{r['total_50_steps_extrapolated_s']:.0f} | {r['peak_gb']:.2f} | {note} |")
+        )
+        rows.append(
+            f"| {r['size']} | {r['config']} | {', '.join(tiles) or 'none'} | {st.get('cleaner', 0):.1f} | "
+            f"{st.get('vae_encode', 0):.1f} | {r['step_s']:.1f} | {st.get('vae_decode', 0):.1f} | "
+            f"{r['total_50_steps_extrapolated_s']:.0f} | {r['peak_gb']:.2f} | {note} |"
+        )
     m = summary["machine"]
     fits = summary["fits"]
     text = [
@@ -389,13 +459,20 @@ def _write_report(out: Path, summary: dict) -> None:
         + (f"{summary['step_ratio_512']:.3f}" if summary.get("step_ratio_512") else "n/a"),
         "",
         "Linear fit of the optimised 50-step time against pixel count: "
-        + (f"{fits['total_50']['slope_per_megapixel']:.1f} s per megapixel + {fits['total_50']['intercept']:.1f} s, "
-           f"R^2 = {fits['total_50']['r2']:.4f}, relative residuals {fits['total_50']['rel_residuals']}"
-           if fits.get("total_50") else "n/a"),
+        + (
+            f"{fits['total_50']['slope_per_megapixel']:.1f} s per megapixel + {fits['total_50']['intercept']:.1f} s, "
+            f"R^2 = {fits['total_50']['r2']:.4f}, relative residuals {fits['total_50']['rel_residuals']}"
+            if fits.get("total_50")
+            else "n/a"
+        ),
         "",
-        "Per-step time fit: " + (f"{fits['step']['slope_per_megapixel']:.1f} s per megapixel + "
-                                 f"{fits['step']['intercept']:.1f} s, R^2 = {fits['step']['r2']:.4f}"
-                                 if fits.get("step") else "n/a"),
+        "Per-step time fit: "
+        + (
+            f"{fits['step']['slope_per_megapixel']:.1f} s per megapixel + "
+            f"{fits['step']['intercept']:.1f} s, R^2 = {fits['step']['r2']:.4f}"
+            if fits.get("step")
+            else "n/a"
+        ),
         "",
         "![time and memory](bench.png)",
         "",
@@ -415,17 +492,33 @@ def _plot(out: Path, summary: dict) -> None:
         est = [r for r in summary["rows"] if r["config"] == cfg and r.get("not_run")]
         if run:
             mp = [r["pixels"] / 1e6 for r in run]
-            ax1.plot(mp, [r["total_50_steps_extrapolated_s"] / 60 for r in run], "o-", color=color,
-                     label=f"{cfg} (50 steps, extrapolated)")
+            ax1.plot(
+                mp,
+                [r["total_50_steps_extrapolated_s"] / 60 for r in run],
+                "o-",
+                color=color,
+                label=f"{cfg} (50 steps, extrapolated)",
+            )
             ax2.plot(mp, [r["peak_gb"] for r in run], "o-", color=color, label=f"{cfg} (measured)")
         if est:
-            ax2.plot([r["pixels"] / 1e6 for r in est], [r["peak_gb"] for r in est], "o--", mfc="none",
-                     color=color, label=f"{cfg} (memory model, not run)")
+            ax2.plot(
+                [r["pixels"] / 1e6 for r in est],
+                [r["peak_gb"] for r in est],
+                "o--",
+                mfc="none",
+                color=color,
+                label=f"{cfg} (memory model, not run)",
+            )
     f = summary["fits"].get("total_50")
     if f:
         xs = [0, max(r["pixels"] for r in summary["rows"]) / 1e6]
-        ax1.plot(xs, [(f["intercept"] + f["slope_per_megapixel"] * x) / 60 for x in xs], ":", color="gray",
-                 label=f"linear fit (R^2 {f['r2']:.3f})")
+        ax1.plot(
+            xs,
+            [(f["intercept"] + f["slope_per_megapixel"] * x) / 60 for x in xs],
+            ":",
+            color="gray",
+            label=f"linear fit (R^2 {f['r2']:.3f})",
+        )
     ax1.set_xlabel("output megapixels")
     ax1.set_ylabel("minutes per image")
     ax1.set_title("time")
@@ -475,18 +568,41 @@ def run_parent(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     machine = _machine(args.device, args.threads)
     children = []
-    env = dict(os.environ, HF_HUB_OFFLINE="1", MALLOC_MMAP_THRESHOLD_="65536",
-               PYTHONPATH=str(Path(__file__).resolve().parents[2]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        MALLOC_MMAP_THRESHOLD_="65536",
+        PYTHONPATH=str(Path(__file__).resolve().parents[2]) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     t_start = time.perf_counter()
     for size in args.sizes:
         if size % 64:
             raise SystemExit(f"sizes must be multiples of 64 (got {size})")
         configs = ["optimized"] + (["baseline"] if size in args.baseline_sizes else [])
         path = out / f"bench_{size}.json"
-        cmd = [sys.executable, "-m", "diffbir_eval.bench", "--child", str(size), "--configs", *configs,
-               "--json", str(path), "--steps", str(args.steps), "--threads", str(args.threads),
-               "--probe-tiles", str(args.probe_tiles), "--device", args.device,
-               "--latent-tile", str(args.latent_tile), "--latent-stride", str(args.latent_stride)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "diffbir_eval.bench",
+            "--child",
+            str(size),
+            "--configs",
+            *configs,
+            "--json",
+            str(path),
+            "--steps",
+            str(args.steps),
+            "--threads",
+            str(args.threads),
+            "--probe-tiles",
+            str(args.probe_tiles),
+            "--device",
+            args.device,
+            "--latent-tile",
+            str(args.latent_tile),
+            "--latent-stride",
+            str(args.latent_stride),
+        ]
         if args.tiny_dir:
             cmd += ["--tiny-dir", args.tiny_dir]
         if args.max_memory:
@@ -503,9 +619,17 @@ def run_parent(args) -> dict:
             rows.append(dict(r, weights_gb=ch["weights_gb"], build_s=ch["build_s"]))
         if not any(r["config"] == "baseline" for r in ch["runs"]):
             e = _baseline_estimate_gb(ch["size"], ch["weights_gb"])
-            rows.append(dict(config="baseline", size=ch["size"], pixels=ch["size"] ** 2, not_run=True,
-                             peak_gb=e["peak_gb"], estimate=e,
-                             why="untiled baseline too slow/large here; peak from the memory model"))
+            rows.append(
+                dict(
+                    config="baseline",
+                    size=ch["size"],
+                    pixels=ch["size"] ** 2,
+                    not_run=True,
+                    peak_gb=e["peak_gb"],
+                    estimate=e,
+                    why="untiled baseline too slow/large here; peak from the memory model",
+                )
+            )
     rows.sort(key=lambda r: (r["size"], r["config"] != "optimized"))
     opt = [r for r in rows if r["config"] == "optimized" and not r.get("not_run")]
     fits = {}
@@ -517,8 +641,15 @@ def run_parent(args) -> dict:
     o512 = [r for r in opt if r["size"] == 512]
     if b512 and o512:
         ratio = o512[0]["step_s"] / b512[0]["step_s"]
-    summary = dict(command="python -m diffbir_eval.bench " + " ".join(sys.argv[1:]), args=vars(args), machine=machine,
-                   rows=rows, fits=fits, step_ratio_512=ratio, elapsed_s=round(time.perf_counter() - t_start, 1))
+    summary = dict(
+        command="python -m diffbir_eval.bench " + " ".join(sys.argv[1:]),
+        args=vars(args),
+        machine=machine,
+        rows=rows,
+        fits=fits,
+        step_ratio_512=ratio,
+        elapsed_s=round(time.perf_counter() - t_start, 1),
+    )
     write_text(out / "summary.json", json.dumps(summary, indent=1))
     _write_report(out, summary)
     _plot(out, summary)

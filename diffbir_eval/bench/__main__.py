@@ -17,8 +17,10 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m diffbir_eval.bench", description="Time and peak memory of a 4x "
-                                 "restore to 512 / 1024 / 2048 pixels, optimised vs a plain baseline.")
+    ap = argparse.ArgumentParser(
+        prog="python -m diffbir_eval.bench",
+        description="Time and peak memory of a 4x restore to 512 / 1024 / 2048 pixels, optimised vs a plain baseline.",
+    )
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048], help="output sizes (square)")
     ap.add_argument("--baseline-sizes", type=int, nargs="*", default=[512], help="sizes where the baseline runs")
     ap.add_argument("--steps", type=int, default=2, help="sampler steps actually run (>= 2; 50 extrapolated)")
@@ -29,8 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="results/bench")
-    ap.add_argument("--tiny-dir", default=None, help="build the tiny configs of this parity-fixture folder instead "
-                    "of the full-size models (a smoke test of the benchmark itself)")
+    ap.add_argument(
+        "--tiny-dir",
+        default=None,
+        help="build the tiny configs of this parity-fixture folder instead "
+        "of the full-size models (a smoke test of the benchmark itself)",
+    )
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--configs", nargs="+", default=["optimized"], help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help=argparse.SUPPRESS)

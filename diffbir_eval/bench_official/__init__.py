@@ -2,7 +2,8 @@
 
     python -m diffbir_eval.bench --against-official PATH/TO/DiffBIR (an official checkout)
     python -m diffbir_eval.bench --against-official DIR --cases plain_step vae_decode_512 --rounds 3
-    python -m diffbir_eval.bench --against-official --candidates            # our own speed candidates, with/without, interleaved
+    python -m diffbir_eval.bench --against-official --candidates            # our own speed candidates, with/without,
+    interleaved
 
 What it does
     * builds the official ``ControlLDM`` from ITS config (``DIR/configs/inference/cldm.yaml`` through
@@ -26,6 +27,7 @@ CUDA, as HEAD's ``VRAMPeakMonitor`` (utils/common.py:271) calls it unconditional
 Outputs: ``--out`` (default results/bench/official): ``<name>.json`` (written after every measurement),
 ``README.md``, ``bench_official.png``. A benchmark, not a test.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +36,6 @@ import platform
 import statistics
 import sys
 import time
-import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -43,14 +44,36 @@ from diffbir_core.diffusion.cfg import CFGDenoiser
 from diffbir_core.speed import SpeedOptions, apply_speed_options
 
 __all__ = [
-    "import_official", "build_official", "official_state_dicts", "build_ours_from_official",
-    "build_official_diffusion", "build_cleaners", "make_cases", "run_interleaved", "machine_info",
-    "write_report", "plot", "main", "CASES", "REQUIRED_FIELDS",
+    "import_official",
+    "build_official",
+    "official_state_dicts",
+    "build_ours_from_official",
+    "build_official_diffusion",
+    "build_cleaners",
+    "make_cases",
+    "run_interleaved",
+    "machine_info",
+    "write_report",
+    "plot",
+    "main",
+    "CASES",
+    "REQUIRED_FIELDS",
 ]
 
 CASES = ("plain_step", "vae_decode_512", "vae_encode_512", "cfg_step", "restore_v21_512")
-REQUIRED_FIELDS = ("kind", "command", "machine", "threads", "load_before", "load_after", "rounds", "cases",
-                   "official_dir", "ours_speed_notes", "elapsed_s")
+REQUIRED_FIELDS = (
+    "kind",
+    "command",
+    "machine",
+    "threads",
+    "load_before",
+    "load_after",
+    "rounds",
+    "cases",
+    "official_dir",
+    "ours_speed_notes",
+    "elapsed_s",
+)
 DEFAULT_DEPS = "/work/official-deps"
 POS_PROMPT = "a high quality photo"
 DEFAULT_T = 500
@@ -78,22 +101,28 @@ def import_official(official_dir: str | os.PathLike, deps_dir: str | os.PathLike
         os.environ["ATTN_MODE"] = "sdp"
     shims.append(f"ATTN_MODE={os.environ['ATTN_MODE']}")
     if not hasattr(torch, "Tuple"):
-        torch.Tuple = typing.Tuple
-        shims.append("torch.Tuple = typing.Tuple")
+        torch.Tuple = tuple
+        shims.append("torch.Tuple = tuple (removed from torch; HEAD edm_sampler.py annotates with it)")
     if not torch.cuda.is_available():
         torch.cuda.synchronize = lambda *a, **k: None
         torch.cuda.max_memory_allocated = lambda *a, **k: 0
         shims.append("torch.cuda.synchronize / max_memory_allocated = no-ops (no CUDA)")
     try:
-        from omegaconf import OmegaConf
-
         from diffbir.pipeline import SwinIRPipeline
         from diffbir.utils.common import instantiate_from_config
+        from omegaconf import OmegaConf
     except ImportError as e:
-        raise SystemExit(f"cannot import the official code from {root}: {e}\n  install its extra dependencies "
-                         f"with: pip install --target {deps_dir or DEFAULT_DEPS} omegaconf ftfy regex") from e
-    return dict(instantiate_from_config=instantiate_from_config, OmegaConf=OmegaConf,
-                SwinIRPipeline=SwinIRPipeline, dir=root, shims=shims)
+        raise SystemExit(
+            f"cannot import the official code from {root}: {e}\n  install its extra dependencies "
+            f"with: pip install --target {deps_dir or DEFAULT_DEPS} omegaconf ftfy regex"
+        ) from e
+    return dict(
+        instantiate_from_config=instantiate_from_config,
+        OmegaConf=OmegaConf,
+        SwinIRPipeline=SwinIRPipeline,
+        dir=root,
+        shims=shims,
+    )
 
 
 def _fill_zero_params(module, seed: int, std: float = 0.02) -> int:
@@ -131,10 +160,13 @@ def official_state_dicts(official_cldm) -> tuple[dict, dict]:
     """(LDM-layout SD dict as ``load_pretrained_sd`` reads it, control-branch dict as
     ``load_controlnet_from_ckpt`` reads it) of an official ControlLDM (tensors shared, not copied)."""
     sd = {}
-    for prefix, part in (("model.diffusion_model.", official_cldm.unet), ("first_stage_model.", official_cldm.vae),
-                         ("cond_stage_model.", official_cldm.clip)):
+    for prefix, part in (
+        ("model.diffusion_model.", official_cldm.unet),
+        ("first_stage_model.", official_cldm.vae),
+        ("cond_stage_model.", official_cldm.clip),
+    ):
         if prefix == "cond_stage_model." and not any(True for _ in part.parameters()):
-            continue                                              # text tower dropped (build_official text=False)
+            continue  # text tower dropped (build_official text=False)
         sd.update({prefix + k: v for k, v in part.state_dict().items()})
     return sd, dict(official_cldm.controlnet.state_dict())
 
@@ -164,8 +196,7 @@ def build_ours_from_official(official_cldm, config: str | os.PathLike, off: dict
         load_into(module, mapped, what=f"official -> {name}", strict=True)
         parts[name] = module.eval().requires_grad_(False)
     controlnet = load_control(control, cfg)
-    return ControlLDM(parts["unet"], controlnet, parts["vae"], torch.nn.Identity(), cfg.latent_scale_factor,
-                      cfg).eval()
+    return ControlLDM(parts["unet"], controlnet, parts["vae"], torch.nn.Identity(), cfg.latent_scale_factor, cfg).eval()
 
 
 def build_official_diffusion(off: dict, config: str | os.PathLike | None = None):
@@ -211,14 +242,28 @@ def _lq_uint8(side: int, seed: int = 7):
 
     rng = np.random.default_rng(seed)
     y, x = np.meshgrid(np.linspace(0, 1, side), np.linspace(0, 1, side), indexing="ij")
-    img = np.stack([0.5 + 0.4 * np.sin(6 * x + 2 * y), 0.5 + 0.4 * np.cos(5 * y - x), 0.5 + 0.3 * np.sin(9 * x * y)], -1)
+    img = np.stack(
+        [0.5 + 0.4 * np.sin(6 * x + 2 * y), 0.5 + 0.4 * np.cos(5 * y - x), 0.5 + 0.3 * np.sin(9 * x * y)], -1
+    )
     img = img + 0.05 * rng.standard_normal(img.shape)
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
 
 
-def make_cases(off: dict, official_cldm, ours_ldm, *, names=CASES, latent: int = 64, cfg_scale: float = 6.0,
-               seed: int = 0, diffusion=None, cleaners=None, steps: int = 10, neg_prompt: str | None = None,
-               ours_speed=None) -> dict[str, tuple[Callable, Callable]]:
+def make_cases(
+    off: dict,
+    official_cldm,
+    ours_ldm,
+    *,
+    names=CASES,
+    latent: int = 64,
+    cfg_scale: float = 6.0,
+    seed: int = 0,
+    diffusion=None,
+    cleaners=None,
+    steps: int = 10,
+    neg_prompt: str | None = None,
+    ours_speed=None,
+) -> dict[str, tuple[Callable, Callable]]:
     """The benchmark cases. Inputs are seeded and shared by both sides. ``latent``: latent side (64 = 512 px)."""
     import torch
 
@@ -251,14 +296,25 @@ def make_cases(off: dict, official_cldm, ours_ldm, *, names=CASES, latent: int =
         if n in table:
             cases[n] = table[n]
     if "restore_v21_512" in names:
-        cases["restore_v21_512"] = _restore_case(off, official_cldm, ours_ldm, diffusion, cleaners, latent * 2,
-                                                 steps=steps, cfg_scale=cfg_scale, seed=seed, neg_prompt=neg_prompt,
-                                                 speed=speed)
+        cases["restore_v21_512"] = _restore_case(
+            off,
+            official_cldm,
+            ours_ldm,
+            diffusion,
+            cleaners,
+            latent * 2,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            seed=seed,
+            neg_prompt=neg_prompt,
+            speed=speed,
+        )
     return cases
 
 
-def _restore_case(off, official_cldm, ours_ldm, diffusion, cleaners, lq_side: int, *, steps, cfg_scale, seed,
-                  neg_prompt, speed):
+def _restore_case(
+    off, official_cldm, ours_ldm, diffusion, cleaners, lq_side: int, *, steps, cfg_scale, seed, neg_prompt, speed
+):
     """Whole v2.1 restore of a ``lq_side`` LQ, x4. The v2.1 loop's PIL bicubic upscale (``inference/bsr_loop.py:
     55-59``) is done once outside the timing; then official ``SwinIRPipeline.run`` with HEAD inference.py's
     defaults vs our ``DiffBIRPipeline.restore`` (preset "v2.1", upscale 1 on the upscaled image, same prompts,
@@ -278,17 +334,40 @@ def _restore_case(off, official_cldm, ours_ldm, diffusion, cleaners, lq_side: in
     up = np.asarray(Image.fromarray(lq).resize((lq_side * 4, lq_side * 4), Image.BICUBIC))
     pipe_off = off["SwinIRPipeline"](off_cleaner, official_cldm, diffusion, None, "cpu")
     pipe_ours = DiffBIRPipeline(device="cpu", cleaners={"swinir_realesrgan": our_cleaner}, ldm=ours_ldm, speed=speed)
-    params = RestoreParams.from_preset("v2.1", upscale=1.0, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                                       pos_prompt=POS_PROMPT, neg_prompt=neg)
+    params = RestoreParams.from_preset(
+        "v2.1", upscale=1.0, steps=steps, cfg_scale=cfg_scale, seed=seed, pos_prompt=POS_PROMPT, neg_prompt=neg
+    )
 
     def official():
         torch.manual_seed(seed)
-        out = pipe_off.run(up[None], steps=steps, strength=1.0, cleaner_tiled=False, cleaner_tile_size=512,
-                           cleaner_tile_stride=256, vae_encoder_tiled=False, vae_encoder_tile_size=256,
-                           vae_decoder_tiled=False, vae_decoder_tile_size=256, cldm_tiled=False, cldm_tile_size=512,
-                           cldm_tile_stride=256, pos_prompt=POS_PROMPT, neg_prompt=neg, cfg_scale=cfg_scale,
-                           start_point_type="noise", sampler_type="edm_dpm++_3m_sde", noise_aug=0, rescale_cfg=False,
-                           s_churn=0.0, s_tmin=0.0, s_tmax=300.0, s_noise=1.0, eta=1.0, order=1)
+        out = pipe_off.run(
+            up[None],
+            steps=steps,
+            strength=1.0,
+            cleaner_tiled=False,
+            cleaner_tile_size=512,
+            cleaner_tile_stride=256,
+            vae_encoder_tiled=False,
+            vae_encoder_tile_size=256,
+            vae_decoder_tiled=False,
+            vae_decoder_tile_size=256,
+            cldm_tiled=False,
+            cldm_tile_size=512,
+            cldm_tile_stride=256,
+            pos_prompt=POS_PROMPT,
+            neg_prompt=neg,
+            cfg_scale=cfg_scale,
+            start_point_type="noise",
+            sampler_type="edm_dpm++_3m_sde",
+            noise_aug=0,
+            rescale_cfg=False,
+            s_churn=0.0,
+            s_tmin=0.0,
+            s_tmax=300.0,
+            s_noise=1.0,
+            eta=1.0,
+            order=1,
+        )
         return torch.from_numpy(out[0].astype(np.float32) / 255.0)
 
     def ours():
@@ -321,11 +400,18 @@ def _ref_scale(a) -> float:
     return float(a.double().abs().max()) if a is not None else 0.0
 
 
-def run_interleaved(cases: Mapping[str, tuple[Callable, Callable]], rounds: int | Mapping[str, int], *,
-                    labels: tuple[str, str] = ("official", "ours"), wrap_b: Callable | None = None,
-                    on_result: Callable[[str, dict], None] | None = None, warmup: bool = False) -> dict[str, dict]:
+def run_interleaved(
+    cases: Mapping[str, tuple[Callable, Callable]],
+    rounds: int | Mapping[str, int],
+    *,
+    labels: tuple[str, str] = ("official", "ours"),
+    wrap_b: Callable | None = None,
+    on_result: Callable[[str, dict], None] | None = None,
+    warmup: bool = False,
+) -> dict[str, dict]:
     """Per case: ``rounds`` rounds of (a, b) calls in alternating order (round 0: a first), rounds outermost;
-    wall seconds per call, per-round ratio b / a, the median ratio, max |a - b| of the first round's outputs. ``wrap_b`` is a
+    wall seconds per call, per-round ratio b / a, the median ratio, max |a - b| of the first round's outputs.
+    ``wrap_b`` is a
     context factory entered around every b call (the allocator tuning). ``on_result(name, record)`` is called
     after every round (incremental JSON)."""
     import contextlib
@@ -342,7 +428,7 @@ def run_interleaved(cases: Mapping[str, tuple[Callable, Callable]], rounds: int 
             t0 = time.perf_counter()
             y = f()
             dt = time.perf_counter() - t0
-        if hasattr(y, "seconds"):                            # a call that timed itself (work before the timing)
+        if hasattr(y, "seconds"):  # a call that timed itself (work before the timing)
             dt, y = y.seconds, y.y
         return dt, y
 
@@ -362,7 +448,7 @@ def run_interleaved(cases: Mapping[str, tuple[Callable, Callable]], rounds: int 
             for side in order:
                 times[side], ys[side] = call(fa if side == 0 else fb, side == 1)
                 if r > 0:
-                    ys[side] = None                              # outputs compared in round 0 only
+                    ys[side] = None  # outputs compared in round 0 only
             rec[la + "_s"].append(round(times[0], 3))
             rec[lb + "_s"].append(round(times[1], 3))
             rec["ratio"].append(round(times[1] / times[0], 4))
@@ -382,9 +468,16 @@ def run_interleaved(cases: Mapping[str, tuple[Callable, Callable]], rounds: int 
 def machine_info(threads: int) -> dict:
     import torch
 
-    info = dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
-                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), requested_threads=threads,
-                interop_threads=torch.get_num_interop_threads(), mkldnn=torch.backends.mkldnn.is_available())
+    info = dict(
+        platform=platform.platform(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        requested_threads=threads,
+        interop_threads=torch.get_num_interop_threads(),
+        mkldnn=torch.backends.mkldnn.is_available(),
+    )
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
@@ -403,8 +496,11 @@ TARGETS = {"cfg_step": 0.5, "plain_step": 0.7, "vae_decode_512": 0.7, "restore_v
 
 def write_report(out: Path, res: dict) -> Path:
     la, lb = res.get("labels", ["official", "ours"])
-    rows = [f"| case | rounds | {la} s (median) | {lb} s (median) | median ratio {lb}/{la} | target | "
-            "max abs dev | output max abs |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        f"| case | rounds | {la} s (median) | {lb} s (median) | median ratio {lb}/{la} | target | "
+        "max abs dev | output max abs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in res["cases"].items():
         if not r.get(la + "_s"):
             continue
@@ -412,15 +508,25 @@ def write_report(out: Path, res: dict) -> Path:
         met = "" if tgt is None else (f"<= {tgt} " + ("met" if r["median_ratio"] <= tgt else "NOT met"))
         dev = "n/a" if r.get("max_abs_dev") is None else f"{r['max_abs_dev']:.3g}"
         ref = "n/a" if r.get("ref_max_abs") is None else f"{r['ref_max_abs']:.3g}"
-        rows.append(f"| {name} | {r['rounds']} | {statistics.median(r[la + '_s']):.2f} | "
-                    f"{statistics.median(r[lb + '_s']):.2f} | **{r['median_ratio']:.3f}** | {met} | {dev} | {ref} |")
+        rows.append(
+            f"| {name} | {r['rounds']} | {statistics.median(r[la + '_s']):.2f} | "
+            f"{statistics.median(r[lb + '_s']):.2f} | **{r['median_ratio']:.3f}** | {met} | {dev} | {ref} |"
+        )
     m = res["machine"]
-    text = [f"# {res.get('title', 'Benchmark')}", "", f"Command: `{res['command']}`  ",
-            f"Machine: {m.get('cpu')} ({m.get('cpu_count')} cores, {m.get('ram_gb')} GB RAM); torch {m.get('torch')}, "
-            f"{res['threads']} torch threads; load average before {res['load_before']}, after {res['load_after']}; "
-            f"elapsed {res['elapsed_s']} s.", "",
-            "Ratios are medians of per-round ratios (each round calls both sides back to back, order alternating), "
-            "so machine load (shared, see load average) cancels to first order. fp32, CPU.", "", *rows, ""]
+    text = [
+        f"# {res.get('title', 'Benchmark')}",
+        "",
+        f"Command: `{res['command']}`  ",
+        f"Machine: {m.get('cpu')} ({m.get('cpu_count')} cores, {m.get('ram_gb')} GB RAM); torch {m.get('torch')}, "
+        f"{res['threads']} torch threads; load average before {res['load_before']}, after {res['load_after']}; "
+        f"elapsed {res['elapsed_s']} s.",
+        "",
+        "Ratios are medians of per-round ratios (each round calls both sides back to back, order alternating), "
+        "so machine load (shared, see load average) cancels to first order. fp32, CPU.",
+        "",
+        *rows,
+        "",
+    ]
     for k in ("notes", "ours_speed_notes", "shims"):
         if res.get(k):
             text += [f"{k}: " + "; ".join(res[k]), ""]
@@ -472,11 +578,24 @@ def run_against_official(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     off = import_official(args.against_official, args.deps)
     cfg_path = Path(args.cldm_config) if args.cldm_config else off["dir"] / "configs" / "inference" / "cldm.yaml"
-    res = dict(kind="official", name="official", title="Official DiffBIR (HEAD) vs ours: same weights, one process",
-               command="python -m diffbir_eval.bench --against-official " + " ".join(sys.argv[1:]), machine=machine_info(args.threads),
-               threads=args.threads, load_before=list(os.getloadavg()), load_after=None, rounds=args.rounds,
-               official_dir=str(off["dir"]), shims=off["shims"], cases={}, notes=[], labels=["official", "ours"],
-               elapsed_s=None, ours_speed_notes=[])
+    res = dict(
+        kind="official",
+        name="official",
+        title="Official DiffBIR (HEAD) vs ours: same weights, one process",
+        command="python -m diffbir_eval.bench --against-official " + " ".join(sys.argv[1:]),
+        machine=machine_info(args.threads),
+        threads=args.threads,
+        load_before=list(os.getloadavg()),
+        load_after=None,
+        rounds=args.rounds,
+        official_dir=str(off["dir"]),
+        shims=off["shims"],
+        cases={},
+        notes=[],
+        labels=["official", "ours"],
+        elapsed_s=None,
+        ours_speed_notes=[],
+    )
     path = out / "official.json"
 
     def flush_json():
@@ -494,18 +613,31 @@ def run_against_official(args) -> dict:
     SpeedOptions, apply_speed_options = _speed_api()
     speed = SpeedOptions()
     res["ours_speed_notes"] = apply_speed_options(ours, speed, "cpu") + (
-        ["allocator: keep_freed_memory() around every call of ours"] if args.allocator else [])
-    res["notes"].append(f"build: official {t_off:.0f} s, ours {time.perf_counter() - t0:.0f} s (ours loaded from the official "
-                        "random state dict through load_sd_ldm / load_control; zero-init official params filled with "
-                        "seeded N(0, 0.02) first)")
+        ["allocator: keep_freed_memory() around every call of ours"] if args.allocator else []
+    )
+    res["notes"].append(
+        f"build: official {t_off:.0f} s, ours {time.perf_counter() - t0:.0f} s (ours loaded from the official "
+        "random state dict through load_sd_ldm / load_control; zero-init official params filled with "
+        "seeded N(0, 0.02) first)"
+    )
     names = [n for n in args.cases if n in CASES]
     diffusion = cleaners = None
     if "restore_v21_512" in names:
         diffusion = build_official_diffusion(off, args.diffusion_config)
         cleaners = build_cleaners(off, args.swinir_config, seed=args.seed, tmp_dir=Path(args.tmp))
     latent = args.size // 8
-    cases = make_cases(off, official, ours, names=names, latent=latent, seed=args.seed, diffusion=diffusion,
-                       cleaners=cleaners, steps=args.steps, ours_speed=speed)
+    cases = make_cases(
+        off,
+        official,
+        ours,
+        names=names,
+        latent=latent,
+        seed=args.seed,
+        diffusion=diffusion,
+        cleaners=cleaners,
+        steps=args.steps,
+        ours_speed=speed,
+    )
     rounds = {n: (args.restore_rounds if n == "restore_v21_512" else args.rounds) for n in names}
     if args.restore_rounds < args.rounds and "restore_v21_512" in names:
         res["notes"].append(f"whole restore: {args.restore_rounds} round(s) only (time on a shared 2-core machine)")
@@ -514,9 +646,12 @@ def run_against_official(args) -> dict:
     def on_result(name, rec):
         res["cases"][name] = rec
         flush_json()
-        print(f"[bench_official] {name}: round {rec['rounds']}: official {rec['official_s'][-1]:.2f} s, ours "
-              f"{rec['ours_s'][-1]:.2f} s, ratio {rec['ratio'][-1]:.3f} (max dev {rec.get('max_abs_dev')}), "
-              f"load {rec['load_average'][0]:.1f}", flush=True)
+        print(
+            f"[bench_official] {name}: round {rec['rounds']}: official {rec['official_s'][-1]:.2f} s, ours "
+            f"{rec['ours_s'][-1]:.2f} s, ratio {rec['ratio'][-1]:.3f} (max dev {rec.get('max_abs_dev')}), "
+            f"load {rec['load_average'][0]:.1f}",
+            flush=True,
+        )
 
     run_interleaved(cases, rounds, wrap_b=(keep_freed_memory if args.allocator else None), on_result=on_result)
     flush_json()

@@ -18,11 +18,21 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m diffbir_eval.bench --against-official DIR",
-                                 description="Official DiffBIR vs ours: same weights, one process, interleaved calls.")
-    ap.add_argument("--against-official", metavar="DIR", default=None,
-                    help="official DiffBIR checkout (HEAD layout), e.g. PATH/TO/DiffBIR (an official checkout)")
-    ap.add_argument("--candidates", action="store_true", help="measure our speed candidates (diffbir_eval.bench_official.candidates)")
+    ap = argparse.ArgumentParser(
+        prog="python -m diffbir_eval.bench --against-official DIR",
+        description="Official DiffBIR vs ours: same weights, one process, interleaved calls.",
+    )
+    ap.add_argument(
+        "--against-official",
+        metavar="DIR",
+        default=None,
+        help="official DiffBIR checkout (HEAD layout), e.g. PATH/TO/DiffBIR (an official checkout)",
+    )
+    ap.add_argument(
+        "--candidates",
+        action="store_true",
+        help="measure our speed candidates (diffbir_eval.bench_official.candidates)",
+    )
     ap.add_argument("--targets", nargs="+", default=None, help="--candidates: cleaner vae_decode step")
     ap.add_argument("--which", nargs="+", default=None, help="--candidates: allocator channels_last compile")
     ap.add_argument("--approx", action="store_true", help="opt-in approximate modes (int8, DeepCache) vs exact")
@@ -37,15 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--size", type=int, default=512, help="image side of the step / VAE / restore cases")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-allocator", dest="allocator", action="store_false",
-                    help="do not tune glibc malloc around our calls")
+    ap.add_argument(
+        "--no-allocator", dest="allocator", action="store_false", help="do not tune glibc malloc around our calls"
+    )
     ap.add_argument("--cldm-config", default=None, help="default DIR/configs/inference/cldm.yaml")
     ap.add_argument("--swinir-config", default=None, help="default DIR/configs/inference/swinir.yaml")
     ap.add_argument("--diffusion-config", default=None, help="default DIR/configs/inference/diffusion_v2.1.yaml")
     ap.add_argument("--tmp", default="/tmp/diffbir_bench_official")
     ap.add_argument("--out", default="results/bench/official")
-    ap.add_argument("--report-only", action="store_true",
-                    help="rewrite the Markdown + plots from the JSON files already in --out (a cut-short run)")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the Markdown + plots from the JSON files already in --out (a cut-short run)",
+    )
     return ap
 
 

@@ -1,6 +1,7 @@
 """Exact CPU speed candidates, each measured with / without in one process, interleaved (issue 17).
 
-    python -m diffbir_eval.bench_official --candidates [--targets cleaner vae_decode step] [--which allocator channels_last compile]
+    python -m diffbir_eval.bench_official --candidates [--targets cleaner vae_decode step] [--which allocator
+    channels_last compile]
 
 Targets: (a) the offline x4 cleaner (`cleaners.load_cleaner("offline")`, Real-ESRGAN x4plus converted from the
 ncnn wheel) on one RealSRSet image (``$DIFFBIR_SHARED_DIR/data/realsrset/butterfly.png``), (b) VAE decode of a
@@ -13,6 +14,7 @@ Each round calls "without" and "with" back to back (order alternating); the medi
 with/without is the speed-up (< 1 = faster), max |with - without| the deviation. Outputs:
 ``--out``/candidates.json (after every round), candidates.md, candidates.png.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,7 +64,7 @@ def _targets(names, seed: int):
         vae = build_vae(cfg).eval().requires_grad_(False)
         z = torch.randn(1, 4, 64, 64, generator=g)
 
-        class Decode(torch.nn.Module):                    # what ControlLDM.vae_decode runs
+        class Decode(torch.nn.Module):  # what ControlLDM.vae_decode runs
             def __init__(self, vae):
                 super().__init__()
                 self.post_quant_conv, self.decoder = vae.post_quant_conv, vae.decoder
@@ -94,12 +96,15 @@ def _pair(candidate: str, fn, net, inplace: bool):
 
     notes = {}
     if candidate == "allocator":
+
         def with_():
             with keep_freed_memory():
                 return fn(net)
+
         return (lambda: fn(net)), with_, notes
     if candidate == "channels_last":
-        if inplace:                                       # too big to copy: switch formats outside the timing
+        if inplace:  # too big to copy: switch formats outside the timing
+
             def without():
                 net.to(memory_format=torch.contiguous_format)
                 t0 = time.perf_counter()
@@ -112,6 +117,7 @@ def _pair(candidate: str, fn, net, inplace: bool):
                 t0 = time.perf_counter()
                 y = fn(net)
                 return _Timed(y, time.perf_counter() - t0)
+
             return without, with_, notes
         cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
         return (lambda: fn(net)), (lambda: fn(cl)), notes
@@ -145,10 +151,23 @@ def run_candidates(args) -> dict:
     rounds = {"allocator": 3, "channels_last": 2, "compile": 2}
     if getattr(args, "candidate_rounds", None):
         rounds = {k: int(args.candidate_rounds) for k in rounds}
-    res = dict(kind="candidates", name="candidates", title="Exact CPU speed candidates: with / without (ours only)",
-               command="python -m diffbir_eval.bench_official " + " ".join(sys.argv[1:]), machine=machine_info(args.threads),
-               threads=args.threads, load_before=list(os.getloadavg()), load_after=None, rounds=rounds,
-               official_dir=None, ours_speed_notes=[], cases={}, notes=[], labels=["without", "with"], elapsed_s=None)
+    res = dict(
+        kind="candidates",
+        name="candidates",
+        title="Exact CPU speed candidates: with / without (ours only)",
+        command="python -m diffbir_eval.bench_official " + " ".join(sys.argv[1:]),
+        machine=machine_info(args.threads),
+        threads=args.threads,
+        load_before=list(os.getloadavg()),
+        load_after=None,
+        rounds=rounds,
+        official_dir=None,
+        ours_speed_notes=[],
+        cases={},
+        notes=[],
+        labels=["without", "with"],
+        elapsed_s=None,
+    )
     path = out / f"{getattr(args, 'name', None) or 'candidates'}.json"
     res["name"] = path.stem
 
@@ -166,7 +185,7 @@ def run_candidates(args) -> dict:
             print(f"[candidates] {key} ...", flush=True)
             try:
                 without, with_, notes = _pair(cand, fn, net, inplace=(tname == "step"))
-            except Exception as e:                        # a candidate that cannot run is a result too
+            except Exception as e:  # a candidate that cannot run is a result too
                 res["cases"][key] = dict(error=f"{type(e).__name__}: {e}"[:500])
                 flush_json()
                 continue
@@ -175,11 +194,15 @@ def run_candidates(args) -> dict:
                 rec.update(notes)
                 res["cases"][key] = rec
                 flush_json()
-                print(f"[candidates] {key}: without {rec['without_s'][-1]:.2f} s, with {rec['with_s'][-1]:.2f} s, "
-                      f"ratio {rec['ratio'][-1]:.3f}, max dev {rec.get('max_abs_dev')}", flush=True)
+                print(
+                    f"[candidates] {key}: without {rec['without_s'][-1]:.2f} s, with {rec['with_s'][-1]:.2f} s, "
+                    f"ratio {rec['ratio'][-1]:.3f}, max dev {rec.get('max_abs_dev')}",
+                    flush=True,
+                )
 
-            r = run_interleaved({key: (without, with_)}, {key: rounds.get(cand, 2)},
-                                labels=("without", "with"), on_result=on_result)
+            r = run_interleaved(
+                {key: (without, with_)}, {key: rounds.get(cand, 2)}, labels=("without", "with"), on_result=on_result
+            )
             if tname == "step" and cand == "channels_last":
                 net.to(memory_format=torch.contiguous_format)
             del r
@@ -212,7 +235,7 @@ def _approx_model(which: str, seed: int):
         unet = build_unet(cfg).eval().requires_grad_(False)
         control = ControlNet.from_unet(unet, cfg.hint_channels).eval().requires_grad_(False)
         g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():                             # from_unet zero-inits the new convs: make them count
+        with torch.no_grad():  # from_unet zero-inits the new convs: make them count
             for p in control.parameters():
                 if not p.any():
                     p.copy_(torch.randn(p.shape, generator=g) * 0.02)
@@ -222,19 +245,26 @@ def _approx_model(which: str, seed: int):
 
     e2e = Path(os.environ.get("DIFFBIR_E2E_DIR", "../shared/fixtures/diffbir_e2e"))
     cfg = Stage2Config.from_official(yaml.safe_load((e2e / "configs" / "head" / "cldm.yaml").read_text()))
-    ldm = build_control_ldm(cfg, sd=e2e / "weights" / "v2-1_512-ema-pruned.ckpt",  # the zsnr file names this one
-                            control=e2e / "weights" / "DiffBIR_v2.1.pt")
+    ldm = build_control_ldm(
+        cfg,
+        sd=e2e / "weights" / "v2-1_512-ema-pruned.ckpt",  # the zsnr file names this one
+        control=e2e / "weights" / "DiffBIR_v2.1.pt",
+    )
     return ldm.eval(), f"e2e fixture tiny ControlLDM ({e2e}/configs/head/cldm.yaml + weights/)", 16
 
 
 def _int8_record(res, te, tq, y_q, y_exact, how: str) -> None:
     import statistics
 
-    res["cases"]["int8_step"] = dict(exact_s=[round(v, 3) for v in te], approx_s=[round(v, 3) for v in tq],
-                                     ratio=[round(b / a, 4) for a, b in zip(te, tq)],
-                                     median_ratio=round(statistics.median(b / a for a, b in zip(te, tq)), 4),
-                                     max_abs_dev=float((y_q - y_exact).abs().max()),
-                                     ref_max_abs=float(y_exact.abs().max()), timing=how)
+    res["cases"]["int8_step"] = dict(
+        exact_s=[round(v, 3) for v in te],
+        approx_s=[round(v, 3) for v in tq],
+        ratio=[round(b / a, 4) for a, b in zip(te, tq)],
+        median_ratio=round(statistics.median(b / a for a, b in zip(te, tq)), 4),
+        max_abs_dev=float((y_q - y_exact).abs().max()),
+        ref_max_abs=float(y_exact.abs().max()),
+        timing=how,
+    )
 
 
 def run_approx(args) -> dict:
@@ -253,8 +283,15 @@ def run_approx(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     which = getattr(args, "approx_model", "fixture")
     t_start = time.perf_counter()
-    res = dict(kind="approx", name=f"approx_{which}", command="python -m diffbir_eval.bench_official " + " ".join(sys.argv[1:]),
-               machine=machine_info(args.threads), threads=args.threads, load_before=list(os.getloadavg()), cases={})
+    res = dict(
+        kind="approx",
+        name=f"approx_{which}",
+        command="python -m diffbir_eval.bench_official " + " ".join(sys.argv[1:]),
+        machine=machine_info(args.threads),
+        threads=args.threads,
+        load_before=list(os.getloadavg()),
+        cases={},
+    )
     path = out / f"approx_{which}.json"
 
     def flush_json():
@@ -285,14 +322,14 @@ def run_approx(args) -> dict:
             te, tq = [], []
             ys = {}
             for r in range(rounds):
-                for side in ((0, 1) if r % 2 == 0 else (1, 0)):
-                    dt, ys[side] = timed(lambda: (ldm if side == 0 else q)(x, t, cond))
+                for side in (0, 1) if r % 2 == 0 else (1, 0):
+                    dt, ys[side] = timed(lambda side=side: (ldm if side == 0 else q)(x, t, cond))
                     (te if side == 0 else tq).append(dt)
             _int8_record(res, te, tq, ys[1], ys[0], "interleaved")
             del q
             flush_json()
         else:
-            dt, y_exact = timed(lambda: ldm(x, t, cond))         # full size: no room for a second copy
+            dt, y_exact = timed(lambda: ldm(x, t, cond))  # full size: no room for a second copy
             te = [dt]
         # 2. DeepCache along a toy trajectory
         dc = DeepCacheModel(ldm, interval=3)
@@ -301,18 +338,25 @@ def run_approx(args) -> dict:
         for k, tk in enumerate(range(900, 900 - 100 * n_calls, -100)):
             tt = torch.tensor([tk])
             is_full = k % 3 == 0
-            dt_a, e_a = timed(lambda: dc(xs, tt, cond))
-            dt_e, e_e = timed(lambda: ldm(xs, tt, cond))
+            dt_a, e_a = timed(lambda xs=xs, tt=tt: dc(xs, tt, cond))
+            dt_e, e_e = timed(lambda xs=xs, tt=tt: ldm(xs, tt, cond))
             (full_s if is_full else cached_s).append(dt_a)
             exact_s.append(dt_e)
             devs.append(float((e_a - e_e).abs().max()))
             xs = xs - 0.05 * e_a
             res["cases"]["deepcache_trajectory"] = dict(
-                interval=3, calls=k + 1, full_s=[round(v, 3) for v in full_s], cached_s=[round(v, 3) for v in cached_s],
-                exact_s=[round(v, 3) for v in exact_s], eps_max_abs_dev_per_call=devs,
-                cached_over_exact=round(statistics.median(cached_s) / statistics.median(exact_s), 4) if cached_s else None,
+                interval=3,
+                calls=k + 1,
+                full_s=[round(v, 3) for v in full_s],
+                cached_s=[round(v, 3) for v in cached_s],
+                exact_s=[round(v, 3) for v in exact_s],
+                eps_max_abs_dev_per_call=devs,
+                cached_over_exact=round(statistics.median(cached_s) / statistics.median(exact_s), 4)
+                if cached_s
+                else None,
                 trajectory_time_ratio=round((sum(full_s) + sum(cached_s)) / sum(exact_s), 4),
-                ref_max_abs=float(e_e.abs().max()))
+                ref_max_abs=float(e_e.abs().max()),
+            )
             flush_json()
         dc.reset()
         if which != "fixture":

@@ -11,8 +11,10 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m diffbir_eval.data", description="Look at, verify and fetch the "
-                                "registered test sets (diffbir_eval.registry).")
+    p = argparse.ArgumentParser(
+        prog="python -m diffbir_eval.data",
+        description="Look at, verify and fetch the registered test sets (diffbir_eval.registry).",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="print the registry as a Markdown table")
     for cmd in ("check", "fetch", "checksum"):

@@ -12,8 +12,10 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m diffbir_eval.report",
-                                description="Gather evaluation runs into one Markdown report (RESULTS/README.md).")
+    p = argparse.ArgumentParser(
+        prog="python -m diffbir_eval.report",
+        description="Gather evaluation runs into one Markdown report (RESULTS/README.md).",
+    )
     p.add_argument("--results", default="results", help="folder of run folders (default: results)")
     p.add_argument("--out", help="Markdown file (default: RESULTS/README.md); its diffbir_eval.table blocks are kept")
     p.add_argument("--no-plots", action="store_true")

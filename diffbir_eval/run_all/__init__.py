@@ -3,7 +3,8 @@
     python -m diffbir_eval.run_all --data DATA --weights-dir W --metric-weights M [--gpus 8] [--dry-run | --estimate]
 
 DATA holds one folder per set named as in `diffbir_eval.registry` (``DATA/realsrset``, ``DATA/realsr``, ...; ``python -m
-diffbir_eval.data fetch NAME DATA/NAME`` makes the downloadable ones). Each set found and verified (`diffbir_eval.registry.check`;
+diffbir_eval.data fetch NAME DATA/NAME`` makes the downloadable ones). Each set found and verified
+(`diffbir_eval.registry.check`;
 others are skipped and listed) is run with ``bicubic`` and every preset of `diffbir_core.config.PRESETS` that fits
 its task (``v1-face`` on faces only, ``v1-general`` elsewhere): ``[accelerate launch --multi_gpu --num_processes N]
 -m diffbir_eval.run --dataset NAME --root DATA/NAME --method M --out results/NAME_M`` with the set's default metrics
@@ -90,7 +91,11 @@ def plan(
     for name in sets or list(REGISTRY):
         root = data / name
         if not root.is_dir() and present_only:
-            how = f"python -m diffbir_eval.data fetch {name} {root}" if REGISTRY[name].download else REGISTRY[name].how_to_get
+            how = (
+                f"python -m diffbir_eval.data fetch {name} {root}"
+                if REGISTRY[name].download
+                else REGISTRY[name].how_to_get
+            )
             skipped[name] = f"no folder {root} ({how})"
             continue
         if verify and root.is_dir():

@@ -13,8 +13,9 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m diffbir_eval.run_all",
-                                description="Every preset over every registered set, then every table.")
+    p = argparse.ArgumentParser(
+        prog="python -m diffbir_eval.run_all", description="Every preset over every registered set, then every table."
+    )
     p.add_argument("--data", required=True, help="folder with one sub-folder per registered set")
     p.add_argument("--results", default="results")
     p.add_argument("--weights-dir", help="model weights ($DIFFBIR_WEIGHTS_DIR)")

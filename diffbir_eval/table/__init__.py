@@ -10,7 +10,8 @@ run folder (``results/NAME/README.md``) and carry ``rN`` (run: commit, images) a
 convention recorded in that run's summary.json, with its crop); published cells carry ``sN`` (source and
 protocol, `diffbir_eval.published`). Runs are the folders ``results/*/`` with ``summary.json`` + ``metrics.csv`` written
 by `diffbir_eval.run`; nothing is recomputed. ``--write FILE`` replaces the block between
-``<!-- diffbir_eval.table:NAME:begin -->`` and ``<!-- diffbir_eval.table:NAME:end -->`` in FILE (appends it when absent).
+``<!-- diffbir_eval.table:NAME:begin -->`` and ``<!-- diffbir_eval.table:NAME:end -->`` in FILE (appends it when
+absent).
 """
 
 from __future__ import annotations

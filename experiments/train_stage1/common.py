@@ -4,13 +4,15 @@ the fixed held-out degradation draws and the PSNR pair of `diffbir_eval.metrics`
 Protocol of ``results/train_stage1`` (kept so the committed numbers stay reproducible): every held-out HQ image,
 full size, is degraded by the run's own pipeline at plain seeds ``1000 + k`` (k < draws); the checkpoint's SwinIR
 restores it through `diffbir_core.cleaners.Cleaner` (reflect-padded to its multiple, cropped back, clamped) as an
-`diffbir_eval.methods` cleaner method; PSNR is `diffbir_eval.metrics.psnr` on RGB and on BT.601 Y, no border crop, not quantised.
+`diffbir_eval.methods` cleaner method; PSNR is `diffbir_eval.metrics.psnr` on RGB and on BT.601 Y, no border crop, not
+quantised.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -60,8 +62,15 @@ def checkpoints(run: Path) -> list[Path]:
 def checkpoint_method(ckpt: Path, scfg: SwinIRConfig) -> Method:
     """A stage-1 checkpoint (``swinir.pth``, loaded strictly) as a 1x `diffbir_eval.methods` cleaner method."""
     model = load_swinir(ckpt / "swinir.pth", scfg, what=str(ckpt))
-    spec = CleanerSpec(f"checkpoint:{ckpt.name}", "swinir", 1, None, f"stage-1 checkpoint {ckpt}",
-                       multiple=scfg.pad_multiple, pad_mode="reflect")
+    spec = CleanerSpec(
+        f"checkpoint:{ckpt.name}",
+        "swinir",
+        1,
+        None,
+        f"stage-1 checkpoint {ckpt}",
+        multiple=scfg.pad_multiple,
+        pad_mode="reflect",
+    )
     return cleaner_method(f"checkpoint:{ckpt}", Cleaner(spec, model), scale=1.0, info={"checkpoint": str(ckpt)})
 
 

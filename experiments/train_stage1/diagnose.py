@@ -8,12 +8,13 @@ colour bias. Also the hue coverage of the training tiles vs the list (share of p
 Usage: python -m experiments.train_stage1.diagnose --run /tmp/stage1_run2 --checkpoint 0000410 \\
     --images /tmp/stage1_data/heldout.txt --train /tmp/stage1_data_run2/train.txt --out results/train_stage1/run2
 """
+
 from __future__ import annotations
 
 import argparse
 import csv
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -70,10 +71,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = []
     for name, acc in per_image.items():
         mb = np.mean(acc["bias"], 0) * 255
-        rows.append({"image": name, "bias_r": round(float(mb[0]), 1), "bias_g": round(float(mb[1]), 1),
-                     "bias_b": round(float(mb[2]), 1), "chroma_ratio": round(float(np.mean(acc["chroma"])), 3),
-                     "gain_rgb": round(float(np.mean(acc["gain"])), 3),
-                     "gain_rgb_bias_removed": round(float(np.mean(acc["gain_unbiased"])), 3)})
+        rows.append(
+            {
+                "image": name,
+                "bias_r": round(float(mb[0]), 1),
+                "bias_g": round(float(mb[1]), 1),
+                "bias_b": round(float(mb[2]), 1),
+                "chroma_ratio": round(float(np.mean(acc["chroma"])), 3),
+                "gain_rgb": round(float(np.mean(acc["gain"])), 3),
+                "gain_rgb_bias_removed": round(float(np.mean(acc["gain_unbiased"])), 3),
+            }
+        )
         print(rows[-1])
     out.mkdir(parents=True, exist_ok=True)
     with atomic_open(out / "diagnostics.csv", "w", newline="") as fh:

@@ -8,14 +8,15 @@ held-out PSNR; the lr when it varies), ``log.csv`` / ``val.csv`` (copies of the 
 ``example.png`` (LQ | restored | HQ). ``--checkpoints last`` scores only the newest checkpoint.
 Usage: python -m experiments.train_stage1.evaluate --run /tmp/stage1_run --heldout /tmp/stage1_data/heldout.txt
 """
+
 from __future__ import annotations
 
 import argparse
 import csv
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -41,7 +42,9 @@ def plot_curves(run: Path, out: Path, rows_ck: list[dict], n_images: int, draws:
     ax[0].plot(steps, loss, lw=0.8, label=f"train L2 (mean of {log_every} steps)")
     if len(loss) >= 10:
         k = 10
-        ax[0].plot(steps[k - 1:], np.convolve(loss, np.ones(k) / k, mode="valid"), lw=1.5, label="moving avg (10 rows)")
+        ax[0].plot(
+            steps[k - 1 :], np.convolve(loss, np.ones(k) / k, mode="valid"), lw=1.5, label="moving avg (10 rows)"
+        )
     ax[0].set_yscale("log")
     lrs = [float(r["lr"]) for r in log_rows if r.get("lr")]
     if len(set(lrs)) > 1:
@@ -91,9 +94,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             (lq_rgb, lq_y), (pred_rgb, pred_y) = psnr_rgb_y(lq, hq), psnr_rgb_y(method.restore(lq), hq)
             res.append((name, seed, lq_rgb, pred_rgb, lq_y, pred_y))
         mean = [float(np.mean([r[i] for r in res])) for i in range(2, 6)]
-        rows_ck.append({"step": int(ck.name), "psnr_lq": mean[0], "psnr_pred": mean[1], "gain": mean[1] - mean[0],
-                        "psnr_y_lq": mean[2], "psnr_y_pred": mean[3], "gain_y": mean[3] - mean[2],
-                        "eval_s": time.time() - t0})
+        rows_ck.append(
+            {
+                "step": int(ck.name),
+                "psnr_lq": mean[0],
+                "psnr_pred": mean[1],
+                "gain": mean[1] - mean[0],
+                "psnr_y_lq": mean[2],
+                "psnr_y_pred": mean[3],
+                "gain_y": mean[3] - mean[2],
+                "eval_s": time.time() - t0,
+            }
+        )
         print(rows_ck[-1])
         detail = res
     out.mkdir(parents=True, exist_ok=True)
@@ -112,14 +124,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         per_image.setdefault(name, []).append(b - a)
     gains = np.array([r[3] - r[2] for r in detail])
     gains_y = np.array([r[5] - r[4] for r in detail])
-    summary = {"checkpoint_step": rows_ck[-1]["step"], "pairs": len(detail), "images": len(files),
-               "draws_per_image": args.draws, "degradation": cfg.degradation,
-               "mean_psnr_lq": rows_ck[-1]["psnr_lq"], "mean_psnr_pred": rows_ck[-1]["psnr_pred"],
-               "mean_gain_db": float(gains.mean()), "median_gain_db": float(np.median(gains)),
-               "pairs_improved": int((gains > 0).sum()),
-               "mean_psnr_y_lq": rows_ck[-1]["psnr_y_lq"], "mean_psnr_y_pred": rows_ck[-1]["psnr_y_pred"],
-               "mean_gain_y_db": float(gains_y.mean()), "pairs_improved_y": int((gains_y > 0).sum()),
-               "per_image_mean_gain_db": {k: float(np.mean(v)) for k, v in per_image.items()}}
+    summary = {
+        "checkpoint_step": rows_ck[-1]["step"],
+        "pairs": len(detail),
+        "images": len(files),
+        "draws_per_image": args.draws,
+        "degradation": cfg.degradation,
+        "mean_psnr_lq": rows_ck[-1]["psnr_lq"],
+        "mean_psnr_pred": rows_ck[-1]["psnr_pred"],
+        "mean_gain_db": float(gains.mean()),
+        "median_gain_db": float(np.median(gains)),
+        "pairs_improved": int((gains > 0).sum()),
+        "mean_psnr_y_lq": rows_ck[-1]["psnr_y_lq"],
+        "mean_psnr_y_pred": rows_ck[-1]["psnr_y_pred"],
+        "mean_gain_y_db": float(gains_y.mean()),
+        "pairs_improved_y": int((gains_y > 0).sum()),
+        "per_image_mean_gain_db": {k: float(np.mean(v)) for k, v in per_image.items()},
+    }
     write_text(out / "summary.json", json.dumps(summary, indent=2))
     for name in ("log.csv", "val.csv"):
         if (run / name).is_file():

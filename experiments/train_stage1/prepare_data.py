@@ -5,6 +5,7 @@ Training: scikit-image's bundled photos and textures (grey ones as RGB). Held ou
 ``<out>/train/*.png``, ``<out>/heldout/*.png`` and the two file lists ``<out>/train.txt`` / ``<out>/heldout.txt``.
 Usage: python -m experiments.train_stage1.prepare_data /tmp/stage1_data
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,25 @@ from diffbir_core.atomic import write_bytes, write_text
 from diffbir_core.imageio import save_image
 from experiments.train_stage1.common import skimage_rgb
 
-TRAIN = ["astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
-         "stereo_motorcycle", "camera", "brick", "grass", "gravel", "moon", "coins", "clock", "cell", "page", "text"]
+TRAIN = [
+    "astronaut",
+    "coffee",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "retina",
+    "stereo_motorcycle",
+    "camera",
+    "brick",
+    "grass",
+    "gravel",
+    "moon",
+    "coins",
+    "clock",
+    "cell",
+    "page",
+    "text",
+]
 HELDOUT_SKIMAGE = ["chelsea"]
 
 

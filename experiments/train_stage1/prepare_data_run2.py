@@ -11,6 +11,7 @@ Writes ``<out>/tiles/*.png``, ``<out>/train.txt``, ``<out>/tiles.csv`` (source, 
 the full-size photos `FIT_CHECK` for the in-distribution check (``<out>/train_fit/*.png``, ``train_fit.txt``).
 Usage: python -m experiments.train_stage1.prepare_data_run2 /tmp/stage1_data_run2
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,8 +24,7 @@ from diffbir_core.atomic import atomic_open, write_text
 from diffbir_core.imageio import resize, save_image, to_numpy, to_tensor
 from experiments.train_stage1.common import skimage_rgb
 
-TRAIN = ["astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
-         "stereo_motorcycle"]
+TRAIN = ["astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "stereo_motorcycle"]
 SCALES = (1.0, 0.5)
 TILE = 128
 MIN_STD, MIN_MEAN = 0.04, 0.06
@@ -50,13 +50,16 @@ def main(out: str) -> None:
             save_image(fit[-1], im)
         for scale in SCALES:
             h, w = full.shape[:2]
-            rgb = full if scale == 1.0 else np.clip(
-                to_numpy(resize(to_tensor(full), (round(h * scale), round(w * scale)))), 0, 1)
+            rgb = (
+                full
+                if scale == 1.0
+                else np.clip(to_numpy(resize(to_tensor(full), (round(h * scale), round(w * scale)))), 0, 1)
+            )
             h, w = rgb.shape[:2]
             cand = []
             for top in range(0, h - TILE + 1, TILE):
                 for left in range(0, w - TILE + 1, TILE):
-                    y = _luma(rgb[top:top + TILE, left:left + TILE])
+                    y = _luma(rgb[top : top + TILE, left : left + TILE])
                     if y.std() >= MIN_STD and y.mean() >= MIN_MEAN:
                         cand.append((top, left, float(y.mean()), float(y.std())))
             if len(cand) > MAX_TILES:
@@ -64,7 +67,7 @@ def main(out: str) -> None:
                 cand = [cand[i] for i in keep]
             for top, left, mean, std in cand:
                 p = root / "tiles" / f"{name}_s{scale:g}_{top:04d}_{left:04d}.png"
-                save_image(p, np.rint(rgb[top:top + TILE, left:left + TILE] * 255).astype(np.uint8))
+                save_image(p, np.rint(rgb[top : top + TILE, left : left + TILE] * 255).astype(np.uint8))
                 files.append(str(p))
                 rows.append([p.name, f"skimage.data.{name}", scale, top, left, TILE, round(mean, 4), round(std, 4)])
             print(f"{name} x{scale:g}: {h}x{w}, {len(cand)} tiles")
