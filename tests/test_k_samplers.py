@@ -29,7 +29,6 @@ from diffbir_core.diffusion import k_samplers as ks
 from diffbir_core.diffusion.guidance import GuidanceOutput
 from diffbir_core.diffusion.noise import TorchNoise
 from diffbir_core.diffusion.samplers import sample_ddim
-from diffbir_core.diffusion.samplers import sample_dpmpp_3m_sde as base_3m_sde
 from diffbir_core.diffusion.schedule import make_ddim_schedule, make_edm_schedule, make_training_schedule
 
 HEAD_PKG = "_diffbir_head_official"
@@ -413,16 +412,6 @@ def test_samplers_recover_gaussian_data(preset, name):
 
 def _float_t(den):
     return lambda x, t: den(x, t.round().long())
-
-
-def test_k_3m_sde_equals_samplers_3m_sde_for_plain_noise():
-    tr = make_training_schedule("v2.1")
-    model = ToyNet(4)
-    x_T = torch.randn(X_SHAPE, generator=torch.Generator().manual_seed(1))
-    for kw in ({}, {"eta": 0.5, "s_noise": 0.8}):
-        sched = make_edm_schedule(tr, 7)
-        a = ks.sample_dpmpp_3m_sde(model, x_T, sched, parameterization="v", seed=5, **kw)
-        assert torch.equal(a, base_3m_sde(model, x_T, sched, parameterization="v", seed=5, **kw))
 
 
 @pytest.mark.parametrize("name", list(ks.K_SAMPLERS))

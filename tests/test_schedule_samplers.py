@@ -20,12 +20,12 @@ from toys import GaussianDenoiser
 
 from diffbir_core.diffusion.cfg import CFGDenoiser, rescaled_cfg_scale
 from diffbir_core.diffusion.guidance import GuidanceOutput, LatentImageGuidance
+from diffbir_core.diffusion.k_samplers import sample_dpmpp_3m_sde
 from diffbir_core.diffusion.noise import NoiseReplayError, ReplayNoise, TorchNoise
 from diffbir_core.diffusion.registry import run_sampler
 from diffbir_core.diffusion.samplers import (
     sample_ddim,
     sample_dpmpp_2m,
-    sample_dpmpp_3m_sde,
     sample_spaced,
     spaced_step,
 )

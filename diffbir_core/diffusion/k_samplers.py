@@ -625,8 +625,8 @@ def sample_dpmpp_3m_sde(
 ) -> Tensor:
     """DPM-Solver++(3M) SDE, HEAD default "edm_dpm++_3m_sde" (k_diffusion.py:660-707).
 
-    Same numbers as ``samplers.sample_dpmpp_3m_sde`` for a plain noise source (one draw per stochastic step);
-    in addition accepts ``BrownianTreeNoise`` for the official Brownian increments."""
+    The registry's `edm_dpm++_3m_sde` (the one 3M SDE implementation); with a plain noise source one draw per
+    stochastic step; also accepts ``BrownianTreeNoise`` for the official Brownian increments."""
     _check_knobs(s_noise=s_noise, eta=eta)
     noise, sig, x = _setup(x_T, schedule, parameterization, noise, seed)
     inc = _Increments(noise, sig)

@@ -9,7 +9,8 @@ Mirrors
     * sample_spaced: v2.0.0 utils/sampler.py:269-340 p_sample/sample, HEAD diffbir/sampler/spaced_sampler.py:162
       (t = s_{N-1-k} for the model, respaced index N-1-k for the coefficients; a draw at EVERY step).
     * sample_ddim: HEAD diffbir/sampler/ddim_sampler.py:105-175 (noise drawn every step even for eta = 0).
-    * sample_dpmpp_2m / sample_dpmpp_3m_sde: HEAD diffbir/sampler/edm_sampler.py:140 + its k-diffusion copy (EDM
+    * sample_dpmpp_2m (the 3M SDE and the rest of the EDM family: `k_samplers`): HEAD
+      diffbir/sampler/edm_sampler.py:140 + its k-diffusion copy (EDM
       preconditioning for eps / v, state x = z / alpha). Deviations: sigma_max via `make_edm_schedule`; SDE
       noise from the noise source instead of torchsde's Brownian tree; no NameError for a 1-step 3M-SDE run.
 """
@@ -40,7 +41,6 @@ __all__ = [
     "sample_spaced",
     "sample_ddim",
     "sample_dpmpp_2m",
-    "sample_dpmpp_3m_sde",
     "spaced_step",
     "ddim_step",
     "edm_denoise",
@@ -346,81 +346,5 @@ def sample_dpmpp_2m(
                 )
             )
         old = d_used
-        x = x_new
-    return x
-
-
-@torch.no_grad()
-def sample_dpmpp_3m_sde(
-    denoiser: Denoiser,
-    x_T: Tensor,
-    schedule: EDMSchedule,
-    *,
-    parameterization: Parameterization = "eps",
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-    guidance: Guidance | None = None,
-    noise: NoiseFn | None = None,
-    seed: int | None = None,
-    callback: Callback | None = None,
-) -> Tensor:
-    """DPM-Solver++(3M) SDE (k-diffusion ``sample_dpmpp_3m_sde``, HEAD default "edm_dpm++_3m_sde", eta=1,
-    s_noise=1). eta = 0 gives the deterministic DPM-Solver++(3M). One noise draw per step with sigma_next > 0
-    when eta != 0."""
-    _check_param(parameterization)
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-    noise = noise_source(noise, seed)
-    sig = schedule.sigmas.to(x_T.device)
-    x = _edm_start(x_T, schedule)
-    d_1 = d_2 = h_1 = h_2 = None
-    for i in range(schedule.num_steps):
-        t = int(schedule.timesteps[i])
-        d, out = edm_denoise(denoiser, x, sig[i], t, parameterization)
-        h = None
-        if sig[i + 1] == 0:
-            g = _apply_guidance(guidance, d, t, 1.0, noise)
-            d_used = g.update_pred_x0 if g is not None else d
-            x_new = d_used  # denoising step
-        else:
-            h = (-sig[i + 1].log()) - (-sig[i].log())
-            h_eta = h * (eta + 1)
-            g = _apply_guidance(guidance, d, t, (-h_eta).expm1().neg(), noise)
-            d_used = g.update_pred_x0 if g is not None else d
-            x_new = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * d_used
-            if h_2 is not None:
-                r0, r1 = h_1 / h, h_2 / h
-                d1_0 = (d_used - d_1) / r0
-                d1_1 = (d_1 - d_2) / r1
-                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                phi_2 = h_eta.neg().expm1() / h_eta + 1
-                phi_3 = phi_2 / h_eta - 0.5
-                x_new = x_new + phi_2 * d1 - phi_3 * d2
-            elif h_1 is not None:
-                r = h_1 / h
-                phi_2 = h_eta.neg().expm1() / h_eta + 1
-                x_new = x_new + phi_2 * ((d_used - d_1) / r)
-            if eta:
-                x_new = x_new + noise(tuple(x.shape), x) * sig[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
-        if g is not None and g.state_shift is not None:
-            x_new = x_new + g.state_shift
-        if callback is not None:
-            callback(
-                StepInfo(
-                    step=i,
-                    index=i,
-                    t=t,
-                    x_t=x,
-                    model_output=out,
-                    pred_x0=d,
-                    x_prev=x_new,
-                    pred_x0_guided=g.pred_x0 if g else None,
-                    sigma=float(sig[i]),
-                    guidance=g,
-                )
-            )
-        d_1, d_2 = d_used, d_1
-        h_1, h_2 = h, h_1
         x = x_new
     return x
