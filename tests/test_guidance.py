@@ -18,7 +18,7 @@ from toys import GaussianDenoiser
 
 from diffbir_core.diffusion.guidance import GUIDANCE_SCALE_FACTOR, LatentImageGuidance, wmse_weight_map
 from diffbir_core.diffusion.noise import ReplayNoise
-from diffbir_core.diffusion.samplers import run_sampler
+from diffbir_core.diffusion.registry import run_sampler
 from diffbir_core.diffusion.schedule import make_training_schedule
 
 M = torch.tensor([[0.5, 0.2, -0.1], [0.1, 0.6, 0.2], [-0.3, 0.1, 0.4], [0.2, -0.2, 0.3]])  # toy "VAE" 3 <-> 4
