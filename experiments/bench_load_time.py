@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from diffbir_core.atomic import atomic_path, write_text
+
 PARTS = ("unet", "vae", "text", "control")
 
 
@@ -62,7 +64,8 @@ def make(tmp: Path) -> dict:
             for p in m.parameters():
                 p.normal_(0, 0.02)  # random, finite
         path = tmp / f"{part}.ckpt"
-        torch.save({"state_dict": _official(part, m)}, path)
+        with atomic_path(path) as t:
+            torch.save({"state_dict": _official(part, m)}, t)
         sizes[part] = {"file_bytes": path.stat().st_size, "parameters": sum(p.numel() for p in m.parameters())}
         del m
     return sizes
@@ -119,7 +122,8 @@ def end_to_end(tmp: Path) -> dict:
         merged = {}
         for part in ("unet", "vae", "text"):
             merged.update(torch.load(tmp / f"{part}.ckpt", mmap=True, weights_only=True)["state_dict"])
-        torch.save({"state_dict": merged}, sd)
+        with atomic_path(sd) as t:
+            torch.save({"state_dict": merged}, t)
         del merged
     t0 = time.perf_counter()
     load_pretrained_control_ldm(str(sd), str(tmp / "control.ckpt"), cache_dir=tmp / "cache")
@@ -229,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1) + "\n")
+    write_text(out, json.dumps(res, indent=1) + "\n")
     print(json.dumps(total), "->", out)
     return 0
 
