@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="CUDA only: keep weights on the CPU until used (model) or stream layer by layer (sequential)",
     )
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no device notice")
     return ap
 
 
@@ -431,7 +431,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         asked = args.device
         args.device = batch.check_device(args.device)
-        if str(asked).strip().lower() == "auto":
+        if str(asked).strip().lower() == "auto" and not args.quiet:
             print(f"note: using device {args.device} (--device auto: CUDA, then MPS, then CPU)", file=sys.stderr)
         params = params_from_args(args)
         if not inputs_of(args):
