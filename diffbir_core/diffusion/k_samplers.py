@@ -32,6 +32,8 @@ from .samplers import (
     _apply_guidance,
     _check_param,
     _edm_start,
+    _finish,
+    _report,
     edm_denoise,
     sample_ddim,
     sample_dpmpp_2m,
@@ -117,30 +119,6 @@ def _check_knobs(*, s_noise: float | None = None, eta: float | None = None, s_ch
 def _guided(guidance, d: Tensor, t: int, coef, noise: NoiseFn):
     g = _apply_guidance(guidance, d, t, coef, noise)
     return (g.update_pred_x0 if g is not None else d), g
-
-
-def _finish(x_new: Tensor, g) -> Tensor:
-    if g is not None and g.state_shift is not None:
-        x_new = x_new + g.state_shift
-    return x_new
-
-
-def _report(callback, i, t, x, out, d, x_new, g, sigma) -> None:
-    if callback is not None:
-        callback(
-            StepInfo(
-                step=i,
-                index=i,
-                t=t,
-                x_t=x,
-                model_output=out,
-                pred_x0=d,
-                x_prev=x_new,
-                pred_x0_guided=g.pred_x0 if g else None,
-                sigma=float(sigma),
-                guidance=g,
-            )
-        )
 
 
 def _setup(x_T: Tensor, schedule: EDMSchedule, parameterization: Parameterization, noise, seed):

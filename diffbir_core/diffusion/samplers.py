@@ -295,6 +295,32 @@ def _edm_start(x_T: Tensor, schedule: EDMSchedule) -> Tensor:
     return x_T * torch.sqrt(1.0 + schedule.sigmas[0].to(x_T.device) ** 2.0)
 
 
+def _finish(x_new: Tensor, g) -> Tensor:
+    """x_{i+1} plus the guidance state shift (v1 rule), shared by the EDM samplers here and in `k_samplers`."""
+    if g is not None and g.state_shift is not None:
+        x_new = x_new + g.state_shift
+    return x_new
+
+
+def _report(callback, i, t, x, out, d, x_new, g, sigma) -> None:
+    """One `StepInfo` to ``callback`` (EDM samplers)."""
+    if callback is not None:
+        callback(
+            StepInfo(
+                step=i,
+                index=i,
+                t=t,
+                x_t=x,
+                model_output=out,
+                pred_x0=d,
+                x_prev=x_new,
+                pred_x0_guided=g.pred_x0 if g else None,
+                sigma=float(sigma),
+                guidance=g,
+            )
+        )
+
+
 @torch.no_grad()
 def sample_dpmpp_2m(
     denoiser: Denoiser,
@@ -328,23 +354,8 @@ def sample_dpmpp_2m(
             r = (t_cur - (-sig[i - 1].log())) / h
             d_d = (1 + 1 / (2 * r)) * d_used - (1 / (2 * r)) * old
             x_new = ratio * x - (-h).expm1() * d_d
-        if g is not None and g.state_shift is not None:
-            x_new = x_new + g.state_shift
-        if callback is not None:
-            callback(
-                StepInfo(
-                    step=i,
-                    index=i,
-                    t=t,
-                    x_t=x,
-                    model_output=out,
-                    pred_x0=d,
-                    x_prev=x_new,
-                    pred_x0_guided=g.pred_x0 if g else None,
-                    sigma=float(sig[i]),
-                    guidance=g,
-                )
-            )
+        x_new = _finish(x_new, g)
+        _report(callback, i, t, x, out, d, x_new, g, sig[i])
         old = d_used
         x = x_new
     return x
