@@ -51,6 +51,8 @@ __all__ = [
     "load_state_dict",
     "load_into",
     "LoadReport",
+    "check_fits",
+    "load_safetensors_into",
     "default_cache_dir",
     "save_safetensors",
     "verify_sha256",
@@ -561,29 +563,28 @@ class LoadReport:
         return s
 
 
-def load_into(
+def check_fits(
     module: nn.Module,
-    state_dict: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, tuple[int, ...]],
     *,
     what: str,
     strict: bool = True,
     ignore_unexpected: tuple[str, ...] = (),
 ) -> LoadReport:
-    """Load ``state_dict`` into ``module`` after checking every key and shape.
+    """Check a checkpoint's keys and shapes (``shapes``: key -> shape) against ``module`` without loading.
 
     ``strict`` (default): any missing key, unexpected key (other than those starting with a prefix in
-    ``ignore_unexpected``) or shape mismatch raises `WeightsError` listing them all.
-    The report is logged at INFO and returned.
+    ``ignore_unexpected``) or shape mismatch raises `WeightsError` listing them all. Returns the report.
     """
     own = module.state_dict()
-    missing = sorted(k for k in own if k not in state_dict)
-    extra = sorted(k for k in state_dict if k not in own)
+    missing = sorted(k for k in own if k not in shapes)
+    extra = sorted(k for k in shapes if k not in own)
     ignored = [k for k in extra if ignore_unexpected and k.startswith(ignore_unexpected)]
     unexpected = [k for k in extra if not (ignore_unexpected and k.startswith(ignore_unexpected))]
     mismatched = [
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        f"{k}: file {tuple(shapes[k])} vs model {tuple(own[k].shape)}"
         for k in own
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
+        if k in shapes and tuple(shapes[k]) != tuple(own[k].shape)
     ]
     report = LoadReport(what, loaded=len(own) - len(missing), missing=missing, unexpected=unexpected, ignored=ignored)
     if mismatched or (strict and (missing or unexpected)):
@@ -596,7 +597,70 @@ def load_into(
             parts.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:10]))
         parts.append("  (is this the right file for this model/config?)")
         raise WeightsError("\n".join(parts))
+    return report
+
+
+def load_into(
+    module: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    what: str,
+    strict: bool = True,
+    ignore_unexpected: tuple[str, ...] = (),
+) -> LoadReport:
+    """Load ``state_dict`` into ``module`` after checking every key and shape (`check_fits`; ``strict`` and
+    ``ignore_unexpected`` as there). The report is logged at INFO and returned.
+    """
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    report = check_fits(module, shapes, what=what, strict=strict, ignore_unexpected=ignore_unexpected)
+    own = module.state_dict()
     module.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=strict)
+    log.info("%s", report)
+    return report
+
+
+CHUNK_BYTES = 256 * 2**20  # safetensors bytes mapped at a time by load_safetensors_into
+
+
+def load_safetensors_into(
+    module: nn.Module,
+    path: str | os.PathLike,
+    *,
+    prefix: str = "",
+    what: str,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> LoadReport:
+    """Strictly load the tensors under ``prefix`` of a safetensors file into ``module``, mapping at most
+    ``chunk_bytes`` of the file at a time.
+
+    The keys and shapes are checked first from the file's header (`check_fits`, nothing read). Then each chunk
+    of tensors is copied through its own ``safe_open``: a mapping's pages count in the process's resident memory
+    until it is closed, so one mapping for a whole 3.5 GB UNet would hold a second copy of it at the peak
+    (measured: 13.2 GiB peak RSS for the 6.6 GB stage 2 read through one mapping). Peak memory is the module
+    plus one chunk.
+    """
+    from safetensors import safe_open
+
+    p = str(path)
+    with safe_open(p, framework="pt") as f:
+        keys = [k for k in f.keys() if k.startswith(prefix)]
+        shapes = {k[len(prefix) :]: tuple(f.get_slice(k).get_shape()) for k in keys}
+    report = check_fits(module, shapes, what=what, strict=True)
+    own = module.state_dict()
+    chunks: list[list[str]] = [[]]
+    size = 0
+    for k in sorted(shapes):
+        n = own[k].numel() * own[k].element_size()
+        if chunks[-1] and size + n > chunk_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(k)
+        size += n
+    for chunk in chunks:
+        with safe_open(p, framework="pt") as f:
+            with torch.no_grad():
+                for k in chunk:
+                    own[k].copy_(f.get_tensor(prefix + k))
     log.info("%s", report)
     return report
 

@@ -97,6 +97,22 @@ def test_report_fields(built, tmp_path):
     assert (tmp_path / "README.md").read_text().count("| plain_step |") == 1
     assert (tmp_path / "bench_official.png").stat().st_size > 0
 
+    # the roofline pass on the same folder: both sides do the same arithmetic in a step (same architecture,
+    # counted independently through each model's own forward), and the timed run gains floor rows
+    rc = bench_main(
+        ["--against-official", str(OFFICIAL), "--deps", DEPS, "--cldm-config", str(TINY / "cldm.yaml"),
+         "--cases", "plain_step", "vae_decode_512", "--size", "64", "--threads", "1", "--out", str(tmp_path),
+         "--roofline"]
+    )  # fmt: skip
+    assert rc == 0
+    roof = json.loads((tmp_path / "roofline.json").read_text())
+    for name in ("plain_step", "vae_decode_512"):
+        assert roof["flops"][name]["official"] == roof["flops"][name]["ours"] > 0, name
+    assert roof["matmul_peak"]["gflops_median"] > 0
+    rows = {r["case"]: r for r in json.loads((tmp_path / "official.json").read_text())["roofline"]["rows"]}
+    assert set(rows) == {"plain_step", "vae_decode_512"}
+    assert "## Roofline" in (tmp_path / "README.md").read_text()
+
 
 def test_allocator_roundtrip():
     from diffbir_core.allocator import keep_freed_memory, malloc_is_tuned, tune_malloc

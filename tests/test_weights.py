@@ -141,3 +141,32 @@ def test_lightning_style_checkpoint_with_foreign_objects(tmp_path):
         W.load_state_dict(p)
     got = W.load_state_dict(p, trusted=True)
     assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+
+
+def test_load_safetensors_into_chunked(tmp_path):
+    """Chunked strict load: values equal to the file's (safetensors' own load_file is the reference), whatever the
+    chunk size; a key or shape that does not fit raises before any tensor is written."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.Linear(8, 5))
+    src.register_buffer("stat", torch.randn(7))
+    path = tmp_path / "m.safetensors"
+    save_file({"part." + k: v.contiguous() for k, v in src.state_dict().items()} | {"other.x": torch.ones(2)}, path)
+    ref = load_file(str(path))
+    for chunk in (1, 200, 10**9):  # one tensor per mapping, a few, everything in one
+        dst = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.Linear(8, 5))
+        dst.register_buffer("stat", torch.zeros(7))
+        rep = W.load_safetensors_into(dst, path, prefix="part.", what="t", chunk_bytes=chunk)
+        assert rep.loaded == len(ref) - 1 and not rep.missing and not rep.unexpected
+        for k, v in dst.state_dict().items():
+            assert torch.equal(v, ref["part." + k]), (chunk, k)
+
+    wrong = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.Linear(8, 6))
+    before = {k: v.clone() for k, v in wrong.state_dict().items()}
+    with pytest.raises(W.WeightsError, match=r"shape mismatches \(2\).*2\.weight: file \(5, 8\) vs model \(6, 8\)"):
+        W.load_safetensors_into(wrong, path, prefix="part.", what="t")
+    assert all(torch.equal(v, before[k]) for k, v in wrong.state_dict().items())  # nothing written
+    with pytest.raises(W.WeightsError, match=r"unexpected keys \(1\): stat"):
+        W.load_safetensors_into(nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.Linear(8, 5)), path,
+                                prefix="part.", what="t")  # fmt: skip

@@ -38,6 +38,7 @@ from ..weights import (
     WeightsError,
     default_cache_dir,
     load_into,
+    load_safetensors_into,
     load_state_dict,
     resolve,
     save_safetensors,
@@ -850,16 +851,12 @@ def load_control_ldm_safetensors(path: str | os.PathLike, cfg: Stage2Config | No
         cfg.latent_scale_factor,
         cfg,
     )
-    with safe_open(str(p), framework="pt") as f:  # one part at a time: peak memory = model + its largest part
-        keys = list(f.keys())
-        extra = sorted(k for k in keys if not k.startswith(tuple(f"{n}." for n in _PARTS)))
-        if extra:
-            raise WeightsError(f"{p}: unexpected keys {extra[:12]}")
-        for name in _PARTS:
-            pre = f"{name}."
-            part = {k[len(pre) :]: f.get_tensor(k) for k in keys if k.startswith(pre)}
-            load_into(getattr(model, name), part, what=f"{p} -> {name}", strict=True)
-            del part
+    with safe_open(str(p), framework="pt") as f:
+        extra = sorted(k for k in f.keys() if not k.startswith(tuple(f"{n}." for n in _PARTS)))
+    if extra:
+        raise WeightsError(f"{p}: unexpected keys {extra[:12]}")
+    for name in _PARTS:  # strict per part, a 256 MiB mapping at a time: peak memory = the model + one chunk
+        load_safetensors_into(getattr(model, name), p, prefix=f"{name}.", what=f"{p} -> {name}")
     _freeze(model.unet, model.vae, model.text)
     return model.eval()
 

@@ -55,6 +55,8 @@ __all__ = [
     "machine_info",
     "write_report",
     "plot",
+    "build_side_by_side",
+    "run_roofline",
     "main",
     "CASES",
     "REQUIRED_FIELDS",
@@ -527,6 +529,34 @@ def write_report(out: Path, res: dict) -> Path:
         *rows,
         "",
     ]
+    roof = res.get("roofline")
+    if roof and roof.get("rows"):
+        pk = roof["matmul_peak"]
+        text += [
+            "## Roofline: how fast could any exact implementation be here?",
+            "",
+            f"FLOPs counted by torch's FlopCounterMode (matmul, conv, attention; lower bounds), attainable fp32 peak "
+            f"= median {pk['n']}x{pk['n']} fp32 matmul rate with {roof['threads']} threads: "
+            f"**{pk['gflops_median']} GFLOP/s** (max {pk['gflops_max']}). Floor = our FLOPs / peak; best ratio = "
+            "floor / official median time: the lowest ratio any fp32 implementation of the same arithmetic could "
+            "reach on this machine.",
+            "",
+            "| case | GFLOP official | GFLOP ours | official GFLOP/s (share of peak) | ours GFLOP/s (share) | "
+            "floor s | best reachable ratio | target |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in roof["rows"]:
+            tgt = (
+                ""
+                if r["target"] is None
+                else f"<= {r['target']}" + (" (below the floor)" if r["target"] < r["best_ratio"] else "")
+            )
+            text.append(
+                f"| {r['case']} | {r['official_gflop']} | {r['ours_gflop']} | {r['official_gflops']} "
+                f"({r['official_peak_share']:.0%}) | {r['ours_gflops']} ({r['ours_peak_share']:.0%}) | "
+                f"{r['floor_s']} | **{r['best_ratio']}** | {tgt} |"
+            )
+        text.append("")
     for k in ("notes", "ours_speed_notes", "shims"):
         if res.get(k):
             text += [f"{k}: " + "; ".join(res[k]), ""]
@@ -570,14 +600,55 @@ def plot(out: Path, res: dict) -> Path | None:
 # ----------------------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------------------
+def build_side_by_side(args) -> tuple[dict, dict, dict[str, tuple[Callable, Callable]]]:
+    """Both models (official from its config, ours from its weights), the product's speed options on ours, and
+    the cases named by ``args.cases``. Returns (official namespace, build info, cases)."""
+    off = import_official(args.against_official, args.deps)
+    cfg_path = Path(args.cldm_config) if args.cldm_config else off["dir"] / "configs" / "inference" / "cldm.yaml"
+    print(f"[bench_official] building the official ControlLDM from {cfg_path} ...", flush=True)
+    t0 = time.perf_counter()
+    official = build_official(off, cfg_path, seed=args.seed, text="restore_v21_512" in args.cases)
+    t_off = time.perf_counter() - t0
+    print(f"[bench_official] ... {t_off:.0f} s; building ours from its weights ...", flush=True)
+    t0 = time.perf_counter()
+    ours = build_ours_from_official(official, cfg_path, off)
+    SpeedOptions, apply_speed_options = _speed_api()
+    speed = SpeedOptions()
+    info = dict(
+        speed_notes=apply_speed_options(ours, speed, "cpu"),
+        build_note=(
+            f"build: official {t_off:.0f} s, ours {time.perf_counter() - t0:.0f} s (ours loaded from the official "
+            "random state dict through load_sd_ldm / load_control; zero-init official params filled with "
+            "seeded N(0, 0.02) first)"
+        ),
+    )
+    names = [n for n in args.cases if n in CASES]
+    diffusion = cleaners = None
+    if "restore_v21_512" in names:
+        diffusion = build_official_diffusion(off, args.diffusion_config)
+        cleaners = build_cleaners(off, args.swinir_config, seed=args.seed, tmp_dir=Path(args.tmp))
+    cases = make_cases(
+        off,
+        official,
+        ours,
+        names=names,
+        latent=args.size // 8,
+        seed=args.seed,
+        diffusion=diffusion,
+        cleaners=cleaners,
+        steps=args.steps,
+        ours_speed=speed,
+    )
+    return off, info, cases
+
+
 def run_against_official(args) -> dict:
     from diffbir_core.allocator import keep_freed_memory
 
     t_start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    off = import_official(args.against_official, args.deps)
-    cfg_path = Path(args.cldm_config) if args.cldm_config else off["dir"] / "configs" / "inference" / "cldm.yaml"
+    off, info, cases = build_side_by_side(args)
     res = dict(
         kind="official",
         name="official",
@@ -591,10 +662,11 @@ def run_against_official(args) -> dict:
         official_dir=str(off["dir"]),
         shims=off["shims"],
         cases={},
-        notes=[],
+        notes=[info["build_note"]],
         labels=["official", "ours"],
         elapsed_s=None,
-        ours_speed_notes=[],
+        ours_speed_notes=info["speed_notes"]
+        + (["allocator: keep_freed_memory() around every call of ours"] if args.allocator else []),
     )
     path = out / "official.json"
 
@@ -603,41 +675,7 @@ def run_against_official(args) -> dict:
         res["load_after"] = list(os.getloadavg())
         write_text(path, json.dumps(res, indent=1))
 
-    print(f"[bench_official] building the official ControlLDM from {cfg_path} ...", flush=True)
-    t0 = time.perf_counter()
-    official = build_official(off, cfg_path, seed=args.seed, text="restore_v21_512" in args.cases)
-    t_off = time.perf_counter() - t0
-    print(f"[bench_official] ... {t_off:.0f} s; building ours from its weights ...", flush=True)
-    t0 = time.perf_counter()
-    ours = build_ours_from_official(official, cfg_path, off)
-    SpeedOptions, apply_speed_options = _speed_api()
-    speed = SpeedOptions()
-    res["ours_speed_notes"] = apply_speed_options(ours, speed, "cpu") + (
-        ["allocator: keep_freed_memory() around every call of ours"] if args.allocator else []
-    )
-    res["notes"].append(
-        f"build: official {t_off:.0f} s, ours {time.perf_counter() - t0:.0f} s (ours loaded from the official "
-        "random state dict through load_sd_ldm / load_control; zero-init official params filled with "
-        "seeded N(0, 0.02) first)"
-    )
-    names = [n for n in args.cases if n in CASES]
-    diffusion = cleaners = None
-    if "restore_v21_512" in names:
-        diffusion = build_official_diffusion(off, args.diffusion_config)
-        cleaners = build_cleaners(off, args.swinir_config, seed=args.seed, tmp_dir=Path(args.tmp))
-    latent = args.size // 8
-    cases = make_cases(
-        off,
-        official,
-        ours,
-        names=names,
-        latent=latent,
-        seed=args.seed,
-        diffusion=diffusion,
-        cleaners=cleaners,
-        steps=args.steps,
-        ours_speed=speed,
-    )
+    names = list(cases)
     rounds = {n: (args.restore_rounds if n == "restore_v21_512" else args.rounds) for n in names}
     if args.restore_rounds < args.rounds and "restore_v21_512" in names:
         res["notes"].append(f"whole restore: {args.restore_rounds} round(s) only (time on a shared 2-core machine)")
@@ -658,4 +696,43 @@ def run_against_official(args) -> dict:
     write_report(out, res)
     plot(out, res)
     print(f"[bench_official] wrote {path}, README.md, bench_official.png in {res['elapsed_s']} s", flush=True)
+    return res
+
+
+def run_roofline(args) -> dict:
+    """FLOPs of every case on both sides (one uncounted-for-time call each), the machine's fp32 matmul peak,
+    and, where ``--out/official.json`` holds a timed run, the floor time and best reachable ratio per case
+    (`roofline`). Writes ``roofline.json`` and rewrites the README with the roofline table."""
+    from .roofline import count_flops, matmul_peak, roofline_rows
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _, _, cases = build_side_by_side(args)
+    flops = {}
+    for name, (fa, fb) in cases.items():
+        flops[name] = {"official": count_flops(fa), "ours": count_flops(fb)}
+        print(
+            f"[bench_official] {name}: GFLOP official {flops[name]['official'] / 1e9:.1f}, ours "
+            f"{flops[name]['ours'] / 1e9:.1f}",
+            flush=True,
+        )
+    peak = matmul_peak()
+    print(f"[bench_official] fp32 matmul peak {peak}", flush=True)
+    res = dict(
+        kind="roofline",
+        threads=args.threads,
+        machine=machine_info(args.threads),
+        matmul_peak=peak,
+        load_average=list(os.getloadavg()),
+        flops=flops,
+        rows=[],
+    )
+    timed_path = out / "official.json"
+    if timed_path.is_file():
+        timed = json.loads(timed_path.read_text())
+        res["rows"] = roofline_rows(timed["cases"], flops, peak["gflops_median"], TARGETS)
+        timed["roofline"] = res
+        write_text(timed_path, json.dumps(timed, indent=1))
+        write_report(out, timed)
+    write_text(out / "roofline.json", json.dumps(res, indent=1))
     return res

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import CASES, DEFAULT_DEPS, plot, run_against_official, write_report
+from . import CASES, DEFAULT_DEPS, plot, run_against_official, run_roofline, write_report
 from .candidates import run_approx, run_candidates
 
 __all__ = ["build_parser", "main"]
@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--targets", nargs="+", default=None, help="--candidates: cleaner vae_decode step")
     ap.add_argument("--which", nargs="+", default=None, help="--candidates: allocator channels_last compile")
+    ap.add_argument(
+        "--roofline",
+        action="store_true",
+        help="count each case's FLOPs (both sides) and this machine's fp32 matmul peak; adds the floor times and "
+        "best reachable ratios to --out/official.json and README.md",
+    )
     ap.add_argument("--approx", action="store_true", help="opt-in approximate modes (int8, DeepCache) vs exact")
     ap.add_argument("--approx-model", default="fixture", choices=["fixture", "full"])
     ap.add_argument("--candidate-rounds", type=int, default=None, help="--candidates: rounds per candidate")
@@ -86,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.against_official:
         ap.error("give --against-official DIR (or --candidates)")
+    if args.roofline:
+        run_roofline(args)
+        return 0
     run_against_official(args)
     return 0
 
