@@ -10,8 +10,8 @@ a fresh process (no warm Python caches) and reports wall time and peak RSS:
          (memory-mapped ``torch.load``) -> ``convert.pull_official`` key map + shape checks -> strict ``load_into``
          into an empty module (``build_empty``);
   cache write = ``weights.save_safetensors`` of that part (once, on the first start);
-  warm = what a later start does: ``build_empty`` + ``safe_open`` + strict ``load_into`` per part (the body of
-         `load_control_ldm_safetensors`).
+  warm = what a later start does: ``build_empty`` + ``weights.load_safetensors_into`` per part (strict, a 256 MiB
+         mapping at a time: the body of `load_control_ldm_safetensors`).
 ``--end-to-end`` also times `load_pretrained_control_ldm` itself twice (first start, second start) in fresh
 processes; it needs ~7 GB free RAM (fp32 ControlLDM, 1.65 B parameters), so it is off by default.
 The OS page cache is not dropped (the files were just written): times are for files already in RAM when memory
@@ -97,17 +97,15 @@ def cold(part: str, tmp: Path) -> dict:
 
 def warm(part: str, tmp: Path) -> dict:
     import torch
-    from safetensors import safe_open
 
     from diffbir_core.models.ldm import build_empty
-    from diffbir_core.weights import load_into
+    from diffbir_core.weights import load_safetensors_into
 
     torch.set_num_threads(1)
     cfg, build = _builders()
     t0 = time.perf_counter()
     m = build_empty(build[part], cfg)
-    with safe_open(str(tmp / f"{part}.safetensors"), framework="pt") as f:
-        load_into(m, {k: f.get_tensor(k) for k in f.keys()}, what=part, strict=True)
+    load_safetensors_into(m, tmp / f"{part}.safetensors", what=part)
     return {"warm_s": time.perf_counter() - t0}
 
 

@@ -160,9 +160,10 @@ def _run_config(name: str, size: int, ldm, cleaner_base, args, weights_bytes: in
     import torch
 
     from diffbir_core import stage2
+    from diffbir_core.allocator import tune_malloc
     from diffbir_core.config import OFFICIAL_NEGATIVE_PROMPT, RestoreParams, TileOptions
     from diffbir_core.models.text import TextEmbeddingCache
-    from diffbir_core.speed import SpeedOptions, apply_speed_options
+    from diffbir_core.speed import SpeedOptions, apply_process_options, apply_speed_options
     from diffbir_core.tiling.cleaner import TiledCleaner
     from diffbir_core.tiling.plan import TilingPlan, auto_tiling
 
@@ -190,6 +191,10 @@ def _run_config(name: str, size: int, ldm, cleaner_base, args, weights_bytes: in
         budget = int(args.max_memory * 2**30) if args.max_memory else None
         plan = auto_tiling(params, (size, size), device, weights_bytes=weights_bytes, budget_bytes=budget)
     notes = apply_speed_options(ldm, speed, device)
+    if name == "baseline":
+        notes.append(tune_malloc(False))  # glibc's own behaviour
+    else:
+        notes += apply_process_options(speed, device)  # what DiffBIRPipeline applies (allocator tuning on CPU)
     probe = Probe(args.probe_tiles if plan.any else None)
     cleaner = (
         TiledCleaner(cleaner_base, plan.cleaner_tile, plan.cleaner_overlap, progress=probe)
@@ -305,6 +310,11 @@ def run_child(args) -> dict:
             d = Path(args.tiny_dir) / "configs"
             ldm = build_control_ldm(Stage2Config.from_official(yaml.safe_load((d / "cldm_tiny.yaml").read_text())))
             swinir = SwinIR(SwinIRConfig.from_official(yaml.safe_load((d / "swinir_tiny.yaml").read_text())))
+        elif args.sd:  # official-layout files through the product's loader (converted once, then the cache)
+            from diffbir_core.models.ldm import load_pretrained_control_ldm
+
+            ldm = load_pretrained_control_ldm(args.sd, args.control)
+            swinir = SwinIR(SWINIR_CONFIGS["general_v1"])
         else:
             ldm = build_control_ldm(STAGE2_CONFIGS["sd21_base"])
             swinir = SwinIR(SWINIR_CONFIGS["general_v1"])
@@ -319,6 +329,8 @@ def run_child(args) -> dict:
         build_s=round(build_s, 1),
         weights_gb=round(weights / 2**30, 3),
         rss_after_build_gb=round(_status_kb("VmRSS") / 2**20, 3),
+        build_peak_rss_gb=round(_status_kb("VmHWM") / 2**20, 3),  # the load's peak (stages reset VmHWM)
+        loaded_from=[args.sd, args.control] if args.sd else None,
         runs=[],
     )
     for name in args.configs:
@@ -434,6 +446,8 @@ def _write_report(out: Path, summary: dict) -> None:
             if r["probed_stages"]
             else f"{r['steps_run']} steps measured"
         )
+        if r.get("loaded_from"):
+            note += f"; stage 2 loaded from official-layout files, load peak {r['build_peak_rss_gb']:.2f} GB"
         rows.append(
             f"| {r['size']} | {r['config']} | {', '.join(tiles) or 'none'} | {st.get('cleaner', 0):.1f} | "
             f"{st.get('vae_encode', 0):.1f} | {r['step_s']:.1f} | {st.get('vae_decode', 0):.1f} | "
@@ -605,6 +619,8 @@ def run_parent(args) -> dict:
         ]
         if args.tiny_dir:
             cmd += ["--tiny-dir", args.tiny_dir]
+        if args.sd:
+            cmd += ["--sd", args.sd, "--control", args.control]
         if args.max_memory:
             cmd += ["--max-memory", str(args.max_memory)]
         print(f"[bench] size {size}: {' '.join(configs)} (elapsed {time.perf_counter() - t_start:.0f} s)", flush=True)
@@ -616,7 +632,15 @@ def run_parent(args) -> dict:
     rows = []
     for ch in children:
         for r in ch["runs"]:
-            rows.append(dict(r, weights_gb=ch["weights_gb"], build_s=ch["build_s"]))
+            rows.append(
+                dict(
+                    r,
+                    weights_gb=ch["weights_gb"],
+                    build_s=ch["build_s"],
+                    loaded_from=ch.get("loaded_from"),
+                    build_peak_rss_gb=ch.get("build_peak_rss_gb"),
+                )
+            )
         if not any(r["config"] == "baseline" for r in ch["runs"]):
             e = _baseline_estimate_gb(ch["size"], ch["weights_gb"])
             rows.append(

@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="build the tiny configs of this parity-fixture folder instead "
         "of the full-size models (a smoke test of the benchmark itself)",
     )
+    ap.add_argument(
+        "--sd",
+        default=None,
+        help="load stage 2 from this official-layout SD file (with --control) through the product's loader "
+        "instead of building random weights: the load's peak memory is measured too",
+    )
+    ap.add_argument("--control", default=None, help="official-layout control file (with --sd)")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--configs", nargs="+", default=["optimized"], help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help=argparse.SUPPRESS)
@@ -51,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return official_main(argv)
     ap = build_parser()
     args = ap.parse_args(argv)
+    if bool(args.sd) != bool(args.control):
+        ap.error("--sd and --control go together")
     if args.steps < 2:
         ap.error("--steps must be >= 2 (the official spaced sampler cannot run 1 step)")
     if args.child is not None:

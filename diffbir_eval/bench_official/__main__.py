@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure our speed candidates (diffbir_eval.bench_official.candidates)",
     )
     ap.add_argument("--targets", nargs="+", default=None, help="--candidates: cleaner vae_decode step")
-    ap.add_argument("--which", nargs="+", default=None, help="--candidates: allocator channels_last compile")
+    ap.add_argument(
+        "--which", nargs="+", default=None, help="--candidates: allocator channels_last compile compile_frozen"
+    )
     ap.add_argument(
         "--roofline",
         action="store_true",

@@ -10,6 +10,8 @@ for (b) and (c). Candidates (fp32, must not change the numbers beyond float roun
     allocator      `diffbir_core.allocator.keep_freed_memory` around the call (glibc keeps freed memory)
     channels_last  the network's weights in channels_last (oneDNN NHWC convolutions) vs contiguous
     compile        ``torch.compile`` (inductor, CPU) of the network; its compile time is reported separately
+    compile_frozen the same with inductor's ``freezing`` (weights as constants: folded, oneDNN-prepacked
+                   convolutions and linears; the setting PyTorch documents for CPU inference)
 Each round calls "without" and "with" back to back (order alternating); the median of per-round ratios
 with/without is the speed-up (< 1 = faster), max |with - without| the deviation. Outputs:
 ``--out``/candidates.json (after every round), candidates.md, candidates.png.
@@ -29,7 +31,7 @@ from diffbir_core.atomic import write_text
 
 __all__ = ["run_candidates", "CANDIDATES", "TARGETS"]
 
-CANDIDATES = ("allocator", "channels_last", "compile")
+CANDIDATES = ("allocator", "channels_last", "compile", "compile_frozen")
 TARGETS = ("cleaner", "vae_decode", "step")
 
 
@@ -121,8 +123,8 @@ def _pair(candidate: str, fn, net, inplace: bool):
             return without, with_, notes
         cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
         return (lambda: fn(net)), (lambda: fn(cl)), notes
-    if candidate == "compile":
-        compiled = torch.compile(net)
+    if candidate in ("compile", "compile_frozen"):
+        compiled = torch.compile(net, options={"freezing": True} if candidate == "compile_frozen" else None)
         t0 = time.perf_counter()
         with torch.inference_mode():
             fn(compiled)
@@ -148,7 +150,7 @@ def run_candidates(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     targets = getattr(args, "targets", None) or list(TARGETS)
     which = getattr(args, "which", None) or list(CANDIDATES)
-    rounds = {"allocator": 3, "channels_last": 2, "compile": 2}
+    rounds = {"allocator": 3, "channels_last": 2, "compile": 2, "compile_frozen": 2}
     if getattr(args, "candidate_rounds", None):
         rounds = {k: int(args.candidate_rounds) for k in rounds}
     res = dict(
@@ -206,7 +208,7 @@ def run_candidates(args) -> dict:
             if tname == "step" and cand == "channels_last":
                 net.to(memory_format=torch.contiguous_format)
             del r
-            torch._dynamo.reset() if cand == "compile" else None
+            torch._dynamo.reset() if cand.startswith("compile") else None
             with contextlib.suppress(Exception):
                 import gc
 
