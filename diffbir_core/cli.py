@@ -305,6 +305,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add(t, "--compile", action="store_true", help="torch.compile the UNet and control branch")
     _add(
         t,
+        "--int8",
+        action="store_true",
+        help="APPROXIMATE (changes the output; measured on random weights only): int8 dynamic quantisation of "
+        "the UNet / control linear layers, CPU only",
+    )
+    _add(
+        t,
+        "--deepcache",
+        type=int,
+        default=0,
+        metavar="N",
+        help="APPROXIMATE (changes the output; measured on random weights only): DeepCache feature reuse, a full "
+        "UNet + control step every N model calls (0 = off); not with tiled diffusion",
+    )
+    _add(
+        t,
         "--offload",
         choices=["none", "model", "sequential"],
         default="none",
@@ -461,7 +477,14 @@ def _main(argv: list[str] | None) -> int:
             dtype=precision_for(args.precision, params.device),
             compile=args.compile,
             offload=args.offload,
+            int8=args.int8,
+            deepcache=args.deepcache,
         ).validate(params.device)
+        if speed.approximate:
+            print(
+                "note: APPROXIMATE mode on (--int8 / --deepcache): the output differs from the exact one",
+                file=sys.stderr,
+            )
         batch.check_output_dir(out_dir)  # before any model loads: a file, unwritable, read-only ...
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Runtime speed options: attention kernel, memory format, precision, torch.compile and CPU offload.
+"""Runtime speed options: attention kernel, memory format, precision, torch.compile, CPU offload, and the opt-in
+APPROXIMATE modes (int8, DeepCache; `approx`).
 
 ``SpeedOptions`` change speed, not results (beyond float rounding); ``apply_speed_options`` applies them to a
 ``ControlLDM`` in place: diffusers attention processors (SDPA ``AttnProcessor2_0`` or the explicit
@@ -27,6 +28,7 @@ from diffusers.models.attention_processor import (
 from torch import nn
 
 from .allocator import tune_malloc
+from .approx import quantize_linear_int8
 
 __all__ = [
     "SpeedOptions",
@@ -55,6 +57,12 @@ class SpeedOptions:
     batched_cfg: cond and uncond in one forward. tile_batch: latent tiles per forward when tiled.
     keep_freed_memory: glibc keeps freed activations for reuse (`allocator.tune_malloc`); None = on for CPU
         (bit-identical; offline x4 cleaner 1.70x, VAE decode 1.2x faster, results/bench/official).
+
+    APPROXIMATE (opt-in, never default; they change the output and were measured on random weights only,
+    results/bench/official/approx_*.json):
+    int8: int8 dynamic quantisation of the UNet's and control branch's linear layers (`approx.quantize_linear_int8`;
+        CPU only). deepcache: DeepCache feature reuse with a full step every ``deepcache`` model calls
+        (`approx.DeepCacheModel`; 0 or 1 = off; not with tiled diffusion).
     """
 
     attention: Literal["sdpa", "math"] = "sdpa"
@@ -65,6 +73,13 @@ class SpeedOptions:
     batched_cfg: bool = True
     tile_batch: int = 1
     keep_freed_memory: bool | None = None
+    int8: bool = False
+    deepcache: int = 0
+
+    @property
+    def approximate(self) -> bool:
+        """True when an approximate (output-changing) mode is on."""
+        return self.int8 or self.deepcache > 1
 
     def validate(self, device: str | torch.device) -> SpeedOptions:
         dev = torch.device(device)
@@ -83,6 +98,12 @@ class SpeedOptions:
             raise ValueError("offload moves weights between CPU and GPU memory; it needs a CUDA device")
         if self.tile_batch < 1:
             raise ValueError(f"tile_batch must be >= 1, got {self.tile_batch}")
+        if self.deepcache < 0:
+            raise ValueError(
+                f"deepcache must be >= 0 (0 or 1 = off, N = a full step every N calls), got {self.deepcache}"
+            )
+        if self.int8 and dev.type != "cpu":
+            raise ValueError("int8 (approximate) is CPU-only: torch's dynamic quantisation runs on the CPU")
         return self
 
     @property
@@ -139,6 +160,11 @@ def apply_speed_options(ldm, opts: SpeedOptions, device: str | torch.device) -> 
         notes.append("torch.compile: UNet and control branch (first steps are slow while compiling)")
     if opts.offload != "none":
         notes.append(offload(ldm, dev, opts.offload))
+    if opts.int8:
+        for part in ("unet", "controlnet"):
+            notes.append(f"APPROXIMATE {part}: " + quantize_linear_int8(getattr(ldm, part)))
+    if opts.deepcache > 1:
+        notes.append(f"APPROXIMATE: DeepCache, a full step every {opts.deepcache} model calls")
     return notes
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .approx import DeepCacheModel
 from .colorfix import color_fix, wavelet_decomposition
 from .config import RestoreParams
 from .diffusion.cfg import CFGDenoiser
@@ -232,13 +233,15 @@ def sample_latent(
     progress: Callable | None = None,
     on_stage: StageCallback | None = None,
     keep: dict | None = None,
+    deepcache: int = 0,
 ) -> Tensor:
     """Steps 1-3: the final latent ``[B,4,H/8,W/8]`` for an already padded clean image ``[B,3,H,W]`` in [0,1].
 
     ``plan`` (tiled diffusion when ``plan.diffusion`` and the latent is larger than a tile), ``vae`` (a
     `VAERunner` for c_img, better start and guidance), ``encode_text`` (e.g. a `TextEmbeddingCache`), ``amp``
     (autocast context factory around model calls), ``tile_batch`` (latent tiles per forward), ``progress``
-    (per-tile `TileEvent` callback), ``on_stage`` (see the module docstring), ``keep`` (receives ``x_T``)."""
+    (per-tile `TileEvent` callback), ``on_stage`` (see the module docstring), ``keep`` (receives ``x_T``),
+    ``deepcache`` (> 1: APPROXIMATE `approx.DeepCacheModel` with that interval; refused with tiled diffusion)."""
     if clean.shape[-1] % 8 or clean.shape[-2] % 8:
         raise ValueError(f"clean image {tuple(clean.shape[-2:])} must be padded to a multiple of 8 (64 advised)")
     noise = noise if noise is not None else TorchNoise(seed)
@@ -259,7 +262,19 @@ def sample_latent(
                 uncond["c_img"] = c_img
             h, w = c_img.shape[-2] * 8, c_img.shape[-1] * 8
 
+        if deepcache > 1 and tiled:
+            raise ValueError(
+                "DeepCache (approximate) cannot run with tiled diffusion: it caches one feature map per condition; "
+                "turn it off or give more memory (--max-memory) so the diffusion runs untiled"
+            )
+        call = DeepCacheModel(ldm, deepcache, control_scales=strength) if deepcache > 1 else None
+
         def model(x, t, c):
+            if call is not None:  # APPROXIMATE: deep features reused between full steps
+                if amp is None:
+                    return call(x, t, c)
+                with amp():
+                    return call(x, t, c).float()
             if amp is None:
                 return ldm(x, t, c, control_scales=strength)
             with amp():
@@ -376,6 +391,7 @@ def run(
         progress=progress,
         on_stage=on_stage,
         keep=keep,
+        deepcache=speed.deepcache,
     )  # [1,4,H64/8,W64/8]
     with torch.no_grad(), _stage(on_stage, "vae_decode"):
         decoded = runner.decode(z)  # [1,3,H64,W64] in [-1,1]

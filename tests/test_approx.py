@@ -77,3 +77,54 @@ def test_int8_close_to_fp32(tiny, backend):
     assert 0 < err < 0.1, f"int8 relative error {err}"
     with pytest.raises(ValueError):
         quantize_linear_int8(q.unet, backend="nope")
+
+
+def test_speed_options_run_the_approximate_modes_in_stage2(tiny):
+    """`SpeedOptions(deepcache=N)` through `stage2.run` (the product path): interval 1 is the exact run bit for
+    bit, interval 3 reuses features (differs, stays close), tiled diffusion is refused with a clear message;
+    `SpeedOptions(int8=True)` quantises the UNet and control linears through `apply_speed_options`."""
+    import copy
+
+    from diffbir_core import stage2
+    from diffbir_core.config import RestoreParams
+    from diffbir_core.speed import SpeedOptions, apply_speed_options
+    from diffbir_core.tiling.plan import TilingPlan
+
+    ldm, _, _ = tiny
+    torch.manual_seed(0)
+    clean = torch.rand(1, 3, 64, 64)
+    params = RestoreParams.from_preset(
+        "v2", steps=6, sampler="spaced", cfg_scale=4.0, pos_prompt="a cat", neg_prompt="blurry", color_fix="none"
+    ).validate()
+    for batched in (True, False):
+        exact = stage2.run(ldm, clean, params, seed=3, speed=SpeedOptions(batched_cfg=batched))
+        one = stage2.run(ldm, clean, params, seed=3, speed=SpeedOptions(batched_cfg=batched, deepcache=1))
+        assert torch.equal(one, exact)
+        dc = stage2.run(ldm, clean, params, seed=3, speed=SpeedOptions(batched_cfg=batched, deepcache=3))
+        dev = (dc - exact).abs().max()
+        assert 0 < dev < 0.5 * exact.abs().max(), (batched, dev)
+    tiled = TilingPlan(diffusion=True, latent_tile=4, latent_stride=2)
+    with pytest.raises(ValueError, match="DeepCache .approximate. cannot run with tiled diffusion"):
+        stage2.run(ldm, clean, params, seed=3, plan=tiled, speed=SpeedOptions(deepcache=3))
+    with pytest.raises(ValueError, match="deepcache must be >= 0"):
+        SpeedOptions(deepcache=-1).validate("cpu")
+    with pytest.raises(ValueError, match="int8 .approximate. is CPU-only"):
+        SpeedOptions(int8=True).validate("cuda")
+    assert not SpeedOptions().approximate and not SpeedOptions(deepcache=1).approximate
+    assert SpeedOptions(deepcache=2).approximate and SpeedOptions(int8=True).approximate
+    q = copy.deepcopy(ldm)
+    notes = apply_speed_options(q, SpeedOptions(int8=True), "cpu")
+    assert sum(n.startswith("APPROXIMATE unet") or n.startswith("APPROXIMATE controlnet") for n in notes) == 2
+    assert not any(type(m) is torch.nn.Linear for part in (q.unet, q.controlnet) for m in part.modules())
+
+
+def test_cli_labels_and_passes_the_approximate_flags():
+    from diffbir_core.cli import build_parser
+
+    ap = build_parser()
+    text = ap.format_help()
+    assert text.count("APPROXIMATE") >= 2
+    args = ap.parse_args(["--input", "x.png", "--output", "o", "--deepcache", "3", "--int8"])
+    assert args.deepcache == 3 and args.int8
+    args = ap.parse_args(["--input", "x.png", "--output", "o"])
+    assert args.deepcache == 0 and not args.int8
