@@ -320,7 +320,8 @@ def _restore_case(
     """Whole v2.1 restore of a ``lq_side`` LQ, x4. The v2.1 loop's PIL bicubic upscale (``inference/bsr_loop.py:
     55-59``) is done once outside the timing; then official ``SwinIRPipeline.run`` with HEAD inference.py's
     defaults vs our ``DiffBIRPipeline.restore`` (preset "v2.1", upscale 1 on the upscaled image, same prompts,
-    same seed: `TorchNoise` reproduces ``torch.manual_seed`` draws). Both return uint8 values / 255, H x W x 3."""
+    same seed: `TorchNoise` reproduces ``torch.manual_seed`` draws, ``sde_noise="brownian"`` the official tree).
+    Both return uint8 values / 255, H x W x 3."""
     import numpy as np
     import torch
     from PIL import Image
@@ -336,8 +337,19 @@ def _restore_case(
     up = np.asarray(Image.fromarray(lq).resize((lq_side * 4, lq_side * 4), Image.BICUBIC))
     pipe_off = off["SwinIRPipeline"](off_cleaner, official_cldm, diffusion, None, "cpu")
     pipe_ours = DiffBIRPipeline(device="cpu", cleaners={"swinir_realesrgan": our_cleaner}, ldm=ours_ldm, speed=speed)
+    # the official noise for the SDE sampler (torchsde Brownian tree seeded from the RNG, k_diffusion.py:76-77) and
+    # HEAD's EDM sigma_max: our defaults differ on purpose (README "Official behaviour we deliberately do not copy")
+    # and would give a different (equally valid) sample, so the outputs could not be compared
     params = RestoreParams.from_preset(
-        "v2.1", upscale=1.0, steps=steps, cfg_scale=cfg_scale, seed=seed, pos_prompt=POS_PROMPT, neg_prompt=neg
+        "v2.1",
+        upscale=1.0,
+        steps=steps,
+        cfg_scale=cfg_scale,
+        seed=seed,
+        pos_prompt=POS_PROMPT,
+        neg_prompt=neg,
+        sde_noise="brownian",
+        edm_sigma_max="official",
     )
 
     def official():
