@@ -23,7 +23,7 @@ import ctypes.util
 import platform
 from collections.abc import Iterator
 
-__all__ = ["tune_malloc", "keep_freed_memory", "malloc_is_tuned", "KEEP_BYTES"]
+__all__ = ["tune_malloc", "keep_freed_memory", "malloc_is_tuned", "release_freed_memory", "KEEP_BYTES"]
 
 # glibc <malloc.h>
 _M_TRIM_THRESHOLD = -1
@@ -70,6 +70,22 @@ def tune_malloc(enable: bool = True) -> str:
     libc.malloc_trim(0)
     _state["tuned"] = False
     return "allocator: glibc defaults (32 MiB mmap threshold, 64 MiB trim), kept memory returned"
+
+
+def release_freed_memory() -> bool:
+    """While tuned: hand the freed memory glibc kept back to the OS (``malloc_trim(0)``), for stage boundaries.
+
+    Keeping freed blocks saves page faults WITHIN a stage (the same activation sizes come back every tile or step),
+    but what one stage kept is the wrong shape for the next and would sit on top of its peak (measured: a 2048 px
+    restore peaked at 9.20 GiB with the tuning and no release, 8.41 GiB untuned). Returns whether it trimmed (False
+    when not tuned or not glibc: then glibc trims by itself). Never changes numbers."""
+    if not _state["tuned"]:
+        return False
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
 
 
 def malloc_is_tuned() -> bool:

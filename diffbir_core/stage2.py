@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .allocator import release_freed_memory
 from .approx import DeepCacheModel
 from .colorfix import color_fix, wavelet_decomposition
 from .config import RestoreParams
@@ -252,6 +253,7 @@ def sample_latent(
         encode_text = _timed(encode_text or ldm.encode_text, on_stage, "text")
     with torch.no_grad():
         cond, uncond = make_conditions(ldm, clean, params, encode_image=encode_image, encode_text=encode_text)
+        release_freed_memory()  # stage boundary: what the encoders kept is not the sampler's shapes
         strength = params.strength
         b, _, h, w = clean.shape
         tiled = plan is not None and plan.diffusion and max(h // 8, w // 8) > plan.latent_tile
@@ -366,6 +368,7 @@ def run(
     ``decoded_cropped`` and ``colorfix_out``."""
     speed = speed if speed is not None else SpeedOptions()
     plan = plan if plan is not None else TilingPlan()
+    release_freed_memory()  # stage boundary: what the cleaner kept (allocator tuning) goes back to the OS
     amp = autocast_for(clean.device, speed.torch_dtype)
     runner = VAERunner(ldm, plan.vae_encoder, plan.vae_decoder, amp=amp, progress=progress)
     padded, hw = pad_to_multiple(clean, pad_multiple(plan, params), mode="constant")  # [1,3,H64,W64] (or x8)
@@ -393,6 +396,7 @@ def run(
         keep=keep,
         deepcache=speed.deepcache,
     )  # [1,4,H64/8,W64/8]
+    release_freed_memory()  # stage boundary (allocator tuning): the sampler's kept blocks go back
     with torch.no_grad(), _stage(on_stage, "vae_decode"):
         decoded = runner.decode(z)  # [1,3,H64,W64] in [-1,1]
     cropped = geometry.crop(decoded)  # [1,3,H,W]
