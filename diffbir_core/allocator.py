@@ -23,7 +23,14 @@ import ctypes.util
 import platform
 from collections.abc import Iterator
 
-__all__ = ["tune_malloc", "keep_freed_memory", "malloc_is_tuned", "release_freed_memory", "KEEP_BYTES"]
+__all__ = [
+    "tune_malloc",
+    "keep_freed_memory",
+    "malloc_is_tuned",
+    "release_freed_memory",
+    "defaults_while",
+    "KEEP_BYTES",
+]
 
 # glibc <malloc.h>
 _M_TRIM_THRESHOLD = -1
@@ -86,6 +93,22 @@ def release_freed_memory() -> bool:
         return False
     libc.malloc_trim(0)
     return True
+
+
+@contextlib.contextmanager
+def defaults_while(condition: bool) -> Iterator[bool]:
+    """``with defaults_while(plan.any):`` glibc's own behaviour inside when ``condition`` and the tuning is on
+    (then the tuning again after). For runs whose size made the planner tile: there memory comes first, and a heap
+    that keeps every freed block sits above the plan's budget (measured at 2048 px: 9.38 GiB tuned with stage
+    releases, 9.20 tuned without, 8.41 untuned, budget 9). Yields whether it switched."""
+    switch = bool(condition) and malloc_is_tuned()
+    if switch:
+        tune_malloc(False)
+    try:
+        yield switch
+    finally:
+        if switch:
+            tune_malloc(True)
 
 
 def malloc_is_tuned() -> bool:

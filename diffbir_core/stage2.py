@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .allocator import release_freed_memory
+from .allocator import defaults_while, release_freed_memory
 from .approx import DeepCacheModel
 from .colorfix import color_fix, wavelet_decomposition
 from .config import RestoreParams
@@ -369,6 +369,12 @@ def run(
     speed = speed if speed is not None else SpeedOptions()
     plan = plan if plan is not None else TilingPlan()
     release_freed_memory()  # stage boundary: what the cleaner kept (allocator tuning) goes back to the OS
+    with defaults_while(plan.any):  # a tiled run is memory-bound: glibc's own trimming inside (allocator.py)
+        return _run(ldm, clean, params, seed, noise, callback, on_stage, plan, speed, encode_text, progress, keep)
+
+
+def _run(ldm, clean, params, seed, noise, callback, on_stage, plan, speed, encode_text, progress, keep) -> Tensor:
+    """`run` after the allocator choice (same arguments)."""
     amp = autocast_for(clean.device, speed.torch_dtype)
     runner = VAERunner(ldm, plan.vae_encoder, plan.vae_decoder, amp=amp, progress=progress)
     padded, hw = pad_to_multiple(clean, pad_multiple(plan, params), mode="constant")  # [1,3,H64,W64] (or x8)

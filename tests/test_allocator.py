@@ -41,3 +41,23 @@ def test_release_returns_what_the_tuning_kept():
     finally:
         tune_malloc(False)
     assert not malloc_is_tuned() and release_freed_memory() is False
+
+
+def test_defaults_while_a_tiled_run():
+    from diffbir_core.allocator import defaults_while
+
+    try:
+        tune_malloc(True)
+        with defaults_while(False) as switched:
+            assert not switched and malloc_is_tuned()
+        with defaults_while(True) as switched:
+            assert switched and not malloc_is_tuned()
+            before = _anon_mib()
+            x = torch.ones(64, 1024, 1024)
+            del x
+            assert _anon_mib() - before < 64, "glibc's defaults unmap a freed 256 MiB block at once"
+        assert malloc_is_tuned()
+    finally:
+        tune_malloc(False)
+    with defaults_while(True) as switched:  # not tuned: nothing to switch
+        assert not switched
