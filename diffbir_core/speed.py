@@ -56,7 +56,9 @@ class SpeedOptions:
         part on the CPU until it runs; "sequential" streams layer by layer (accelerate ``cpu_offload``).
     batched_cfg: cond and uncond in one forward. tile_batch: latent tiles per forward when tiled.
     keep_freed_memory: glibc keeps freed activations for reuse (`allocator.tune_malloc`); None = on for CPU
-        (bit-identical; offline x4 cleaner 1.70x, VAE decode 1.2x faster, results/bench/official).
+        (bit-identical; offline x4 cleaner 1.70x, VAE decode 1.2x faster, results/bench/official). Stage 2 hands
+        the kept memory back between its stages and runs with glibc's defaults when the planner tiled it
+        (memory first: `allocator.defaults_while`).
 
     APPROXIMATE (opt-in, never default; they change the output and were measured on random weights only,
     results/bench/official/approx_*.json):
