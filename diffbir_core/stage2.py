@@ -269,18 +269,18 @@ def sample_latent(
                 "DeepCache (approximate) cannot run with tiled diffusion: it caches one feature map per condition; "
                 "turn it off or give more memory (--max-memory) so the diffusion runs untiled"
             )
-        call = DeepCacheModel(ldm, deepcache, control_scales=strength) if deepcache > 1 else None
+        if deepcache > 1:  # APPROXIMATE: deep features reused between full steps
+            forward = DeepCacheModel(ldm, deepcache, control_scales=strength)
+        else:
+
+            def forward(x, t, c):
+                return ldm(x, t, c, control_scales=strength)
 
         def model(x, t, c):
-            if call is not None:  # APPROXIMATE: deep features reused between full steps
-                if amp is None:
-                    return call(x, t, c)
-                with amp():
-                    return call(x, t, c).float()
             if amp is None:
-                return ldm(x, t, c, control_scales=strength)
+                return forward(x, t, c)
             with amp():
-                return ldm(x, t, c, control_scales=strength).float()
+                return forward(x, t, c).float()
 
         with _stage(on_stage, "sampling"):
             net = (
@@ -370,44 +370,39 @@ def run(
     plan = plan if plan is not None else TilingPlan()
     release_freed_memory()  # stage boundary: what the cleaner kept (allocator tuning) goes back to the OS
     with defaults_while(plan.any):  # a tiled run is memory-bound: glibc's own trimming inside (allocator.py)
-        return _run(ldm, clean, params, seed, noise, callback, on_stage, plan, speed, encode_text, progress, keep)
-
-
-def _run(ldm, clean, params, seed, noise, callback, on_stage, plan, speed, encode_text, progress, keep) -> Tensor:
-    """`run` after the allocator choice (same arguments)."""
-    amp = autocast_for(clean.device, speed.torch_dtype)
-    runner = VAERunner(ldm, plan.vae_encoder, plan.vae_decoder, amp=amp, progress=progress)
-    padded, hw = pad_to_multiple(clean, pad_multiple(plan, params), mode="constant")  # [1,3,H64,W64] (or x8)
-    ph, pw = padded.shape[-2:]
-    lh, lw = ph // 8, pw // 8
-    if not (plan.diffusion and max(lh, lw) > plan.latent_tile):  # the latent is zero-padded to x8 (sample_latent)
-        ph, pw = -(-lh // 8) * 64, -(-lw // 8) * 64
-    geometry = Stage2Geometry(hw, (ph, pw))
-    step_cb = None if callback is None else (lambda info: callback(Stage2Step.wrap(info, geometry)))
-    z = sample_latent(
-        ldm,
-        padded,
-        params,
-        seed=seed,
-        noise=noise,
-        callback=step_cb,
-        batched_cfg=speed.batched_cfg,
-        plan=plan,
-        vae=runner,
-        encode_text=encode_text,
-        amp=amp if speed.dtype != "float32" else None,
-        tile_batch=speed.tile_batch,
-        progress=progress,
-        on_stage=on_stage,
-        keep=keep,
-        deepcache=speed.deepcache,
-    )  # [1,4,H64/8,W64/8]
-    release_freed_memory()  # stage boundary (allocator tuning): the sampler's kept blocks go back
-    with torch.no_grad(), _stage(on_stage, "vae_decode"):
-        decoded = runner.decode(z)  # [1,3,H64,W64] in [-1,1]
-    cropped = geometry.crop(decoded)  # [1,3,H,W]
-    with _stage(on_stage, "colorfix"):
-        fixed = color_fix((cropped + 1) / 2, clean, params.color_fix)
-    if keep is not None:
-        keep.update(z_final=z, clean=clean, decoded=decoded, decoded_cropped=cropped, colorfix_out=fixed)
-    return fixed
+        amp = autocast_for(clean.device, speed.torch_dtype)
+        runner = VAERunner(ldm, plan.vae_encoder, plan.vae_decoder, amp=amp, progress=progress)
+        padded, hw = pad_to_multiple(clean, pad_multiple(plan, params), mode="constant")  # [1,3,H64,W64] (or x8)
+        ph, pw = padded.shape[-2:]
+        lh, lw = ph // 8, pw // 8
+        if not (plan.diffusion and max(lh, lw) > plan.latent_tile):  # the latent is zero-padded to x8 (sample_latent)
+            ph, pw = -(-lh // 8) * 64, -(-lw // 8) * 64
+        geometry = Stage2Geometry(hw, (ph, pw))
+        step_cb = None if callback is None else (lambda info: callback(Stage2Step.wrap(info, geometry)))
+        z = sample_latent(
+            ldm,
+            padded,
+            params,
+            seed=seed,
+            noise=noise,
+            callback=step_cb,
+            batched_cfg=speed.batched_cfg,
+            plan=plan,
+            vae=runner,
+            encode_text=encode_text,
+            amp=amp if speed.dtype != "float32" else None,
+            tile_batch=speed.tile_batch,
+            progress=progress,
+            on_stage=on_stage,
+            keep=keep,
+            deepcache=speed.deepcache,
+        )  # [1,4,H64/8,W64/8]
+        release_freed_memory()  # stage boundary (allocator tuning): the sampler's kept blocks go back
+        with torch.no_grad(), _stage(on_stage, "vae_decode"):
+            decoded = runner.decode(z)  # [1,3,H64,W64] in [-1,1]
+        cropped = geometry.crop(decoded)  # [1,3,H,W]
+        with _stage(on_stage, "colorfix"):
+            fixed = color_fix((cropped + 1) / 2, clean, params.color_fix)
+        if keep is not None:
+            keep.update(z_final=z, clean=clean, decoded=decoded, decoded_cropped=cropped, colorfix_out=fixed)
+        return fixed

@@ -657,10 +657,9 @@ def load_safetensors_into(
         chunks[-1].append(k)
         size += n
     for chunk in chunks:
-        with safe_open(p, framework="pt") as f:
-            with torch.no_grad():
-                for k in chunk:
-                    own[k].copy_(f.get_tensor(prefix + k))
+        with safe_open(p, framework="pt") as f, torch.no_grad():
+            for k in chunk:
+                own[k].copy_(f.get_tensor(prefix + k))
     log.info("%s", report)
     return report
 
